@@ -1,0 +1,224 @@
+//! `CachePolicy`: response caching for routes of a Middleware.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Duration, PolicyTargetRef};
+use crate::middleware::HttpMethod;
+use crate::policy::{Policy, PolicyStatus, section_key};
+
+/// Response caching for the routes of one or more Middlewares.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "umw.dev",
+    version = "v1alpha1",
+    kind = "CachePolicy",
+    plural = "cachepolicies",
+    singular = "cachepolicy",
+    shortname = "cachepol",
+    category = "umw",
+    namespaced,
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "Response caching for routes of a Middleware: TTL with jitter, negative caching, stale-while-revalidate, cache keys, single-flight, invalidation and warm-up.",
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].reason", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CachePolicySpec {
+    /// The Middlewares (and optionally routes) this policy applies to.
+    #[schemars(length(min = 1, max = 16))]
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// Where entries live. Defaults to `redis` when the Middleware has a Redis connection, else `memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<CacheBackend>,
+    /// Caching rules, matched in order; the first match decides.
+    #[schemars(length(min = 1, max = 64))]
+    pub rules: Vec<CacheRule>,
+    /// How entries are removed before they expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalidation: Option<Invalidation>,
+    /// Paths fetched at start (before the pod reports ready) and on an interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<Warmup>,
+}
+
+/// Where cache entries live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CacheBackend {
+    /// In the pod only: fast, lost on restart, not shared between replicas.
+    Memory,
+    /// Redis, shared by all replicas.
+    Redis,
+    /// A small in-pod tier in front of Redis, kept coherent through Redis pub/sub.
+    Tiered,
+}
+
+/// One caching rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheRule {
+    /// Which requests the rule covers. Without it, every GET and HEAD.
+    #[serde(default, rename = "match")]
+    pub matches: CacheMatch,
+    /// How long a response is fresh.
+    pub ttl: Duration,
+    /// Random spread added to `ttl`, in percent, so entries written together do not expire together.
+    /// Defaults to 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub jitter_percent: Option<u8>,
+    /// TTL of cached negative responses (see `negativeStatuses`). Without it they are not cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_ttl: Option<Duration>,
+    /// Statuses cached as negative responses. Defaults to 404 and 410.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub negative_statuses: Vec<u16>,
+    /// After expiry, serve the stale entry for this long while one request refreshes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_while_revalidate: Option<Duration>,
+    /// After expiry, serve the stale entry for this long when the upstream fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_if_error: Option<Duration>,
+    /// What goes into the cache key besides method, host and path.
+    #[serde(default)]
+    pub key: CacheKey,
+    /// Largest response body that is cached, in bytes. Defaults to 1 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_entry_bytes: Option<i64>,
+    /// Coalescing of concurrent misses for one key.
+    #[serde(default)]
+    pub single_flight: SingleFlight,
+    /// Tags stored with each entry, for invalidation by tag; templates over the request, e.g.
+    /// `product:{{ path.1 }}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// Requests a cache rule covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheMatch {
+    /// Path prefix, on segment boundaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = "^/"))]
+    pub path_prefix: Option<String>,
+    /// Methods; only GET and HEAD are cacheable. Defaults to both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(m, m == 'GET' || m == 'HEAD')",
+        "message": "only GET and HEAD responses are cacheable"
+    }]))]
+    pub methods: Vec<HttpMethod>,
+}
+
+/// Parts of the request in the cache key. `Vary` response headers are always honoured.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheKey {
+    /// Query parameters in the key; others are ignored. Empty means the whole query string.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<String>,
+    /// Request headers in the key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+}
+
+/// Coalescing of concurrent misses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SingleFlight {
+    /// One upstream request per key at a time in a pod. Defaults to true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Also across pods, through a short Redis lock.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub distributed: bool,
+    /// Longest wait for another request's result before going upstream anyway. Defaults to 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_timeout: Option<Duration>,
+}
+
+impl Default for SingleFlight {
+    fn default() -> Self {
+        Self { enabled: true, distributed: false, lock_timeout: None }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Removal of entries before they expire.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Invalidation {
+    /// Serve the authenticated admin API (`/cache/invalidate`) for invalidation by key, prefix and tag.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin_api: bool,
+    /// Events that invalidate entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<InvalidationEvent>,
+}
+
+/// Events from a Kafka topic that invalidate entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.keyTemplate) || has(self.tagTemplate) || has(self.prefixTemplate)",
+    "message": "set at least one of keyTemplate, prefixTemplate and tagTemplate"
+}]))]
+pub struct InvalidationEvent {
+    /// Kafka topic.
+    #[schemars(length(min = 1, max = 249))]
+    pub topic: String,
+    /// Only events of this CloudEvents type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    /// Key to drop, a template over the event, e.g. `GET:/products/{{ data.id }}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_template: Option<String>,
+    /// Key prefix to drop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_template: Option<String>,
+    /// Tag whose entries are dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_template: Option<String>,
+}
+
+/// Warm-up.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Warmup {
+    /// Paths fetched through the gateway.
+    #[schemars(length(min = 1, max = 1000))]
+    pub paths: Vec<String>,
+    /// Refetch interval. Without it, only at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+}
+
+impl Policy for CachePolicy {
+    fn target_refs(&self) -> &[PolicyTargetRef] {
+        &self.spec.target_refs
+    }
+
+    fn policy_status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
+    }
+
+    fn conflict_key(&self, target: &PolicyTargetRef) -> String {
+        section_key(target)
+    }
+
+    fn not_enforced_fields(&self) -> Vec<&'static str> {
+        // The cache lands with the cache issue; until then nothing of a CachePolicy is enforced.
+        vec!["spec.rules"]
+    }
+}

@@ -1,0 +1,256 @@
+//! The data-plane configuration contract, shared by the operator (which renders it into a ConfigMap) and
+//! the data plane (which loads it).
+//!
+//! The configuration is the very form a user writes: a multi-document YAML stream of one `Middleware` and
+//! the `CachePolicy`, `EventRoute` and `AuthPolicy` resources attached to it, so that
+//! `umw-dataplane --config examples/shop/` and a pod in a cluster read the same schema. The operator writes
+//! only accepted policies, with metadata reduced to name, namespace and generation, and never a Secret
+//! value: every `secretKeyRef` stays a reference, and the pod gets the value in the environment variable
+//! named by [`secret_env_var`].
+
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::common::SecretKeyRef;
+use crate::{AuthPolicy, CachePolicy, EventRoute, Middleware};
+
+/// File name of the configuration inside the rendered ConfigMap and the pod's config directory.
+pub const CONFIG_FILE: &str = "config.yaml";
+
+/// One Middleware with its attached policies.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Bundle {
+    pub middleware: Middleware,
+    pub cache_policies: Vec<CachePolicy>,
+    pub event_routes: Vec<EventRoute>,
+    pub auth_policies: Vec<AuthPolicy>,
+}
+
+/// Why a configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("document {document}: {source}")]
+    Parse { document: usize, source: serde_yaml::Error },
+    #[error("document {document}: apiVersion {api_version:?} is not {expected}")]
+    ApiVersion { document: usize, api_version: String, expected: &'static str },
+    #[error("document {document}: kind {kind:?} is not one of Middleware, CachePolicy, EventRoute, AuthPolicy")]
+    UnknownKind { document: usize, kind: String },
+    #[error("the configuration holds no Middleware")]
+    NoMiddleware,
+    #[error("the configuration holds {0} Middlewares; one data plane serves exactly one")]
+    SeveralMiddlewares(usize),
+    #[error("cannot write the configuration: {0}")]
+    Serialize(#[from] serde_yaml::Error),
+}
+
+#[derive(Deserialize)]
+struct TypeMeta {
+    #[serde(rename = "apiVersion", default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+impl Bundle {
+    /// Reads a multi-document YAML stream. Empty documents are skipped.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let mut middlewares = Vec::new();
+        let mut bundle = Bundle::default();
+        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let document_number = index + 1;
+            let parse = |source| ConfigError::Parse { document: document_number, source };
+            let value = serde_yaml::Value::deserialize(document).map_err(parse)?;
+            if value.is_null() {
+                continue;
+            }
+            let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(parse)?;
+            if meta.api_version != crate::API_VERSION {
+                return Err(ConfigError::ApiVersion {
+                    document: document_number,
+                    api_version: meta.api_version,
+                    expected: crate::API_VERSION,
+                });
+            }
+            match meta.kind.as_str() {
+                "Middleware" => middlewares.push(serde_yaml::from_value(value).map_err(parse)?),
+                "CachePolicy" => bundle.cache_policies.push(serde_yaml::from_value(value).map_err(parse)?),
+                "EventRoute" => bundle.event_routes.push(serde_yaml::from_value(value).map_err(parse)?),
+                "AuthPolicy" => bundle.auth_policies.push(serde_yaml::from_value(value).map_err(parse)?),
+                _ => return Err(ConfigError::UnknownKind { document: document_number, kind: meta.kind }),
+            }
+        }
+        match middlewares.len() {
+            0 => Err(ConfigError::NoMiddleware),
+            1 => {
+                bundle.middleware = middlewares.remove(0);
+                Ok(bundle)
+            }
+            n => Err(ConfigError::SeveralMiddlewares(n)),
+        }
+    }
+
+    /// Writes the stream: the Middleware first, then policies by kind and name, specs only, so that equal
+    /// inputs give byte-equal output (and an equal [`Bundle::hash`]).
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        let mut out = String::new();
+        push_document(&mut out, &strip(&self.middleware))?;
+        for policy in sorted(&self.cache_policies) {
+            push_document(&mut out, &strip(policy))?;
+        }
+        for policy in sorted(&self.event_routes) {
+            push_document(&mut out, &strip(policy))?;
+        }
+        for policy in sorted(&self.auth_policies) {
+            push_document(&mut out, &strip(policy))?;
+        }
+        Ok(out)
+    }
+}
+
+/// A short, stable hash of a rendered configuration (hex SHA-256, first 16 digits).
+pub fn hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The environment variable through which a data-plane pod receives a Secret key's value:
+/// `UMW_SECRET_<NAME>_<KEY>`, upper-cased, with every other character turned into `_`, plus a short hash
+/// of the exact name and key so that `a-b/c` and `a/b-c` cannot collide.
+pub fn secret_env_var(secret: &SecretKeyRef) -> String {
+    let clean = |s: &str| -> String {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+    };
+    let unique = &hash(&format!("{}/{}", secret.name, secret.key))[..6];
+    format!("UMW_SECRET_{}_{}_{}", clean(&secret.name), clean(&secret.key), unique.to_ascii_uppercase())
+}
+
+fn sorted<K: ResourceExt>(items: &[K]) -> Vec<&K> {
+    let mut items: Vec<&K> = items.iter().collect();
+    items.sort_by_key(|k| k.name_any());
+    items
+}
+
+#[derive(Serialize)]
+struct Document<'a, S: Serialize> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: ObjectMeta,
+    spec: &'a S,
+}
+
+/// Anything with a spec that the configuration carries.
+pub trait HasSpec {
+    type Spec: Serialize;
+    fn spec(&self) -> &Self::Spec;
+}
+
+macro_rules! has_spec {
+    ($($kind:ty => $spec:ty),*) => {$(
+        impl HasSpec for $kind {
+            type Spec = $spec;
+            fn spec(&self) -> &$spec {
+                &self.spec
+            }
+        }
+    )*};
+}
+
+has_spec!(
+    Middleware => crate::MiddlewareSpec,
+    CachePolicy => crate::CachePolicySpec,
+    EventRoute => crate::EventRouteSpec,
+    AuthPolicy => crate::AuthPolicySpec
+);
+
+fn strip<K>(resource: &K) -> Document<'_, K::Spec>
+where
+    K: Resource<DynamicType = ()> + HasSpec,
+{
+    let meta = resource.meta();
+    Document {
+        api_version: crate::API_VERSION,
+        kind: leak_kind::<K>(),
+        metadata: ObjectMeta {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            generation: meta.generation,
+            ..ObjectMeta::default()
+        },
+        spec: resource.spec(),
+    }
+}
+
+fn leak_kind<K: Resource<DynamicType = ()>>() -> &'static str {
+    // The four kinds are static strings; match instead of leaking memory.
+    match K::kind(&()).as_ref() {
+        "Middleware" => "Middleware",
+        "CachePolicy" => "CachePolicy",
+        "EventRoute" => "EventRoute",
+        _ => "AuthPolicy",
+    }
+}
+
+fn push_document<T: Serialize>(out: &mut String, document: &T) -> Result<(), ConfigError> {
+    out.push_str("---\n");
+    out.push_str(&serde_yaml::to_string(document)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::PolicyTargetRef;
+    use crate::{CachePolicySpec, MiddlewareSpec};
+
+    fn bundle() -> Bundle {
+        let mut mw = Middleware::new("shop", MiddlewareSpec::default());
+        mw.metadata.namespace = Some("default".into());
+        mw.metadata.uid = Some("dropped".into());
+        let cache = |name: &str| {
+            let mut p = CachePolicy::new(
+                name,
+                CachePolicySpec { target_refs: vec![PolicyTargetRef::middleware("shop")], ..Default::default() },
+            );
+            p.metadata.namespace = Some("default".into());
+            p
+        };
+        Bundle { middleware: mw, cache_policies: vec![cache("b"), cache("a")], ..Default::default() }
+    }
+
+    #[test]
+    fn round_trips_and_is_stable() {
+        let text = bundle().to_yaml().unwrap();
+        assert!(!text.contains("dropped"), "uid is not part of the configuration:\n{text}");
+        let back = Bundle::from_yaml(&text).unwrap();
+        assert_eq!(back.middleware.metadata.name.as_deref(), Some("shop"));
+        let names: Vec<_> = back.cache_policies.iter().map(|p| p.name_any()).collect();
+        assert_eq!(names, ["a", "b"], "policies are written sorted");
+        assert_eq!(back.to_yaml().unwrap(), text);
+        assert_eq!(hash(&text).len(), 16);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_serve() {
+        let err = Bundle::from_yaml("apiVersion: umw.dev/v1alpha1\nkind: Gateway\n").unwrap_err();
+        assert!(err.to_string().contains("kind \"Gateway\""), "{err}");
+        let err = Bundle::from_yaml("apiVersion: v1\nkind: Middleware\n").unwrap_err();
+        assert!(err.to_string().contains("apiVersion"), "{err}");
+        assert!(matches!(Bundle::from_yaml("").unwrap_err(), ConfigError::NoMiddleware));
+        let two = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec: {}\n---\napiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: b}\nspec: {}\n";
+        assert!(matches!(Bundle::from_yaml(two).unwrap_err(), ConfigError::SeveralMiddlewares(2)));
+        let unknown_field = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec: {replica: 2}\n";
+        let err = Bundle::from_yaml(unknown_field).unwrap_err();
+        assert!(err.to_string().contains("replica"), "{err}");
+    }
+
+    #[test]
+    fn secret_env_vars_are_valid_and_distinct() {
+        let a = secret_env_var(&SecretKeyRef { name: "a-b".into(), key: "c".into() });
+        let b = secret_env_var(&SecretKeyRef { name: "a".into(), key: "b-c".into() });
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'), "{a}");
+    }
+}

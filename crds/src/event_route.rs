@@ -1,0 +1,279 @@
+//! `EventRoute`: where events come from, where they go, filters, retries and the dead-letter topic.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Duration, JsonDocument, PolicyTargetRef};
+use crate::policy::{Policy, PolicyStatus};
+
+/// Routes events from one source to one destination through a Middleware.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "umw.dev",
+    version = "v1alpha1",
+    kind = "EventRoute",
+    plural = "eventroutes",
+    singular = "eventroute",
+    shortname = "evroute",
+    category = "umw",
+    namespaced,
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "Routes events through a Middleware: from one source (HTTP ingest, a Kafka topic, an outbox table) to one destination (a Kafka topic, an HTTP webhook, a WebSocket room), with filters, retries and a dead-letter topic.",
+    printcolumn(name = "Source", type_ = "string", json_path = ".spec.source", priority = 1),
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].reason", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventRouteSpec {
+    /// The Middlewares that run this route. `sectionName` is not used by event routes.
+    #[schemars(length(min = 1, max = 16))]
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// Where events come from: exactly one of `http`, `kafka`, `outbox`.
+    pub source: EventSource,
+    /// Where events go: exactly one of `kafka`, `http`, `websocket`.
+    pub destination: EventDestination,
+    /// Only events that pass every given condition are delivered; others are acknowledged and dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<EventFilter>,
+    /// Delivery retries before the dead-letter topic.
+    #[serde(default)]
+    pub retry: EventRetry,
+    /// Kafka topic that receives events whose delivery failed after all retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetter>,
+    /// CloudEvents mode on Kafka: `structured` (JSON envelope) or `binary` (`ce_*` headers). Defaults to
+    /// `binary`.
+    #[serde(default)]
+    pub format: EventFormat,
+    /// JSON Schema that the event `data` must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<JsonDocument>,
+}
+
+/// Event source: exactly one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.http) ? 1 : 0) + (has(self.kafka) ? 1 : 0) + (has(self.outbox) ? 1 : 0) == 1",
+    "message": "source needs exactly one of http, kafka and outbox"
+}]))]
+pub struct EventSource {
+    /// `POST` to a path of the HTTP listener publishes an event (`202` once the broker acknowledged it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSource>,
+    /// A Kafka topic read by a consumer group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSource>,
+    /// Rows of the transactional outbox. Not enforced yet: lands with commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxSource>,
+}
+
+/// HTTP ingest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSource {
+    /// Path, e.g. `/events/orders`.
+    #[schemars(length(min = 1, max = 256), extend("pattern" = "^/"))]
+    pub path: String,
+}
+
+/// A Kafka topic and consumer group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaSource {
+    /// Topic.
+    #[schemars(length(min = 1, max = 249), extend("pattern" = "^[a-zA-Z0-9._-]+$"))]
+    pub topic: String,
+    /// Consumer group. Defaults to `umw.<namespace>.<event route name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// An outbox table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboxSource {
+    /// Table name. Defaults to `umw_outbox`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub table: Option<String>,
+}
+
+/// Event destination: exactly one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.kafka) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.websocket) ? 1 : 0) == 1",
+    "message": "destination needs exactly one of kafka, http and websocket"
+}]))]
+pub struct EventDestination {
+    /// A Kafka topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaDestination>,
+    /// An HTTP webhook, called with CloudEvents headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpDestination>,
+    /// A WebSocket room. Not enforced yet: lands with the WebSocket hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<WebSocketDestination>,
+}
+
+/// A Kafka topic to publish to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaDestination {
+    /// Topic.
+    #[schemars(length(min = 1, max = 249), extend("pattern" = "^[a-zA-Z0-9._-]+$"))]
+    pub topic: String,
+    /// Message key, a template over the event, e.g. `{{ data.customerId }}`. Without it, the event id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_template: Option<String>,
+}
+
+/// A webhook.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpDestination {
+    /// `http://` or `https://` URL.
+    #[schemars(extend("pattern" = "^https?://[^/\\s]+(/.*)?$"), length(max = 2048))]
+    pub url: String,
+    /// Deadline of one delivery attempt. Defaults to 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Extra request headers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A WebSocket room.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebSocketDestination {
+    /// Room name; a template over the event, e.g. `orders-{{ data.customerId }}`.
+    #[schemars(length(min = 1, max = 256))]
+    pub room: String,
+}
+
+/// Event filter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventFilter {
+    /// CloudEvents `type` values let through. Empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
+    /// CloudEvents `source` values let through. Empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
+    /// Conditions on the event data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<DataMatch>,
+}
+
+/// A condition on the event data.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataMatch {
+    /// JSON Pointer into `data`, e.g. `/status`.
+    #[schemars(extend("pattern" = "^(/[^/]*)+$"))]
+    pub pointer: String,
+    /// The value, compared as JSON text (`"paid"`, `42`, `true`).
+    pub equals: String,
+}
+
+/// Delivery retries: exponential backoff with full jitter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventRetry {
+    /// Attempts in all, the first included. Defaults to 5.
+    #[serde(default = "default_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: u32,
+    /// First backoff. Defaults to 100ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_backoff: Option<Duration>,
+    /// Largest backoff. Defaults to 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_backoff: Option<Duration>,
+}
+
+impl Default for EventRetry {
+    fn default() -> Self {
+        Self { max_attempts: default_attempts(), initial_backoff: None, max_backoff: None }
+    }
+}
+
+fn default_attempts() -> u32 {
+    5
+}
+
+/// The dead-letter topic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeadLetter {
+    /// Kafka topic. Its messages carry the original topic, partition, offset, error and attempt count as
+    /// headers.
+    #[schemars(length(min = 1, max = 249), extend("pattern" = "^[a-zA-Z0-9._-]+$"))]
+    pub topic: String,
+}
+
+/// CloudEvents mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum EventFormat {
+    #[default]
+    Binary,
+    Structured,
+}
+
+/// The consumer group of a Kafka source without one: `umw.<namespace>.<event route name>`.
+pub fn default_group(route: &EventRoute) -> String {
+    use kube::ResourceExt;
+    format!("umw.{}.{}", route.namespace().unwrap_or_default(), route.name_any())
+}
+
+impl Policy for EventRoute {
+    fn target_refs(&self) -> &[PolicyTargetRef] {
+        &self.spec.target_refs
+    }
+
+    fn policy_status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
+    }
+
+    /// Two event routes conflict when they claim the same ingest path or the same topic and group.
+    fn conflict_key(&self, _target: &PolicyTargetRef) -> String {
+        let source = &self.spec.source;
+        if let Some(http) = &source.http {
+            format!("http:{}", http.path)
+        } else if let Some(kafka) = &source.kafka {
+            let group = kafka.group.clone().unwrap_or_else(|| default_group(self));
+            format!("kafka:{}:{group}", kafka.topic)
+        } else if let Some(outbox) = &source.outbox {
+            format!("outbox:{}", outbox.table.as_deref().unwrap_or("umw_outbox"))
+        } else {
+            String::new()
+        }
+    }
+
+    fn not_enforced_fields(&self) -> Vec<&'static str> {
+        // Events land with the events issue; until then nothing of an EventRoute is enforced.
+        vec!["spec.source", "spec.destination"]
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(section) = self.spec.target_refs.iter().find_map(|t| t.section_name.as_ref()) {
+            return Err(format!(
+                "targetRefs[].sectionName ({section:?}) does not apply to an EventRoute: event routes attach to a whole Middleware; remove it"
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,643 @@
+//! `Middleware`: one data-plane deployment with its listeners, routes, connections and commands.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Duration, JsonDocument, ValueSource};
+
+/// A data-plane deployment: the gateway in front of one or more upstream services.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "umw.dev",
+    version = "v1alpha1",
+    kind = "Middleware",
+    plural = "middlewares",
+    singular = "middleware",
+    shortname = "mw",
+    category = "umw",
+    namespaced,
+    status = "MiddlewareStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "A Universal Middleware data-plane deployment: listeners, routes to upstream services, connections to Redis, Kafka and PostgreSQL, commands, observability and pod settings. Policies (CachePolicy, EventRoute, AuthPolicy) attach to it through their targetRefs.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Available", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Config", type_ = "string", json_path = ".status.configHash", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.autoscaling) || !has(self.replicas) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)",
+        "message": "replicas must lie within autoscaling.minReplicas..maxReplicas, or be left out when autoscaling is set"
+    },
+    {
+        "rule": "!has(self.routes) || self.routes.all(r, self.routes.exists_one(o, o.name == r.name))",
+        "message": "route names must be unique"
+    },
+    {
+        "rule": "!has(self.commands) || self.commands.all(c, self.commands.exists_one(o, o.name == c.name))",
+        "message": "command names must be unique"
+    }
+]))]
+pub struct MiddlewareSpec {
+    /// Number of data-plane pods. Defaults to 1; leave it out when `autoscaling` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: Option<i32>,
+
+    /// Container image of the data plane. Defaults to the image the operator was installed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// When true the operator stops changing this Middleware's children (they keep running as they are)
+    /// and reports `Reconciling=False` with reason `Paused`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+
+    /// Ports and paths the data plane listens on.
+    #[serde(default)]
+    pub listeners: Listeners,
+
+    /// Routes to upstream services, matched in order; the first match wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub routes: Vec<Route>,
+
+    /// Connections to the backends that policies and commands use.
+    #[serde(default)]
+    pub connections: Connections,
+
+    /// Commands accepted over HTTP, validated and written to the transactional outbox.
+    /// Not enforced yet: the data plane does not serve commands in this version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub commands: Vec<Command>,
+
+    /// Traces, logs and metrics.
+    #[serde(default)]
+    pub observability: Observability,
+
+    /// Settings of the data-plane pods.
+    #[serde(default)]
+    pub pod: PodOverrides,
+
+    /// A HorizontalPodAutoscaler for the data plane. Leave `replicas` out when this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
+
+    /// A PodDisruptionBudget for the data plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption_budget: Option<DisruptionBudget>,
+}
+
+impl MiddlewareSpec {
+    /// Replicas the Deployment asks for (the HPA decides when autoscaling is set).
+    pub fn desired_replicas(&self) -> i32 {
+        match (&self.autoscaling, self.replicas) {
+            (Some(autoscaling), _) => autoscaling.min_replicas,
+            (None, Some(replicas)) => replicas,
+            (None, None) => 1,
+        }
+    }
+}
+
+fn default_http_port() -> u16 {
+    8080
+}
+
+fn default_admin_port() -> u16 {
+    9901
+}
+
+/// The data plane's listeners.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.http) && has(self.http.port) ? self.http.port : 8080) != (has(self.adminPort) ? self.adminPort : 9901)",
+        "message": "http.port and adminPort must differ"
+    },
+    {
+        "rule": "!has(self.grpc) || (self.grpc.port != (has(self.http) && has(self.http.port) ? self.http.port : 8080) && self.grpc.port != (has(self.adminPort) ? self.adminPort : 9901))",
+        "message": "grpc.port must differ from http.port and adminPort"
+    }
+]))]
+pub struct Listeners {
+    /// The HTTP listener (HTTP/1.1 and h2c).
+    #[serde(default)]
+    pub http: HttpListener,
+    /// An optional gRPC listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcListener>,
+    /// WebSocket upgrades on a path of the HTTP listener.
+    /// Not enforced yet: the WebSocket hub lands in a later version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<WebSocketListener>,
+    /// Port of the admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`. Defaults to 9901.
+    #[serde(default = "default_admin_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin_port: u16,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self { http: HttpListener::default(), grpc: None, websocket: None, admin_port: default_admin_port() }
+    }
+}
+
+/// The HTTP listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpListener {
+    /// Port. Defaults to 8080.
+    #[serde(default = "default_http_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+impl Default for HttpListener {
+    fn default() -> Self {
+        Self { port: default_http_port() }
+    }
+}
+
+/// The gRPC listener.
+/// Not enforced yet: the data plane serves gRPC in a later version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcListener {
+    /// Port of the gRPC listener.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+/// WebSocket upgrades on the HTTP listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebSocketListener {
+    /// Path on which upgrades are accepted, e.g. `/ws`.
+    #[schemars(length(min = 1, max = 256), extend("pattern" = "^/"))]
+    pub path: String,
+}
+
+/// A route: which requests it takes and where they go.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Route {
+    /// Name of the route, unique in the Middleware; policies target it with `sectionName`.
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Which requests the route takes. Without it, every request.
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    /// Where matched requests are sent.
+    pub upstream: Upstream,
+    /// Deadline for the whole upstream exchange. Defaults to 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Retries of idempotent requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Largest accepted request body, in bytes. Defaults to 10 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_body_bytes: Option<i64>,
+}
+
+/// Request matching. All given conditions must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.pathPrefix) && has(self.path))",
+    "message": "set at most one of pathPrefix and path"
+}]))]
+pub struct RouteMatch {
+    /// Host names (the `Host` header without port); `*.example.com` matches one label.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub hosts: Vec<String>,
+    /// Path prefix, matched on segment boundaries (`/api` matches `/api` and `/api/x`, not `/apix`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = "^/"))]
+    pub path_prefix: Option<String>,
+    /// Exact path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = "^/"))]
+    pub path: Option<String>,
+    /// HTTP methods, upper case. Empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<HttpMethod>,
+    /// Headers that must be present with exactly these values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// An HTTP method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+}
+
+/// A header condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name, case-insensitive.
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    /// Exact value.
+    pub value: String,
+}
+
+/// An upstream: a Service in the Middleware's namespace, or a URL. Exactly one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.service) != has(self.url)",
+    "message": "upstream needs exactly one of service or url"
+}]))]
+pub struct Upstream {
+    /// A Service in the Middleware's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+    /// An absolute `http://` or `https://` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = "^https?://[^/\\s]+(/.*)?$"), length(max = 2048))]
+    pub url: Option<String>,
+}
+
+/// A Service and port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRef {
+    /// Service name.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Service port.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+/// Retries of idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE), bounded by a retry budget.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts after the first one. Defaults to 2.
+    #[serde(default = "default_retry_attempts")]
+    #[schemars(range(min = 0, max = 10))]
+    pub attempts: u32,
+    /// Delay before the first retry, doubled for each next one, with jitter. Defaults to 25ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Duration>,
+    /// Upstream statuses that are retried, besides connection errors. Defaults to 502, 503 and 504.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_statuses: Vec<u16>,
+}
+
+fn default_retry_attempts() -> u32 {
+    2
+}
+
+/// Connections to backends. Each setting is inline or from a Secret key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Connections {
+    /// Redis: the cache and sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisConnection>,
+    /// Kafka: events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaConnection>,
+    /// PostgreSQL: commands and the outbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresConnection>,
+}
+
+impl Connections {
+    /// Every value in the connections, with its field path, for Secret checks and env wiring.
+    pub fn values(&self) -> Vec<(&'static str, &ValueSource)> {
+        let mut out = Vec::new();
+        if let Some(redis) = &self.redis {
+            out.push(("spec.connections.redis.url", &redis.url));
+            if let Some(password) = &redis.password {
+                out.push(("spec.connections.redis.password", password));
+            }
+        }
+        if let Some(kafka) = &self.kafka {
+            out.push(("spec.connections.kafka.bootstrapServers", &kafka.bootstrap_servers));
+            if let Some(sasl) = &kafka.sasl {
+                out.push(("spec.connections.kafka.sasl.username", &sasl.username));
+                out.push(("spec.connections.kafka.sasl.password", &sasl.password));
+            }
+        }
+        if let Some(postgres) = &self.postgres {
+            out.push(("spec.connections.postgres.url", &postgres.url));
+        }
+        out
+    }
+}
+
+/// Redis deployment mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
+}
+
+/// A Redis connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisConnection {
+    /// `redis://` or `rediss://` URL; for a Cluster, any node (others are discovered).
+    pub url: ValueSource,
+    /// Password, when not in the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<ValueSource>,
+    /// `standalone` (default) or `cluster`.
+    #[serde(default)]
+    pub mode: RedisMode,
+}
+
+/// A Kafka connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaConnection {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: ValueSource,
+    /// SASL authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<KafkaSasl>,
+    /// Use TLS to the brokers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
+}
+
+/// SASL mechanism.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SaslMechanism {
+    #[default]
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+/// Kafka SASL settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaSasl {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    #[serde(default)]
+    pub mechanism: SaslMechanism,
+    /// User name.
+    pub username: ValueSource,
+    /// Password; use a `secretKeyRef`.
+    pub password: ValueSource,
+}
+
+/// A PostgreSQL connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresConnection {
+    /// `postgres://` URL.
+    pub url: ValueSource,
+    /// Pool size per pod. Defaults to 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_connections: Option<u32>,
+}
+
+/// A command: an HTTP request validated against a JSON Schema and recorded, with its event, in the outbox.
+/// Not enforced yet: commands land in a later version.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Command {
+    /// Name, unique in the Middleware; served at `POST /commands/<name>`.
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// JSON Schema the command body must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<JsonDocument>,
+    /// The event recorded for an accepted command.
+    pub event: CommandEvent,
+    /// Upstream called with the command before the event is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<Upstream>,
+    /// Deduplication of retried commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+}
+
+/// The event of a command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CommandEvent {
+    /// CloudEvents `type`, e.g. `com.example.order.placed`.
+    #[serde(rename = "type")]
+    #[schemars(length(min = 1, max = 256))]
+    pub type_: String,
+    /// Kafka topic.
+    #[schemars(length(min = 1, max = 249), extend("pattern" = "^[a-zA-Z0-9._-]+$"))]
+    pub topic: String,
+    /// Message key, a template over the body, e.g. `{{ data.orderId }}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_template: Option<String>,
+}
+
+/// Idempotency of commands.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Idempotency {
+    /// Request header that carries the key. Defaults to `Idempotency-Key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// How long a key is remembered. Defaults to 24h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+}
+
+/// Log format of the data plane.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+/// Traces, logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Observability {
+    /// OTLP/gRPC endpoint for traces, e.g. `http://otel-collector:4317`. Without it no traces are exported
+    /// (the standard `OTEL_*` variables still apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = "^https?://"))]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of traces sampled, 0 to 1. Defaults to 0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sampling_ratio: Option<f64>,
+    /// `json` (default) or `text`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `info,umw_dataplane=debug`. Defaults to `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+/// Pod settings of the data plane.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodOverrides {
+    /// Compute resources of the data-plane container. Defaults to requests of 100m CPU and 64Mi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node selector.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Extra annotations on the pods (e.g. for a service mesh or a log shipper).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Extra labels on the pods. Labels under `umw.dev/` and `app.kubernetes.io/` are the operator's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Priority class of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// A HorizontalPodAutoscaler on CPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.minReplicas <= self.maxReplicas",
+    "message": "minReplicas must not exceed maxReplicas"
+}]))]
+pub struct Autoscaling {
+    /// Lower bound. Defaults to 1.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Upper bound.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation to aim for, in percent of the CPU request. Defaults to 80.
+    #[serde(default = "default_cpu_target")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization: i32,
+}
+
+fn one() -> i32 {
+    1
+}
+
+fn default_cpu_target() -> i32 {
+    80
+}
+
+/// A PodDisruptionBudget: exactly one of `minAvailable` and `maxUnavailable`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.minAvailable) != has(self.maxUnavailable)",
+    "message": "set exactly one of minAvailable and maxUnavailable"
+}]))]
+pub struct DisruptionBudget {
+    /// Pods that must stay available, a number or a percentage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<IntOrString>,
+    /// Pods that may be unavailable, a number or a percentage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+/// Observed state of a Middleware.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MiddlewareStatus {
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Reconciling`, `Stalled`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Data-plane pods that exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Data-plane pods that are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Data-plane pods that run the current pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_replicas: Option<i32>,
+    /// Label selector of the data-plane pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Hash of the data-plane configuration rendered for the current generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// Policies attached to this Middleware, by kind and name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<AttachedPolicy>,
+    /// Health of each data-plane component as the pods report it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<ComponentStatus>,
+}
+
+/// A policy in the rendered configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachedPolicy {
+    /// `CachePolicy`, `EventRoute` or `AuthPolicy`.
+    pub kind: String,
+    /// Name of the policy.
+    pub name: String,
+}
+
+/// Health of one data-plane component.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentStatus {
+    /// Component, e.g. `cache`, `events`.
+    pub name: String,
+    /// `Up`, `Degraded` or `Down`.
+    pub state: String,
+    /// What is wrong, when not `Up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

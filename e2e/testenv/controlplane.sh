@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Starts and stops a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) on
+# loopback ports chosen at run time, as controller-runtime's envtest does, plus the controllers.
+#
+#   controlplane.sh start DIR [--owner-pid PID]   # writes DIR/kubeconfig, DIR/env; with --owner-pid the
+#                                                 # control plane stops by itself when PID exits
+#   controlplane.sh stop DIR
+#
+# DIR/operator.kubeconfig authenticates as user `umw-operator` (group system:masters): the API server's
+# audit log (DIR/audit.log) records every request of that user, which tests use to count writes.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.sh
+. "$HERE/versions.sh"
+BIN="$UMW_TESTENV_BIN"
+
+log() { printf '[controlplane] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+stop() {
+  local dir=$1 pid
+  for name in kube-controller-manager kube-apiserver etcd reaper; do
+    [ -f "$dir/$name.pid" ] || continue
+    pid=$(cat "$dir/$name.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$dir/$name.pid"
+  done
+}
+
+write_kubeconfig() {
+  local file=$1 user=$2 port=$3 dir=$4
+  cat > "$file" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: umw-test
+  cluster:
+    server: https://127.0.0.1:$port
+    certificate-authority: $dir/pki/ca.crt
+users:
+- name: $user
+  user:
+    client-certificate: $dir/pki/$user.crt
+    client-key: $dir/pki/$user.key
+contexts:
+- name: umw-test
+  context: {cluster: umw-test, user: $user, namespace: default}
+current-context: umw-test
+KC
+}
+
+certs() {
+  local pki=$1
+  mkdir -p "$pki"; cd "$pki"
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj "/CN=umw-test-ca" 2>/dev/null
+  openssl genrsa -out sa.key 2048 2>/dev/null
+  openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  cat > serving.ext <<EXT
+subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
+extendedKeyUsage=serverAuth
+EXT
+  openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
+  openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt -days 30 -extfile serving.ext 2>/dev/null
+  echo "extendedKeyUsage=clientAuth" > client.ext
+  for user in admin umw-operator; do
+    openssl req -newkey rsa:2048 -nodes -keyout "$user.key" -out "$user.csr" -subj "/O=system:masters/CN=$user" 2>/dev/null
+    openssl x509 -req -in "$user.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$user.crt" -days 30 -extfile client.ext 2>/dev/null
+  done
+  cd - >/dev/null
+}
+
+start() {
+  local dir=$1 owner=${2:-}
+  for b in etcd kube-apiserver kube-controller-manager kubectl; do
+    [ -x "$BIN/$b" ] || die "$BIN/$b is missing: run e2e/testenv/build-tools.sh (make testenv) first"
+  done
+  command -v openssl >/dev/null || die "openssl is missing (apt-get install openssl)"
+  mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
+  stop "$dir"
+  rm -rf "$dir/etcd-data" "$dir/pki" "$dir"/*.log
+  certs "$dir/pki"
+
+  local etcd_port peer_port api_port
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+
+  "$BIN/etcd" --name default --data-dir "$dir/etcd-data" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "default=http://127.0.0.1:$peer_port" --unsafe-no-fsync \
+    --listen-metrics-urls "" --log-level warn > "$dir/etcd.log" 2>&1 &
+  echo $! > "$dir/etcd.pid"
+
+  cat > "$dir/audit-policy.yaml" <<AP
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  users: [umw-operator]
+- level: None
+AP
+
+  "$BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
+    --client-ca-file "$dir/pki/ca.crt" \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$dir/pki/sa.pub" \
+    --service-account-signing-key-file "$dir/pki/sa.key" \
+    --audit-policy-file "$dir/audit-policy.yaml" --audit-log-path "$dir/audit.log" \
+    --audit-log-maxsize 200 \
+    --allow-privileged=true \
+    --v=1 > "$dir/kube-apiserver.log" 2>&1 &
+  echo $! > "$dir/kube-apiserver.pid"
+
+  write_kubeconfig "$dir/kubeconfig" admin "$api_port" "$dir"
+  write_kubeconfig "$dir/operator.kubeconfig" umw-operator "$api_port" "$dir"
+
+  local ok=""
+  for _ in $(seq 1 240); do
+    if "$BIN/kubectl" --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null 2>&1; then ok=1; break; fi
+    kill -0 "$(cat "$dir/kube-apiserver.pid")" 2>/dev/null || break
+    sleep 0.25
+  done
+  if [ -z "$ok" ]; then
+    tail -30 "$dir/kube-apiserver.log" >&2 || true
+    stop "$dir"; die "kube-apiserver did not become ready (log: $dir/kube-apiserver.log)"
+  fi
+
+  "$BIN/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
+    --authentication-kubeconfig "$dir/kubeconfig" --authorization-kubeconfig "$dir/kubeconfig" \
+    --leader-elect=false --secure-port 0 \
+    --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
+    --controllers '*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route' \
+    --concurrent-gc-syncs 5 \
+    --v=1 > "$dir/kube-controller-manager.log" 2>&1 &
+  echo $! > "$dir/kube-controller-manager.pid"
+
+  cat > "$dir/env" <<ENV
+export KUBECONFIG=$dir/kubeconfig
+export UMW_TESTENV_DIR=$dir
+export PATH=$BIN:\$PATH
+ENV
+
+  if [ -n "$owner" ]; then
+    # Stops everything once the owning process (a test binary) exits, however it exits.
+    setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$HERE/controlplane.sh' stop '$dir'" \
+      > /dev/null 2>&1 < /dev/null &
+    echo $! > "$dir/reaper.pid"
+  fi
+  log "control plane up: KUBECONFIG=$dir/kubeconfig (kube-apiserver https://127.0.0.1:$api_port)"
+}
+
+case "${1:-}" in
+  start)
+    [ $# -ge 2 ] || die "usage: $0 start DIR [--owner-pid PID]"
+    owner=""; [ "${3:-}" = "--owner-pid" ] && owner=${4:-}
+    start "$2" "$owner" ;;
+  stop)
+    [ $# -ge 2 ] || die "usage: $0 stop DIR"
+    stop "$2"; log "control plane in $2 stopped" ;;
+  *) die "usage: $0 start|stop DIR" ;;
+esac
