@@ -5,7 +5,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Duration, PolicyTargetRef};
-use crate::middleware::HttpMethod;
 use crate::policy::{Policy, PolicyStatus, section_key};
 
 /// Response caching for the routes of one or more Middlewares.
@@ -23,10 +22,27 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     derive = "PartialEq",
     derive = "Default",
     doc = "Response caching for routes of a Middleware: TTL with jitter, negative caching, stale-while-revalidate, cache keys, single-flight, invalidation and warm-up.",
-    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
-    printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].reason", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Enforced",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Enforced\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CachePolicySpec {
@@ -111,11 +127,16 @@ pub struct CacheMatch {
     pub path_prefix: Option<String>,
     /// Methods; only GET and HEAD are cacheable. Defaults to both.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.all(m, m == 'GET' || m == 'HEAD')",
-        "message": "only GET and HEAD responses are cacheable"
-    }]))]
-    pub methods: Vec<HttpMethod>,
+    #[schemars(length(max = 2))]
+    pub methods: Vec<CacheableMethod>,
+}
+
+/// A cacheable HTTP method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum CacheableMethod {
+    Get,
+    Head,
 }
 
 /// Parts of the request in the cache key. `Vary` response headers are always honoured.
@@ -147,7 +168,11 @@ pub struct SingleFlight {
 
 impl Default for SingleFlight {
     fn default() -> Self {
-        Self { enabled: true, distributed: false, lock_timeout: None }
+        Self {
+            enabled: true,
+            distributed: false,
+            lock_timeout: None,
+        }
     }
 }
 

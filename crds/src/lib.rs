@@ -33,7 +33,12 @@ pub const API_VERSION: &str = "umw.dev/v1alpha1";
 
 /// The four CustomResourceDefinitions, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Middleware::crd(), CachePolicy::crd(), EventRoute::crd(), AuthPolicy::crd()]
+    vec![
+        Middleware::crd(),
+        CachePolicy::crd(),
+        EventRoute::crd(),
+        AuthPolicy::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream: what `umw-operator crds` prints and what

@@ -1,1 +1,209 @@
-fn main() {}
+#![forbid(unsafe_code)]
+//! `umw-operator`: reconciles Universal Middleware resources into data-plane deployments.
+
+mod admin;
+mod attach;
+mod controller;
+mod leader;
+mod metrics;
+mod render;
+mod shared;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use futures::FutureExt;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "umw-operator",
+    version,
+    about = "Reconciles Universal Middleware resources into data-plane deployments"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML.
+    Crds,
+    /// Run the controllers (the default).
+    Run,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "UMW_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Data-plane image for Middlewares that do not set one.
+    #[arg(long, env = "UMW_DATAPLANE_IMAGE", default_value = concat!("ghcr.io/universal-middleware/umw-dataplane:", env!("CARGO_PKG_VERSION")))]
+    dataplane_image: String,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "UMW_ADMIN_ADDRESS", default_value = "0.0.0.0:8080")]
+    admin_address: SocketAddr,
+    /// Take part in leader election (turn off only when running a single replica by hand).
+    #[arg(long, env = "UMW_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace, else the watched one, else `default`).
+    #[arg(long, env = "UMW_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(long, env = "UMW_LEASE_NAME", default_value = "umw-operator-leader")]
+    lease_name: String,
+    /// Deadline of every API call, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    api_timeout: Duration,
+    /// Reconcile every object at least this often, e.g. 10m.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    resync: Duration,
+    /// Log format: json or text.
+    #[arg(long, env = "UMW_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    umw_crds::common::parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn init_logging(format: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c().map(|_| ());
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return ctrl_c.await,
+            };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crds) => {
+            print!("{}", umw_crds::crds_yaml().context("serialising the CRDs")?);
+            Ok(())
+        }
+        Some(Command::Run) | None => run(cli.run).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_format);
+    let metrics = metrics::Metrics::new().context("registering metrics")?;
+    let admin = Arc::new(admin::Admin {
+        metrics: metrics.clone(),
+        ready: false.into(),
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+        .shared()
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let admin_server = tokio::spawn(admin::serve(
+        args.admin_address,
+        admin.clone(),
+        stopped.clone(),
+    ));
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| format!("umw-operator-{}", std::process::id()));
+    let config = controller::Config {
+        render: render::Settings {
+            dataplane_image: args.dataplane_image.clone(),
+        },
+        namespace: args.namespace.clone(),
+        api_timeout: args.api_timeout,
+        resync: args.resync,
+        instance: identity.clone(),
+    };
+
+    let leader = args.leader_election.then(|| {
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .or_else(|| args.namespace.clone())
+            .unwrap_or_else(|| "default".into());
+        leader::Leader::new(
+            client.clone(),
+            leader::Election {
+                namespace,
+                lease_name: args.lease_name.clone(),
+                identity: identity.clone(),
+                lease_duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(5),
+                api_timeout: args.api_timeout,
+            },
+            metrics.clone(),
+        )
+    });
+
+    if let Some(leader) = &leader {
+        // A standby is ready: it is doing its job, which is waiting.
+        admin.ready.store(true, Ordering::Relaxed);
+        tokio::select! {
+            _ = leader.acquire() => {}
+            _ = stopped.clone() => return Ok(()),
+        }
+    }
+
+    let controllers = controller::run(client, config, metrics.clone(), stopped.clone());
+    admin.ready.store(true, Ordering::Relaxed);
+    let outcome = match &leader {
+        Some(leader) => tokio::select! {
+            _ = controllers => Ok(()),
+            _ = leader.hold() => Err(anyhow::anyhow!("lost the leader lease; exiting so that a fresh start rejoins the election")),
+        },
+        None => {
+            controllers.await;
+            Ok(())
+        }
+    };
+    if let Some(leader) = &leader {
+        leader.release().await;
+    }
+    let _ = admin_server.await;
+    outcome
+}

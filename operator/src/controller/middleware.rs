@@ -1,0 +1,694 @@
+//! The Middleware reconciler: read → validate → render → apply → prune → status.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::instrument;
+use umw_crds::conditions::{self, reasons, status, types};
+use umw_crds::config::Bundle;
+use umw_crds::middleware::{AttachedPolicy, MiddlewareStatus};
+use umw_crds::{Middleware, Policy};
+
+use super::{Context, Error, FIELD_MANAGER};
+use crate::attach::accepted_for;
+use crate::render::{self, Desired, MAX_NAME_LEN, RENDER_HASH_ANNOTATION, child_name};
+
+/// A problem only the user can fix: the Middleware is `Stalled` until they do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stall {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+#[instrument(skip_all, fields(namespace = mw.namespace().unwrap_or_default(), middleware = mw.name_any()))]
+pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let timer = ctx
+        .metrics
+        .reconcile_duration
+        .with_label_values(&["middleware"])
+        .start_timer();
+    if mw.meta().deletion_timestamp.is_some() {
+        // Children go with the garbage collector through their owner references.
+        return Ok(Action::await_change());
+    }
+    let namespace = mw.namespace().unwrap_or_default();
+    let key = format!("Middleware/{namespace}/{}", mw.name_any());
+
+    let bundle = Bundle {
+        middleware: mw.as_ref().clone(),
+        cache_policies: accepted_for(&mw, &ctx.stores.cache_policies.state()),
+        event_routes: accepted_for(&mw, &ctx.stores.event_routes.state()),
+        auth_policies: accepted_for(&mw, &ctx.stores.auth_policies.state()),
+    };
+    let desired = render::render(&bundle, &ctx.config.render)?;
+    let stall = check(&mw, &ctx).await?;
+
+    if stall.is_none() && !mw.spec.paused {
+        apply_children(&mw, &desired, &ctx).await?;
+    }
+
+    let deployment = ctx
+        .stores
+        .deployments
+        .get(&ObjectRef::new(&child_name(&mw)).within(&namespace));
+    let now = Time(Timestamp::now());
+    let mut new_status = status_of(&mw, deployment.as_deref(), &desired, stall.as_ref(), &now);
+    new_status.policies = attached(&bundle);
+    write_status(&mw, new_status, &ctx).await?;
+
+    ctx.succeeded(&key);
+    timer.observe_duration();
+    Ok(match stall {
+        // A missing Secret is not watched: look again soon.
+        Some(_) => Action::requeue(std::time::Duration::from_secs(30)),
+        None => Action::requeue(ctx.config.resync),
+    })
+}
+
+/// Semantic checks beyond the CRD schema, including that referenced Secrets exist.
+async fn check(mw: &Middleware, ctx: &Context) -> Result<Option<Stall>, Error> {
+    let name = mw.name_any();
+    if name.len() > MAX_NAME_LEN {
+        return Ok(Some(Stall {
+            reason: reasons::INVALID_SPEC,
+            message: format!(
+                "the name is {} characters long; Middleware names may have at most {MAX_NAME_LEN} so that the names of its children stay valid; recreate it with a shorter name",
+                name.len()
+            ),
+        }));
+    }
+    let namespace = mw.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    for (field, value) in mw.spec.connections.values() {
+        let Some(reference) = &value.secret_key_ref else {
+            continue;
+        };
+        let secret = ctx
+            .call(
+                || format!("reading Secret {namespace}/{}", reference.name),
+                secrets.get_opt(&reference.name),
+                |source| Error::ReadSecret {
+                    name: reference.name.clone(),
+                    source,
+                },
+            )
+            .await?;
+        let missing = match &secret {
+            None => Some(format!(
+                "Secret {:?} does not exist in namespace {namespace:?}",
+                reference.name
+            )),
+            Some(secret) => {
+                let has_key = secret
+                    .data
+                    .as_ref()
+                    .is_some_and(|d| d.contains_key(&reference.key))
+                    || secret
+                        .string_data
+                        .as_ref()
+                        .is_some_and(|d| d.contains_key(&reference.key));
+                (!has_key)
+                    .then(|| format!("Secret {:?} has no key {:?}", reference.name, reference.key))
+            }
+        };
+        if let Some(missing) = missing {
+            return Ok(Some(Stall {
+                reason: reasons::SECRET_NOT_FOUND,
+                message: format!(
+                    "{missing} ({field}.secretKeyRef); create it or correct the reference"
+                ),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Applies every rendered child whose render hash differs from the cached one, and deletes owned children
+/// that were not rendered this time.
+async fn apply_children(mw: &Middleware, desired: &Desired, ctx: &Context) -> Result<(), Error> {
+    let stores = &ctx.stores;
+    sync(
+        mw,
+        ctx,
+        &stores.service_accounts,
+        vec![desired.service_account.clone()],
+    )
+    .await?;
+    sync(
+        mw,
+        ctx,
+        &stores.config_maps,
+        vec![desired.config_map.clone()],
+    )
+    .await?;
+    sync(mw, ctx, &stores.services, vec![desired.service.clone()]).await?;
+    sync(
+        mw,
+        ctx,
+        &stores.deployments,
+        vec![desired.deployment.clone()],
+    )
+    .await?;
+    sync(
+        mw,
+        ctx,
+        &stores.disruption_budgets,
+        desired.disruption_budget.clone().into_iter().collect(),
+    )
+    .await?;
+    sync(
+        mw,
+        ctx,
+        &stores.autoscalers,
+        desired.autoscaler.clone().into_iter().collect(),
+    )
+    .await?;
+    Ok(())
+}
+
+fn render_hash<K: Resource>(object: &K) -> Option<&String> {
+    object
+        .meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RENDER_HASH_ANNOTATION))
+}
+
+fn owned_by<K: Resource>(object: &K, mw: &Middleware) -> bool {
+    let uid = mw.uid();
+    object
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| Some(&owner.uid) == uid.as_ref())
+}
+
+/// Makes the children of one kind exactly `desired`: server-side apply of what changed, delete of what
+/// is owned but not desired.
+async fn sync<K>(
+    mw: &Middleware,
+    ctx: &Context,
+    store: &Store<K>,
+    desired: Vec<K>,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug,
+{
+    let namespace = mw.namespace().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let kind = K::kind(&()).to_string();
+    for object in &desired {
+        let name = object.name_any();
+        let cached = store.get(&ObjectRef::new(&name).within(&namespace));
+        if cached
+            .as_deref()
+            .is_some_and(|c| render_hash(c) == render_hash(object))
+        {
+            continue;
+        }
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        ctx.call(
+            || format!("applying {kind} {namespace}/{name}"),
+            api.patch(&name, &params, &Patch::Apply(object)),
+            |source| Error::Apply {
+                kind: kind.clone(),
+                name: name.clone(),
+                source,
+            },
+        )
+        .await?;
+        ctx.metrics
+            .api_writes
+            .with_label_values(&[&kind, "apply"])
+            .inc();
+        tracing::info!(kind, name, "applied");
+    }
+    let wanted: Vec<String> = desired.iter().map(|o| o.name_any()).collect();
+    for stale in store.state() {
+        let name = stale.name_any();
+        if stale.namespace().as_deref() != Some(namespace.as_str())
+            || !owned_by(stale.as_ref(), mw)
+            || wanted.contains(&name)
+        {
+            continue;
+        }
+        match ctx
+            .call(
+                || format!("deleting {kind} {namespace}/{name}"),
+                api.delete(&name, &DeleteParams::background()),
+                |source| Error::Delete {
+                    kind: kind.clone(),
+                    name: name.clone(),
+                    source,
+                },
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Already gone: what we wanted.
+            Err(Error::Delete {
+                source: kube::Error::Api(status),
+                ..
+            }) if status.code == 404 => {}
+            Err(error) => return Err(error),
+        }
+        ctx.metrics
+            .api_writes
+            .with_label_values(&[&kind, "delete"])
+            .inc();
+        tracing::info!(kind, name, "deleted, no longer rendered");
+    }
+    Ok(())
+}
+
+fn attached(bundle: &Bundle) -> Vec<AttachedPolicy> {
+    fn of<P: Policy>(policies: &[P]) -> impl Iterator<Item = AttachedPolicy> + '_ {
+        policies.iter().map(|p| AttachedPolicy {
+            kind: P::kind(&()).to_string(),
+            name: p.name_any(),
+        })
+    }
+    let mut all: Vec<AttachedPolicy> = of(&bundle.cache_policies)
+        .chain(of(&bundle.event_routes))
+        .chain(of(&bundle.auth_policies))
+        .collect();
+    all.sort();
+    all
+}
+
+/// Fields set on the Middleware that this version's data plane does not act on yet.
+pub fn not_enforced(mw: &Middleware) -> Vec<&'static str> {
+    let spec = &mw.spec;
+    let mut fields = Vec::new();
+    if !spec.routes.is_empty() {
+        fields.push("spec.routes");
+    }
+    let connections = &spec.connections;
+    if connections.redis.is_some() || connections.kafka.is_some() || connections.postgres.is_some()
+    {
+        fields.push("spec.connections");
+    }
+    if !spec.commands.is_empty() {
+        fields.push("spec.commands");
+    }
+    if spec.listeners.grpc.is_some() {
+        fields.push("spec.listeners.grpc");
+    }
+    if spec.listeners.websocket.is_some() {
+        fields.push("spec.listeners.websocket");
+    }
+    if spec.observability != Default::default() {
+        fields.push("spec.observability");
+    }
+    fields
+}
+
+/// Computes the status from the Middleware, its Deployment and the outcome of the checks. Pure.
+pub fn status_of(
+    mw: &Middleware,
+    deployment: Option<&Deployment>,
+    desired: &Desired,
+    stall: Option<&Stall>,
+    now: &Time,
+) -> MiddlewareStatus {
+    let generation = mw.metadata.generation;
+    let condition = |type_: &str, status: &str, reason: &str, message: String| {
+        conditions::new(type_, status, reason, message, generation, now)
+    };
+    let rollout = Rollout::of(deployment, desired, mw.spec.desired_replicas());
+    let mut note = String::new();
+    let unenforced = not_enforced(mw);
+    if !unenforced.is_empty() {
+        note = format!(
+            " Not enforced by this data-plane version yet: {}.",
+            unenforced.join(", ")
+        );
+    }
+
+    let (stalled, reconciling, ready) = match stall {
+        Some(stall) => (
+            condition(
+                types::STALLED,
+                status::TRUE,
+                stall.reason,
+                stall.message.clone(),
+            ),
+            condition(
+                types::RECONCILING,
+                status::FALSE,
+                stall.reason,
+                "stalled until the problem is fixed".into(),
+            ),
+            condition(
+                types::READY,
+                status::FALSE,
+                stall.reason,
+                stall.message.clone(),
+            ),
+        ),
+        None => {
+            let stalled = condition(
+                types::STALLED,
+                status::FALSE,
+                reasons::AS_EXPECTED,
+                String::new(),
+            );
+            let reconciling = if mw.spec.paused {
+                condition(
+                    types::RECONCILING,
+                    status::FALSE,
+                    reasons::PAUSED,
+                    "spec.paused is true: children are left as they are".into(),
+                )
+            } else if rollout.done {
+                condition(
+                    types::RECONCILING,
+                    status::FALSE,
+                    reasons::RECONCILED,
+                    String::new(),
+                )
+            } else {
+                condition(
+                    types::RECONCILING,
+                    status::TRUE,
+                    rollout.reason,
+                    rollout.message.clone(),
+                )
+            };
+            let ready = if rollout.done && rollout.target == 0 {
+                condition(
+                    types::READY,
+                    status::TRUE,
+                    reasons::SCALED_TO_ZERO,
+                    format!("scaled to zero replicas.{note}"),
+                )
+            } else if rollout.done {
+                condition(
+                    types::READY,
+                    status::TRUE,
+                    reasons::AVAILABLE,
+                    format!("{}.{note}", rollout.message),
+                )
+            } else {
+                condition(
+                    types::READY,
+                    status::FALSE,
+                    rollout.reason,
+                    rollout.message.clone(),
+                )
+            };
+            (stalled, reconciling, ready)
+        }
+    };
+    let degraded = condition(
+        types::DEGRADED,
+        status::UNKNOWN,
+        reasons::HEALTH_NOT_REPORTED,
+        "component health is not reported by this data-plane version".into(),
+    );
+    let existing = mw
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let dep_status = deployment.and_then(|d| d.status.as_ref());
+    MiddlewareStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(existing, vec![ready, reconciling, stalled, degraded]),
+        replicas: Some(dep_status.and_then(|s| s.replicas).unwrap_or(0)),
+        ready_replicas: Some(dep_status.and_then(|s| s.ready_replicas).unwrap_or(0)),
+        updated_replicas: Some(dep_status.and_then(|s| s.updated_replicas).unwrap_or(0)),
+        selector: Some(render::selector_string(mw)),
+        config_hash: Some(desired.config_hash.clone()),
+        policies: Vec::new(),
+        components: Vec::new(),
+    }
+}
+
+/// Progress of the Deployment towards the rendered one.
+struct Rollout {
+    done: bool,
+    target: i32,
+    reason: &'static str,
+    message: String,
+}
+
+impl Rollout {
+    fn of(deployment: Option<&Deployment>, desired: &Desired, fallback_replicas: i32) -> Self {
+        let Some(deployment) = deployment else {
+            return Self {
+                done: false,
+                target: fallback_replicas,
+                reason: reasons::PROGRESSING,
+                message: "creating the Deployment".into(),
+            };
+        };
+        let target = deployment.spec.replicas.unwrap_or(fallback_replicas);
+        let current = render_hash(deployment) == render_hash(&desired.deployment);
+        let status = deployment.status.clone().unwrap_or_default();
+        let observed = status.observed_generation >= deployment.metadata.generation;
+        let updated = status.updated_replicas.unwrap_or(0);
+        let available = status.available_replicas.unwrap_or(0);
+        let total = status.replicas.unwrap_or(0);
+        if !current || !observed {
+            return Self {
+                done: false,
+                target,
+                reason: reasons::PROGRESSING,
+                message: "the Deployment is being updated".into(),
+            };
+        }
+        if updated < target || total > target {
+            return Self {
+                done: false,
+                target,
+                reason: reasons::PROGRESSING,
+                message: format!(
+                    "rolling out: {updated} of {target} pods updated, {total} pods in all"
+                ),
+            };
+        }
+        if available < target {
+            return Self {
+                done: false,
+                target,
+                reason: reasons::PODS_NOT_READY,
+                message: format!(
+                    "{available} of {target} pods available; see `kubectl describe deployment {}`",
+                    deployment.name_any()
+                ),
+            };
+        }
+        Self {
+            done: true,
+            target,
+            reason: reasons::AVAILABLE,
+            message: format!("{available} of {target} pods available"),
+        }
+    }
+}
+
+/// Writes the status when it differs from the cached one, and publishes Events on transitions.
+async fn write_status(
+    mw: &Middleware,
+    new_status: MiddlewareStatus,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let old = mw.status.clone().unwrap_or_default();
+    if old == new_status {
+        return Ok(());
+    }
+    let name = mw.name_any();
+    let namespace = mw.namespace().unwrap_or_default();
+    let api: Api<Middleware> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = serde_json::json!({
+        "apiVersion": Middleware::api_version(&()),
+        "kind": Middleware::kind(&()),
+        "status": new_status,
+    });
+    ctx.call(
+        || format!("writing the status of Middleware {namespace}/{name}"),
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        ),
+        |source| Error::WriteStatus {
+            kind: "Middleware".into(),
+            name: name.clone(),
+            source,
+        },
+    )
+    .await?;
+    ctx.metrics
+        .api_writes
+        .with_label_values(&["Middleware", "status"])
+        .inc();
+
+    for (type_, event_type) in [
+        (types::STALLED, EventType::Warning),
+        (types::READY, EventType::Normal),
+    ] {
+        let before = conditions::find(&old.conditions, type_);
+        let after = conditions::find(&new_status.conditions, type_);
+        if let Some(after) = after
+            .filter(|a| a.status == status::TRUE && before.is_none_or(|b| b.status != status::TRUE))
+        {
+            publish_condition(mw, ctx, event_type, after).await;
+        }
+    }
+    if old.config_hash.is_some() && old.config_hash != new_status.config_hash {
+        let note = format!(
+            "data-plane configuration is now {}",
+            new_status.config_hash.as_deref().unwrap_or("")
+        );
+        ctx.publish(mw, EventType::Normal, "ConfigUpdated", note)
+            .await;
+    }
+    Ok(())
+}
+
+async fn publish_condition(
+    mw: &Middleware,
+    ctx: &Context,
+    event_type: EventType,
+    condition: &Condition,
+) {
+    let note = if condition.message.is_empty() {
+        condition.type_.clone()
+    } else {
+        condition.message.clone()
+    };
+    ctx.publish(mw, event_type, &condition.reason, note).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::{Settings, render};
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use umw_crds::MiddlewareSpec;
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_000).unwrap())
+    }
+
+    fn fixture(replicas: i32) -> (Middleware, Desired) {
+        let mut mw = Middleware::new(
+            "shop",
+            MiddlewareSpec {
+                replicas: Some(replicas),
+                ..MiddlewareSpec::default()
+            },
+        );
+        mw.metadata.namespace = Some("ns".into());
+        mw.metadata.generation = Some(3);
+        let desired = render(
+            &Bundle {
+                middleware: mw.clone(),
+                ..Bundle::default()
+            },
+            &Settings {
+                dataplane_image: "x".into(),
+            },
+        )
+        .unwrap();
+        (mw, desired)
+    }
+
+    fn rolled_out(desired: &Desired, ready: i32) -> Deployment {
+        let mut deployment = desired.deployment.clone();
+        deployment.metadata.generation = Some(1);
+        deployment.status = Some(DeploymentStatus {
+            observed_generation: Some(1),
+            replicas: Some(2),
+            updated_replicas: Some(2),
+            ready_replicas: Some(ready),
+            available_replicas: Some(ready),
+            ..DeploymentStatus::default()
+        });
+        deployment
+    }
+
+    fn condition<'a>(status: &'a MiddlewareStatus, type_: &str) -> &'a Condition {
+        conditions::find(&status.conditions, type_).unwrap()
+    }
+
+    #[test]
+    fn ready_when_every_pod_is_available() {
+        let (mw, desired) = fixture(2);
+        let status = status_of(&mw, Some(&rolled_out(&desired, 2)), &desired, None, &now());
+        assert_eq!(condition(&status, types::READY).status, status::TRUE);
+        assert_eq!(condition(&status, types::RECONCILING).status, status::FALSE);
+        assert_eq!(
+            condition(&status, types::READY).observed_generation,
+            Some(3)
+        );
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(status.ready_replicas, Some(2));
+    }
+
+    #[test]
+    fn reconciling_while_pods_are_not_ready() {
+        let (mw, desired) = fixture(2);
+        let status = status_of(&mw, Some(&rolled_out(&desired, 1)), &desired, None, &now());
+        let ready = condition(&status, types::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            (status::FALSE, reasons::PODS_NOT_READY)
+        );
+        assert_eq!(condition(&status, types::RECONCILING).status, status::TRUE);
+        let status = status_of(&mw, None, &desired, None, &now());
+        assert_eq!(
+            condition(&status, types::RECONCILING).reason,
+            reasons::PROGRESSING
+        );
+    }
+
+    #[test]
+    fn stalled_says_what_to_fix() {
+        let (mw, desired) = fixture(1);
+        let stall = Stall {
+            reason: reasons::SECRET_NOT_FOUND,
+            message: "Secret \"x\" does not exist".into(),
+        };
+        let status = status_of(&mw, None, &desired, Some(&stall), &now());
+        let stalled = condition(&status, types::STALLED);
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            (status::TRUE, reasons::SECRET_NOT_FOUND)
+        );
+        assert_eq!(condition(&status, types::READY).status, status::FALSE);
+        assert_eq!(condition(&status, types::RECONCILING).status, status::FALSE);
+    }
+
+    #[test]
+    fn unchanged_inputs_give_an_equal_status() {
+        let (mut mw, desired) = fixture(2);
+        let deployment = rolled_out(&desired, 2);
+        let first = status_of(&mw, Some(&deployment), &desired, None, &now());
+        mw.status = Some(first.clone());
+        let later = Time(Timestamp::from_second(2_000).unwrap());
+        assert_eq!(
+            status_of(&mw, Some(&deployment), &desired, None, &later),
+            first
+        );
+    }
+}

@@ -1,0 +1,417 @@
+//! The controllers: one for Middlewares, one per policy kind. They share one watch per kind
+//! ([`crate::shared`]) and one [`Context`].
+
+mod middleware;
+mod policy;
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use umw_crds::{AuthPolicy, CachePolicy, EventRoute, Middleware, Policy};
+
+use crate::metrics::Metrics;
+use crate::render::{MANAGED_BY, Settings};
+use crate::shared::{self, trigger};
+
+/// The one field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "umw-operator";
+
+/// Operator-wide configuration of the controllers.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub render: Settings,
+    /// Namespace to watch; `None` watches all namespaces.
+    pub namespace: Option<String>,
+    /// Deadline of every API call.
+    pub api_timeout: Duration,
+    /// Reconcile every object at least this often, even without a change.
+    pub resync: Duration,
+    /// Name of this replica, for Events.
+    pub instance: String,
+}
+
+/// Read-only caches of every kind the controllers read.
+#[derive(Clone)]
+pub struct Stores {
+    pub middlewares: Store<Middleware>,
+    pub cache_policies: Store<CachePolicy>,
+    pub event_routes: Store<EventRoute>,
+    pub auth_policies: Store<AuthPolicy>,
+    pub config_maps: Store<ConfigMap>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub services: Store<Service>,
+    pub deployments: Store<Deployment>,
+    pub disruption_budgets: Store<PodDisruptionBudget>,
+    pub autoscalers: Store<HorizontalPodAutoscaler>,
+}
+
+/// What every reconcile gets.
+pub struct Context {
+    pub client: Client,
+    pub stores: Stores,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    pub config: Config,
+    /// Consecutive failures per object, for per-object backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// Errors of a reconcile. Problems the user must fix are not errors: they become conditions.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("applying {kind} {name}: {source}")]
+    Apply {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("deleting {kind} {name}: {source}")]
+    Delete {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("writing the status of {kind} {name}: {source}")]
+    WriteStatus {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("reading Secret {name}: {source}")]
+    ReadSecret { name: String, source: kube::Error },
+    #[error("{operation}: the API server did not answer within {timeout:?}")]
+    Timeout {
+        operation: String,
+        timeout: Duration,
+    },
+    #[error(transparent)]
+    Render(#[from] crate::render::RenderError),
+}
+
+impl Error {
+    /// Error class for the `error` metric label.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Error::Apply { .. } => "apply",
+            Error::Delete { .. } => "delete",
+            Error::WriteStatus { .. } => "write_status",
+            Error::ReadSecret { .. } => "read_secret",
+            Error::Timeout { .. } => "timeout",
+            Error::Render(_) => "render",
+        }
+    }
+}
+
+impl Context {
+    /// Runs an API call under the configured deadline.
+    pub async fn call<T>(
+        &self,
+        operation: impl FnOnce() -> String,
+        fut: impl Future<Output = Result<T, kube::Error>>,
+        on_error: impl FnOnce(kube::Error) -> Error,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(self.config.api_timeout, fut).await {
+            Ok(result) => result.map_err(on_error),
+            Err(_) => Err(Error::Timeout {
+                operation: operation(),
+                timeout: self.config.api_timeout,
+            }),
+        }
+    }
+
+    /// Publishes a Kubernetes Event about `object`; failures are logged, never fatal.
+    pub async fn publish<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        let reference = object.object_ref(&());
+        self.metrics
+            .api_writes
+            .with_label_values(&["Event", "create"])
+            .inc();
+        if let Err(error) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, reason, "could not publish an Event");
+        }
+    }
+
+    fn succeeded(&self, key: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(key);
+        }
+    }
+
+    /// Exponential backoff per object: 1s, 2s, 4s, ... up to 5 minutes.
+    fn backoff(&self, key: &str) -> Duration {
+        let attempt = match self.failures.lock() {
+            Ok(mut failures) => {
+                let n = failures.entry(key.to_string()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        let seconds = 1u64
+            .checked_shl(attempt.saturating_sub(1).min(9))
+            .unwrap_or(512)
+            .min(300);
+        Duration::from_secs(seconds)
+    }
+}
+
+/// Shared error policy: log, count, back off per object.
+fn error_policy<K: Resource<DynamicType = ()> + ResourceExt>(
+    object: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let controller = K::kind(&()).to_lowercase();
+    let key = format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    );
+    let delay = ctx.backoff(&key);
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[&controller, error.class()])
+        .inc();
+    tracing::warn!(%error, object = %key, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Where a policy's targets point.
+fn target_middlewares<P: Policy>(policy: &P) -> Vec<ObjectRef<Middleware>> {
+    let namespace = policy.namespace().unwrap_or_default();
+    policy
+        .target_refs()
+        .iter()
+        .map(|t| ObjectRef::new(&t.name).within(&namespace))
+        .collect()
+}
+
+/// Runs every controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let shutdown = shutdown.shared();
+    let all = watcher::Config::default().any_semantic();
+    let owned = watcher::Config::default()
+        .labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
+        .any_semantic();
+    let ns = &config.namespace;
+    let m = || metrics.clone();
+
+    // Subscribers: the Middleware controller, then one per policy controller.
+    let mut middlewares = shared::watch(api::<Middleware>(&client, ns), all.clone(), 4, m());
+    // Subscribers: the policy's own controller, its peers, the Middleware controller.
+    let mut cache_policies = shared::watch(api::<CachePolicy>(&client, ns), all.clone(), 3, m());
+    let mut event_routes = shared::watch(api::<EventRoute>(&client, ns), all.clone(), 3, m());
+    let mut auth_policies = shared::watch(api::<AuthPolicy>(&client, ns), all.clone(), 3, m());
+    let mut config_maps = shared::watch(api::<ConfigMap>(&client, ns), owned.clone(), 1, m());
+    let mut service_accounts =
+        shared::watch(api::<ServiceAccount>(&client, ns), owned.clone(), 1, m());
+    let mut services = shared::watch(api::<Service>(&client, ns), owned.clone(), 1, m());
+    let mut deployments = shared::watch(api::<Deployment>(&client, ns), owned.clone(), 1, m());
+    let mut disruption_budgets = shared::watch(
+        api::<PodDisruptionBudget>(&client, ns),
+        owned.clone(),
+        1,
+        m(),
+    );
+    let mut autoscalers = shared::watch(api::<HorizontalPodAutoscaler>(&client, ns), owned, 1, m());
+
+    let stores = Stores {
+        middlewares: middlewares.store.clone(),
+        cache_policies: cache_policies.store.clone(),
+        event_routes: event_routes.store.clone(),
+        auth_policies: auth_policies.store.clone(),
+        config_maps: config_maps.store.clone(),
+        service_accounts: service_accounts.store.clone(),
+        services: services.store.clone(),
+        deployments: deployments.store.clone(),
+        disruption_budgets: disruption_budgets.store.clone(),
+        autoscalers: autoscalers.store.clone(),
+    };
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: Some(config.instance.clone()),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        stores: stores.clone(),
+        metrics,
+        config,
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    // Wait for every cache to be filled before deciding anything from it.
+    for ready in [
+        stores.middlewares.wait_until_ready().boxed(),
+        stores.cache_policies.wait_until_ready().boxed(),
+        stores.event_routes.wait_until_ready().boxed(),
+        stores.auth_policies.wait_until_ready().boxed(),
+        stores.config_maps.wait_until_ready().boxed(),
+        stores.service_accounts.wait_until_ready().boxed(),
+        stores.services.wait_until_ready().boxed(),
+        stores.deployments.wait_until_ready().boxed(),
+        stores.disruption_budgets.wait_until_ready().boxed(),
+        stores.autoscalers.wait_until_ready().boxed(),
+    ] {
+        let _ = ready.await;
+    }
+    tracing::info!("caches synced; reconciling");
+
+    let mut mw_triggers = middlewares.triggers.drain(..);
+    let middleware_controller = Controller::for_stream(
+        trigger(take_next(&mut mw_triggers)),
+        stores.middlewares.clone(),
+    )
+    .owns_stream(trigger(take(&mut config_maps.triggers)))
+    .owns_stream(trigger(take(&mut service_accounts.triggers)))
+    .owns_stream(trigger(take(&mut services.triggers)))
+    .owns_stream(trigger(take(&mut deployments.triggers)))
+    .owns_stream(trigger(take(&mut disruption_budgets.triggers)))
+    .owns_stream(trigger(take(&mut autoscalers.triggers)))
+    .watches_stream(
+        trigger(cache_policies.triggers.remove(2)),
+        |p: CachePolicy| target_middlewares(&p),
+    )
+    .watches_stream(trigger(event_routes.triggers.remove(2)), |p: EventRoute| {
+        target_middlewares(&p)
+    })
+    .watches_stream(
+        trigger(auth_policies.triggers.remove(2)),
+        |p: AuthPolicy| target_middlewares(&p),
+    )
+    .graceful_shutdown_on(shutdown.clone())
+    .run(middleware::reconcile, error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+
+    let cache_controller = policy_controller(
+        cache_policies,
+        stores.cache_policies.clone(),
+        take_next(&mut mw_triggers),
+        ctx.clone(),
+        shutdown.clone(),
+    );
+    let event_controller = policy_controller(
+        event_routes,
+        stores.event_routes.clone(),
+        take_next(&mut mw_triggers),
+        ctx.clone(),
+        shutdown.clone(),
+    );
+    let auth_controller = policy_controller(
+        auth_policies,
+        stores.auth_policies.clone(),
+        take_next(&mut mw_triggers),
+        ctx.clone(),
+        shutdown.clone(),
+    );
+
+    futures::join!(
+        middleware_controller,
+        cache_controller,
+        event_controller,
+        auth_controller
+    );
+}
+
+fn take<T>(triggers: &mut Vec<T>) -> T {
+    // Each watch was created with one trigger per controller that takes one; see `run`.
+    triggers.remove(0)
+}
+
+fn take_next<T>(iter: &mut impl Iterator<Item = T>) -> T {
+    // `run` creates exactly as many subscribers as it takes; running out is a programming error caught by
+    // every e2e test, so this cannot fail at run time.
+    iter.next().expect("a trigger per subscriber")
+}
+
+/// A controller for one policy kind: triggered by the policy, by its peers (a deleted or changed peer can
+/// resolve a conflict) and by the Middlewares it targets (a created target resolves `TargetNotFound`).
+async fn policy_controller<P>(
+    mut shared: shared::Shared<P>,
+    store: Store<P>,
+    middlewares: tokio::sync::mpsc::Receiver<Middleware>,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+) where
+    P: policy::PolicyKind + DeserializeOwned + Debug,
+{
+    let own = shared.triggers.remove(0);
+    let peers = shared.triggers.remove(0);
+    let by_target = store.clone();
+    let by_peer = store.clone();
+    Controller::for_stream(trigger(own), store)
+        .watches_stream(trigger(middlewares), move |mw: Middleware| {
+            let (namespace, name) = (mw.namespace(), mw.name_any());
+            by_target
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    p.namespace() == namespace && p.target_refs().iter().any(|t| t.name == name)
+                })
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(trigger(peers), move |changed: P| {
+            let namespace = changed.namespace();
+            let targets: Vec<String> = changed
+                .target_refs()
+                .iter()
+                .map(|t| t.name.clone())
+                .collect();
+            by_peer
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace() == namespace && p.name_any() != changed.name_any())
+                .filter(|p| p.target_refs().iter().any(|t| targets.contains(&t.name)))
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(policy::reconcile::<P>, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
