@@ -1,1 +1,457 @@
+#![forbid(unsafe_code)]
+//! The e2e harness: one real control plane (etcd, kube-apiserver, kube-controller-manager) per test
+//! binary, a fresh namespace per test with its own operator process, and a dump of what the test saw
+//! when it fails.
+//!
+//! The control plane comes from `e2e/testenv/controlplane.sh`, with binaries built by
+//! `e2e/testenv/build-tools.sh` (`make testenv`). It stops by itself when the test binary exits.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ sits in the repository")
+        .to_path_buf()
+}
+
+/// The running control plane of this test binary.
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+}
+
+static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
+
+fn tool_bin_dir() -> anyhow::Result<PathBuf> {
+    let out = Command::new("bash")
+        .arg(repo_root().join("e2e/testenv/build-tools.sh"))
+        .arg("--print")
+        .output()
+        .context("running e2e/testenv/build-tools.sh --print")?;
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// Starts the control plane on first use; later calls return the same one.
+pub fn control_plane() -> &'static ControlPlane {
+    CONTROL_PLANE.get_or_init(|| match start_control_plane() {
+        Ok(cp) => cp,
+        Err(error) => panic!(
+            "no test control plane: {error:#}\n\
+             The e2e tests need the real kube-apiserver, etcd and kube-controller-manager: run `make testenv` \
+             (or `make test`, which does it) to build them, then run the tests again."
+        ),
+    })
+}
+
+fn start_control_plane() -> anyhow::Result<ControlPlane> {
+    let bin = tool_bin_dir()?;
+    for tool in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kubectl",
+    ] {
+        if !bin.join(tool).exists() {
+            bail!("{} is missing", bin.join(tool).display());
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("umw-e2e-{}", std::process::id()));
+    let status = Command::new("bash")
+        .arg(repo_root().join("e2e/testenv/controlplane.sh"))
+        .args([
+            "start",
+            &dir.to_string_lossy(),
+            "--owner-pid",
+            &std::process::id().to_string(),
+        ])
+        .status()
+        .context("running e2e/testenv/controlplane.sh")?;
+    if !status.success() {
+        bail!(
+            "e2e/testenv/controlplane.sh start failed ({status}); see the logs in {}",
+            dir.display()
+        );
+    }
+    let cp = ControlPlane { dir, bin };
+    let out = cp.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &repo_root()
+            .join("crds/manifests/crds.yaml")
+            .to_string_lossy(),
+    ]);
+    if !out.status.success() {
+        bail!(
+            "installing the CRDs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "--all",
+        "--timeout=60s",
+    ]);
+    if !out.status.success() {
+        bail!(
+            "the CRDs were not established: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(cp)
+}
+
+impl ControlPlane {
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// Credentials of user `umw-operator`, whose every request the audit log records.
+    pub fn operator_kubeconfig(&self) -> PathBuf {
+        self.dir.join("operator.kubeconfig")
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
+    /// Runs the control plane's kubectl as the admin user.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_stdin(args, None)
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        self.tool("kubectl", args, stdin)
+    }
+
+    pub fn tool(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut command = Command::new(self.bin.join(tool));
+        command
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+        if let Some(input) = stdin {
+            use std::io::Write;
+            let _ = child
+                .stdin
+                .take()
+                .expect("stdin is piped")
+                .write_all(input.as_bytes());
+        }
+        child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("waiting for {tool}: {e}"))
+    }
+
+    pub async fn client(&self) -> Client {
+        let kubeconfig =
+            Kubeconfig::read_from(self.kubeconfig()).expect("the control plane wrote a kubeconfig");
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("the kubeconfig is valid");
+        Client::try_from(config).expect("a client from the kubeconfig")
+    }
+}
+
+/// A fresh namespace for one test. When the test panics, everything in it is printed before it goes.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn new(prefix: &str) -> Self {
+        let cp = control_plane();
+        let suffix = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos()
+        );
+        let name = format!("{prefix}-{suffix}");
+        let out = cp.kubectl(&["create", "namespace", &name]);
+        assert!(
+            out.status.success(),
+            "creating namespace {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { name }
+    }
+
+    /// `kubectl apply` of a YAML document in this namespace; returns the output.
+    pub fn apply(&self, yaml: &str) -> Output {
+        control_plane().kubectl_stdin(&["apply", "-n", &self.name, "-f", "-"], Some(yaml))
+    }
+
+    /// Like [`apply`](Self::apply), panicking on failure.
+    pub fn must_apply(&self, yaml: &str) {
+        let out = self.apply(yaml);
+        assert!(
+            out.status.success(),
+            "kubectl apply failed: {}\n{yaml}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        control_plane().kubectl(&all)
+    }
+
+    fn dump(&self) {
+        let all = self.kubectl(&[
+            "get",
+            "umw,deployments,replicasets,services,serviceaccounts,pdb,hpa,events,leases",
+            "-o",
+            "yaml",
+        ]);
+        let config = self.kubectl(&[
+            "get",
+            "configmaps",
+            "-l",
+            "app.kubernetes.io/managed-by=umw-operator",
+            "-o",
+            "yaml",
+        ]);
+        eprintln!(
+            "==== objects in namespace {} ====\n{}{}",
+            self.name,
+            String::from_utf8_lossy(&all.stdout),
+            String::from_utf8_lossy(&config.stdout)
+        );
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump();
+        }
+        let _ = control_plane().kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// A `umw-operator` process watching one namespace, as user `umw-operator`.
+pub struct Operator {
+    child: Option<Child>,
+    pub namespace: String,
+    pub admin_port: u16,
+    extra: Vec<String>,
+    log: PathBuf,
+}
+
+/// The operator binary next to the test binary (`cargo build -p umw-operator` puts it there).
+pub fn operator_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let binary = dir.join("umw-operator");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p umw-operator` (make test does) first",
+        binary.display()
+    );
+    binary
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Operator {
+    pub fn start(namespace: &str, extra: &[&str]) -> Self {
+        let mut op = Self {
+            child: None,
+            namespace: namespace.to_string(),
+            admin_port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: control_plane()
+                .dir
+                .join(format!("operator-{namespace}.log")),
+        };
+        op.spawn();
+        op
+    }
+
+    fn spawn(&mut self) {
+        let cp = control_plane();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("operator log file");
+        let child = Command::new(operator_binary())
+            .args([
+                "--namespace",
+                &self.namespace,
+                "--lease-namespace",
+                &self.namespace,
+            ])
+            .args(["--admin-address", &format!("127.0.0.1:{}", self.admin_port)])
+            .args(["--dataplane-image", "umw-dataplane:e2e"])
+            .args(&self.extra)
+            .env("KUBECONFIG", cp.operator_kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("starting umw-operator");
+        self.child = Some(child);
+    }
+
+    /// Kills the process (SIGKILL: no graceful shutdown, as a crash or eviction would).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kill and start again: the new process waits for the old lease to expire, as after a crash.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// SIGTERM and start again: the old process hands the lease over on its way out.
+    pub fn restart_gracefully(&mut self) {
+        let _ = self.terminate();
+        self.spawn();
+    }
+
+    /// The operator's `/metrics` text, if it answers.
+    pub fn metrics(&self) -> Option<String> {
+        http_get(self.admin_port, "/metrics")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "==== operator log ({}) ====\n{}",
+                self.namespace,
+                self.log()
+            );
+        }
+        self.kill();
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback, enough for the admin endpoints.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// Polls `check` until it returns `Some`, or fails the test after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Write requests (create, update, patch, delete) that user `umw-operator` made in `namespace` since
+/// `since`, from the API server's audit log, as `verb resource/name` lines. Lease renewals are left out:
+/// holding the leader lease is a write by design.
+pub fn operator_writes(namespace: &str, since: std::time::SystemTime) -> Vec<String> {
+    let text = std::fs::read_to_string(control_plane().audit_log()).unwrap_or_default();
+    let since: k8s_openapi::jiff::Timestamp = since.try_into().expect("a representable time");
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["user"]["username"] == "umw-operator")
+        .filter(|event| {
+            matches!(
+                event["verb"].as_str(),
+                Some("create" | "update" | "patch" | "delete")
+            )
+        })
+        .filter(|event| event["objectRef"]["namespace"] == namespace)
+        .filter(|event| event["objectRef"]["resource"] != "leases")
+        .filter(|event| {
+            event["requestReceivedTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                .is_some_and(|t| t >= since)
+        })
+        .map(|event| {
+            format!(
+                "{} {}/{}{}",
+                event["verb"].as_str().unwrap_or(""),
+                event["objectRef"]["resource"].as_str().unwrap_or(""),
+                event["objectRef"]["name"].as_str().unwrap_or(""),
+                event["objectRef"]["subresource"]
+                    .as_str()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect()
+}

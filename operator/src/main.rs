@@ -66,6 +66,9 @@ struct RunArgs {
     /// Reconcile every object at least this often, e.g. 10m.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     resync: Duration,
+    /// Retry interval of a Middleware waiting for a missing Secret, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    stall_retry: Duration,
     /// Log format: json or text.
     #[arg(long, env = "UMW_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -156,6 +159,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         api_timeout: args.api_timeout,
         resync: args.resync,
+        stall_retry: args.stall_retry,
         instance: identity.clone(),
     };
 

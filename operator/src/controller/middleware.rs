@@ -72,7 +72,7 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
     timer.observe_duration();
     Ok(match stall {
         // A missing Secret is not watched: look again soon.
-        Some(_) => Action::requeue(std::time::Duration::from_secs(30)),
+        Some(_) => Action::requeue(ctx.config.stall_retry),
         None => Action::requeue(ctx.config.resync),
     })
 }

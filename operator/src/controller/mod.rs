@@ -41,6 +41,8 @@ pub struct Config {
     pub api_timeout: Duration,
     /// Reconcile every object at least this often, even without a change.
     pub resync: Duration,
+    /// Retry interval of a Middleware stalled on something the operator does not watch (a Secret).
+    pub stall_retry: Duration,
     /// Name of this replica, for Events.
     pub instance: String,
 }
