@@ -23,27 +23,15 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     derive = "PartialEq",
     derive = "Default",
     doc = "Authentication (JWT/JWKS, OIDC login with sessions, API keys), rate limits and authorization (OPA policies compiled to Wasm, role rules) for routes of a Middleware.",
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Enforced",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Enforced\")].status"
-    ),
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
     printcolumn(
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Accepted\")].reason",
         priority = 1
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{

@@ -22,27 +22,15 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     derive = "PartialEq",
     derive = "Default",
     doc = "Response caching for routes of a Middleware: TTL with jitter, negative caching, stale-while-revalidate, cache keys, single-flight, invalidation and warm-up.",
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Enforced",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Enforced\")].status"
-    ),
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
     printcolumn(
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Accepted\")].reason",
         priority = 1
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CachePolicySpec {
@@ -168,11 +156,7 @@ pub struct SingleFlight {
 
 impl Default for SingleFlight {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            distributed: false,
-            lock_timeout: None,
-        }
+        Self { enabled: true, distributed: false, lock_timeout: None }
     }
 }
 

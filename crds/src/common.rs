@@ -76,9 +76,7 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, DurationError> 
     let mut total = 0f64;
     let mut rest = text;
     while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(syntax)?;
+        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(syntax)?;
         if number_len == 0 {
             return Err(syntax());
         }
@@ -138,38 +136,16 @@ pub struct ValueSource {
 
 impl ValueSource {
     pub fn inline(value: impl Into<String>) -> Self {
-        Self {
-            value: Some(value.into()),
-            secret_key_ref: None,
-        }
+        Self { value: Some(value.into()), secret_key_ref: None }
     }
 
     pub fn secret(name: impl Into<String>, key: impl Into<String>) -> Self {
-        Self {
-            value: None,
-            secret_key_ref: Some(SecretKeyRef {
-                name: name.into(),
-                key: key.into(),
-            }),
-        }
+        Self { value: None, secret_key_ref: Some(SecretKeyRef { name: name.into(), key: key.into() }) }
     }
 }
 
 /// The kinds a policy may target. Only `Middleware` today.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    JsonSchema,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 pub enum TargetKind {
     #[default]
     Middleware,
@@ -180,9 +156,7 @@ fn default_group() -> String {
 }
 
 /// Names the Middleware (and optionally one of its routes) that a policy applies to.
-#[derive(
-    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyTargetRef {
     /// API group of the target. Only `umw.dev`.
@@ -204,12 +178,7 @@ pub struct PolicyTargetRef {
 
 impl PolicyTargetRef {
     pub fn middleware(name: impl Into<String>) -> Self {
-        Self {
-            group: default_group(),
-            kind: TargetKind::Middleware,
-            name: name.into(),
-            section_name: None,
-        }
+        Self { group: default_group(), kind: TargetKind::Middleware, name: name.into(), section_name: None }
     }
 
     pub fn with_section(mut self, section: impl Into<String>) -> Self {
@@ -261,10 +230,7 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(ms(30_000)));
         assert_eq!(parse_duration("1h30m"), Ok(ms(5_400_000)));
         assert_eq!(parse_duration("1.5s"), Ok(ms(1500)));
-        assert_eq!(
-            parse_duration("0s"),
-            Err(DurationError::NotPositive("0s".into()))
-        );
+        assert_eq!(parse_duration("0s"), Err(DurationError::NotPositive("0s".into())));
         for bad in ["", "5", "s", "5d", "-5s", "5 s", "1.2.3s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }

@@ -118,47 +118,15 @@ mod tests {
     #[test]
     fn merge_keeps_transition_time_unless_status_flips() {
         let old = vec![
-            new(
-                types::READY,
-                status::TRUE,
-                reasons::AVAILABLE,
-                "up",
-                Some(1),
-                &at(100),
-            ),
-            new(
-                types::STALLED,
-                status::FALSE,
-                reasons::RECONCILED,
-                "",
-                Some(1),
-                &at(100),
-            ),
+            new(types::READY, status::TRUE, reasons::AVAILABLE, "up", Some(1), &at(100)),
+            new(types::STALLED, status::FALSE, reasons::RECONCILED, "", Some(1), &at(100)),
         ];
         let desired = vec![
-            new(
-                types::READY,
-                status::TRUE,
-                reasons::AVAILABLE,
-                "still up",
-                Some(2),
-                &at(200),
-            ),
-            new(
-                types::STALLED,
-                status::TRUE,
-                reasons::SECRET_NOT_FOUND,
-                "create it",
-                Some(2),
-                &at(200),
-            ),
+            new(types::READY, status::TRUE, reasons::AVAILABLE, "still up", Some(2), &at(200)),
+            new(types::STALLED, status::TRUE, reasons::SECRET_NOT_FOUND, "create it", Some(2), &at(200)),
         ];
         let merged = merge(&old, desired);
-        assert_eq!(
-            merged[0].last_transition_time,
-            at(100),
-            "Ready did not flip"
-        );
+        assert_eq!(merged[0].last_transition_time, at(100), "Ready did not flip");
         assert_eq!(merged[0].message, "still up");
         assert_eq!(merged[0].observed_generation, Some(2));
         assert_eq!(merged[1].last_transition_time, at(200), "Stalled flipped");
@@ -166,22 +134,8 @@ mod tests {
 
     #[test]
     fn merge_drops_conditions_no_longer_computed_and_is_idempotent() {
-        let old = vec![new(
-            types::DEGRADED,
-            status::TRUE,
-            reasons::DEGRADED,
-            "",
-            None,
-            &at(1),
-        )];
-        let desired = vec![new(
-            types::READY,
-            status::TRUE,
-            reasons::AVAILABLE,
-            "",
-            None,
-            &at(2),
-        )];
+        let old = vec![new(types::DEGRADED, status::TRUE, reasons::DEGRADED, "", None, &at(1))];
+        let desired = vec![new(types::READY, status::TRUE, reasons::AVAILABLE, "", None, &at(2))];
         let merged = merge(&old, desired.clone());
         assert_eq!(merged.len(), 1);
         assert_eq!(merge(&merged, desired), merged);

@@ -32,19 +32,10 @@ pub struct Bundle {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("document {document}: {source}")]
-    Parse {
-        document: usize,
-        source: serde_yaml::Error,
-    },
+    Parse { document: usize, source: serde_yaml::Error },
     #[error("document {document}: apiVersion {api_version:?} is not {expected}")]
-    ApiVersion {
-        document: usize,
-        api_version: String,
-        expected: &'static str,
-    },
-    #[error(
-        "document {document}: kind {kind:?} is not one of Middleware, CachePolicy, EventRoute, AuthPolicy"
-    )]
+    ApiVersion { document: usize, api_version: String, expected: &'static str },
+    #[error("document {document}: kind {kind:?} is not one of Middleware, CachePolicy, EventRoute, AuthPolicy")]
     UnknownKind { document: usize, kind: String },
     #[error("the configuration holds no Middleware")]
     NoMiddleware,
@@ -69,10 +60,7 @@ impl Bundle {
         let mut bundle = Bundle::default();
         for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let document_number = index + 1;
-            let parse = |source| ConfigError::Parse {
-                document: document_number,
-                source,
-            };
+            let parse = |source| ConfigError::Parse { document: document_number, source };
             let value = serde_yaml::Value::deserialize(document).map_err(parse)?;
             if value.is_null() {
                 continue;
@@ -87,20 +75,11 @@ impl Bundle {
             }
             match meta.kind.as_str() {
                 "Middleware" => middlewares.push(serde_yaml::from_value(value).map_err(parse)?),
-                "CachePolicy" => bundle
-                    .cache_policies
-                    .push(serde_yaml::from_value(value).map_err(parse)?),
-                "EventRoute" => bundle
-                    .event_routes
-                    .push(serde_yaml::from_value(value).map_err(parse)?),
-                "AuthPolicy" => bundle
-                    .auth_policies
-                    .push(serde_yaml::from_value(value).map_err(parse)?),
+                "CachePolicy" => bundle.cache_policies.push(serde_yaml::from_value(value).map_err(parse)?),
+                "EventRoute" => bundle.event_routes.push(serde_yaml::from_value(value).map_err(parse)?),
+                "AuthPolicy" => bundle.auth_policies.push(serde_yaml::from_value(value).map_err(parse)?),
                 _ => {
-                    return Err(ConfigError::UnknownKind {
-                        document: document_number,
-                        kind: meta.kind,
-                    });
+                    return Err(ConfigError::UnknownKind { document: document_number, kind: meta.kind });
                 }
             }
         }
@@ -143,23 +122,10 @@ pub fn hash(text: &str) -> String {
 /// of the exact name and key so that `a-b/c` and `a/b-c` cannot collide.
 pub fn secret_env_var(secret: &SecretKeyRef) -> String {
     let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_uppercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect()
+        s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
     };
     let unique = &hash(&format!("{}/{}", secret.name, secret.key))[..6];
-    format!(
-        "UMW_SECRET_{}_{}_{}",
-        clean(&secret.name),
-        clean(&secret.key),
-        unique.to_ascii_uppercase()
-    )
+    format!("UMW_SECRET_{}_{}_{}", clean(&secret.name), clean(&secret.key), unique.to_ascii_uppercase())
 }
 
 fn sorted<K: ResourceExt>(items: &[K]) -> Vec<&K> {
@@ -248,28 +214,18 @@ mod tests {
         let cache = |name: &str| {
             let mut p = CachePolicy::new(
                 name,
-                CachePolicySpec {
-                    target_refs: vec![PolicyTargetRef::middleware("shop")],
-                    ..Default::default()
-                },
+                CachePolicySpec { target_refs: vec![PolicyTargetRef::middleware("shop")], ..Default::default() },
             );
             p.metadata.namespace = Some("default".into());
             p
         };
-        Bundle {
-            middleware: mw,
-            cache_policies: vec![cache("b"), cache("a")],
-            ..Default::default()
-        }
+        Bundle { middleware: mw, cache_policies: vec![cache("b"), cache("a")], ..Default::default() }
     }
 
     #[test]
     fn round_trips_and_is_stable() {
         let text = bundle().to_yaml().unwrap();
-        assert!(
-            !text.contains("dropped"),
-            "uid is not part of the configuration:\n{text}"
-        );
+        assert!(!text.contains("dropped"), "uid is not part of the configuration:\n{text}");
         let back = Bundle::from_yaml(&text).unwrap();
         assert_eq!(back.middleware.metadata.name.as_deref(), Some("shop"));
         let names: Vec<_> = back.cache_policies.iter().map(|p| p.name_any()).collect();
@@ -284,15 +240,9 @@ mod tests {
         assert!(err.to_string().contains("kind \"Gateway\""), "{err}");
         let err = Bundle::from_yaml("apiVersion: v1\nkind: Middleware\n").unwrap_err();
         assert!(err.to_string().contains("apiVersion"), "{err}");
-        assert!(matches!(
-            Bundle::from_yaml("").unwrap_err(),
-            ConfigError::NoMiddleware
-        ));
+        assert!(matches!(Bundle::from_yaml("").unwrap_err(), ConfigError::NoMiddleware));
         let two = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec: {}\n---\napiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: b}\nspec: {}\n";
-        assert!(matches!(
-            Bundle::from_yaml(two).unwrap_err(),
-            ConfigError::SeveralMiddlewares(2)
-        ));
+        assert!(matches!(Bundle::from_yaml(two).unwrap_err(), ConfigError::SeveralMiddlewares(2)));
         let unknown_field = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec: {replica: 2}\n";
         let err = Bundle::from_yaml(unknown_field).unwrap_err();
         assert!(err.to_string().contains("replica"), "{err}");
@@ -300,19 +250,9 @@ mod tests {
 
     #[test]
     fn secret_env_vars_are_valid_and_distinct() {
-        let a = secret_env_var(&SecretKeyRef {
-            name: "a-b".into(),
-            key: "c".into(),
-        });
-        let b = secret_env_var(&SecretKeyRef {
-            name: "a".into(),
-            key: "b-c".into(),
-        });
+        let a = secret_env_var(&SecretKeyRef { name: "a-b".into(), key: "c".into() });
+        let b = secret_env_var(&SecretKeyRef { name: "a".into(), key: "b-c".into() });
         assert_ne!(a, b);
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
-            "{a}"
-        );
+        assert!(a.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'), "{a}");
     }
 }

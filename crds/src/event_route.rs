@@ -24,33 +24,16 @@ use crate::policy::{Policy, PolicyStatus};
     derive = "PartialEq",
     derive = "Default",
     doc = "Routes events through a Middleware: from one source (HTTP ingest, a Kafka topic, an outbox table) to one destination (a Kafka topic, an HTTP webhook, a WebSocket room), with filters, retries and a dead-letter topic.",
-    printcolumn(
-        name = "Source",
-        type_ = "string",
-        json_path = ".spec.source",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Enforced",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Enforced\")].status"
-    ),
+    printcolumn(name = "Source", type_ = "string", json_path = ".spec.source", priority = 1),
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
     printcolumn(
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Accepted\")].reason",
         priority = 1
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventRouteSpec {
@@ -228,11 +211,7 @@ pub struct EventRetry {
 
 impl Default for EventRetry {
     fn default() -> Self {
-        Self {
-            max_attempts: default_attempts(),
-            initial_backoff: None,
-            max_backoff: None,
-        }
+        Self { max_attempts: default_attempts(), initial_backoff: None, max_backoff: None }
     }
 }
 
@@ -262,11 +241,7 @@ pub enum EventFormat {
 /// The consumer group of a Kafka source without one: `umw.<namespace>.<event route name>`.
 pub fn default_group(route: &EventRoute) -> String {
     use kube::ResourceExt;
-    format!(
-        "umw.{}.{}",
-        route.namespace().unwrap_or_default(),
-        route.name_any()
-    )
+    format!("umw.{}.{}", route.namespace().unwrap_or_default(), route.name_any())
 }
 
 impl Policy for EventRoute {
@@ -299,12 +274,7 @@ impl Policy for EventRoute {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if let Some(section) = self
-            .spec
-            .target_refs
-            .iter()
-            .find_map(|t| t.section_name.as_ref())
-        {
+        if let Some(section) = self.spec.target_refs.iter().find_map(|t| t.section_name.as_ref()) {
             return Err(format!(
                 "targetRefs[].sectionName ({section:?}) does not apply to an EventRoute: event routes attach to a whole Middleware; remove it"
             ));

@@ -31,33 +31,12 @@ use crate::common::{Duration, JsonDocument, ValueSource};
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
-    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
-    printcolumn(
-        name = "Available",
-        type_ = "integer",
-        json_path = ".status.readyReplicas"
-    ),
-    printcolumn(
-        name = "Config",
-        type_ = "string",
-        json_path = ".status.configHash",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Available", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Config", type_ = "string", json_path = ".status.configHash", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -177,12 +156,7 @@ pub struct Listeners {
 
 impl Default for Listeners {
     fn default() -> Self {
-        Self {
-            http: HttpListener::default(),
-            grpc: None,
-            websocket: None,
-            admin_port: default_admin_port(),
-        }
+        Self { http: HttpListener::default(), grpc: None, websocket: None, admin_port: default_admin_port() }
     }
 }
 
@@ -198,9 +172,7 @@ pub struct HttpListener {
 
 impl Default for HttpListener {
     fn default() -> Self {
-        Self {
-            port: default_http_port(),
-        }
+        Self { port: default_http_port() }
     }
 }
 
@@ -375,10 +347,7 @@ impl Connections {
             }
         }
         if let Some(kafka) = &self.kafka {
-            out.push((
-                "spec.connections.kafka.bootstrapServers",
-                &kafka.bootstrap_servers,
-            ));
+            out.push(("spec.connections.kafka.bootstrapServers", &kafka.bootstrap_servers));
             if let Some(sasl) = &kafka.sasl {
                 out.push(("spec.connections.kafka.sasl.username", &sasl.username));
                 out.push(("spec.connections.kafka.sasl.password", &sasl.password));
@@ -651,9 +620,7 @@ pub struct MiddlewareStatus {
 }
 
 /// A policy in the rendered configuration.
-#[derive(
-    Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AttachedPolicy {
     /// `CachePolicy`, `EventRoute` or `AuthPolicy`.

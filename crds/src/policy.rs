@@ -43,12 +43,7 @@ impl Default for PolicyTargetRef {
 
 /// The operations the operator needs on every policy kind.
 pub trait Policy:
-    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-    + ResourceExt
-    + Clone
-    + Send
-    + Sync
-    + 'static
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + ResourceExt + Clone + Send + Sync + 'static
 {
     /// The targets named in `spec.targetRefs`.
     fn target_refs(&self) -> &[PolicyTargetRef];
@@ -71,8 +66,5 @@ pub trait Policy:
 
 /// The route part of a conflict key: the route name or `*` for the whole Middleware.
 pub fn section_key(target: &PolicyTargetRef) -> String {
-    target
-        .section_name
-        .clone()
-        .unwrap_or_else(|| "*".to_string())
+    target.section_name.clone().unwrap_or_else(|| "*".to_string())
 }

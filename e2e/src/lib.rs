@@ -17,10 +17,7 @@ use kube::{Client, Config};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ sits in the repository")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ sits in the repository").to_path_buf()
 }
 
 /// The running control plane of this test binary.
@@ -54,12 +51,7 @@ pub fn control_plane() -> &'static ControlPlane {
 
 fn start_control_plane() -> anyhow::Result<ControlPlane> {
     let bin = tool_bin_dir()?;
-    for tool in [
-        "etcd",
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kubectl",
-    ] {
+    for tool in ["etcd", "kube-apiserver", "kube-controller-manager", "kubectl"] {
         if !bin.join(tool).exists() {
             bail!("{} is missing", bin.join(tool).display());
         }
@@ -67,47 +59,21 @@ fn start_control_plane() -> anyhow::Result<ControlPlane> {
     let dir = std::env::temp_dir().join(format!("umw-e2e-{}", std::process::id()));
     let status = Command::new("bash")
         .arg(repo_root().join("e2e/testenv/controlplane.sh"))
-        .args([
-            "start",
-            &dir.to_string_lossy(),
-            "--owner-pid",
-            &std::process::id().to_string(),
-        ])
+        .args(["start", &dir.to_string_lossy(), "--owner-pid", &std::process::id().to_string()])
         .status()
         .context("running e2e/testenv/controlplane.sh")?;
     if !status.success() {
-        bail!(
-            "e2e/testenv/controlplane.sh start failed ({status}); see the logs in {}",
-            dir.display()
-        );
+        bail!("e2e/testenv/controlplane.sh start failed ({status}); see the logs in {}", dir.display());
     }
     let cp = ControlPlane { dir, bin };
-    let out = cp.kubectl(&[
-        "apply",
-        "--server-side",
-        "-f",
-        &repo_root()
-            .join("crds/manifests/crds.yaml")
-            .to_string_lossy(),
-    ]);
+    let out =
+        cp.kubectl(&["apply", "--server-side", "-f", &repo_root().join("crds/manifests/crds.yaml").to_string_lossy()]);
     if !out.status.success() {
-        bail!(
-            "installing the CRDs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("installing the CRDs failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ]);
+    let out = cp.kubectl(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"]);
     if !out.status.success() {
-        bail!(
-            "the CRDs were not established: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("the CRDs were not established: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(cp)
 }
@@ -120,6 +86,22 @@ impl ControlPlane {
     /// Credentials of user `umw-operator`, whose every request the audit log records.
     pub fn operator_kubeconfig(&self) -> PathBuf {
         self.dir.join("operator.kubeconfig")
+    }
+
+    /// A kubeconfig that authenticates with a ServiceAccount token.
+    pub fn token_kubeconfig(&self, namespace: &str, service_account: &str) -> PathBuf {
+        let out = self.kubectl(&["create", "token", service_account, "-n", namespace, "--duration=1h"]);
+        assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let admin = std::fs::read_to_string(self.kubeconfig()).expect("the admin kubeconfig");
+        let server = admin.lines().find_map(|l| l.trim().strip_prefix("server: ")).expect("a server line").to_string();
+        let path = self.dir.join(format!("{namespace}-{service_account}.kubeconfig"));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+            self.dir.join("pki/ca.crt").display()
+        );
+        std::fs::write(&path, text).expect("writing a kubeconfig");
+        path
     }
 
     pub fn audit_log(&self) -> PathBuf {
@@ -137,35 +119,18 @@ impl ControlPlane {
 
     pub fn tool(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
         let mut command = Command::new(self.bin.join(tool));
-        command
-            .args(args)
-            .env("KUBECONFIG", self.kubeconfig())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        command.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+        command.args(args).env("KUBECONFIG", self.kubeconfig()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("running {tool}: {e}"));
         if let Some(input) = stdin {
             use std::io::Write;
-            let _ = child
-                .stdin
-                .take()
-                .expect("stdin is piped")
-                .write_all(input.as_bytes());
+            let _ = child.stdin.take().expect("stdin is piped").write_all(input.as_bytes());
         }
-        child
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("waiting for {tool}: {e}"))
+        child.wait_with_output().unwrap_or_else(|e| panic!("waiting for {tool}: {e}"))
     }
 
     pub async fn client(&self) -> Client {
-        let kubeconfig =
-            Kubeconfig::read_from(self.kubeconfig()).expect("the control plane wrote a kubeconfig");
+        let kubeconfig = Kubeconfig::read_from(self.kubeconfig()).expect("the control plane wrote a kubeconfig");
         let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
             .expect("the kubeconfig is valid");
@@ -183,18 +148,11 @@ impl TestNamespace {
         let cp = control_plane();
         let suffix = format!(
             "{:x}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .subsec_nanos()
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
         );
         let name = format!("{prefix}-{suffix}");
         let out = cp.kubectl(&["create", "namespace", &name]);
-        assert!(
-            out.status.success(),
-            "creating namespace {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "creating namespace {name}: {}", String::from_utf8_lossy(&out.stderr));
         Self { name }
     }
 
@@ -206,11 +164,7 @@ impl TestNamespace {
     /// Like [`apply`](Self::apply), panicking on failure.
     pub fn must_apply(&self, yaml: &str) {
         let out = self.apply(yaml);
-        assert!(
-            out.status.success(),
-            "kubectl apply failed: {}\n{yaml}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "kubectl apply failed: {}\n{yaml}", String::from_utf8_lossy(&out.stderr));
     }
 
     pub fn kubectl(&self, args: &[&str]) -> Output {
@@ -226,14 +180,8 @@ impl TestNamespace {
             "-o",
             "yaml",
         ]);
-        let config = self.kubectl(&[
-            "get",
-            "configmaps",
-            "-l",
-            "app.kubernetes.io/managed-by=umw-operator",
-            "-o",
-            "yaml",
-        ]);
+        let config =
+            self.kubectl(&["get", "configmaps", "-l", "app.kubernetes.io/managed-by=umw-operator", "-o", "yaml"]);
         eprintln!(
             "==== objects in namespace {} ====\n{}{}",
             self.name,
@@ -259,15 +207,13 @@ pub struct Operator {
     pub admin_port: u16,
     extra: Vec<String>,
     log: PathBuf,
+    kubeconfig: PathBuf,
 }
 
 /// The operator binary next to the test binary (`cargo build -p umw-operator` puts it there).
 pub fn operator_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary has a path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests run from target/<profile>/deps");
+    let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
     let binary = dir.join("umw-operator");
     assert!(
         binary.exists(),
@@ -286,14 +232,22 @@ pub fn free_port() -> u16 {
 
 impl Operator {
     pub fn start(namespace: &str, extra: &[&str]) -> Self {
+        Self::start_as(control_plane().operator_kubeconfig(), namespace, extra)
+    }
+
+    /// Like [`start`](Self::start), with other credentials (e.g. the chart's ServiceAccount).
+    pub fn start_as(kubeconfig: PathBuf, namespace: &str, extra: &[&str]) -> Self {
         let mut op = Self {
+            kubeconfig,
             child: None,
             namespace: namespace.to_string(),
             admin_port: free_port(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            log: control_plane()
-                .dir
-                .join(format!("operator-{namespace}.log")),
+            extra: if extra.iter().any(|a| a.starts_with("--lease-namespace")) {
+                extra.iter().map(|s| s.to_string()).collect()
+            } else {
+                [&["--lease-namespace", namespace][..], extra].concat().iter().map(|s| s.to_string()).collect()
+            },
+            log: control_plane().dir.join(format!("operator-{namespace}.log")),
         };
         op.spawn();
         op
@@ -301,22 +255,13 @@ impl Operator {
 
     fn spawn(&mut self) {
         let cp = control_plane();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("operator log file");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("operator log file");
         let child = Command::new(operator_binary())
-            .args([
-                "--namespace",
-                &self.namespace,
-                "--lease-namespace",
-                &self.namespace,
-            ])
+            .args(["--namespace", &self.namespace])
             .args(["--admin-address", &format!("127.0.0.1:{}", self.admin_port)])
             .args(["--dataplane-image", "umw-dataplane:e2e"])
             .args(&self.extra)
-            .env("KUBECONFIG", cp.operator_kubeconfig())
+            .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -357,9 +302,7 @@ impl Operator {
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
@@ -375,11 +318,7 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "==== operator log ({}) ====\n{}",
-                self.namespace,
-                self.log()
-            );
+            eprintln!("==== operator log ({}) ====\n{}", self.namespace, self.log());
         }
         self.kill();
     }
@@ -390,11 +329,7 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     Some(response)
@@ -427,12 +362,7 @@ pub fn operator_writes(namespace: &str, since: std::time::SystemTime) -> Vec<Str
     text.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|event| event["user"]["username"] == "umw-operator")
-        .filter(|event| {
-            matches!(
-                event["verb"].as_str(),
-                Some("create" | "update" | "patch" | "delete")
-            )
-        })
+        .filter(|event| matches!(event["verb"].as_str(), Some("create" | "update" | "patch" | "delete")))
         .filter(|event| event["objectRef"]["namespace"] == namespace)
         .filter(|event| event["objectRef"]["resource"] != "leases")
         .filter(|event| {
@@ -447,10 +377,7 @@ pub fn operator_writes(namespace: &str, since: std::time::SystemTime) -> Vec<Str
                 event["verb"].as_str().unwrap_or(""),
                 event["objectRef"]["resource"].as_str().unwrap_or(""),
                 event["objectRef"]["name"].as_str().unwrap_or(""),
-                event["objectRef"]["subresource"]
-                    .as_str()
-                    .map(|s| format!("/{s}"))
-                    .unwrap_or_default()
+                event["objectRef"]["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default()
             )
         })
         .collect()

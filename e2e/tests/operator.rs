@@ -24,9 +24,7 @@ fn middleware_yaml(name: &str, extra_spec: &str) -> String {
 }
 
 fn cache_policy_yaml(name: &str, target: &str, section: Option<&str>) -> String {
-    let section = section
-        .map(|s| format!("\n    sectionName: {s}"))
-        .unwrap_or_default();
+    let section = section.map(|s| format!("\n    sectionName: {s}")).unwrap_or_default();
     format!(
         "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: {name}\nspec:\n  targetRefs:\n  - name: {target}{section}\n  rules:\n  - ttl: 30s\n"
     )
@@ -56,16 +54,11 @@ async fn policy_accepted<K>(api: &Api<K>, name: &str, want: (&str, &str)) -> K
 where
     K: umw_crds::Policy + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    eventually(
-        &format!("{} {name} Accepted={want:?}", K::kind(&())),
-        WAIT,
-        || async {
-            let policy = get(api, name).await?;
-            let status = policy.policy_status()?;
-            (condition_of(&status.conditions, types::ACCEPTED) == Some(want))
-                .then_some(policy.clone())
-        },
-    )
+    eventually(&format!("{} {name} Accepted={want:?}", K::kind(&())), WAIT, || async {
+        let policy = get(api, name).await?;
+        let status = policy.policy_status()?;
+        (condition_of(&status.conditions, types::ACCEPTED) == Some(want)).then_some(policy.clone())
+    })
     .await
 }
 
@@ -84,45 +77,26 @@ async fn a_middleware_gets_its_children_with_owner_references_and_a_replicaset()
     let uid = mw.uid().expect("a stored object has a uid");
 
     fn owned<K: Resource>(object: &K, uid: &str) -> bool {
-        object
-            .owner_references()
-            .iter()
-            .any(|o| o.uid == uid && o.controller == Some(true) && o.kind == "Middleware")
+        object.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true) && o.kind == "Middleware")
     }
     let cm = eventually("ConfigMap", WAIT, || async {
-        get(
-            &Api::<ConfigMap>::namespaced(client.clone(), &ns.name),
-            "umw-shop-config",
-        )
-        .await
+        get(&Api::<ConfigMap>::namespaced(client.clone(), &ns.name), "umw-shop-config").await
     })
     .await;
     assert!(owned(&cm, &uid));
     assert!(cm.data.as_ref().unwrap()["config.yaml"].contains("kind: Middleware"));
     let sa = eventually("ServiceAccount", WAIT, || async {
-        get(
-            &Api::<ServiceAccount>::namespaced(client.clone(), &ns.name),
-            "umw-shop",
-        )
-        .await
+        get(&Api::<ServiceAccount>::namespaced(client.clone(), &ns.name), "umw-shop").await
     })
     .await;
     assert!(owned(&sa, &uid));
     let svc = eventually("Service", WAIT, || async {
-        get(
-            &Api::<Service>::namespaced(client.clone(), &ns.name),
-            "umw-shop",
-        )
-        .await
+        get(&Api::<Service>::namespaced(client.clone(), &ns.name), "umw-shop").await
     })
     .await;
     assert!(owned(&svc, &uid));
     let deployment = eventually("Deployment", WAIT, || async {
-        get(
-            &Api::<Deployment>::namespaced(client.clone(), &ns.name),
-            "umw-shop",
-        )
-        .await
+        get(&Api::<Deployment>::namespaced(client.clone(), &ns.name), "umw-shop").await
     })
     .await;
     assert!(owned(&deployment, &uid));
@@ -139,27 +113,19 @@ async fn a_middleware_gets_its_children_with_owner_references_and_a_replicaset()
             .next()
     })
     .await;
-    assert!(
-        rs.owner_references()
-            .iter()
-            .any(|o| o.kind == "Deployment" && o.name == "umw-shop")
-    );
+    assert!(rs.owner_references().iter().any(|o| o.kind == "Deployment" && o.name == "umw-shop"));
 
     // Status: generation observed, config hash reported, not ready (no kubelet runs the pods).
     let mw = eventually("Ready=False/PodsNotReady", WAIT, || async {
         let mw = get(&mws, "shop").await?;
-        (condition_of(&mw.status.as_ref()?.conditions, types::READY)
-            == Some((status::FALSE, reasons::PODS_NOT_READY)))
-        .then_some(mw)
+        (condition_of(&mw.status.as_ref()?.conditions, types::READY) == Some((status::FALSE, reasons::PODS_NOT_READY)))
+            .then_some(mw)
     })
     .await;
     let status = mw.status.unwrap();
     assert_eq!(status.config_hash.as_deref().map(str::len), Some(16));
     assert!(conditions::is_true(&status.conditions, types::RECONCILING));
-    assert_eq!(
-        condition_of(&status.conditions, types::STALLED),
-        Some((status::FALSE, reasons::AS_EXPECTED))
-    );
+    assert_eq!(condition_of(&status.conditions, types::STALLED), Some((status::FALSE, reasons::AS_EXPECTED)));
 }
 
 #[tokio::test]
@@ -173,31 +139,15 @@ async fn spec_changes_update_children_and_removing_autoscaling_deletes_the_hpa()
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let hpa = eventually("HPA", WAIT, || async { get(&hpas, "umw-shop").await }).await;
     assert_eq!(hpa.spec.max_replicas, 4);
-    let first = eventually("Deployment", WAIT, || async {
-        get(&deployments, "umw-shop").await
-    })
-    .await;
+    let first = eventually("Deployment", WAIT, || async { get(&deployments, "umw-shop").await }).await;
     let hash = |d: &Deployment| {
-        d.spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap()["umw.dev/config-hash"]
-            .clone()
+        d.spec.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()["umw.dev/config-hash"].clone()
     };
 
     ns.must_apply(&middleware_yaml("shop", "  replicas: 3\n"));
-    eventually("HPA deleted", WAIT, || async {
-        get(&hpas, "umw-shop").await.is_none().then_some(())
-    })
-    .await;
+    eventually("HPA deleted", WAIT, || async { get(&hpas, "umw-shop").await.is_none().then_some(()) }).await;
     let updated = eventually("Deployment with 3 replicas", WAIT, || async {
-        get(&deployments, "umw-shop")
-            .await
-            .filter(|d| d.spec.replicas == Some(3))
+        get(&deployments, "umw-shop").await.filter(|d| d.spec.replicas == Some(3))
     })
     .await;
     assert_ne!(hash(&first), hash(&updated), "a spec change rolls the pods");
@@ -205,12 +155,8 @@ async fn spec_changes_update_children_and_removing_autoscaling_deletes_the_hpa()
     eventually("observedGeneration 2", WAIT, || async {
         let mw = get(&mws, "shop").await?;
         let status = mw.status?;
-        (status.observed_generation == Some(2)
-            && status
-                .conditions
-                .iter()
-                .all(|c| c.observed_generation == Some(2)))
-        .then_some(())
+        (status.observed_generation == Some(2) && status.conditions.iter().all(|c| c.observed_generation == Some(2)))
+            .then_some(())
     })
     .await;
 }
@@ -223,35 +169,16 @@ async fn deleting_the_middleware_garbage_collects_its_children() {
     let client = client().await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
-    eventually("Deployment", WAIT, || async {
-        get(&deployments, "umw-shop").await
-    })
-    .await;
+    eventually("Deployment", WAIT, || async { get(&deployments, "umw-shop").await }).await;
     let mws: Api<Middleware> = Api::namespaced(client.clone(), &ns.name);
-    mws.delete("shop", &DeleteParams::background())
-        .await
-        .expect("deleting the Middleware");
-    eventually(
-        "children garbage-collected",
-        Duration::from_secs(90),
-        || async {
-            let gone = get(&deployments, "umw-shop").await.is_none()
-                && get(&config_maps, "umw-shop-config").await.is_none()
-                && get(
-                    &Api::<Service>::namespaced(client.clone(), &ns.name),
-                    "umw-shop",
-                )
-                .await
-                .is_none()
-                && get(
-                    &Api::<ServiceAccount>::namespaced(client.clone(), &ns.name),
-                    "umw-shop",
-                )
-                .await
-                .is_none();
-            gone.then_some(())
-        },
-    )
+    mws.delete("shop", &DeleteParams::background()).await.expect("deleting the Middleware");
+    eventually("children garbage-collected", Duration::from_secs(90), || async {
+        let gone = get(&deployments, "umw-shop").await.is_none()
+            && get(&config_maps, "umw-shop-config").await.is_none()
+            && get(&Api::<Service>::namespaced(client.clone(), &ns.name), "umw-shop").await.is_none()
+            && get(&Api::<ServiceAccount>::namespaced(client.clone(), &ns.name), "umw-shop").await.is_none();
+        gone.then_some(())
+    })
     .await;
 }
 
@@ -262,62 +189,33 @@ async fn a_policy_without_its_target_is_target_not_found_until_the_target_exists
     ns.must_apply(&cache_policy_yaml("cache", "later", Some("api")));
     let client = client().await;
     let policies: Api<CachePolicy> = Api::namespaced(client.clone(), &ns.name);
-    let policy = policy_accepted(
-        &policies,
-        "cache",
-        (status::FALSE, reasons::TARGET_NOT_FOUND),
-    )
-    .await;
-    let message = conditions::find(&policy.status.unwrap().conditions, types::ACCEPTED)
-        .unwrap()
-        .message
-        .clone();
+    let policy = policy_accepted(&policies, "cache", (status::FALSE, reasons::TARGET_NOT_FOUND)).await;
+    let message = conditions::find(&policy.status.unwrap().conditions, types::ACCEPTED).unwrap().message.clone();
     assert!(message.contains("\"later\" does not exist"), "{message}");
 
     ns.must_apply(&middleware_yaml("later", ""));
     let policy = policy_accepted(&policies, "cache", (status::TRUE, reasons::ACCEPTED)).await;
     let status = policy.status.unwrap();
-    assert_eq!(
-        condition_of(&status.conditions, types::ENFORCED),
-        Some((status::UNKNOWN, reasons::PENDING))
-    );
-    assert_eq!(
-        condition_of(&status.targets[0].conditions, types::ACCEPTED),
-        Some((status::TRUE, reasons::ACCEPTED))
-    );
+    assert_eq!(condition_of(&status.conditions, types::ENFORCED), Some((status::UNKNOWN, reasons::PENDING)));
+    assert_eq!(condition_of(&status.targets[0].conditions, types::ACCEPTED), Some((status::TRUE, reasons::ACCEPTED)));
 
     // The accepted policy is in the rendered configuration and listed on the Middleware.
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
     eventually("policy in the ConfigMap", WAIT, || async {
         let cm = get(&config_maps, "umw-later-config").await?;
-        cm.data?
-            .get("config.yaml")?
-            .contains("kind: CachePolicy")
-            .then_some(())
+        cm.data?.get("config.yaml")?.contains("kind: CachePolicy").then_some(())
     })
     .await;
     let mws: Api<Middleware> = Api::namespaced(client.clone(), &ns.name);
     eventually("policy listed on the Middleware", WAIT, || async {
         let mw = get(&mws, "later").await?;
-        mw.status?
-            .policies
-            .iter()
-            .any(|p| p.kind == "CachePolicy" && p.name == "cache")
-            .then_some(())
+        mw.status?.policies.iter().any(|p| p.kind == "CachePolicy" && p.name == "cache").then_some(())
     })
     .await;
     // And the transition was announced as a Kubernetes Event.
-    let events = ns.kubectl(&[
-        "get",
-        "events.events.k8s.io",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ]);
+    let events = ns.kubectl(&["get", "events.events.k8s.io", "-o", "jsonpath={.items[*].reason}"]);
     let reasons_seen = String::from_utf8_lossy(&events.stdout);
-    assert!(
-        reasons_seen.contains("TargetNotFound") && reasons_seen.contains("Accepted"),
-        "events: {reasons_seen}"
-    );
+    assert!(reasons_seen.contains("TargetNotFound") && reasons_seen.contains("Accepted"), "events: {reasons_seen}");
 }
 
 #[tokio::test]
@@ -333,21 +231,12 @@ async fn of_two_conflicting_policies_the_older_wins() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     ns.must_apply(&auth_policy_yaml("second", "shop"));
     let second = policy_accepted(&policies, "second", (status::FALSE, reasons::CONFLICTED)).await;
-    let message = conditions::find(&second.status.unwrap().conditions, types::ACCEPTED)
-        .unwrap()
-        .message
-        .clone();
-    assert!(
-        message.contains("\"first\""),
-        "the message names the winner: {message}"
-    );
+    let message = conditions::find(&second.status.unwrap().conditions, types::ACCEPTED).unwrap().message.clone();
+    assert!(message.contains("\"first\""), "the message names the winner: {message}");
     policy_accepted(&policies, "first", (status::TRUE, reasons::ACCEPTED)).await;
 
     // Once the winner goes, the other one takes its place.
-    policies
-        .delete("first", &DeleteParams::default())
-        .await
-        .expect("deleting the winner");
+    policies.delete("first", &DeleteParams::default()).await.expect("deleting the winner");
     policy_accepted(&policies, "second", (status::TRUE, reasons::ACCEPTED)).await;
 }
 
@@ -355,8 +244,7 @@ async fn of_two_conflicting_policies_the_older_wins() {
 async fn a_missing_secret_stalls_the_middleware_until_it_exists() {
     let ns = TestNamespace::new("secret");
     let _operator = Operator::start(&ns.name, &["--stall-retry", "2s"]);
-    let redis =
-        "  connections:\n    redis:\n      url:\n        secretKeyRef: {name: redis, key: url}\n";
+    let redis = "  connections:\n    redis:\n      url:\n        secretKeyRef: {name: redis, key: url}\n";
     ns.must_apply(&middleware_yaml("shop", redis));
     let client = client().await;
     let mws: Api<Middleware> = Api::namespaced(client.clone(), &ns.name);
@@ -367,43 +255,26 @@ async fn a_missing_secret_stalls_the_middleware_until_it_exists() {
         .then_some(mw)
     })
     .await;
-    let message = conditions::find(&mw.status.unwrap().conditions, types::STALLED)
-        .unwrap()
-        .message
-        .clone();
+    let message = conditions::find(&mw.status.unwrap().conditions, types::STALLED).unwrap().message.clone();
     assert!(
-        message.contains("Secret \"redis\" does not exist")
-            && message.contains("spec.connections.redis.url"),
+        message.contains("Secret \"redis\" does not exist") && message.contains("spec.connections.redis.url"),
         "{message}"
     );
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
-    assert!(
-        get(&deployments, "umw-shop").await.is_none(),
-        "nothing is rolled out that could not start"
-    );
+    assert!(get(&deployments, "umw-shop").await.is_none(), "nothing is rolled out that could not start");
 
     ns.must_apply("apiVersion: v1\nkind: Secret\nmetadata:\n  name: redis\nstringData:\n  url: redis://redis:6379\n");
-    let deployment = eventually("Deployment after the Secret appeared", WAIT, || async {
-        get(&deployments, "umw-shop").await
-    })
-    .await;
-    let env = deployment.spec.template.spec.unwrap().containers[0]
-        .env
-        .clone()
-        .unwrap();
-    let secret_env = env
-        .iter()
-        .find(|e| e.name.starts_with("UMW_SECRET_REDIS_URL_"))
-        .expect("the Secret is passed as an env var");
-    assert!(
-        secret_env.value.is_none() && secret_env.value_from.is_some(),
-        "never the value itself"
-    );
+    let deployment =
+        eventually("Deployment after the Secret appeared", WAIT, || async { get(&deployments, "umw-shop").await })
+            .await;
+    let env = deployment.spec.template.spec.unwrap().containers[0].env.clone().unwrap();
+    let secret_env =
+        env.iter().find(|e| e.name.starts_with("UMW_SECRET_REDIS_URL_")).expect("the Secret is passed as an env var");
+    assert!(secret_env.value.is_none() && secret_env.value_from.is_some(), "never the value itself");
     eventually("Stalled=False", WAIT, || async {
         let mw = get(&mws, "shop").await?;
-        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED)
-            == Some((status::FALSE, reasons::AS_EXPECTED)))
-        .then_some(())
+        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::FALSE, reasons::AS_EXPECTED)))
+            .then_some(())
     })
     .await;
 }
@@ -419,10 +290,7 @@ async fn restarting_the_operator_converges_without_duplicates_and_a_steady_state
     ns.must_apply(&cache_policy_yaml("cache", "one", None));
     let client = client().await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
-    eventually("first Deployment", WAIT, || async {
-        get(&deployments, "umw-one").await
-    })
-    .await;
+    eventually("first Deployment", WAIT, || async { get(&deployments, "umw-one").await }).await;
 
     // Kill it hard while a second Middleware is being created, then start it again.
     ns.must_apply(&middleware_yaml("two", ""));
@@ -442,14 +310,7 @@ async fn restarting_the_operator_converges_without_duplicates_and_a_steady_state
     })
     .await;
     let owned = |kind: &str| {
-        let out = ns.kubectl(&[
-            "get",
-            kind,
-            "-l",
-            "app.kubernetes.io/managed-by=umw-operator",
-            "-o",
-            "name",
-        ]);
+        let out = ns.kubectl(&["get", kind, "-l", "app.kubernetes.io/managed-by=umw-operator", "-o", "name"]);
         String::from_utf8_lossy(&out.stdout).lines().count()
     };
     assert_eq!(owned("deployments"), 3);
@@ -472,39 +333,22 @@ async fn restarting_the_operator_converges_without_duplicates_and_a_steady_state
     operator.restart_gracefully();
     // The window must really cover reconciles of everything by the new process: it counts them.
     let reconciles = |op: &Operator, controller: &str| {
-        let key = format!(
-            "umw_operator_reconcile_duration_seconds_count{{controller=\"{controller}\"}} "
-        );
-        op.metrics()?.lines().find_map(|l| {
-            l.strip_prefix(key.as_str())
-                .and_then(|n| n.parse::<u64>().ok())
-        })
+        let key = format!("umw_operator_reconcile_duration_seconds_count{{controller=\"{controller}\"}} ");
+        op.metrics()?.lines().find_map(|l| l.strip_prefix(key.as_str()).and_then(|n| n.parse::<u64>().ok()))
     };
-    eventually(
-        "the restarted operator reconciles everything at start and on two resyncs",
-        WAIT,
-        || async {
-            (reconciles(&operator, "middleware")? >= 9
-                && reconciles(&operator, "cachepolicy")? >= 3)
-                .then_some(())
-        },
-    )
+    eventually("the restarted operator reconciles everything at start and on two resyncs", WAIT, || async {
+        (reconciles(&operator, "middleware")? >= 9 && reconciles(&operator, "cachepolicy")? >= 3).then_some(())
+    })
     .await;
     let writes = operator_writes(&ns.name, since);
-    assert!(
-        writes.is_empty(),
-        "steady state must not write, but the operator sent: {writes:#?}"
-    );
+    assert!(writes.is_empty(), "steady state must not write, but the operator sent: {writes:#?}");
 }
 
 #[tokio::test]
 async fn invalid_resources_are_refused_with_a_readable_message() {
     let ns = TestNamespace::new("invalid");
-    let mw = |spec: &str| {
-        format!(
-            "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata:\n  name: bad\nspec:\n{spec}"
-        )
-    };
+    let mw =
+        |spec: &str| format!("apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata:\n  name: bad\nspec:\n{spec}");
     let cases: Vec<(&str, String, &str)> = vec![
         ("upstream with service and url", mw("  routes:\n  - name: a\n    upstream:\n      url: http://x\n      service: {name: s, port: 80}\n"), "upstream needs exactly one of service or url"),
         ("upstream with neither", mw("  routes:\n  - name: a\n    upstream: {}\n"), "upstream needs exactly one of service or url"),
@@ -549,22 +393,12 @@ async fn invalid_resources_are_refused_with_a_readable_message() {
         let out = ns.apply(yaml);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
-            failures.push(format!(
-                "{what}: accepted, expected a refusal containing {fragment:?}"
-            ));
+            failures.push(format!("{what}: accepted, expected a refusal containing {fragment:?}"));
         } else if !stderr.contains(fragment) {
-            failures.push(format!(
-                "{what}: refused, but the message lacks {fragment:?}:\n{stderr}"
-            ));
+            failures.push(format!("{what}: refused, but the message lacks {fragment:?}:\n{stderr}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
 #[tokio::test]
@@ -586,12 +420,7 @@ async fn kubectl_wait_works_on_each_kind_and_get_umw_reads_well() {
         ("mw/shop", "condition=Stalled=False"),
         ("cachepol/cache", "condition=Enforced=Unknown"),
     ] {
-        let out = ns.kubectl(&[
-            "wait",
-            &format!("--for={condition}"),
-            object,
-            "--timeout=60s",
-        ]);
+        let out = ns.kubectl(&["wait", &format!("--for={condition}"), object, "--timeout=60s"]);
         assert!(
             out.status.success(),
             "kubectl wait --for={condition} {object}: {}",
@@ -611,10 +440,7 @@ async fn kubectl_wait_works_on_each_kind_and_get_umw_reads_well() {
         "ENFORCED",
         "ScaledToZero",
     ] {
-        assert!(
-            table.contains(expected),
-            "`kubectl get umw` lacks {expected:?}:\n{table}"
-        );
+        assert!(table.contains(expected), "`kubectl get umw` lacks {expected:?}:\n{table}");
     }
 }
 
@@ -622,35 +448,18 @@ async fn kubectl_wait_works_on_each_kind_and_get_umw_reads_well() {
 async fn two_replicas_elect_one_leader_and_hand_over_on_shutdown() {
     let ns = TestNamespace::new("leader");
     let mut first = Operator::start(&ns.name, &[]);
-    let leader_of = |op: &Operator| {
-        op.metrics()
-            .is_some_and(|m| m.lines().any(|l| l == "umw_operator_leader 1"))
-    };
-    eventually("first replica leads", WAIT, || async {
-        leader_of(&first).then_some(())
-    })
-    .await;
+    let leader_of = |op: &Operator| op.metrics().is_some_and(|m| m.lines().any(|l| l == "umw_operator_leader 1"));
+    eventually("first replica leads", WAIT, || async { leader_of(&first).then_some(()) }).await;
     let mut second = Operator::start(&ns.name, &[]);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        second.metrics().is_some(),
-        "the standby serves its admin endpoints"
-    );
+    assert!(second.metrics().is_some(), "the standby serves its admin endpoints");
     assert!(!leader_of(&second), "only one replica leads");
 
     let status = first.terminate().expect("the leader exits on SIGTERM");
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
-    eventually(
-        "the standby takes over",
-        Duration::from_secs(30),
-        || async { leader_of(&second).then_some(()) },
-    )
-    .await;
+    eventually("the standby takes over", Duration::from_secs(30), || async { leader_of(&second).then_some(()) }).await;
     ns.must_apply(&middleware_yaml("shop", ""));
     let deployments: Api<Deployment> = Api::namespaced(client().await, &ns.name);
-    eventually("the new leader reconciles", WAIT, || async {
-        get(&deployments, "umw-shop").await
-    })
-    .await;
+    eventually("the new leader reconciles", WAIT, || async { get(&deployments, "umw-shop").await }).await;
     second.kill();
 }

@@ -31,25 +31,17 @@ pub async fn serve(
         .with_state(admin);
     let listener = tokio::net::TcpListener::bind(address).await?;
     tracing::info!(address = %listener.local_addr()?, "admin endpoints listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 async fn readyz(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
     if admin.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: caches are syncing",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: caches are syncing")
     }
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        admin.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], admin.metrics.render())
 }

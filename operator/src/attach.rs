@@ -30,11 +30,7 @@ pub struct Verdict {
 }
 
 /// Checks 1 and 2 for one target, given the Middleware it names (if it exists).
-fn resolve<P: Policy>(
-    policy: &P,
-    target: &PolicyTargetRef,
-    mw: Option<&Middleware>,
-) -> Result<(), Rejection> {
+fn resolve<P: Policy>(policy: &P, target: &PolicyTargetRef, mw: Option<&Middleware>) -> Result<(), Rejection> {
     policy.validate().map_err(Rejection::Invalid)?;
     let namespace = policy.namespace().unwrap_or_default();
     let Some(mw) = mw else {
@@ -50,11 +46,7 @@ fn resolve<P: Policy>(
         return Err(Rejection::TargetNotFound(format!(
             "Middleware {:?} has no route {section:?} (its routes: {}); correct sectionName",
             target.name,
-            if routes.is_empty() {
-                "none".to_string()
-            } else {
-                routes.join(", ")
-            }
+            if routes.is_empty() { "none".to_string() } else { routes.join(", ") }
         )));
     }
     Ok(())
@@ -63,8 +55,7 @@ fn resolve<P: Policy>(
 fn age_key<P: Policy>(policy: &P) -> (i64, i32, String) {
     // Policies without a creation time (only in tests) sort last.
     let created = policy.meta().creation_timestamp.as_ref().map(|t| t.0);
-    let (seconds, nanos) =
-        created.map_or((i64::MAX, 0), |ts| (ts.as_second(), ts.subsec_nanosecond()));
+    let (seconds, nanos) = created.map_or((i64::MAX, 0), |ts| (ts.as_second(), ts.subsec_nanosecond()));
     (seconds, nanos, policy.name_any())
 }
 
@@ -101,10 +92,7 @@ pub fn evaluate_target<P: Policy>(
             _ => Ok(()),
         }
     });
-    Verdict {
-        target: target.clone(),
-        outcome,
-    }
+    Verdict { target: target.clone(), outcome }
 }
 
 /// Verdicts for every target of a policy; `middleware` looks a Middleware up by name in the policy's
@@ -135,11 +123,7 @@ pub fn accepted_for<P: Policy>(mw: &Middleware, peers: &[Arc<P>]) -> Vec<P> {
                 .target_refs()
                 .iter()
                 .filter(|target| target.name == name)
-                .any(|target| {
-                    evaluate_target(policy.as_ref(), target, Some(mw), peers)
-                        .outcome
-                        .is_ok()
-                })
+                .any(|target| evaluate_target(policy.as_ref(), target, Some(mw), peers).outcome.is_ok())
         })
         .map(|policy| policy.as_ref().clone())
         .collect();
@@ -161,20 +145,11 @@ mod tests {
             .iter()
             .map(|name| Route {
                 name: name.to_string(),
-                upstream: Upstream {
-                    url: Some("http://u".into()),
-                    service: None,
-                },
+                upstream: Upstream { url: Some("http://u".into()), service: None },
                 ..Route::default()
             })
             .collect();
-        let mut mw = Middleware::new(
-            "shop",
-            MiddlewareSpec {
-                routes,
-                ..MiddlewareSpec::default()
-            },
-        );
+        let mut mw = Middleware::new("shop", MiddlewareSpec { routes, ..MiddlewareSpec::default() });
         mw.metadata.namespace = Some("ns".into());
         mw
     }
@@ -209,15 +184,9 @@ mod tests {
     fn missing_middleware_or_route_is_target_not_found() {
         let p = policy("p", 1, PolicyTargetRef::middleware("shop"));
         let verdicts = evaluate(p.as_ref(), |_| None, &[p.clone()]);
-        assert!(
-            matches!(&verdicts[0].outcome, Err(Rejection::TargetNotFound(m)) if m.contains("does not exist"))
-        );
+        assert!(matches!(&verdicts[0].outcome, Err(Rejection::TargetNotFound(m)) if m.contains("does not exist")));
 
-        let p = policy(
-            "p",
-            1,
-            PolicyTargetRef::middleware("shop").with_section("nope"),
-        );
+        let p = policy("p", 1, PolicyTargetRef::middleware("shop").with_section("nope"));
         let m = Arc::new(mw(&["api"]));
         let verdicts = evaluate(p.as_ref(), |_| Some(m.clone()), &[p.clone()]);
         assert!(
@@ -231,46 +200,22 @@ mod tests {
         let newer = policy("aa-newer", 2, PolicyTargetRef::middleware("shop"));
         let peers = [older.clone(), newer.clone()];
         let m = Arc::new(mw(&[]));
-        assert_eq!(
-            evaluate(older.as_ref(), |_| Some(m.clone()), &peers)[0].outcome,
-            Ok(())
-        );
+        assert_eq!(evaluate(older.as_ref(), |_| Some(m.clone()), &peers)[0].outcome, Ok(()));
         let verdict = &evaluate(newer.as_ref(), |_| Some(m.clone()), &peers)[0];
-        assert!(
-            matches!(&verdict.outcome, Err(Rejection::Conflicted(msg)) if msg.contains("zz-older")),
-            "{verdict:?}"
-        );
+        assert!(matches!(&verdict.outcome, Err(Rejection::Conflicted(msg)) if msg.contains("zz-older")), "{verdict:?}");
         let accepted = accepted_for(&m, &peers);
-        assert_eq!(
-            accepted.iter().map(|p| p.name_any()).collect::<Vec<_>>(),
-            ["zz-older"]
-        );
+        assert_eq!(accepted.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["zz-older"]);
     }
 
     #[test]
     fn different_routes_do_not_conflict_and_broken_peers_do_not_win() {
         let m = Arc::new(mw(&["a", "b"]));
-        let on_a = policy(
-            "on-a",
-            1,
-            PolicyTargetRef::middleware("shop").with_section("a"),
-        );
-        let on_b = policy(
-            "on-b",
-            2,
-            PolicyTargetRef::middleware("shop").with_section("b"),
-        );
-        let broken_older = policy(
-            "broken",
-            0,
-            PolicyTargetRef::middleware("shop").with_section("missing"),
-        );
+        let on_a = policy("on-a", 1, PolicyTargetRef::middleware("shop").with_section("a"));
+        let on_b = policy("on-b", 2, PolicyTargetRef::middleware("shop").with_section("b"));
+        let broken_older = policy("broken", 0, PolicyTargetRef::middleware("shop").with_section("missing"));
         let peers = [on_a.clone(), on_b.clone(), broken_older];
         for p in [&on_a, &on_b] {
-            assert_eq!(
-                evaluate(p.as_ref(), |_| Some(m.clone()), &peers)[0].outcome,
-                Ok(())
-            );
+            assert_eq!(evaluate(p.as_ref(), |_| Some(m.clone()), &peers)[0].outcome, Ok(()));
         }
         assert_eq!(accepted_for(&m, &peers).len(), 2);
     }

@@ -25,17 +25,9 @@ pub struct Election {
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
     #[error("reading or writing Lease {namespace}/{name}: {source}")]
-    Api {
-        namespace: String,
-        name: String,
-        source: KubeError,
-    },
+    Api { namespace: String, name: String, source: KubeError },
     #[error("Lease {namespace}/{name}: the API server did not answer within {timeout:?}")]
-    Timeout {
-        namespace: String,
-        name: String,
-        timeout: Duration,
-    },
+    Timeout { namespace: String, name: String, timeout: Duration },
 }
 
 pub struct Leader {
@@ -46,11 +38,7 @@ pub struct Leader {
 
 impl Leader {
     pub fn new(client: Client, election: Election, metrics: Metrics) -> Self {
-        Self {
-            api: Api::namespaced(client, &election.namespace),
-            election,
-            metrics,
-        }
+        Self { api: Api::namespaced(client, &election.namespace), election, metrics }
     }
 
     /// Waits until this candidate holds the lease.
@@ -103,10 +91,7 @@ impl Leader {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         let name = self.election.lease_name.clone();
-        match self
-            .call(self.api.replace(&name, &PostParams::default(), &lease))
-            .await
-        {
+        match self.call(self.api.replace(&name, &PostParams::default(), &lease)).await {
             Ok(_) => tracing::info!("released the leader lease"),
             Err(error) => {
                 tracing::warn!(%error, "could not release the leader lease; it expires by itself")
@@ -115,10 +100,7 @@ impl Leader {
         self.metrics.leader.set(0);
     }
 
-    async fn call<T>(
-        &self,
-        fut: impl Future<Output = Result<T, KubeError>>,
-    ) -> Result<T, LeaderError> {
+    async fn call<T>(&self, fut: impl Future<Output = Result<T, KubeError>>) -> Result<T, LeaderError> {
         let election = &self.election;
         match tokio::time::timeout(election.api_timeout, fut).await {
             Ok(Ok(value)) => Ok(value),
@@ -160,15 +142,9 @@ impl Leader {
                     ..LeaseSpec::default()
                 }),
             };
-            return match self
-                .call(self.api.create(&PostParams::default(), &lease))
-                .await
-            {
+            return match self.call(self.api.create(&PostParams::default(), &lease)).await {
                 Ok(_) => Ok(true),
-                Err(LeaderError::Api {
-                    source: KubeError::Api(status),
-                    ..
-                }) if status.code == 409 => Ok(false),
+                Err(LeaderError::Api { source: KubeError::Api(status), .. }) if status.code == 409 => Ok(false),
                 Err(error) => Err(error),
             };
         };
@@ -176,12 +152,9 @@ impl Leader {
         let mine = spec.holder_identity.as_deref() == Some(election.identity.as_str());
         if !mine {
             let expires = spec.renew_time.as_ref().map(|t| {
-                t.0 + SignedDuration::from_secs(i64::from(
-                    spec.lease_duration_seconds.unwrap_or(duration_seconds),
-                ))
+                t.0 + SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(duration_seconds)))
             });
-            let free = spec.holder_identity.as_deref().unwrap_or("").is_empty()
-                || expires.is_none_or(|e| e < now);
+            let free = spec.holder_identity.as_deref().unwrap_or("").is_empty() || expires.is_none_or(|e| e < now);
             if !free {
                 return Ok(false);
             }
@@ -192,18 +165,9 @@ impl Leader {
         spec.renew_time = Some(MicroTime(now));
         spec.lease_duration_seconds = Some(duration_seconds);
         // `replace` carries the resourceVersion we read: a concurrent writer makes it fail with 409.
-        match self
-            .call(
-                self.api
-                    .replace(&election.lease_name, &PostParams::default(), &lease),
-            )
-            .await
-        {
+        match self.call(self.api.replace(&election.lease_name, &PostParams::default(), &lease)).await {
             Ok(_) => Ok(true),
-            Err(LeaderError::Api {
-                source: KubeError::Api(status),
-                ..
-            }) if status.code == 409 => Ok(false),
+            Err(LeaderError::Api { source: KubeError::Api(status), .. }) if status.code == 409 => Ok(false),
             Err(error) => Err(error),
         }
     }

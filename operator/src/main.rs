@@ -79,11 +79,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn init_logging(format: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().flatten_event(true).init();
     } else {
@@ -96,11 +93,10 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c().map(|_| ());
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return ctrl_c.await,
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return ctrl_c.await,
+        };
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]
@@ -122,10 +118,7 @@ async fn main() -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(&args.log_format);
     let metrics = metrics::Metrics::new().context("registering metrics")?;
-    let admin = Arc::new(admin::Admin {
-        metrics: metrics.clone(),
-        ready: false.into(),
-    });
+    let admin = Arc::new(admin::Admin { metrics: metrics.clone(), ready: false.into() });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = {
@@ -140,22 +133,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
-    let admin_server = tokio::spawn(admin::serve(
-        args.admin_address,
-        admin.clone(),
-        stopped.clone(),
-    ));
+    let admin_server = tokio::spawn(admin::serve(args.admin_address, admin.clone(), stopped.clone()));
 
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+    let client =
+        kube::Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("umw-operator-{}", std::process::id()));
     let config = controller::Config {
-        render: render::Settings {
-            dataplane_image: args.dataplane_image.clone(),
-        },
+        render: render::Settings { dataplane_image: args.dataplane_image.clone() },
         namespace: args.namespace.clone(),
         api_timeout: args.api_timeout,
         resync: args.resync,

@@ -1,9 +1,7 @@
 //! The operator's Prometheus metrics, registered once. Labels carry kinds and error classes, never object
 //! names.
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -24,25 +22,17 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("umw_operator".into()), None)?;
         let reconcile_duration = HistogramVec::new(
-            HistogramOpts::new("reconcile_duration_seconds", "Duration of reconciles").buckets(
-                vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ],
-            ),
+            HistogramOpts::new("reconcile_duration_seconds", "Duration of reconciles")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             &["controller"],
         )?;
-        let reconcile_errors = IntCounterVec::new(
-            Opts::new("reconcile_errors_total", "Failed reconciles"),
-            &["controller", "error"],
-        )?;
+        let reconcile_errors =
+            IntCounterVec::new(Opts::new("reconcile_errors_total", "Failed reconciles"), &["controller", "error"])?;
         let api_writes = IntCounterVec::new(
             Opts::new("api_writes_total", "Write requests sent to the API server"),
             &["kind", "verb"],
         )?;
-        let watch_errors = IntCounterVec::new(
-            Opts::new("watch_errors_total", "Watch stream errors"),
-            &["kind"],
-        )?;
+        let watch_errors = IntCounterVec::new(Opts::new("watch_errors_total", "Watch stream errors"), &["kind"])?;
         let leader = IntGauge::new("leader", "1 while this replica holds the leader lease")?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
@@ -50,17 +40,8 @@ impl Metrics {
         registry.register(Box::new(watch_errors.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
-        Ok(Self {
-            registry,
-            reconcile_duration,
-            reconcile_errors,
-            api_writes,
-            watch_errors,
-            leader,
-        })
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(Self { registry, reconcile_duration, reconcile_errors, api_writes, watch_errors, leader })
     }
 
     /// The text exposition format.

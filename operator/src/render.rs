@@ -5,18 +5,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
-};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
-    MetricTarget, ResourceMetricSource,
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
+    ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -79,21 +76,14 @@ pub fn config_map_name(mw: &Middleware) -> String {
 /// Labels that select a Middleware's pods.
 pub fn selector_labels(mw: &Middleware) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_string(),
-            "umw-dataplane".to_string(),
-        ),
+        ("app.kubernetes.io/name".to_string(), "umw-dataplane".to_string()),
         ("app.kubernetes.io/instance".to_string(), mw.name_any()),
     ])
 }
 
 /// The label selector as a string, for the scale subresource.
 pub fn selector_string(mw: &Middleware) -> String {
-    selector_labels(mw)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    selector_labels(mw).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 fn labels(mw: &Middleware) -> BTreeMap<String, String> {
@@ -128,9 +118,7 @@ fn metadata(mw: &Middleware, name: String) -> ObjectMeta {
 /// Stamps the render hash: a hash of the object as rendered, before the stamp.
 fn stamped<K: Resource + Serialize>(mut object: K) -> K {
     let text = serde_json::to_string(&object).unwrap_or_default();
-    object
-        .annotations_mut()
-        .insert(RENDER_HASH_ANNOTATION.into(), config::hash(&text));
+    object.annotations_mut().insert(RENDER_HASH_ANNOTATION.into(), config::hash(&text));
     object
 }
 
@@ -191,13 +179,8 @@ fn service(mw: &Middleware) -> Service {
 
 /// Every Secret key the pods need, in a stable order.
 pub fn secret_refs(mw: &Middleware) -> Vec<SecretKeyRef> {
-    let mut refs: Vec<SecretKeyRef> = mw
-        .spec
-        .connections
-        .values()
-        .into_iter()
-        .filter_map(|(_, v)| v.secret_key_ref.clone())
-        .collect();
+    let mut refs: Vec<SecretKeyRef> =
+        mw.spec.connections.values().into_iter().filter_map(|(_, v)| v.secret_key_ref.clone()).collect();
     refs.sort_by(|a, b| (&a.name, &a.key).cmp(&(&b.name, &b.key)));
     refs.dedup();
     refs
@@ -218,10 +201,8 @@ fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deploy
     }
     ports.push(container_port("admin", listeners.admin_port));
 
-    let mut env = vec![
-        field_env("UMW_POD_NAME", "metadata.name"),
-        field_env("UMW_POD_NAMESPACE", "metadata.namespace"),
-    ];
+    let mut env =
+        vec![field_env("UMW_POD_NAME", "metadata.name"), field_env("UMW_POD_NAMESPACE", "metadata.namespace")];
     env.extend(secret_refs(mw).into_iter().map(|secret| EnvVar {
         name: secret_env_var(&secret),
         value_from: Some(EnvVarSource {
@@ -249,11 +230,7 @@ fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deploy
 
     let container = Container {
         name: "dataplane".into(),
-        image: Some(
-            spec.image
-                .clone()
-                .unwrap_or_else(|| settings.dataplane_image.clone()),
-        ),
+        image: Some(spec.image.clone().unwrap_or_else(|| settings.dataplane_image.clone())),
         args: Some(vec!["--config".into(), CONFIG_DIR.into()]),
         ports: Some(ports),
         env: Some(env),
@@ -270,10 +247,7 @@ fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deploy
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
             ..SecurityContext::default()
         }),
         ..Container::default()
@@ -307,14 +281,10 @@ fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deploy
                 run_as_non_root: Some(true),
                 run_as_user: Some(65532),
                 run_as_group: Some(65532),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..SeccompProfile::default()
-                }),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
                 ..PodSecurityContext::default()
             }),
-            node_selector: (!spec.pod.node_selector.is_empty())
-                .then(|| spec.pod.node_selector.clone()),
+            node_selector: (!spec.pod.node_selector.is_empty()).then(|| spec.pod.node_selector.clone()),
             tolerations: (!spec.pod.tolerations.is_empty()).then(|| spec.pod.tolerations.clone()),
             affinity: spec.pod.affinity.clone(),
             priority_class_name: spec.pod.priority_class_name.clone(),
@@ -328,10 +298,7 @@ fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deploy
         spec: DeploymentSpec {
             // With autoscaling the HPA owns the replica count, so the operator leaves the field alone.
             replicas: spec.autoscaling.is_none().then(|| spec.desired_replicas()),
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(mw)),
-                ..LabelSelector::default()
-            },
+            selector: LabelSelector { match_labels: Some(selector_labels(mw)), ..LabelSelector::default() },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
@@ -366,10 +333,7 @@ fn default_resources() -> ResourceRequirements {
             ("cpu".to_string(), Quantity("100m".into())),
             ("memory".to_string(), Quantity("64Mi".into())),
         ])),
-        limits: Some(BTreeMap::from([(
-            "memory".to_string(),
-            Quantity("256Mi".into()),
-        )])),
+        limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
         ..ResourceRequirements::default()
     }
 }
@@ -381,10 +345,7 @@ fn disruption_budget(mw: &Middleware) -> Option<PodDisruptionBudget> {
         spec: Some(PodDisruptionBudgetSpec {
             min_available: budget.min_available.clone(),
             max_unavailable: budget.max_unavailable.clone(),
-            selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(mw)),
-                ..LabelSelector::default()
-            }),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(mw)), ..LabelSelector::default() }),
             ..PodDisruptionBudgetSpec::default()
         }),
         ..PodDisruptionBudget::default()
@@ -424,15 +385,11 @@ fn autoscaler(mw: &Middleware) -> Option<HorizontalPodAutoscaler> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use umw_crds::middleware::{
-        Autoscaling, Connections, DisruptionBudget, GrpcListener, RedisConnection,
-    };
+    use umw_crds::middleware::{Autoscaling, Connections, DisruptionBudget, GrpcListener, RedisConnection};
     use umw_crds::{MiddlewareSpec, ValueSource};
 
     fn settings() -> Settings {
-        Settings {
-            dataplane_image: "umw-dataplane:test".into(),
-        }
+        Settings { dataplane_image: "umw-dataplane:test".into() }
     }
 
     fn middleware(spec: MiddlewareSpec) -> Middleware {
@@ -443,14 +400,7 @@ mod tests {
     }
 
     fn render_spec(spec: MiddlewareSpec) -> Desired {
-        render(
-            &Bundle {
-                middleware: middleware(spec),
-                ..Bundle::default()
-            },
-            &settings(),
-        )
-        .unwrap()
+        render(&Bundle { middleware: middleware(spec), ..Bundle::default() }, &settings()).unwrap()
     }
 
     #[test]
@@ -470,65 +420,35 @@ mod tests {
                 ("Middleware", "uid-1", Some(true))
             );
             assert_eq!(meta.namespace.as_deref(), Some("team-a"));
-            assert!(
-                meta.annotations
-                    .as_ref()
-                    .unwrap()
-                    .contains_key(RENDER_HASH_ANNOTATION)
-            );
+            assert!(meta.annotations.as_ref().unwrap().contains_key(RENDER_HASH_ANNOTATION));
         }
-        assert_eq!(
-            desired.config_map.metadata.name.as_deref(),
-            Some("umw-shop-config")
-        );
+        assert_eq!(desired.config_map.metadata.name.as_deref(), Some("umw-shop-config"));
         let deployment = &desired.deployment.spec;
         assert_eq!(deployment.replicas, Some(1));
         let pod = deployment.template.spec.as_ref().unwrap();
-        assert_eq!(
-            pod.containers[0].image.as_deref(),
-            Some("umw-dataplane:test")
-        );
-        let annotations = deployment
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap();
+        assert_eq!(pod.containers[0].image.as_deref(), Some("umw-dataplane:test"));
+        let annotations = deployment.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap();
         assert_eq!(annotations[CONFIG_HASH_ANNOTATION], desired.config_hash);
     }
 
     #[test]
     fn rendering_is_deterministic() {
-        assert_eq!(
-            render_spec(MiddlewareSpec::default()),
-            render_spec(MiddlewareSpec::default())
-        );
+        assert_eq!(render_spec(MiddlewareSpec::default()), render_spec(MiddlewareSpec::default()));
     }
 
     #[test]
     fn a_spec_change_changes_config_hash_and_render_hashes() {
         let a = render_spec(MiddlewareSpec::default());
-        let b = render_spec(MiddlewareSpec {
-            replicas: Some(3),
-            ..MiddlewareSpec::default()
-        });
+        let b = render_spec(MiddlewareSpec { replicas: Some(3), ..MiddlewareSpec::default() });
         assert_ne!(a.config_hash, b.config_hash);
-        let hash = |d: &Deployment| {
-            d.metadata.annotations.as_ref().unwrap()[RENDER_HASH_ANNOTATION].clone()
-        };
+        let hash = |d: &Deployment| d.metadata.annotations.as_ref().unwrap()[RENDER_HASH_ANNOTATION].clone();
         assert_ne!(hash(&a.deployment), hash(&b.deployment));
     }
 
     #[test]
     fn autoscaling_renders_an_hpa_and_leaves_replicas_to_it() {
         let desired = render_spec(MiddlewareSpec {
-            autoscaling: Some(Autoscaling {
-                min_replicas: 2,
-                max_replicas: 5,
-                target_cpu_utilization: 70,
-            }),
+            autoscaling: Some(Autoscaling { min_replicas: 2, max_replicas: 5, target_cpu_utilization: 70 }),
             disruption_budget: Some(DisruptionBudget {
                 min_available: Some(IntOrString::Int(1)),
                 max_unavailable: None,
@@ -558,21 +478,9 @@ mod tests {
         assert!(config.contains("secretKeyRef"), "{config}");
         let pod = desired.deployment.spec.template.spec.unwrap();
         let env = pod.containers[0].env.clone().unwrap();
-        let secret_env = env
-            .iter()
-            .find(|e| e.name.starts_with("UMW_SECRET_REDIS_CREDS_URL_"))
-            .unwrap();
-        let selector = secret_env
-            .value_from
-            .as_ref()
-            .unwrap()
-            .secret_key_ref
-            .as_ref()
-            .unwrap();
-        assert_eq!(
-            (selector.name.as_str(), selector.key.as_str()),
-            ("redis-creds", "url")
-        );
+        let secret_env = env.iter().find(|e| e.name.starts_with("UMW_SECRET_REDIS_CREDS_URL_")).unwrap();
+        let selector = secret_env.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((selector.name.as_str(), selector.key.as_str()), ("redis-creds", "url"));
     }
 
     #[test]
@@ -580,22 +488,8 @@ mod tests {
         let mut spec = MiddlewareSpec::default();
         spec.listeners.grpc = Some(GrpcListener { port: 9090 });
         let desired = render_spec(spec);
-        let ports: Vec<_> = desired
-            .service
-            .spec
-            .unwrap()
-            .ports
-            .unwrap()
-            .into_iter()
-            .map(|p| (p.name.unwrap(), p.port))
-            .collect();
-        assert_eq!(
-            ports,
-            [
-                ("http".into(), 8080),
-                ("grpc".into(), 9090),
-                ("admin".into(), 9901)
-            ]
-        );
+        let ports: Vec<_> =
+            desired.service.spec.unwrap().ports.unwrap().into_iter().map(|p| (p.name.unwrap(), p.port)).collect();
+        assert_eq!(ports, [("http".into(), 8080), ("grpc".into(), 9090), ("admin".into(), 9901)]);
     }
 }

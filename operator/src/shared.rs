@@ -24,18 +24,12 @@ where
 }
 
 /// Starts the watch of `api` on the current runtime, with `subscribers` trigger streams.
-pub fn watch<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    subscribers: usize,
-    metrics: Metrics,
-) -> Shared<K>
+pub fn watch<K>(api: Api<K>, config: watcher::Config, subscribers: usize, metrics: Metrics) -> Shared<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (store, mut writer) = reflector::store::<K>();
-    let (senders, triggers): (Vec<_>, Vec<_>) =
-        (0..subscribers).map(|_| mpsc::channel::<K>(1024)).unzip();
+    let (senders, triggers): (Vec<_>, Vec<_>) = (0..subscribers).map(|_| mpsc::channel::<K>(1024)).unzip();
     let kind = K::kind(&()).to_string();
     tokio::spawn(async move {
         let mut events = watcher(api, config).default_backoff().boxed();
@@ -76,9 +70,7 @@ where
 }
 
 /// A trigger receiver as the stream a controller takes.
-pub fn trigger<K: Send + 'static>(
-    receiver: mpsc::Receiver<K>,
-) -> impl Stream<Item = Result<K, watcher::Error>> + Send {
+pub fn trigger<K: Send + 'static>(receiver: mpsc::Receiver<K>) -> impl Stream<Item = Result<K, watcher::Error>> + Send {
     futures::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|object| (Ok(object), receiver))
     })

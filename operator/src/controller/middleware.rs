@@ -34,11 +34,7 @@ pub struct Stall {
 
 #[instrument(skip_all, fields(namespace = mw.namespace().unwrap_or_default(), middleware = mw.name_any()))]
 pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let timer = ctx
-        .metrics
-        .reconcile_duration
-        .with_label_values(&["middleware"])
-        .start_timer();
+    let timer = ctx.metrics.reconcile_duration.with_label_values(&["middleware"]).start_timer();
     if mw.meta().deletion_timestamp.is_some() {
         // Children go with the garbage collector through their owner references.
         return Ok(Action::await_change());
@@ -59,10 +55,7 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
         apply_children(&mw, &desired, &ctx).await?;
     }
 
-    let deployment = ctx
-        .stores
-        .deployments
-        .get(&ObjectRef::new(&child_name(&mw)).within(&namespace));
+    let deployment = ctx.stores.deployments.get(&ObjectRef::new(&child_name(&mw)).within(&namespace));
     let now = Time(Timestamp::now());
     let mut new_status = status_of(&mw, deployment.as_deref(), &desired, stall.as_ref(), &now);
     new_status.policies = attached(&bundle);
@@ -99,36 +92,21 @@ async fn check(mw: &Middleware, ctx: &Context) -> Result<Option<Stall>, Error> {
             .call(
                 || format!("reading Secret {namespace}/{}", reference.name),
                 secrets.get_opt(&reference.name),
-                |source| Error::ReadSecret {
-                    name: reference.name.clone(),
-                    source,
-                },
+                |source| Error::ReadSecret { name: reference.name.clone(), source },
             )
             .await?;
         let missing = match &secret {
-            None => Some(format!(
-                "Secret {:?} does not exist in namespace {namespace:?}",
-                reference.name
-            )),
+            None => Some(format!("Secret {:?} does not exist in namespace {namespace:?}", reference.name)),
             Some(secret) => {
-                let has_key = secret
-                    .data
-                    .as_ref()
-                    .is_some_and(|d| d.contains_key(&reference.key))
-                    || secret
-                        .string_data
-                        .as_ref()
-                        .is_some_and(|d| d.contains_key(&reference.key));
-                (!has_key)
-                    .then(|| format!("Secret {:?} has no key {:?}", reference.name, reference.key))
+                let has_key = secret.data.as_ref().is_some_and(|d| d.contains_key(&reference.key))
+                    || secret.string_data.as_ref().is_some_and(|d| d.contains_key(&reference.key));
+                (!has_key).then(|| format!("Secret {:?} has no key {:?}", reference.name, reference.key))
             }
         };
         if let Some(missing) = missing {
             return Ok(Some(Stall {
                 reason: reasons::SECRET_NOT_FOUND,
-                message: format!(
-                    "{missing} ({field}.secretKeyRef); create it or correct the reference"
-                ),
+                message: format!("{missing} ({field}.secretKeyRef); create it or correct the reference"),
             }));
         }
     }
@@ -139,77 +117,29 @@ async fn check(mw: &Middleware, ctx: &Context) -> Result<Option<Stall>, Error> {
 /// that were not rendered this time.
 async fn apply_children(mw: &Middleware, desired: &Desired, ctx: &Context) -> Result<(), Error> {
     let stores = &ctx.stores;
-    sync(
-        mw,
-        ctx,
-        &stores.service_accounts,
-        vec![desired.service_account.clone()],
-    )
-    .await?;
-    sync(
-        mw,
-        ctx,
-        &stores.config_maps,
-        vec![desired.config_map.clone()],
-    )
-    .await?;
+    sync(mw, ctx, &stores.service_accounts, vec![desired.service_account.clone()]).await?;
+    sync(mw, ctx, &stores.config_maps, vec![desired.config_map.clone()]).await?;
     sync(mw, ctx, &stores.services, vec![desired.service.clone()]).await?;
-    sync(
-        mw,
-        ctx,
-        &stores.deployments,
-        vec![desired.deployment.clone()],
-    )
-    .await?;
-    sync(
-        mw,
-        ctx,
-        &stores.disruption_budgets,
-        desired.disruption_budget.clone().into_iter().collect(),
-    )
-    .await?;
-    sync(
-        mw,
-        ctx,
-        &stores.autoscalers,
-        desired.autoscaler.clone().into_iter().collect(),
-    )
-    .await?;
+    sync(mw, ctx, &stores.deployments, vec![desired.deployment.clone()]).await?;
+    sync(mw, ctx, &stores.disruption_budgets, desired.disruption_budget.clone().into_iter().collect()).await?;
+    sync(mw, ctx, &stores.autoscalers, desired.autoscaler.clone().into_iter().collect()).await?;
     Ok(())
 }
 
 fn render_hash<K: Resource>(object: &K) -> Option<&String> {
-    object
-        .meta()
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(RENDER_HASH_ANNOTATION))
+    object.meta().annotations.as_ref().and_then(|a| a.get(RENDER_HASH_ANNOTATION))
 }
 
 fn owned_by<K: Resource>(object: &K, mw: &Middleware) -> bool {
     let uid = mw.uid();
-    object
-        .meta()
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|owner| Some(&owner.uid) == uid.as_ref())
+    object.meta().owner_references.iter().flatten().any(|owner| Some(&owner.uid) == uid.as_ref())
 }
 
 /// Makes the children of one kind exactly `desired`: server-side apply of what changed, delete of what
 /// is owned but not desired.
-async fn sync<K>(
-    mw: &Middleware,
-    ctx: &Context,
-    store: &Store<K>,
-    desired: Vec<K>,
-) -> Result<(), Error>
+async fn sync<K>(mw: &Middleware, ctx: &Context, store: &Store<K>, desired: Vec<K>) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + Debug,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + Serialize + DeserializeOwned + Debug,
 {
     let namespace = mw.namespace().unwrap_or_default();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -217,27 +147,17 @@ where
     for object in &desired {
         let name = object.name_any();
         let cached = store.get(&ObjectRef::new(&name).within(&namespace));
-        if cached
-            .as_deref()
-            .is_some_and(|c| render_hash(c) == render_hash(object))
-        {
+        if cached.as_deref().is_some_and(|c| render_hash(c) == render_hash(object)) {
             continue;
         }
         let params = PatchParams::apply(FIELD_MANAGER).force();
         ctx.call(
             || format!("applying {kind} {namespace}/{name}"),
             api.patch(&name, &params, &Patch::Apply(object)),
-            |source| Error::Apply {
-                kind: kind.clone(),
-                name: name.clone(),
-                source,
-            },
+            |source| Error::Apply { kind: kind.clone(), name: name.clone(), source },
         )
         .await?;
-        ctx.metrics
-            .api_writes
-            .with_label_values(&[&kind, "apply"])
-            .inc();
+        ctx.metrics.api_writes.with_label_values(&[&kind, "apply"]).inc();
         tracing::info!(kind, name, "applied");
     }
     let wanted: Vec<String> = desired.iter().map(|o| o.name_any()).collect();
@@ -253,26 +173,16 @@ where
             .call(
                 || format!("deleting {kind} {namespace}/{name}"),
                 api.delete(&name, &DeleteParams::background()),
-                |source| Error::Delete {
-                    kind: kind.clone(),
-                    name: name.clone(),
-                    source,
-                },
+                |source| Error::Delete { kind: kind.clone(), name: name.clone(), source },
             )
             .await
         {
             Ok(_) => {}
             // Already gone: what we wanted.
-            Err(Error::Delete {
-                source: kube::Error::Api(status),
-                ..
-            }) if status.code == 404 => {}
+            Err(Error::Delete { source: kube::Error::Api(status), .. }) if status.code == 404 => {}
             Err(error) => return Err(error),
         }
-        ctx.metrics
-            .api_writes
-            .with_label_values(&[&kind, "delete"])
-            .inc();
+        ctx.metrics.api_writes.with_label_values(&[&kind, "delete"]).inc();
         tracing::info!(kind, name, "deleted, no longer rendered");
     }
     Ok(())
@@ -280,15 +190,10 @@ where
 
 fn attached(bundle: &Bundle) -> Vec<AttachedPolicy> {
     fn of<P: Policy>(policies: &[P]) -> impl Iterator<Item = AttachedPolicy> + '_ {
-        policies.iter().map(|p| AttachedPolicy {
-            kind: P::kind(&()).to_string(),
-            name: p.name_any(),
-        })
+        policies.iter().map(|p| AttachedPolicy { kind: P::kind(&()).to_string(), name: p.name_any() })
     }
-    let mut all: Vec<AttachedPolicy> = of(&bundle.cache_policies)
-        .chain(of(&bundle.event_routes))
-        .chain(of(&bundle.auth_policies))
-        .collect();
+    let mut all: Vec<AttachedPolicy> =
+        of(&bundle.cache_policies).chain(of(&bundle.event_routes)).chain(of(&bundle.auth_policies)).collect();
     all.sort();
     all
 }
@@ -301,8 +206,7 @@ pub fn not_enforced(mw: &Middleware) -> Vec<&'static str> {
         fields.push("spec.routes");
     }
     let connections = &spec.connections;
-    if connections.redis.is_some() || connections.kafka.is_some() || connections.postgres.is_some()
-    {
+    if connections.redis.is_some() || connections.kafka.is_some() || connections.postgres.is_some() {
         fields.push("spec.connections");
     }
     if !spec.commands.is_empty() {
@@ -336,40 +240,17 @@ pub fn status_of(
     let mut note = String::new();
     let unenforced = not_enforced(mw);
     if !unenforced.is_empty() {
-        note = format!(
-            " Not enforced by this data-plane version yet: {}.",
-            unenforced.join(", ")
-        );
+        note = format!(" Not enforced by this data-plane version yet: {}.", unenforced.join(", "));
     }
 
     let (stalled, reconciling, ready) = match stall {
         Some(stall) => (
-            condition(
-                types::STALLED,
-                status::TRUE,
-                stall.reason,
-                stall.message.clone(),
-            ),
-            condition(
-                types::RECONCILING,
-                status::FALSE,
-                stall.reason,
-                "stalled until the problem is fixed".into(),
-            ),
-            condition(
-                types::READY,
-                status::FALSE,
-                stall.reason,
-                stall.message.clone(),
-            ),
+            condition(types::STALLED, status::TRUE, stall.reason, stall.message.clone()),
+            condition(types::RECONCILING, status::FALSE, stall.reason, "stalled until the problem is fixed".into()),
+            condition(types::READY, status::FALSE, stall.reason, stall.message.clone()),
         ),
         None => {
-            let stalled = condition(
-                types::STALLED,
-                status::FALSE,
-                reasons::AS_EXPECTED,
-                String::new(),
-            );
+            let stalled = condition(types::STALLED, status::FALSE, reasons::AS_EXPECTED, String::new());
             let reconciling = if mw.spec.paused {
                 condition(
                     types::RECONCILING,
@@ -378,19 +259,9 @@ pub fn status_of(
                     "spec.paused is true: children are left as they are".into(),
                 )
             } else if rollout.done {
-                condition(
-                    types::RECONCILING,
-                    status::FALSE,
-                    reasons::RECONCILED,
-                    String::new(),
-                )
+                condition(types::RECONCILING, status::FALSE, reasons::RECONCILED, String::new())
             } else {
-                condition(
-                    types::RECONCILING,
-                    status::TRUE,
-                    rollout.reason,
-                    rollout.message.clone(),
-                )
+                condition(types::RECONCILING, status::TRUE, rollout.reason, rollout.message.clone())
             };
             let ready = if rollout.done && rollout.target == 0 {
                 condition(
@@ -400,19 +271,9 @@ pub fn status_of(
                     format!("scaled to zero replicas.{note}"),
                 )
             } else if rollout.done {
-                condition(
-                    types::READY,
-                    status::TRUE,
-                    reasons::AVAILABLE,
-                    format!("{}.{note}", rollout.message),
-                )
+                condition(types::READY, status::TRUE, reasons::AVAILABLE, format!("{}.{note}", rollout.message))
             } else {
-                condition(
-                    types::READY,
-                    status::FALSE,
-                    rollout.reason,
-                    rollout.message.clone(),
-                )
+                condition(types::READY, status::FALSE, rollout.reason, rollout.message.clone())
             };
             (stalled, reconciling, ready)
         }
@@ -423,11 +284,7 @@ pub fn status_of(
         reasons::HEALTH_NOT_REPORTED,
         "component health is not reported by this data-plane version".into(),
     );
-    let existing = mw
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let existing = mw.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let dep_status = deployment.and_then(|d| d.status.as_ref());
     MiddlewareStatus {
         observed_generation: generation,
@@ -480,9 +337,7 @@ impl Rollout {
                 done: false,
                 target,
                 reason: reasons::PROGRESSING,
-                message: format!(
-                    "rolling out: {updated} of {target} pods updated, {total} pods in all"
-                ),
+                message: format!("rolling out: {updated} of {target} pods updated, {total} pods in all"),
             };
         }
         if available < target {
@@ -506,11 +361,7 @@ impl Rollout {
 }
 
 /// Writes the status when it differs from the cached one, and publishes Events on transitions.
-async fn write_status(
-    mw: &Middleware,
-    new_status: MiddlewareStatus,
-    ctx: &Context,
-) -> Result<(), Error> {
+async fn write_status(mw: &Middleware, new_status: MiddlewareStatus, ctx: &Context) -> Result<(), Error> {
     let old = mw.status.clone().unwrap_or_default();
     if old == new_status {
         return Ok(());
@@ -525,57 +376,30 @@ async fn write_status(
     });
     ctx.call(
         || format!("writing the status of Middleware {namespace}/{name}"),
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        ),
-        |source| Error::WriteStatus {
-            kind: "Middleware".into(),
-            name: name.clone(),
-            source,
-        },
+        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)),
+        |source| Error::WriteStatus { kind: "Middleware".into(), name: name.clone(), source },
     )
     .await?;
-    ctx.metrics
-        .api_writes
-        .with_label_values(&["Middleware", "status"])
-        .inc();
+    ctx.metrics.api_writes.with_label_values(&["Middleware", "status"]).inc();
 
-    for (type_, event_type) in [
-        (types::STALLED, EventType::Warning),
-        (types::READY, EventType::Normal),
-    ] {
+    for (type_, event_type) in [(types::STALLED, EventType::Warning), (types::READY, EventType::Normal)] {
         let before = conditions::find(&old.conditions, type_);
         let after = conditions::find(&new_status.conditions, type_);
-        if let Some(after) = after
-            .filter(|a| a.status == status::TRUE && before.is_none_or(|b| b.status != status::TRUE))
+        if let Some(after) =
+            after.filter(|a| a.status == status::TRUE && before.is_none_or(|b| b.status != status::TRUE))
         {
             publish_condition(mw, ctx, event_type, after).await;
         }
     }
     if old.config_hash.is_some() && old.config_hash != new_status.config_hash {
-        let note = format!(
-            "data-plane configuration is now {}",
-            new_status.config_hash.as_deref().unwrap_or("")
-        );
-        ctx.publish(mw, EventType::Normal, "ConfigUpdated", note)
-            .await;
+        let note = format!("data-plane configuration is now {}", new_status.config_hash.as_deref().unwrap_or(""));
+        ctx.publish(mw, EventType::Normal, "ConfigUpdated", note).await;
     }
     Ok(())
 }
 
-async fn publish_condition(
-    mw: &Middleware,
-    ctx: &Context,
-    event_type: EventType,
-    condition: &Condition,
-) {
-    let note = if condition.message.is_empty() {
-        condition.type_.clone()
-    } else {
-        condition.message.clone()
-    };
+async fn publish_condition(mw: &Middleware, ctx: &Context, event_type: EventType, condition: &Condition) {
+    let note = if condition.message.is_empty() { condition.type_.clone() } else { condition.message.clone() };
     ctx.publish(mw, event_type, &condition.reason, note).await;
 }
 
@@ -591,25 +415,12 @@ mod tests {
     }
 
     fn fixture(replicas: i32) -> (Middleware, Desired) {
-        let mut mw = Middleware::new(
-            "shop",
-            MiddlewareSpec {
-                replicas: Some(replicas),
-                ..MiddlewareSpec::default()
-            },
-        );
+        let mut mw = Middleware::new("shop", MiddlewareSpec { replicas: Some(replicas), ..MiddlewareSpec::default() });
         mw.metadata.namespace = Some("ns".into());
         mw.metadata.generation = Some(3);
-        let desired = render(
-            &Bundle {
-                middleware: mw.clone(),
-                ..Bundle::default()
-            },
-            &Settings {
-                dataplane_image: "x".into(),
-            },
-        )
-        .unwrap();
+        let desired =
+            render(&Bundle { middleware: mw.clone(), ..Bundle::default() }, &Settings { dataplane_image: "x".into() })
+                .unwrap();
         (mw, desired)
     }
 
@@ -637,10 +448,7 @@ mod tests {
         let status = status_of(&mw, Some(&rolled_out(&desired, 2)), &desired, None, &now());
         assert_eq!(condition(&status, types::READY).status, status::TRUE);
         assert_eq!(condition(&status, types::RECONCILING).status, status::FALSE);
-        assert_eq!(
-            condition(&status, types::READY).observed_generation,
-            Some(3)
-        );
+        assert_eq!(condition(&status, types::READY).observed_generation, Some(3));
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!(status.ready_replicas, Some(2));
     }
@@ -650,31 +458,19 @@ mod tests {
         let (mw, desired) = fixture(2);
         let status = status_of(&mw, Some(&rolled_out(&desired, 1)), &desired, None, &now());
         let ready = condition(&status, types::READY);
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            (status::FALSE, reasons::PODS_NOT_READY)
-        );
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), (status::FALSE, reasons::PODS_NOT_READY));
         assert_eq!(condition(&status, types::RECONCILING).status, status::TRUE);
         let status = status_of(&mw, None, &desired, None, &now());
-        assert_eq!(
-            condition(&status, types::RECONCILING).reason,
-            reasons::PROGRESSING
-        );
+        assert_eq!(condition(&status, types::RECONCILING).reason, reasons::PROGRESSING);
     }
 
     #[test]
     fn stalled_says_what_to_fix() {
         let (mw, desired) = fixture(1);
-        let stall = Stall {
-            reason: reasons::SECRET_NOT_FOUND,
-            message: "Secret \"x\" does not exist".into(),
-        };
+        let stall = Stall { reason: reasons::SECRET_NOT_FOUND, message: "Secret \"x\" does not exist".into() };
         let status = status_of(&mw, None, &desired, Some(&stall), &now());
         let stalled = condition(&status, types::STALLED);
-        assert_eq!(
-            (stalled.status.as_str(), stalled.reason.as_str()),
-            (status::TRUE, reasons::SECRET_NOT_FOUND)
-        );
+        assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), (status::TRUE, reasons::SECRET_NOT_FOUND));
         assert_eq!(condition(&status, types::READY).status, status::FALSE);
         assert_eq!(condition(&status, types::RECONCILING).status, status::FALSE);
     }
@@ -686,9 +482,6 @@ mod tests {
         let first = status_of(&mw, Some(&deployment), &desired, None, &now());
         mw.status = Some(first.clone());
         let later = Time(Timestamp::from_second(2_000).unwrap());
-        assert_eq!(
-            status_of(&mw, Some(&deployment), &desired, None, &later),
-            first
-        );
+        assert_eq!(status_of(&mw, Some(&deployment), &desired, None, &later), first);
     }
 }

@@ -77,30 +77,15 @@ pub struct Context {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("applying {kind} {name}: {source}")]
-    Apply {
-        kind: String,
-        name: String,
-        source: kube::Error,
-    },
+    Apply { kind: String, name: String, source: kube::Error },
     #[error("deleting {kind} {name}: {source}")]
-    Delete {
-        kind: String,
-        name: String,
-        source: kube::Error,
-    },
+    Delete { kind: String, name: String, source: kube::Error },
     #[error("writing the status of {kind} {name}: {source}")]
-    WriteStatus {
-        kind: String,
-        name: String,
-        source: kube::Error,
-    },
+    WriteStatus { kind: String, name: String, source: kube::Error },
     #[error("reading Secret {name}: {source}")]
     ReadSecret { name: String, source: kube::Error },
     #[error("{operation}: the API server did not answer within {timeout:?}")]
-    Timeout {
-        operation: String,
-        timeout: Duration,
-    },
+    Timeout { operation: String, timeout: Duration },
     #[error(transparent)]
     Render(#[from] crate::render::RenderError),
 }
@@ -129,10 +114,7 @@ impl Context {
     ) -> Result<T, Error> {
         match tokio::time::timeout(self.config.api_timeout, fut).await {
             Ok(result) => result.map_err(on_error),
-            Err(_) => Err(Error::Timeout {
-                operation: operation(),
-                timeout: self.config.api_timeout,
-            }),
+            Err(_) => Err(Error::Timeout { operation: operation(), timeout: self.config.api_timeout }),
         }
     }
 
@@ -144,18 +126,10 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
         let reference = object.object_ref(&());
-        self.metrics
-            .api_writes
-            .with_label_values(&["Event", "create"])
-            .inc();
+        self.metrics.api_writes.with_label_values(&["Event", "create"]).inc();
         if let Err(error) = self.recorder.publish(&event, &reference).await {
             tracing::warn!(%error, reason, "could not publish an Event");
         }
@@ -177,10 +151,7 @@ impl Context {
             }
             Err(_) => 1,
         };
-        let seconds = 1u64
-            .checked_shl(attempt.saturating_sub(1).min(9))
-            .unwrap_or(512)
-            .min(300);
+        let seconds = 1u64.checked_shl(attempt.saturating_sub(1).min(9)).unwrap_or(512).min(300);
         Duration::from_secs(seconds)
     }
 }
@@ -192,17 +163,9 @@ fn error_policy<K: Resource<DynamicType = ()> + ResourceExt>(
     ctx: Arc<Context>,
 ) -> Action {
     let controller = K::kind(&()).to_lowercase();
-    let key = format!(
-        "{}/{}/{}",
-        K::kind(&()),
-        object.namespace().unwrap_or_default(),
-        object.name_any()
-    );
+    let key = format!("{}/{}/{}", K::kind(&()), object.namespace().unwrap_or_default(), object.name_any());
     let delay = ctx.backoff(&key);
-    ctx.metrics
-        .reconcile_errors
-        .with_label_values(&[&controller, error.class()])
-        .inc();
+    ctx.metrics.reconcile_errors.with_label_values(&[&controller, error.class()]).inc();
     tracing::warn!(%error, object = %key, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -220,11 +183,7 @@ where
 /// Where a policy's targets point.
 fn target_middlewares<P: Policy>(policy: &P) -> Vec<ObjectRef<Middleware>> {
     let namespace = policy.namespace().unwrap_or_default();
-    policy
-        .target_refs()
-        .iter()
-        .map(|t| ObjectRef::new(&t.name).within(&namespace))
-        .collect()
+    policy.target_refs().iter().map(|t| ObjectRef::new(&t.name).within(&namespace)).collect()
 }
 
 /// Runs every controller until `shutdown` resolves.
@@ -236,9 +195,7 @@ pub async fn run(
 ) {
     let shutdown = shutdown.shared();
     let all = watcher::Config::default().any_semantic();
-    let owned = watcher::Config::default()
-        .labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
-        .any_semantic();
+    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")).any_semantic();
     let ns = &config.namespace;
     let m = || metrics.clone();
 
@@ -249,16 +206,10 @@ pub async fn run(
     let mut event_routes = shared::watch(api::<EventRoute>(&client, ns), all.clone(), 3, m());
     let mut auth_policies = shared::watch(api::<AuthPolicy>(&client, ns), all.clone(), 3, m());
     let mut config_maps = shared::watch(api::<ConfigMap>(&client, ns), owned.clone(), 1, m());
-    let mut service_accounts =
-        shared::watch(api::<ServiceAccount>(&client, ns), owned.clone(), 1, m());
+    let mut service_accounts = shared::watch(api::<ServiceAccount>(&client, ns), owned.clone(), 1, m());
     let mut services = shared::watch(api::<Service>(&client, ns), owned.clone(), 1, m());
     let mut deployments = shared::watch(api::<Deployment>(&client, ns), owned.clone(), 1, m());
-    let mut disruption_budgets = shared::watch(
-        api::<PodDisruptionBudget>(&client, ns),
-        owned.clone(),
-        1,
-        m(),
-    );
+    let mut disruption_budgets = shared::watch(api::<PodDisruptionBudget>(&client, ns), owned.clone(), 1, m());
     let mut autoscalers = shared::watch(api::<HorizontalPodAutoscaler>(&client, ns), owned, 1, m());
 
     let stores = Stores {
@@ -273,10 +224,7 @@ pub async fn run(
         disruption_budgets: disruption_budgets.store.clone(),
         autoscalers: autoscalers.store.clone(),
     };
-    let reporter = Reporter {
-        controller: FIELD_MANAGER.into(),
-        instance: Some(config.instance.clone()),
-    };
+    let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(config.instance.clone()) };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
@@ -304,30 +252,20 @@ pub async fn run(
     tracing::info!("caches synced; reconciling");
 
     let mut mw_triggers = middlewares.triggers.drain(..);
-    let middleware_controller = Controller::for_stream(
-        trigger(take_next(&mut mw_triggers)),
-        stores.middlewares.clone(),
-    )
-    .owns_stream(trigger(take(&mut config_maps.triggers)))
-    .owns_stream(trigger(take(&mut service_accounts.triggers)))
-    .owns_stream(trigger(take(&mut services.triggers)))
-    .owns_stream(trigger(take(&mut deployments.triggers)))
-    .owns_stream(trigger(take(&mut disruption_budgets.triggers)))
-    .owns_stream(trigger(take(&mut autoscalers.triggers)))
-    .watches_stream(
-        trigger(cache_policies.triggers.remove(2)),
-        |p: CachePolicy| target_middlewares(&p),
-    )
-    .watches_stream(trigger(event_routes.triggers.remove(2)), |p: EventRoute| {
-        target_middlewares(&p)
-    })
-    .watches_stream(
-        trigger(auth_policies.triggers.remove(2)),
-        |p: AuthPolicy| target_middlewares(&p),
-    )
-    .graceful_shutdown_on(shutdown.clone())
-    .run(middleware::reconcile, error_policy, ctx.clone())
-    .for_each(|_| futures::future::ready(()));
+    let middleware_controller =
+        Controller::for_stream(trigger(take_next(&mut mw_triggers)), stores.middlewares.clone())
+            .owns_stream(trigger(take(&mut config_maps.triggers)))
+            .owns_stream(trigger(take(&mut service_accounts.triggers)))
+            .owns_stream(trigger(take(&mut services.triggers)))
+            .owns_stream(trigger(take(&mut deployments.triggers)))
+            .owns_stream(trigger(take(&mut disruption_budgets.triggers)))
+            .owns_stream(trigger(take(&mut autoscalers.triggers)))
+            .watches_stream(trigger(cache_policies.triggers.remove(2)), |p: CachePolicy| target_middlewares(&p))
+            .watches_stream(trigger(event_routes.triggers.remove(2)), |p: EventRoute| target_middlewares(&p))
+            .watches_stream(trigger(auth_policies.triggers.remove(2)), |p: AuthPolicy| target_middlewares(&p))
+            .graceful_shutdown_on(shutdown.clone())
+            .run(middleware::reconcile, error_policy, ctx.clone())
+            .for_each(|_| futures::future::ready(()));
 
     let cache_controller = policy_controller(
         cache_policies,
@@ -351,12 +289,7 @@ pub async fn run(
         shutdown.clone(),
     );
 
-    futures::join!(
-        middleware_controller,
-        cache_controller,
-        event_controller,
-        auth_controller
-    );
+    futures::join!(middleware_controller, cache_controller, event_controller, auth_controller);
 }
 
 fn take<T>(triggers: &mut Vec<T>) -> T {
@@ -391,19 +324,13 @@ async fn policy_controller<P>(
             by_target
                 .state()
                 .into_iter()
-                .filter(|p| {
-                    p.namespace() == namespace && p.target_refs().iter().any(|t| t.name == name)
-                })
+                .filter(|p| p.namespace() == namespace && p.target_refs().iter().any(|t| t.name == name))
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
         })
         .watches_stream(trigger(peers), move |changed: P| {
             let namespace = changed.namespace();
-            let targets: Vec<String> = changed
-                .target_refs()
-                .iter()
-                .map(|t| t.name.clone())
-                .collect();
+            let targets: Vec<String> = changed.target_refs().iter().map(|t| t.name.clone()).collect();
             by_peer
                 .state()
                 .into_iter()

@@ -44,11 +44,7 @@ impl PolicyKind for AuthPolicy {
 #[instrument(skip_all, fields(kind = %P::kind(&()), namespace = policy.namespace().unwrap_or_default(), policy = policy.name_any()))]
 pub async fn reconcile<P: PolicyKind>(policy: Arc<P>, ctx: Arc<Context>) -> Result<Action, Error> {
     let controller = P::kind(&()).to_lowercase();
-    let timer = ctx
-        .metrics
-        .reconcile_duration
-        .with_label_values(&[&controller])
-        .start_timer();
+    let timer = ctx.metrics.reconcile_duration.with_label_values(&[&controller]).start_timer();
     if policy.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
@@ -62,11 +58,7 @@ pub async fn reconcile<P: PolicyKind>(policy: Arc<P>, ctx: Arc<Context>) -> Resu
     let now = Time(Timestamp::now());
     let new_status = status_of(policy.as_ref(), &verdicts, &now);
     write_status(policy.as_ref(), new_status, &ctx).await?;
-    ctx.succeeded(&format!(
-        "{}/{namespace}/{}",
-        P::kind(&()),
-        policy.name_any()
-    ));
+    ctx.succeeded(&format!("{}/{namespace}/{}", P::kind(&()), policy.name_any()));
     timer.observe_duration();
     Ok(Action::requeue(ctx.config.resync))
 }
@@ -107,12 +99,7 @@ pub fn status_of<P: Policy>(policy: &P, verdicts: &[Verdict], now: &Time) -> Pol
                         reasons::ACCEPTED,
                         format!("attached to {}", verdict.target),
                     ),
-                    condition(
-                        types::ENFORCED,
-                        status::UNKNOWN,
-                        reasons::PENDING,
-                        pending.clone(),
-                    ),
+                    condition(types::ENFORCED, status::UNKNOWN, reasons::PENDING, pending.clone()),
                 ],
                 Some((reason, message)) => vec![
                     condition(types::ACCEPTED, status::FALSE, reason, message.to_string()),
@@ -128,19 +115,13 @@ pub fn status_of<P: Policy>(policy: &P, verdicts: &[Verdict], now: &Time) -> Pol
                 .and_then(|s| s.targets.iter().find(|t| t.target_ref == verdict.target))
                 .map(|t| t.conditions.as_slice())
                 .unwrap_or_default();
-            PolicyTargetStatus {
-                target_ref: verdict.target.clone(),
-                conditions: conditions::merge(existing, desired),
-            }
+            PolicyTargetStatus { target_ref: verdict.target.clone(), conditions: conditions::merge(existing, desired) }
         })
         .collect();
 
     let rejected: Vec<(&'static str, String)> = verdicts
         .iter()
-        .filter_map(|v| {
-            rejection(&v.outcome)
-                .map(|(reason, message)| (reason, format!("{}: {message}", v.target)))
-        })
+        .filter_map(|v| rejection(&v.outcome).map(|(reason, message)| (reason, format!("{}: {message}", v.target))))
         .collect();
     let summary = match rejected.first() {
         None => vec![
@@ -153,11 +134,7 @@ pub fn status_of<P: Policy>(policy: &P, verdicts: &[Verdict], now: &Time) -> Pol
             condition(types::ENFORCED, status::UNKNOWN, reasons::PENDING, pending),
         ],
         Some((reason, _)) => {
-            let message = rejected
-                .iter()
-                .map(|(_, m)| m.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
+            let message = rejected.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; ");
             vec![
                 condition(types::ACCEPTED, status::FALSE, reason, message),
                 condition(
@@ -170,18 +147,10 @@ pub fn status_of<P: Policy>(policy: &P, verdicts: &[Verdict], now: &Time) -> Pol
         }
     };
     let existing: &[Condition] = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
-    PolicyStatus {
-        observed_generation: generation,
-        conditions: conditions::merge(existing, summary),
-        targets,
-    }
+    PolicyStatus { observed_generation: generation, conditions: conditions::merge(existing, summary), targets }
 }
 
-async fn write_status<P: PolicyKind>(
-    policy: &P,
-    new_status: PolicyStatus,
-    ctx: &Context,
-) -> Result<(), Error> {
+async fn write_status<P: PolicyKind>(policy: &P, new_status: PolicyStatus, ctx: &Context) -> Result<(), Error> {
     let old = policy.policy_status().cloned().unwrap_or_default();
     if old == new_status {
         return Ok(());
@@ -197,35 +166,19 @@ async fn write_status<P: PolicyKind>(
     });
     ctx.call(
         || format!("writing the status of {kind} {namespace}/{name}"),
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        ),
-        |source| Error::WriteStatus {
-            kind: kind.clone(),
-            name: name.clone(),
-            source,
-        },
+        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)),
+        |source| Error::WriteStatus { kind: kind.clone(), name: name.clone(), source },
     )
     .await?;
-    ctx.metrics
-        .api_writes
-        .with_label_values(&[&kind, "status"])
-        .inc();
+    ctx.metrics.api_writes.with_label_values(&[&kind, "status"]).inc();
 
     // An Event when the overall Accepted condition changes.
     let before = conditions::find(&old.conditions, types::ACCEPTED);
     if let Some(after) = conditions::find(&new_status.conditions, types::ACCEPTED)
         && before.is_none_or(|b| b.status != after.status || b.reason != after.reason)
     {
-        let event_type = if after.status == status::TRUE {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        };
-        ctx.publish(policy, event_type, &after.reason, after.message.clone())
-            .await;
+        let event_type = if after.status == status::TRUE { EventType::Normal } else { EventType::Warning };
+        ctx.publish(policy, event_type, &after.reason, after.message.clone()).await;
     }
     Ok(())
 }
@@ -234,29 +187,16 @@ async fn write_status<P: PolicyKind>(
 mod tests {
     use super::*;
     use umw_crds::common::PolicyTargetRef;
-    use umw_crds::event_route::{
-        EventDestination, EventRouteSpec, EventSource, HttpSource, KafkaDestination,
-    };
+    use umw_crds::event_route::{EventDestination, EventRouteSpec, EventSource, HttpSource, KafkaDestination};
 
     fn route() -> EventRoute {
         let mut route = EventRoute::new(
             "orders",
             EventRouteSpec {
-                target_refs: vec![
-                    PolicyTargetRef::middleware("a"),
-                    PolicyTargetRef::middleware("b"),
-                ],
-                source: EventSource {
-                    http: Some(HttpSource {
-                        path: "/events".into(),
-                    }),
-                    ..Default::default()
-                },
+                target_refs: vec![PolicyTargetRef::middleware("a"), PolicyTargetRef::middleware("b")],
+                source: EventSource { http: Some(HttpSource { path: "/events".into() }), ..Default::default() },
                 destination: EventDestination {
-                    kafka: Some(KafkaDestination {
-                        topic: "orders".into(),
-                        key_template: None,
-                    }),
+                    kafka: Some(KafkaDestination { topic: "orders".into(), key_template: None }),
                     ..Default::default()
                 },
                 ..Default::default()
@@ -271,10 +211,7 @@ mod tests {
         let policy = route();
         let now = Time(Timestamp::from_second(5).unwrap());
         let verdicts = vec![
-            Verdict {
-                target: PolicyTargetRef::middleware("a"),
-                outcome: Ok(()),
-            },
+            Verdict { target: PolicyTargetRef::middleware("a"), outcome: Ok(()) },
             Verdict {
                 target: PolicyTargetRef::middleware("b"),
                 outcome: Err(Rejection::TargetNotFound("no b".into())),
@@ -282,25 +219,12 @@ mod tests {
         ];
         let status = status_of(&policy, &verdicts, &now);
         let accepted = conditions::find(&status.conditions, types::ACCEPTED).unwrap();
-        assert_eq!(
-            (accepted.status.as_str(), accepted.reason.as_str()),
-            (status::FALSE, reasons::TARGET_NOT_FOUND)
-        );
+        assert_eq!((accepted.status.as_str(), accepted.reason.as_str()), (status::FALSE, reasons::TARGET_NOT_FOUND));
         assert!(accepted.message.contains("no b"));
         assert_eq!(accepted.observed_generation, Some(4));
-        assert!(conditions::is_true(
-            &status.targets[0].conditions,
-            types::ACCEPTED
-        ));
+        assert!(conditions::is_true(&status.targets[0].conditions, types::ACCEPTED));
         let enforced = conditions::find(&status.targets[0].conditions, types::ENFORCED).unwrap();
-        assert_eq!(
-            (enforced.status.as_str(), enforced.reason.as_str()),
-            (status::UNKNOWN, reasons::PENDING)
-        );
-        assert!(
-            enforced.message.contains("spec.source"),
-            "{}",
-            enforced.message
-        );
+        assert_eq!((enforced.status.as_str(), enforced.reason.as_str()), (status::UNKNOWN, reasons::PENDING));
+        assert!(enforced.message.contains("spec.source"), "{}", enforced.message);
     }
 }
