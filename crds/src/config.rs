@@ -54,7 +54,8 @@ struct TypeMeta {
 }
 
 impl Bundle {
-    /// Reads a multi-document YAML stream. Empty documents are skipped.
+    /// Reads a multi-document YAML stream. Empty documents and objects outside the `umw.dev` group are
+    /// skipped.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
         let mut middlewares = Vec::new();
         let mut bundle = Bundle::default();
@@ -66,6 +67,10 @@ impl Bundle {
                 continue;
             }
             let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(parse)?;
+            // Other Kubernetes objects in the same files (a Secret, a Namespace) are the cluster's.
+            if !meta.api_version.starts_with("umw.dev/") {
+                continue;
+            }
             if meta.api_version != crate::API_VERSION {
                 return Err(ConfigError::ApiVersion {
                     document: document_number,
@@ -238,8 +243,10 @@ mod tests {
     fn refuses_what_it_cannot_serve() {
         let err = Bundle::from_yaml("apiVersion: umw.dev/v1alpha1\nkind: Gateway\n").unwrap_err();
         assert!(err.to_string().contains("kind \"Gateway\""), "{err}");
-        let err = Bundle::from_yaml("apiVersion: v1\nkind: Middleware\n").unwrap_err();
+        let err = Bundle::from_yaml("apiVersion: umw.dev/v2\nkind: Middleware\n").unwrap_err();
         assert!(err.to_string().contains("apiVersion"), "{err}");
+        let secret_only = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n";
+        assert!(matches!(Bundle::from_yaml(secret_only).unwrap_err(), ConfigError::NoMiddleware));
         assert!(matches!(Bundle::from_yaml("").unwrap_err(), ConfigError::NoMiddleware));
         let two = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec: {}\n---\napiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: b}\nspec: {}\n";
         assert!(matches!(Bundle::from_yaml(two).unwrap_err(), ConfigError::SeveralMiddlewares(2)));

@@ -1,4 +1,6 @@
 #![forbid(unsafe_code)]
+// `#[kube(printcolumn(...))]` repeats keys such as `type_` by design; clippy reads them as duplicates.
+#![allow(clippy::duplicated_attributes)]
 //! The Universal Middleware API, group `umw.dev`, version `v1alpha1`.
 //!
 //! This crate is the ground floor of the project: the operator and the data plane both import it and
@@ -13,6 +15,7 @@ pub mod config;
 pub mod event_route;
 pub mod middleware;
 pub mod policy;
+pub mod reference;
 
 pub use auth_policy::{AuthPolicy, AuthPolicySpec};
 pub use cache_policy::{CachePolicy, CachePolicySpec};

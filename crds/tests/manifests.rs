@@ -21,3 +21,11 @@ fn crds_manifest_is_current() {
 fn chart_crds_are_current() {
     check("../charts/umw/crds/crds.yaml");
 }
+
+#[test]
+fn crd_reference_is_current() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/crds.md");
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    let generated = umw_crds::reference::markdown().expect("the reference renders");
+    assert!(on_disk == generated, "docs/crds.md is out of date with the Rust types; run `make crds` and commit it");
+}

@@ -254,7 +254,6 @@ impl Operator {
     }
 
     fn spawn(&mut self) {
-        let cp = control_plane();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("operator log file");
         let child = Command::new(operator_binary())
             .args(["--namespace", &self.namespace])

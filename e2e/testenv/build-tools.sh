@@ -9,6 +9,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.sh
 . "$HERE/versions.sh"
 
+command -v go >/dev/null || { echo "[build-tools] error: Go is needed to build the test tools (install golang)" >&2; exit 1; }
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 mkdir -p "$UMW_TESTENV_BIN"
 log() { printf '[build-tools] %s\n' "$*" >&2; }

@@ -322,12 +322,11 @@ async fn restarting_the_operator_converges_without_duplicates_and_a_steady_state
 
     // Let the last status updates land, then watch a quiet period: resyncs every 2s, a restart (which
     // relists and reconciles everything), and no write at all.
-    let quiet = eventually("a quiet period of 5s", WAIT, || async {
+    eventually("a quiet period of 5s", WAIT, || async {
         let start = SystemTime::now() - Duration::from_secs(5);
         operator_writes(&ns.name, start).is_empty().then_some(())
     })
     .await;
-    let _ = quiet;
     let since = SystemTime::now();
     tokio::time::sleep(Duration::from_secs(6)).await;
     operator.restart_gracefully();

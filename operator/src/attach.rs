@@ -183,12 +183,12 @@ mod tests {
     #[test]
     fn missing_middleware_or_route_is_target_not_found() {
         let p = policy("p", 1, PolicyTargetRef::middleware("shop"));
-        let verdicts = evaluate(p.as_ref(), |_| None, &[p.clone()]);
+        let verdicts = evaluate(p.as_ref(), |_| None, std::slice::from_ref(&p));
         assert!(matches!(&verdicts[0].outcome, Err(Rejection::TargetNotFound(m)) if m.contains("does not exist")));
 
         let p = policy("p", 1, PolicyTargetRef::middleware("shop").with_section("nope"));
         let m = Arc::new(mw(&["api"]));
-        let verdicts = evaluate(p.as_ref(), |_| Some(m.clone()), &[p.clone()]);
+        let verdicts = evaluate(p.as_ref(), |_| Some(m.clone()), std::slice::from_ref(&p));
         assert!(
             matches!(&verdicts[0].outcome, Err(Rejection::TargetNotFound(msg)) if msg.contains("no route \"nope\"") && msg.contains("api"))
         );

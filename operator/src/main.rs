@@ -36,6 +36,8 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
+    /// Print the CRD field reference as Markdown (docs/crds.md).
+    CrdReference,
     /// Run the controllers (the default).
     Run,
 }
@@ -109,6 +111,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Crds) => {
             print!("{}", umw_crds::crds_yaml().context("serialising the CRDs")?);
+            Ok(())
+        }
+        Some(Command::CrdReference) => {
+            print!("{}", umw_crds::reference::markdown().context("rendering the CRD reference")?);
             Ok(())
         }
         Some(Command::Run) | None => run(cli.run).await,

@@ -1,0 +1,35 @@
+# Universal Middleware: the few entry points. `make help` lists them.
+SHELL := bash
+CARGO ?= cargo
+
+.PHONY: help dev test testenv build lint crds bench clean-testenv
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+dev: build ## Local control plane + CRDs + operator in the foreground + examples applied
+	bash e2e/testenv/dev.sh
+
+test: testenv lint build ## Everything: formatting, lints, unit tests, CRD drift, e2e against a real control plane
+	$(CARGO) test --workspace --no-fail-fast
+
+testenv: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kubectl and helm
+	bash e2e/testenv/build-tools.sh
+
+build: ## Build the binaries
+	$(CARGO) build --workspace --bins
+
+lint: ## cargo fmt --check and clippy with warnings denied (helm lint runs in the e2e tests)
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+crds: ## Regenerate crds/manifests, charts/umw/crds and docs/crds.md from the Rust types
+	$(CARGO) run -q -p umw-operator -- crds > crds/manifests/crds.yaml
+	cp crds/manifests/crds.yaml charts/umw/crds/crds.yaml
+	$(CARGO) run -q -p umw-operator -- crd-reference > docs/crds.md
+
+bench: build testenv ## Operator benchmark: 200 Middlewares (see docs/benchmarks.md)
+	bash e2e/bench/operator.sh
+
+clean-testenv: ## Remove the cached test tools
+	rm -rf "$${XDG_CACHE_HOME:-$$HOME/.cache}/umw-testenv"
