@@ -11,7 +11,7 @@ dev: build ## Local control plane + CRDs + operator in the foreground + examples
 	bash e2e/testenv/dev.sh
 
 test: testenv lint build ## Everything: formatting, lints, unit tests, CRD drift, e2e against a real control plane
-	$(CARGO) test --workspace --no-fail-fast
+	bash e2e/testenv/cargo-test.sh
 
 testenv: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kubectl and helm
 	bash e2e/testenv/build-tools.sh
