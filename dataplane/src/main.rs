@@ -66,10 +66,11 @@ struct Admin {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(
-        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-    ))
-    .init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        ))
+        .init();
     let cli = Cli::parse();
     let path = cli.config.context("--config PATH is required (a YAML file or a directory of them)")?;
     let (config_hash, bundle) = read_config(&path)?;
@@ -109,9 +110,7 @@ async fn main() -> anyhow::Result<()> {
         .with_state(admin);
     let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
     tracing::info!(address = %listener.local_addr()?, "admin endpoints listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
 }
 

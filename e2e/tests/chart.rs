@@ -126,11 +126,19 @@ fn the_chart_lints_templates_installs_and_grants_least_privilege() {
     apps.must_apply("apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: cache}\nspec:\n  targetRefs: [{name: shop}]\n  rules: [{ttl: 1m}]\n");
     for (object, condition) in [("middleware/shop", "Ready"), ("cachepolicy/cache", "Accepted")] {
         let out = apps.kubectl(&["wait", &format!("--for=condition={condition}"), object, "--timeout=60s"]);
-        assert!(out.status.success(), "{object} {condition} as the chart's ServiceAccount: {}\n{}", text(&out), operator.log());
+        assert!(
+            out.status.success(),
+            "{object} {condition} as the chart's ServiceAccount: {}\n{}",
+            text(&out),
+            operator.log()
+        );
     }
     let out = apps.kubectl(&["get", "pdb,deployment,configmap,events.events.k8s.io", "-o", "name"]);
     let names = String::from_utf8_lossy(&out.stdout);
-    assert!(names.contains("poddisruptionbudget.policy/umw-shop") && names.contains("deployment.apps/umw-shop"), "{names}");
+    assert!(
+        names.contains("poddisruptionbudget.policy/umw-shop") && names.contains("deployment.apps/umw-shop"),
+        "{names}"
+    );
     assert!(names.contains("event.events.k8s.io/"), "Events were published: {names}");
     let log = operator.log();
     assert!(!log.contains("forbidden") && !log.contains("Forbidden"), "the operator hit RBAC denials:\n{log}");
