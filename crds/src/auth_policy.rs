@@ -22,7 +22,7 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     status = "PolicyStatus",
     derive = "PartialEq",
     derive = "Default",
-    doc = "Authentication (JWT/JWKS, OIDC login with sessions, API keys), rate limits and authorization (OPA policies compiled to Wasm, role rules) for routes of a Middleware.",
+    doc = "Authentication (JWT/JWKS, OIDC login with sessions, API keys), rate limits and authorization (OPA policies compiled to Wasm, role rules) for routes of a Middleware. Not enforced yet: accepted and rendered into the data-plane configuration; the data plane acts on it from the auth release on, and the Enforced condition says so.",
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
     printcolumn(

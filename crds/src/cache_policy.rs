@@ -21,7 +21,7 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     status = "PolicyStatus",
     derive = "PartialEq",
     derive = "Default",
-    doc = "Response caching for routes of a Middleware: TTL with jitter, negative caching, stale-while-revalidate, cache keys, single-flight, invalidation and warm-up.",
+    doc = "Response caching for routes of a Middleware: TTL with jitter, negative caching, stale-while-revalidate, cache keys, single-flight, invalidation and warm-up. Not enforced yet: accepted and rendered into the data-plane configuration; the data plane acts on it from the cache release on, and the Enforced condition says so.",
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
     printcolumn(

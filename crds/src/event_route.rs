@@ -23,7 +23,7 @@ use crate::policy::{Policy, PolicyStatus};
     status = "PolicyStatus",
     derive = "PartialEq",
     derive = "Default",
-    doc = "Routes events through a Middleware: from one source (HTTP ingest, a Kafka topic, an outbox table) to one destination (a Kafka topic, an HTTP webhook, a WebSocket room), with filters, retries and a dead-letter topic.",
+    doc = "Routes events through a Middleware: from one source (HTTP ingest, a Kafka topic, an outbox table) to one destination (a Kafka topic, an HTTP webhook, a WebSocket room), with filters, retries and a dead-letter topic. Not enforced yet: accepted and rendered into the data-plane configuration; the data plane acts on it from the events release on, and the Enforced condition says so.",
     printcolumn(name = "Source", type_ = "string", json_path = ".spec.source", priority = 1),
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),

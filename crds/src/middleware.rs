@@ -74,11 +74,13 @@ pub struct MiddlewareSpec {
     pub listeners: Listeners,
 
     /// Routes to upstream services, matched in order; the first match wins.
+    /// Not enforced yet: the data plane proxies routes from the data-plane core release on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub routes: Vec<Route>,
 
-    /// Connections to the backends that policies and commands use.
+    /// Connections to the backends that policies and commands use. Referenced Secrets are checked now;
+    /// the connections themselves are not enforced yet (they arrive with the cache, events and commands).
     #[serde(default)]
     pub connections: Connections,
 
@@ -88,7 +90,7 @@ pub struct MiddlewareSpec {
     #[schemars(length(max = 256))]
     pub commands: Vec<Command>,
 
-    /// Traces, logs and metrics.
+    /// Traces, logs and metrics. Not enforced yet: arrives with the data-plane core release.
     #[serde(default)]
     pub observability: Observability,
 

@@ -208,6 +208,32 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_that_fails_its_own_checks_is_invalid_on_every_target() {
+        use umw_crds::event_route::{
+            EventDestination, EventRoute, EventRouteSpec, EventSource, HttpSource, KafkaDestination,
+        };
+        let mut route = EventRoute::new(
+            "events",
+            EventRouteSpec {
+                target_refs: vec![PolicyTargetRef::middleware("shop").with_section("api")],
+                source: EventSource { http: Some(HttpSource { path: "/e".into() }), ..Default::default() },
+                destination: EventDestination {
+                    kafka: Some(KafkaDestination { topic: "t".into(), key_template: None }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        route.metadata.namespace = Some("ns".into());
+        let m = Arc::new(mw(&["api"]));
+        let verdicts = evaluate(&route, |_| Some(m.clone()), &[]);
+        assert!(
+            matches!(&verdicts[0].outcome, Err(Rejection::Invalid(msg)) if msg.contains("sectionName")),
+            "{verdicts:?}"
+        );
+    }
+
+    #[test]
     fn different_routes_do_not_conflict_and_broken_peers_do_not_win() {
         let m = Arc::new(mw(&["a", "b"]));
         let on_a = policy("on-a", 1, PolicyTargetRef::middleware("shop").with_section("a"));

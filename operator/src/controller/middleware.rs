@@ -273,7 +273,7 @@ pub fn status_of(
             } else if rollout.done {
                 condition(types::READY, status::TRUE, reasons::AVAILABLE, format!("{}.{note}", rollout.message))
             } else {
-                condition(types::READY, status::FALSE, rollout.reason, rollout.message.clone())
+                condition(types::READY, status::FALSE, rollout.reason, format!("{}.{note}", rollout.message))
             };
             (stalled, reconciling, ready)
         }
