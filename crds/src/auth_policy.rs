@@ -33,11 +33,17 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.jwt) || has(self.oidc) || has(self.apiKeys) || (has(self.rateLimits) && size(self.rateLimits) > 0) || has(self.authorization)",
-    "message": "an AuthPolicy needs at least one of jwt, oidc, apiKeys, rateLimits and authorization"
-}]))]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.jwt) || has(self.oidc) || has(self.apiKeys) || (has(self.rateLimits) && size(self.rateLimits) > 0) || has(self.authorization)",
+        "message": "an AuthPolicy needs at least one of jwt, oidc, apiKeys, rateLimits and authorization"
+    },
+    {
+        "rule": "self.targetRefs.all(t, self.targetRefs.exists_one(o, o.name == t.name && (has(o.sectionName) ? o.sectionName : '') == (has(t.sectionName) ? t.sectionName : '')))",
+        "message": "targetRefs must not name the same target twice"
+    }
+]))]
 pub struct AuthPolicySpec {
     /// The Middlewares (and optionally routes) this policy applies to.
     #[schemars(length(min = 1, max = 16))]
@@ -62,7 +68,7 @@ pub struct AuthPolicySpec {
 
 /// JWT validation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Jwt {
     /// Trusted issuers.
     #[schemars(length(min = 1, max = 16))]
@@ -78,7 +84,7 @@ pub struct Jwt {
 
 /// One trusted issuer.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct JwtIssuer {
     /// Expected `iss` claim.
     #[schemars(length(min = 1, max = 2048))]
@@ -97,7 +103,7 @@ pub struct JwtIssuer {
 
 /// A claim copied to a request header.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ClaimToHeader {
     /// Claim name.
     pub claim: String,
@@ -107,7 +113,7 @@ pub struct ClaimToHeader {
 
 /// OIDC login.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Oidc {
     /// Issuer URL; endpoints come from its discovery document.
     #[schemars(extend("pattern" = "^https?://"))]
@@ -130,7 +136,7 @@ pub struct Oidc {
 
 /// Login sessions.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Session {
     /// Cookie name. Defaults to `umw_session`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,7 +159,7 @@ pub enum SessionStoreKind {
 
 /// API keys.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ApiKeys {
     /// Request header carrying the key. Defaults to `X-API-Key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -165,7 +171,7 @@ pub struct ApiKeys {
 
 /// A rate limit (token bucket).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RateLimit {
     /// Name, for metrics and the `RateLimit-Policy` header.
     #[schemars(length(min = 1, max = 63))]
@@ -190,7 +196,7 @@ pub struct RateLimit {
 
 /// What a rate limit counts by: one of `clientIp` (default), `header`, `claim`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!(has(self.header) && has(self.claim))",
     "message": "rate limit key takes at most one of header and claim"
@@ -214,7 +220,7 @@ pub enum RateLimitScope {
 
 /// Authorization.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.opa) || (has(self.rules) && size(self.rules) > 0)",
     "message": "authorization needs opa or at least one rule"
@@ -233,7 +239,7 @@ pub struct Authorization {
 
 /// An OPA Wasm bundle in a ConfigMap.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct OpaPolicy {
     /// ConfigMap holding the compiled policy (`opa build -t wasm`) in `binaryData`.
     pub config_map_name: String,
@@ -246,7 +252,7 @@ pub struct OpaPolicy {
 
 /// A role rule.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RoleRule {
     /// Path prefix the rule covers. Defaults to every path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -305,5 +311,30 @@ impl Policy for AuthPolicy {
             fields.push("spec.authorization");
         }
         fields
+    }
+
+    fn validate_against(&self, middleware: &crate::Middleware) -> Result<(), String> {
+        let has_redis = middleware.spec.connections.redis.is_some();
+        if let Some(limit) = self.spec.rate_limits.iter().find(|l| l.scope == Some(RateLimitScope::Redis))
+            && !has_redis
+        {
+            return Err(crate::policy::needs_connection(&format!("rate limit {:?} (scope redis)", limit.name), "redis", middleware));
+        }
+        if let Some(oidc) = &self.spec.oidc
+            && oidc.session.store == Some(SessionStoreKind::Redis)
+            && !has_redis
+        {
+            return Err(crate::policy::needs_connection("oidc.session.store redis", "redis", middleware));
+        }
+        Ok(())
+    }
+
+    fn secret_key_refs(&self) -> Vec<(&'static str, &crate::SecretKeyRef)> {
+        let oidc = self.spec.oidc.as_ref().and_then(|o| o.client_secret.secret_key_ref.as_ref());
+        oidc.map(|r| ("spec.oidc.clientSecret", r)).into_iter().collect()
+    }
+
+    fn secret_names(&self) -> Vec<(&'static str, &str)> {
+        self.spec.api_keys.iter().map(|k| ("spec.apiKeys.secretName", k.secret_name.as_str())).collect()
     }
 }

@@ -32,7 +32,11 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.targetRefs.all(t, self.targetRefs.exists_one(o, o.name == t.name && (has(o.sectionName) ? o.sectionName : '') == (has(t.sectionName) ? t.sectionName : '')))",
+        "message": "targetRefs must not name the same target twice"
+    }]))]
 pub struct CachePolicySpec {
     /// The Middlewares (and optionally routes) this policy applies to.
     #[schemars(length(min = 1, max = 16))]
@@ -65,7 +69,7 @@ pub enum CacheBackend {
 
 /// One caching rule.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CacheRule {
     /// Which requests the rule covers. Without it, every GET and HEAD.
     #[serde(default, rename = "match")]
@@ -107,7 +111,7 @@ pub struct CacheRule {
 
 /// Requests a cache rule covers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CacheMatch {
     /// Path prefix, on segment boundaries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,7 +133,7 @@ pub enum CacheableMethod {
 
 /// Parts of the request in the cache key. `Vary` response headers are always honoured.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CacheKey {
     /// Query parameters in the key; others are ignored. Empty means the whole query string.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -141,7 +145,7 @@ pub struct CacheKey {
 
 /// Coalescing of concurrent misses.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SingleFlight {
     /// One upstream request per key at a time in a pod. Defaults to true.
     #[serde(default = "yes")]
@@ -166,7 +170,7 @@ fn yes() -> bool {
 
 /// Removal of entries before they expire.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Invalidation {
     /// Serve the authenticated admin API (`/cache/invalidate`) for invalidation by key, prefix and tag.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -178,7 +182,7 @@ pub struct Invalidation {
 
 /// Events from a Kafka topic that invalidate entries.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.keyTemplate) || has(self.tagTemplate) || has(self.prefixTemplate)",
     "message": "set at least one of keyTemplate, prefixTemplate and tagTemplate"
@@ -203,7 +207,7 @@ pub struct InvalidationEvent {
 
 /// Warm-up.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Warmup {
     /// Paths fetched through the gateway.
     #[schemars(length(min = 1, max = 1000))]
@@ -224,6 +228,19 @@ impl Policy for CachePolicy {
 
     fn conflict_key(&self, target: &PolicyTargetRef) -> String {
         section_key(target)
+    }
+
+    fn validate_against(&self, middleware: &crate::Middleware) -> Result<(), String> {
+        if middleware.spec.connections.redis.is_some() {
+            return Ok(());
+        }
+        if let Some(backend @ (CacheBackend::Redis | CacheBackend::Tiered)) = self.spec.backend {
+            return Err(crate::policy::needs_connection(&format!("backend {backend:?}"), "redis", middleware));
+        }
+        if self.spec.rules.iter().any(|r| r.single_flight.distributed) {
+            return Err(crate::policy::needs_connection("distributed single-flight", "redis", middleware));
+        }
+        Ok(())
     }
 
     fn not_enforced_fields(&self) -> Vec<&'static str> {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub struct Duration(pub String);
 
 /// The syntax of [`Duration`], as a regular expression for the OpenAPI schema.
-pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+pub const DURATION_PATTERN: &str = r"^([0-9]{1,6}(\.[0-9]{1,9})?(ms|s|m|h)){1,4}$";
 
 impl Duration {
     pub fn new(s: impl Into<String>) -> Self {
@@ -103,8 +103,8 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, DurationError> 
 }
 
 /// A key of a Secret in the resource's own namespace.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret, in the namespace of the resource that refers to it.
     #[schemars(length(min = 1, max = 253))]
@@ -119,7 +119,7 @@ pub struct SecretKeyRef {
 /// Secret values are never copied into the rendered data-plane configuration: the operator passes them to
 /// the data-plane pods as environment variables named by [`crate::config::secret_env_var`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.value) != has(self.secretKeyRef)",
     "message": "set exactly one of value or secretKeyRef"
@@ -157,7 +157,7 @@ fn default_group() -> String {
 
 /// Names the Middleware (and optionally one of its routes) that a policy applies to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PolicyTargetRef {
     /// API group of the target. Only `umw.dev`.
     #[serde(default = "default_group")]

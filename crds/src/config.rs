@@ -37,6 +37,8 @@ pub enum ConfigError {
     ApiVersion { document: usize, api_version: String, expected: &'static str },
     #[error("document {document}: kind {kind:?} is not one of Middleware, CachePolicy, EventRoute, AuthPolicy")]
     UnknownKind { document: usize, kind: String },
+    #[error("document {document}: unknown field {field} (a typo, or a field of a newer version)")]
+    UnknownField { document: usize, field: String },
     #[error("the configuration holds no Middleware")]
     NoMiddleware,
     #[error("the configuration holds {0} Middlewares; one data plane serves exactly one")]
@@ -79,10 +81,10 @@ impl Bundle {
                 });
             }
             match meta.kind.as_str() {
-                "Middleware" => middlewares.push(serde_yaml::from_value(value).map_err(parse)?),
-                "CachePolicy" => bundle.cache_policies.push(serde_yaml::from_value(value).map_err(parse)?),
-                "EventRoute" => bundle.event_routes.push(serde_yaml::from_value(value).map_err(parse)?),
-                "AuthPolicy" => bundle.auth_policies.push(serde_yaml::from_value(value).map_err(parse)?),
+                "Middleware" => middlewares.push(strict(value, document_number)?),
+                "CachePolicy" => bundle.cache_policies.push(strict(value, document_number)?),
+                "EventRoute" => bundle.event_routes.push(strict(value, document_number)?),
+                "AuthPolicy" => bundle.auth_policies.push(strict(value, document_number)?),
                 _ => {
                     return Err(ConfigError::UnknownKind { document: document_number, kind: meta.kind });
                 }
@@ -113,6 +115,25 @@ impl Bundle {
             push_document(&mut out, &strip(policy))?;
         }
         Ok(out)
+    }
+}
+
+/// Deserialises one document, refusing fields the types do not know. The types themselves accept unknown
+/// fields, so that a watch never fails on an object written against a newer CRD; files are held to the
+/// stricter standard, since an unknown field there is almost always a typo.
+fn strict<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, document: usize) -> Result<T, ConfigError> {
+    let mut unknown = Vec::new();
+    let parsed: T = serde_ignored::deserialize(value, |path| {
+        let path = path.to_string();
+        // The generated root types read apiVersion and kind themselves.
+        if path != "apiVersion" && path != "kind" {
+            unknown.push(path);
+        }
+    })
+        .map_err(|source| ConfigError::Parse { document, source })?;
+    match unknown.into_iter().next() {
+        Some(field) => Err(ConfigError::UnknownField { document, field }),
+        None => Ok(parsed),
     }
 }
 
@@ -252,7 +273,7 @@ mod tests {
         assert!(matches!(Bundle::from_yaml(two).unwrap_err(), ConfigError::SeveralMiddlewares(2)));
         let unknown_field = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec: {replica: 2}\n";
         let err = Bundle::from_yaml(unknown_field).unwrap_err();
-        assert!(err.to_string().contains("replica"), "{err}");
+        assert!(err.to_string().contains("unknown field spec.replica"), "{err}");
     }
 
     #[test]

@@ -35,7 +35,17 @@ use crate::policy::{Policy, PolicyStatus};
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.targetRefs.all(t, self.targetRefs.exists_one(o, o.name == t.name && (has(o.sectionName) ? o.sectionName : '') == (has(t.sectionName) ? t.sectionName : '')))",
+        "message": "targetRefs must not name the same target twice"
+    },
+    {
+        "rule": "self.targetRefs.all(t, !has(t.sectionName))",
+        "message": "event routes attach to a whole Middleware: remove targetRefs[].sectionName"
+    }
+]))]
 pub struct EventRouteSpec {
     /// The Middlewares that run this route. `sectionName` is not used by event routes.
     #[schemars(length(min = 1, max = 16))]
@@ -64,7 +74,7 @@ pub struct EventRouteSpec {
 
 /// Event source: exactly one.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "(has(self.http) ? 1 : 0) + (has(self.kafka) ? 1 : 0) + (has(self.outbox) ? 1 : 0) == 1",
     "message": "source needs exactly one of http, kafka and outbox"
@@ -83,7 +93,7 @@ pub struct EventSource {
 
 /// HTTP ingest.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpSource {
     /// Path, e.g. `/events/orders`.
     #[schemars(length(min = 1, max = 256), extend("pattern" = "^/"))]
@@ -92,7 +102,7 @@ pub struct HttpSource {
 
 /// A Kafka topic and consumer group.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct KafkaSource {
     /// Topic.
     #[schemars(length(min = 1, max = 249), extend("pattern" = "^[a-zA-Z0-9._-]+$"))]
@@ -104,7 +114,7 @@ pub struct KafkaSource {
 
 /// An outbox table.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct OutboxSource {
     /// Table name. Defaults to `umw_outbox`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,7 +124,7 @@ pub struct OutboxSource {
 
 /// Event destination: exactly one.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "(has(self.kafka) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.websocket) ? 1 : 0) == 1",
     "message": "destination needs exactly one of kafka, http and websocket"
@@ -133,7 +143,7 @@ pub struct EventDestination {
 
 /// A Kafka topic to publish to.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct KafkaDestination {
     /// Topic.
     #[schemars(length(min = 1, max = 249), extend("pattern" = "^[a-zA-Z0-9._-]+$"))]
@@ -145,7 +155,7 @@ pub struct KafkaDestination {
 
 /// A webhook.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpDestination {
     /// `http://` or `https://` URL.
     #[schemars(extend("pattern" = "^https?://[^/\\s]+(/.*)?$"), length(max = 2048))]
@@ -160,7 +170,7 @@ pub struct HttpDestination {
 
 /// A WebSocket room.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WebSocketDestination {
     /// Room name; a template over the event, e.g. `orders-{{ data.customerId }}`.
     #[schemars(length(min = 1, max = 256))]
@@ -169,7 +179,7 @@ pub struct WebSocketDestination {
 
 /// Event filter.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct EventFilter {
     /// CloudEvents `type` values let through. Empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -184,7 +194,7 @@ pub struct EventFilter {
 
 /// A condition on the event data.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct DataMatch {
     /// JSON Pointer into `data`, e.g. `/status`.
     #[schemars(extend("pattern" = "^(/[^/]*)+$"))]
@@ -195,7 +205,7 @@ pub struct DataMatch {
 
 /// Delivery retries: exponential backoff with full jitter.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct EventRetry {
     /// Attempts in all, the first included. Defaults to 5.
     #[serde(default = "default_attempts")]
@@ -221,7 +231,7 @@ fn default_attempts() -> u32 {
 
 /// The dead-letter topic.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
     /// Kafka topic. Its messages carry the original topic, partition, offset, error and attempt count as
     /// headers.
@@ -271,6 +281,19 @@ impl Policy for EventRoute {
     fn not_enforced_fields(&self) -> Vec<&'static str> {
         // Events land with the events issue; until then nothing of an EventRoute is enforced.
         vec!["spec.source", "spec.destination"]
+    }
+
+    fn validate_against(&self, middleware: &crate::Middleware) -> Result<(), String> {
+        let connections = &middleware.spec.connections;
+        let spec = &self.spec;
+        let kafka = spec.source.kafka.is_some() || spec.destination.kafka.is_some() || spec.dead_letter.is_some();
+        if kafka && connections.kafka.is_none() {
+            return Err(crate::policy::needs_connection("a Kafka source, destination or dead-letter topic", "kafka", middleware));
+        }
+        if spec.source.outbox.is_some() && connections.postgres.is_none() {
+            return Err(crate::policy::needs_connection("an outbox source", "postgres", middleware));
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -38,7 +38,7 @@ use crate::common::{Duration, JsonDocument, ValueSource};
     printcolumn(name = "Config", type_ = "string", json_path = ".status.configHash", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "!has(self.autoscaling) || !has(self.replicas) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)",
@@ -128,7 +128,7 @@ fn default_admin_port() -> u16 {
 
 /// The data plane's listeners.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "(has(self.http) && has(self.http.port) ? self.http.port : 8080) != (has(self.adminPort) ? self.adminPort : 9901)",
@@ -150,9 +150,10 @@ pub struct Listeners {
     /// Not enforced yet: the WebSocket hub lands in a later version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub websocket: Option<WebSocketListener>,
-    /// Port of the admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`. Defaults to 9901.
+    /// Port of the admin listener (`/healthz`, `/readyz`, `/status`, `/metrics`), 1024 or above. Defaults
+    /// to 9901.
     #[serde(default = "default_admin_port")]
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(range(min = 1024, max = 65535))]
     pub admin_port: u16,
 }
 
@@ -164,11 +165,11 @@ impl Default for Listeners {
 
 /// The HTTP listener.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpListener {
-    /// Port. Defaults to 8080.
+    /// Port, 1024 or above (the data plane runs without privileges). Defaults to 8080.
     #[serde(default = "default_http_port")]
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(range(min = 1024, max = 65535))]
     pub port: u16,
 }
 
@@ -181,16 +182,16 @@ impl Default for HttpListener {
 /// The gRPC listener.
 /// Not enforced yet: the data plane serves gRPC in a later version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct GrpcListener {
-    /// Port of the gRPC listener.
-    #[schemars(range(min = 1, max = 65535))]
+    /// Port of the gRPC listener, 1024 or above.
+    #[schemars(range(min = 1024, max = 65535))]
     pub port: u16,
 }
 
 /// WebSocket upgrades on the HTTP listener.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WebSocketListener {
     /// Path on which upgrades are accepted, e.g. `/ws`.
     #[schemars(length(min = 1, max = 256), extend("pattern" = "^/"))]
@@ -199,7 +200,7 @@ pub struct WebSocketListener {
 
 /// A route: which requests it takes and where they go.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Route {
     /// Name of the route, unique in the Middleware; policies target it with `sectionName`.
     #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
@@ -223,7 +224,7 @@ pub struct Route {
 
 /// Request matching. All given conditions must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!(has(self.pathPrefix) && has(self.path))",
     "message": "set at most one of pathPrefix and path"
@@ -265,7 +266,7 @@ pub enum HttpMethod {
 
 /// A header condition.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HeaderMatch {
     /// Header name, case-insensitive.
     #[schemars(length(min = 1, max = 256))]
@@ -276,7 +277,7 @@ pub struct HeaderMatch {
 
 /// An upstream: a Service in the Middleware's namespace, or a URL. Exactly one.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.service) != has(self.url)",
     "message": "upstream needs exactly one of service or url"
@@ -293,7 +294,7 @@ pub struct Upstream {
 
 /// A Service and port.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceRef {
     /// Service name.
     #[schemars(length(min = 1, max = 63))]
@@ -305,7 +306,7 @@ pub struct ServiceRef {
 
 /// Retries of idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE), bounded by a retry budget.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RetryPolicy {
     /// Attempts after the first one. Defaults to 2.
     #[serde(default = "default_retry_attempts")]
@@ -316,6 +317,7 @@ pub struct RetryPolicy {
     pub backoff: Option<Duration>,
     /// Upstream statuses that are retried, besides connection errors. Defaults to 502, 503 and 504.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(range(min = 100, max = 599)))]
     pub on_statuses: Vec<u16>,
 }
 
@@ -325,7 +327,7 @@ fn default_retry_attempts() -> u32 {
 
 /// Connections to backends. Each setting is inline or from a Secret key.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Connections {
     /// Redis: the cache and sessions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -373,7 +375,7 @@ pub enum RedisMode {
 
 /// A Redis connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RedisConnection {
     /// `redis://` or `rediss://` URL; for a Cluster, any node (others are discovered).
     pub url: ValueSource,
@@ -387,7 +389,7 @@ pub struct RedisConnection {
 
 /// A Kafka connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct KafkaConnection {
     /// Comma-separated `host:port` list.
     pub bootstrap_servers: ValueSource,
@@ -413,7 +415,7 @@ pub enum SaslMechanism {
 
 /// Kafka SASL settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct KafkaSasl {
     /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
     #[serde(default)]
@@ -426,7 +428,7 @@ pub struct KafkaSasl {
 
 /// A PostgreSQL connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PostgresConnection {
     /// `postgres://` URL.
     pub url: ValueSource,
@@ -439,7 +441,7 @@ pub struct PostgresConnection {
 /// A command: an HTTP request validated against a JSON Schema and recorded, with its event, in the outbox.
 /// Not enforced yet: commands land in a later version.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Command {
     /// Name, unique in the Middleware; served at `POST /commands/<name>`.
     #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
@@ -459,7 +461,7 @@ pub struct Command {
 
 /// The event of a command.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CommandEvent {
     /// CloudEvents `type`, e.g. `com.example.order.placed`.
     #[serde(rename = "type")]
@@ -475,7 +477,7 @@ pub struct CommandEvent {
 
 /// Idempotency of commands.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Idempotency {
     /// Request header that carries the key. Defaults to `Idempotency-Key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -496,7 +498,7 @@ pub enum LogFormat {
 
 /// Traces, logs and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Observability {
     /// OTLP/gRPC endpoint for traces, e.g. `http://otel-collector:4317`. Without it no traces are exported
     /// (the standard `OTEL_*` variables still apply).
@@ -517,7 +519,7 @@ pub struct Observability {
 
 /// Pod settings of the data plane.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PodOverrides {
     /// Compute resources of the data-plane container. Defaults to requests of 100m CPU and 64Mi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -544,7 +546,7 @@ pub struct PodOverrides {
 
 /// A HorizontalPodAutoscaler on CPU.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "self.minReplicas <= self.maxReplicas",
     "message": "minReplicas must not exceed maxReplicas"
@@ -573,11 +575,21 @@ fn default_cpu_target() -> i32 {
 
 /// A PodDisruptionBudget: exactly one of `minAvailable` and `maxUnavailable`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.minAvailable) != has(self.maxUnavailable)",
-    "message": "set exactly one of minAvailable and maxUnavailable"
-}]))]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.minAvailable) != has(self.maxUnavailable)",
+        "message": "set exactly one of minAvailable and maxUnavailable"
+    },
+    {
+        "rule": "!has(self.minAvailable) || (type(self.minAvailable) == int ? self.minAvailable >= 0 : string(self.minAvailable).matches('^([0-9]|[1-9][0-9]|100)%$'))",
+        "message": "minAvailable is a number of pods (0 or more) or a percentage from 0% to 100%"
+    },
+    {
+        "rule": "!has(self.maxUnavailable) || (type(self.maxUnavailable) == int ? self.maxUnavailable >= 0 : string(self.maxUnavailable).matches('^([0-9]|[1-9][0-9]|100)%$'))",
+        "message": "maxUnavailable is a number of pods (0 or more) or a percentage from 0% to 100%"
+    }
+]))]
 pub struct DisruptionBudget {
     /// Pods that must stay available, a number or a percentage.
     #[serde(default, skip_serializing_if = "Option::is_none")]

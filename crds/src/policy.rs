@@ -62,6 +62,30 @@ pub trait Policy:
     fn validate(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// Checks against the Middleware the policy attaches to (e.g. that the connections it needs exist).
+    fn validate_against(&self, _middleware: &crate::Middleware) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Secret keys the data plane needs for this policy, with the field that names each.
+    fn secret_key_refs(&self) -> Vec<(&'static str, &crate::SecretKeyRef)> {
+        Vec::new()
+    }
+
+    /// Whole Secrets the data plane needs for this policy (mounted as files), with the field that names each.
+    fn secret_names(&self) -> Vec<(&'static str, &str)> {
+        Vec::new()
+    }
+}
+
+/// The message for a policy that needs a connection its Middleware does not have.
+pub fn needs_connection(what: &str, connection: &str, middleware: &crate::Middleware) -> String {
+    use kube::ResourceExt;
+    format!(
+        "{what} needs a {connection} connection, but Middleware {:?} has no spec.connections.{connection}; add one or change the policy",
+        middleware.name_any()
+    )
 }
 
 /// The route part of a conflict key: the route name or `*` for the whole Middleware.

@@ -64,23 +64,35 @@ while :; do
 done
 converged=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")
 
-sleep 5 # let the last status updates (ReplicaSets appearing) settle
-steady_from=$(date -u +%Y-%m-%dT%H:%M:%S.%6NZ)
-sleep "$STEADY_SECONDS"
-writes=$(python3 - "$DIR/audit.log" "$steady_from" <<'PY'
-import json, sys
-since = sys.argv[2]
-n = 0
+# Writes by the operator in the audit log since a time, as "resource verb" counts.
+writes_since() {
+  python3 - "$DIR/audit.log" "$1" <<'PY'
+import collections, json, sys
+since, counts = sys.argv[2], collections.Counter()
 for line in open(sys.argv[1]):
     e = json.loads(line)
     if e["user"]["username"] != "umw-operator" or e["verb"] not in ("create", "update", "patch", "delete"):
         continue
     if e["objectRef"].get("resource") == "leases" or e["requestReceivedTimestamp"] < since:
         continue
-    n += 1
-print(n)
+    sub = e["objectRef"].get("subresource")
+    counts[e["objectRef"]["resource"] + ("/" + sub if sub else "") + " " + e["verb"]] += 1
+print(sum(counts.values()), " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 PY
-)
+}
+# The rollout goes on after convergence (the controller-manager creates 2 pods per Deployment and the
+# operator reports replica counts): the steady state starts once the operator has been quiet for 10s.
+settle_start=$(date +%s)
+while :; do
+  ten_ago=$(date -u -d '-10 seconds' +%Y-%m-%dT%H:%M:%S.%6NZ)
+  [ "$(writes_since "$ten_ago" | cut -d' ' -f1)" = "0" ] && break
+  [ $(( $(date +%s) - settle_start )) -gt 300 ] && { echo "the operator never went quiet" >&2; break; }
+  sleep 2
+done
+settled=$(( $(date +%s) - settle_start ))
+steady_from=$(date -u +%Y-%m-%dT%H:%M:%S.%6NZ)
+sleep "$STEADY_SECONDS"
+writes=$(writes_since "$steady_from")
 peak_kib=$(awk '/VmHWM/ {print $2}' "/proc/$OP_PID/status")
 rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$OP_PID/status")
 cpu_ticks=$(awk '{print $14 + $15}' "/proc/$OP_PID/stat")
@@ -88,4 +100,6 @@ echo "middlewares:            $N (each: ConfigMap, ServiceAccount, Service, Depl
 echo "time to converge:       ${converged}s (apply of all $N until every child exists and every status is written)"
 echo "operator peak RSS:      $((peak_kib / 1024)) MiB (now $((rss_kib / 1024)) MiB)"
 echo "operator CPU in all:    $((cpu_ticks / $(getconf CLK_TCK))) s"
+echo "rollout settled after:  ${settled}s more (the operator's last replica-count updates)"
 echo "steady-state writes:    $writes in ${STEADY_SECONDS}s with --resync $RESYNC (leader-lease renewals excluded)"
+echo "all writes:             $(writes_since 2000-01-01T00:00:00Z)"

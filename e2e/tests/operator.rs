@@ -150,15 +150,29 @@ async fn spec_changes_update_children_and_removing_autoscaling_deletes_the_hpa()
         get(&deployments, "umw-shop").await.filter(|d| d.spec.replicas == Some(3))
     })
     .await;
-    assert_ne!(hash(&first), hash(&updated), "a spec change rolls the pods");
+    assert_eq!(hash(&first), hash(&updated), "scaling does not change the configuration, so it does not roll the pods");
+    ns.must_apply(&middleware_yaml("shop", "  replicas: 3\n  listeners:\n    websocket: {path: /ws}\n"));
+    eventually("a configuration change rolls the pods", WAIT, || async {
+        get(&deployments, "umw-shop").await.filter(|d| hash(d) != hash(&first))
+    })
+    .await;
     let mws: Api<Middleware> = Api::namespaced(client.clone(), &ns.name);
-    eventually("observedGeneration 2", WAIT, || async {
+    eventually("observedGeneration 3", WAIT, || async {
         let mw = get(&mws, "shop").await?;
         let status = mw.status?;
-        (status.observed_generation == Some(2) && status.conditions.iter().all(|c| c.observed_generation == Some(2)))
+        (status.observed_generation == Some(3) && status.conditions.iter().all(|c| c.observed_generation == Some(3)))
             .then_some(())
     })
     .await;
+
+    // Switching autoscaling on hands the replica count to the HPA without dropping it to 1 on the way.
+    ns.must_apply(&middleware_yaml("shop", "  autoscaling: {minReplicas: 2, maxReplicas: 5}\n  listeners:\n    websocket: {path: /ws}\n"));
+    eventually("HPA back", WAIT, || async { get(&hpas, "umw-shop").await }).await;
+    for _ in 0..8 {
+        let deployment = get(&deployments, "umw-shop").await.expect("the Deployment stays");
+        assert_eq!(deployment.spec.replicas, Some(3), "the live replica count survives the hand-over");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[tokio::test]
@@ -212,10 +226,32 @@ async fn a_policy_without_its_target_is_target_not_found_until_the_target_exists
         mw.status?.policies.iter().any(|p| p.kind == "CachePolicy" && p.name == "cache").then_some(())
     })
     .await;
-    // And the transition was announced as a Kubernetes Event.
-    let events = ns.kubectl(&["get", "events.events.k8s.io", "-o", "jsonpath={.items[*].reason}"]);
-    let reasons_seen = String::from_utf8_lossy(&events.stdout);
-    assert!(reasons_seen.contains("TargetNotFound") && reasons_seen.contains("Accepted"), "events: {reasons_seen}");
+    // And the transitions were announced as Kubernetes Events.
+    eventually("Events for TargetNotFound and Accepted", WAIT, || async {
+        let events = ns.kubectl(&["get", "events.events.k8s.io", "-o", "jsonpath={.items[*].reason}"]);
+        let seen = String::from_utf8_lossy(&events.stdout).to_string();
+        (seen.contains("TargetNotFound") && seen.contains("Accepted")).then_some(())
+    })
+    .await;
+
+    // A policy that needs a connection the Middleware lacks is Invalid, and says which.
+    ns.must_apply(
+        "apiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata:\n  name: to-kafka\nspec:\n  targetRefs: [{name: later}]\n  source:\n    http: {path: /events}\n  destination:\n    kafka: {topic: orders}\n",
+    );
+    let routes: Api<umw_crds::EventRoute> = Api::namespaced(client.clone(), &ns.name);
+    let route = policy_accepted(&routes, "to-kafka", (status::FALSE, reasons::INVALID)).await;
+    let message = conditions::find(&route.status.unwrap().conditions, types::ACCEPTED).unwrap().message.clone();
+    assert!(message.contains("spec.connections.kafka"), "{message}");
+
+    // Moving the cache policy to another Middleware takes it out of the first one's configuration.
+    ns.must_apply(&middleware_yaml("other", ""));
+    ns.must_apply(&cache_policy_yaml("cache", "other", None));
+    eventually("the moved policy leaves the old configuration", WAIT, || async {
+        let old = get(&config_maps, "umw-later-config").await?.data?.get("config.yaml")?.clone();
+        let new = get(&config_maps, "umw-other-config").await?.data?.get("config.yaml")?.clone();
+        (!old.contains("kind: CachePolicy") && new.contains("kind: CachePolicy")).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -272,6 +308,31 @@ async fn a_missing_secret_stalls_the_middleware_until_it_exists() {
         env.iter().find(|e| e.name.starts_with("UMW_SECRET_REDIS_URL_")).expect("the Secret is passed as an env var");
     assert!(secret_env.value.is_none() && secret_env.value_from.is_some(), "never the value itself");
     eventually("Stalled=False", WAIT, || async {
+        let mw = get(&mws, "shop").await?;
+        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::FALSE, reasons::AS_EXPECTED)))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_child_the_api_server_refuses_stalls_the_middleware_with_its_message() {
+    let ns = TestNamespace::new("refused");
+    let _operator = Operator::start(&ns.name, &[]);
+    // The schema cannot check label syntax; the API server refuses the Deployment.
+    ns.must_apply(&middleware_yaml("shop", "  pod:\n    labels: {\"not a label\": x}\n"));
+    let mws: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    let mw = eventually("Stalled=True/ApplyFailed", WAIT, || async {
+        let mw = get(&mws, "shop").await?;
+        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::TRUE, reasons::APPLY_FAILED)))
+            .then_some(mw)
+    })
+    .await;
+    let message = conditions::find(&mw.status.unwrap().conditions, types::STALLED).unwrap().message.clone();
+    assert!(message.contains("not a label") && message.contains("correct the Middleware spec"), "{message}");
+
+    ns.must_apply(&middleware_yaml("shop", "  pod:\n    labels: {team: a}\n"));
+    eventually("Stalled=False after the fix", WAIT, || async {
         let mw = get(&mws, "shop").await?;
         (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::FALSE, reasons::AS_EXPECTED)))
             .then_some(())
@@ -355,6 +416,8 @@ async fn invalid_resources_are_refused_with_a_readable_message() {
         ("zero duration", mw("  routes:\n  - name: a\n    timeout: 0s\n    upstream: {url: http://x}\n"), "must be a positive duration"),
         ("duplicate route names", mw("  routes:\n  - name: a\n    upstream: {url: http://x}\n  - name: a\n    upstream: {url: http://y}\n"), "route names must be unique"),
         ("port out of range", mw("  listeners:\n    http: {port: 70000}\n"), "spec.listeners.http.port"),
+        ("privileged port", mw("  listeners:\n    http: {port: 80}\n"), "should be greater than or equal to 1024"),
+        ("budget above 100%", mw("  disruptionBudget: {maxUnavailable: \"150%\"}\n"), "a percentage from 0% to 100%"),
         ("clashing ports", mw("  listeners:\n    http: {port: 9901}\n"), "http.port and adminPort must differ"),
         ("min above max replicas", mw("  autoscaling: {minReplicas: 5, maxReplicas: 2}\n"), "minReplicas must not exceed maxReplicas"),
         ("both budget fields", mw("  disruptionBudget: {minAvailable: 1, maxUnavailable: 1}\n"), "set exactly one of minAvailable and maxUnavailable"),
@@ -370,6 +433,16 @@ async fn invalid_resources_are_refused_with_a_readable_message() {
             "event route without destination",
             "apiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata:\n  name: bad\nspec:\n  targetRefs: [{name: shop}]\n  source:\n    http: {path: /e}\n  destination: {}\n".into(),
             "destination needs exactly one of kafka, http and websocket",
+        ),
+        (
+            "event route on a route",
+            "apiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata:\n  name: bad\nspec:\n  targetRefs: [{name: shop, sectionName: api}]\n  source:\n    http: {path: /e}\n  destination:\n    kafka: {topic: out}\n".into(),
+            "event routes attach to a whole Middleware",
+        ),
+        (
+            "the same target twice",
+            "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: bad\nspec:\n  targetRefs: [{name: shop}, {name: shop}]\n  rules:\n  - ttl: 1m\n".into(),
+            "targetRefs must not name the same target twice",
         ),
         (
             "policy without targets",
@@ -405,7 +478,7 @@ async fn kubectl_wait_works_on_each_kind_and_get_umw_reads_well() {
     let ns = TestNamespace::new("wait");
     let _operator = Operator::start(&ns.name, &[]);
     // Zero replicas: ready without a kubelet.
-    ns.must_apply(&middleware_yaml("shop", "  replicas: 0\n"));
+    ns.must_apply(&middleware_yaml("shop", "  replicas: 0\n  connections:\n    kafka:\n      bootstrapServers: {value: kafka:9092}\n"));
     ns.must_apply(&cache_policy_yaml("cache", "shop", Some("api")));
     ns.must_apply(&auth_policy_yaml("auth", "shop"));
     ns.must_apply(

@@ -49,6 +49,7 @@ fn resolve<P: Policy>(policy: &P, target: &PolicyTargetRef, mw: Option<&Middlewa
             if routes.is_empty() { "none".to_string() } else { routes.join(", ") }
         )));
     }
+    policy.validate_against(mw).map_err(Rejection::Invalid)?;
     Ok(())
 }
 

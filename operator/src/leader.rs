@@ -1,11 +1,16 @@
 //! Leader election on a `coordination.k8s.io` Lease, so that two or more replicas can run safely: only
 //! the holder reconciles. Updates use the Lease's resourceVersion, so two candidates cannot both win.
+//!
+//! As in client-go: a candidate judges a lease expired by its own clock (the holder record has not changed
+//! for `lease_duration` since this candidate first saw it), never by comparing the holder's timestamps with
+//! its clock; and a leader stops working when it could not renew for `renew_deadline`, which is shorter
+//! than `lease_duration`, so that it has stopped before anyone else may take over.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, Error as KubeError};
 
@@ -18,7 +23,10 @@ pub struct Election {
     pub lease_name: String,
     pub identity: String,
     pub lease_duration: Duration,
-    pub renew_every: Duration,
+    /// A leader that could not renew for this long gives up. Shorter than `lease_duration`.
+    pub renew_deadline: Duration,
+    /// Time between attempts (renewals and acquisitions).
+    pub retry_period: Duration,
     pub api_timeout: Duration,
 }
 
@@ -34,11 +42,31 @@ pub struct Leader {
     api: Api<Lease>,
     election: Election,
     metrics: Metrics,
+    /// The other holder's record as last seen, and when it last changed, by our clock.
+    observed: std::sync::Mutex<Option<(Option<String>, Option<MicroTime>, std::time::Instant)>>,
 }
 
 impl Leader {
     pub fn new(client: Client, election: Election, metrics: Metrics) -> Self {
-        Self { api: Api::namespaced(client, &election.namespace), election, metrics }
+        Self { api: Api::namespaced(client, &election.namespace), election, metrics, observed: Default::default() }
+    }
+
+    /// Whether the lease held by someone else has expired, judged by our own clock.
+    fn expired(&self, spec: &LeaseSpec) -> bool {
+        let record = (spec.holder_identity.clone(), spec.renew_time.clone());
+        let duration = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map(Duration::from_secs)
+            .unwrap_or(self.election.lease_duration);
+        let Ok(mut observed) = self.observed.lock() else { return false };
+        match observed.as_ref() {
+            Some((holder, renewed, since)) if (holder, renewed) == (&record.0, &record.1) => since.elapsed() > duration,
+            _ => {
+                *observed = Some((record.0, record.1, std::time::Instant::now()));
+                false
+            }
+        }
     }
 
     /// Waits until this candidate holds the lease.
@@ -53,27 +81,29 @@ impl Leader {
                 Ok(false) => {}
                 Err(error) => tracing::warn!(%error, "leader election attempt failed"),
             }
-            tokio::time::sleep(self.election.renew_every).await;
+            tokio::time::sleep(self.election.retry_period).await;
         }
     }
 
-    /// Renews the lease until a renewal fails for longer than the lease lasts; returns then.
+    /// Renews the lease until a renewal is refused or none succeeded for `renew_deadline`; returns then,
+    /// and the caller must stop working.
     pub async fn hold(&self) {
         let mut last_renewal = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(self.election.renew_every).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
-                    tracing::error!("another replica took the lease");
+            tokio::time::sleep(self.election.retry_period).await;
+            let left = self.election.renew_deadline.saturating_sub(last_renewal.elapsed());
+            if left.is_zero() {
+                tracing::error!(deadline = ?self.election.renew_deadline, "could not renew the lease in time");
+                break;
+            }
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
+                    tracing::error!("another replica holds the lease");
                     break;
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "renewing the lease failed");
-                    if last_renewal.elapsed() >= self.election.lease_duration {
-                        break;
-                    }
-                }
+                Ok(Err(error)) => tracing::warn!(%error, "renewing the lease failed; retrying"),
+                Err(_) => tracing::warn!("renewing the lease timed out; retrying"),
             }
         }
         self.metrics.leader.set(0);
@@ -151,10 +181,7 @@ impl Leader {
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let mine = spec.holder_identity.as_deref() == Some(election.identity.as_str());
         if !mine {
-            let expires = spec.renew_time.as_ref().map(|t| {
-                t.0 + SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(duration_seconds)))
-            });
-            let free = spec.holder_identity.as_deref().unwrap_or("").is_empty() || expires.is_none_or(|e| e < now);
+            let free = spec.holder_identity.as_deref().unwrap_or("").is_empty() || self.expired(spec);
             if !free {
                 return Ok(false);
             }

@@ -126,7 +126,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = metrics::Metrics::new().context("registering metrics")?;
     let admin = Arc::new(admin::Admin { metrics: metrics.clone(), ready: false.into() });
 
+    // `stop` ends everything: the controllers, the leader election and the admin server.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     let stopped = {
         let mut rx = stop_rx.clone();
         async move {
@@ -134,18 +136,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         .shared()
     };
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
-    });
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+        });
+    }
     let admin_server = tokio::spawn(admin::serve(args.admin_address, admin.clone(), stopped.clone()));
 
     let client =
         kube::Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
-    let identity = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| format!("umw-operator-{}", std::process::id()));
+    let identity = identity();
     let config = controller::Config {
         render: render::Settings { dataplane_image: args.dataplane_image.clone() },
         namespace: args.namespace.clone(),
@@ -169,7 +172,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 lease_name: args.lease_name.clone(),
                 identity: identity.clone(),
                 lease_duration: Duration::from_secs(15),
-                renew_every: Duration::from_secs(5),
+                renew_deadline: Duration::from_secs(10),
+                retry_period: Duration::from_secs(2),
                 api_timeout: args.api_timeout,
             },
             metrics.clone(),
@@ -181,12 +185,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin.ready.store(true, Ordering::Relaxed);
         tokio::select! {
             _ = leader.acquire() => {}
-            _ = stopped.clone() => return Ok(()),
+            _ = stopped.clone() => {
+                let _ = admin_server.await;
+                return Ok(());
+            }
         }
+        admin.ready.store(false, Ordering::Relaxed);
     }
 
-    let controllers = controller::run(client, config, metrics.clone(), stopped.clone());
-    admin.ready.store(true, Ordering::Relaxed);
+    let synced = {
+        let admin = admin.clone();
+        move || admin.ready.store(true, Ordering::Relaxed)
+    };
+    let controllers = controller::run(client, config, metrics.clone(), stopped.clone(), synced);
     let outcome = match &leader {
         Some(leader) => tokio::select! {
             _ = controllers => Ok(()),
@@ -197,9 +208,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(())
         }
     };
-    if let Some(leader) = &leader {
+    admin.ready.store(false, Ordering::Relaxed);
+    // A lease that was lost is not ours to release.
+    if let (Some(leader), Ok(())) = (&leader, &outcome) {
         leader.release().await;
     }
+    let _ = stop_tx.send(true);
     let _ = admin_server.await;
     outcome
+}
+
+/// This replica's name in the election and in Events: the pod name (or host name) plus a random part, so
+/// that two processes never share an identity (a restarted pod keeps its name).
+fn identity() -> String {
+    let base = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "umw-operator".to_string());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let random = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
+    format!("{base}_{:08x}", random & 0xffff_ffff)
 }

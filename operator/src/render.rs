@@ -13,6 +13,7 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource,
     SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -122,11 +123,38 @@ fn stamped<K: Resource + Serialize>(mut object: K) -> K {
     object
 }
 
-/// Renders the children of `bundle.middleware`.
-pub fn render(bundle: &Bundle, settings: &Settings) -> Result<Desired, RenderError> {
+/// Annotation on the pod template: hash of the resourceVersions of the Secrets the pods use, so that a
+/// rotated Secret rolls the pods.
+pub const SECRETS_HASH_ANNOTATION: &str = "umw.dev/secrets-hash";
+/// Where whole Secrets (e.g. API keys) are mounted, one directory per Secret.
+pub const SECRETS_DIR: &str = "/etc/umw/secrets";
+
+/// The Middleware as the data plane sees it: without the fields that only shape the Deployment, so that
+/// scaling, pod settings or `paused` do not change the configuration and roll the pods.
+fn data_plane_view(mw: &Middleware) -> Middleware {
+    let mut view = mw.clone();
+    view.metadata.generation = None;
+    let spec = &mut view.spec;
+    spec.replicas = None;
+    spec.image = None;
+    spec.paused = false;
+    spec.pod = Default::default();
+    spec.autoscaling = None;
+    spec.disruption_budget = None;
+    view
+}
+
+/// Renders the children of `bundle.middleware`. `secret_versions` maps each Secret the pods use to its
+/// resourceVersion.
+pub fn render(
+    bundle: &Bundle,
+    settings: &Settings,
+    secret_versions: &BTreeMap<String, String>,
+) -> Result<Desired, RenderError> {
     let mw = &bundle.middleware;
-    let config_text = bundle.to_yaml()?;
+    let config_text = Bundle { middleware: data_plane_view(mw), ..bundle.clone() }.to_yaml()?;
     let config_hash = config::hash(&config_text);
+    let secrets_hash = config::hash(&format!("{secret_versions:?}"));
 
     let config_map = ConfigMap {
         metadata: metadata(mw, config_map_name(mw)),
@@ -143,7 +171,7 @@ pub fn render(bundle: &Bundle, settings: &Settings) -> Result<Desired, RenderErr
         config_map: stamped(config_map),
         service_account: stamped(service_account),
         service: stamped(service(mw)),
-        deployment: stamped(deployment(mw, settings, &config_hash)),
+        deployment: stamped(deployment(bundle, settings, &config_hash, &secrets_hash)),
         disruption_budget: disruption_budget(mw).map(stamped),
         autoscaler: autoscaler(mw).map(stamped),
         config_hash,
@@ -177,17 +205,60 @@ fn service(mw: &Middleware) -> Service {
     }
 }
 
-/// Every Secret key the pods need, in a stable order.
-pub fn secret_refs(mw: &Middleware) -> Vec<SecretKeyRef> {
-    let mut refs: Vec<SecretKeyRef> =
-        mw.spec.connections.values().into_iter().filter_map(|(_, v)| v.secret_key_ref.clone()).collect();
-    refs.sort_by(|a, b| (&a.name, &a.key).cmp(&(&b.name, &b.key)));
-    refs.dedup();
-    refs
+/// A Secret the pods need: one key (as an env var) or the whole Secret (as files).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SecretUse {
+    Key(SecretKeyRef),
+    Whole(String),
 }
 
-fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deployment {
+impl SecretUse {
+    pub fn secret_name(&self) -> &str {
+        match self {
+            SecretUse::Key(r) => &r.name,
+            SecretUse::Whole(name) => name,
+        }
+    }
+}
+
+/// Every Secret the pods need, from the Middleware and its accepted policies, with the field that names
+/// it (for messages), in a stable order.
+pub fn secret_uses(bundle: &Bundle) -> Vec<(String, SecretUse)> {
+    use umw_crds::Policy;
+    fn of_policy<P: Policy>(policy: &P, out: &mut Vec<(String, SecretUse)>) {
+        let who = format!("{} {:?}", P::kind(&()), policy.name_any());
+        for (field, reference) in policy.secret_key_refs() {
+            out.push((format!("{who} {field}"), SecretUse::Key(reference.clone())));
+        }
+        for (field, name) in policy.secret_names() {
+            out.push((format!("{who} {field}"), SecretUse::Whole(name.to_string())));
+        }
+    }
+    let mut uses: Vec<(String, SecretUse)> = bundle
+        .middleware
+        .spec
+        .connections
+        .values()
+        .into_iter()
+        .filter_map(|(field, v)| v.secret_key_ref.clone().map(|r| (field.to_string(), SecretUse::Key(r))))
+        .collect();
+    bundle.cache_policies.iter().for_each(|p| of_policy(p, &mut uses));
+    bundle.event_routes.iter().for_each(|p| of_policy(p, &mut uses));
+    bundle.auth_policies.iter().for_each(|p| of_policy(p, &mut uses));
+    uses.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+    uses
+}
+
+fn deployment(bundle: &Bundle, settings: &Settings, config_hash: &str, secrets_hash: &str) -> Deployment {
+    let mw = &bundle.middleware;
     let spec = &mw.spec;
+    let uses = secret_uses(bundle);
+    let mut keys: Vec<&SecretKeyRef> =
+        uses.iter().filter_map(|(_, u)| if let SecretUse::Key(r) = u { Some(r) } else { None }).collect();
+    keys.dedup();
+    let mut wholes: Vec<&str> =
+        uses.iter().filter_map(|(_, u)| if let SecretUse::Whole(n) = u { Some(n.as_str()) } else { None }).collect();
+    wholes.dedup();
     let listeners = &spec.listeners;
     let container_port = |name: &str, port: u16| ContainerPort {
         name: Some(name.into()),
@@ -203,7 +274,7 @@ fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deploy
 
     let mut env =
         vec![field_env("UMW_POD_NAME", "metadata.name"), field_env("UMW_POD_NAMESPACE", "metadata.namespace")];
-    env.extend(secret_refs(mw).into_iter().map(|secret| EnvVar {
+    env.extend(keys.into_iter().map(|secret| EnvVar {
         name: secret_env_var(&secret),
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
@@ -237,12 +308,21 @@ fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deploy
         resources: Some(spec.pod.resources.clone().unwrap_or_else(default_resources)),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".into(),
-            mount_path: CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: "config".into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            })
+            .chain(wholes.iter().enumerate().map(|(i, name)| VolumeMount {
+                name: format!("secret-{i}"),
+                mount_path: format!("{SECRETS_DIR}/{name}"),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }))
+            .collect(),
+        ),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -258,6 +338,7 @@ fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deploy
     pod_labels.extend(labels(mw));
     let mut pod_annotations = spec.pod.annotations.clone();
     pod_annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash.into());
+    pod_annotations.insert(SECRETS_HASH_ANNOTATION.into(), secrets_hash.into());
 
     let template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
@@ -269,14 +350,26 @@ fn deployment(mw: &Middleware, settings: &Settings, config_hash: &str) -> Deploy
             service_account_name: Some(child_name(mw)),
             automount_service_account_token: Some(false),
             containers: vec![container],
-            volumes: Some(vec![Volume {
-                name: "config".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: config_map_name(mw),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            }]),
+            volumes: Some(
+                std::iter::once(Volume {
+                    name: "config".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: config_map_name(mw),
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                })
+                .chain(wholes.iter().enumerate().map(|(i, name)| Volume {
+                    name: format!("secret-{i}"),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(name.to_string()),
+                        optional: Some(false),
+                        ..SecretVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                }))
+                .collect(),
+            ),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(65532),
@@ -400,7 +493,7 @@ mod tests {
     }
 
     fn render_spec(spec: MiddlewareSpec) -> Desired {
-        render(&Bundle { middleware: middleware(spec), ..Bundle::default() }, &settings()).unwrap()
+        render(&Bundle { middleware: middleware(spec), ..Bundle::default() }, &settings(), &BTreeMap::new()).unwrap()
     }
 
     #[test]
@@ -437,12 +530,32 @@ mod tests {
     }
 
     #[test]
-    fn a_spec_change_changes_config_hash_and_render_hashes() {
+    fn scaling_changes_the_deployment_but_not_the_configuration() {
         let a = render_spec(MiddlewareSpec::default());
-        let b = render_spec(MiddlewareSpec { replicas: Some(3), ..MiddlewareSpec::default() });
-        assert_ne!(a.config_hash, b.config_hash);
+        let b = render_spec(MiddlewareSpec { replicas: Some(3), paused: true, ..MiddlewareSpec::default() });
+        assert_eq!(a.config_hash, b.config_hash, "scaling must not roll the pods");
         let hash = |d: &Deployment| d.metadata.annotations.as_ref().unwrap()[RENDER_HASH_ANNOTATION].clone();
         assert_ne!(hash(&a.deployment), hash(&b.deployment));
+    }
+
+    #[test]
+    fn a_route_change_changes_the_configuration() {
+        let mut spec = MiddlewareSpec::default();
+        spec.listeners.websocket = Some(umw_crds::middleware::WebSocketListener { path: "/ws".into() });
+        assert_ne!(render_spec(MiddlewareSpec::default()).config_hash, render_spec(spec).config_hash);
+    }
+
+    #[test]
+    fn a_rotated_secret_rolls_the_pods() {
+        let bundle = Bundle { middleware: middleware(MiddlewareSpec::default()), ..Bundle::default() };
+        let before = render(&bundle, &settings(), &BTreeMap::from([("s".to_string(), "1".to_string())])).unwrap();
+        let after = render(&bundle, &settings(), &BTreeMap::from([("s".to_string(), "2".to_string())])).unwrap();
+        let annotation = |d: &Desired| {
+            d.deployment.spec.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[SECRETS_HASH_ANNOTATION]
+                .clone()
+        };
+        assert_ne!(annotation(&before), annotation(&after));
+        assert_eq!(before.config_hash, after.config_hash);
     }
 
     #[test]

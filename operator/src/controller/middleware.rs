@@ -1,5 +1,6 @@
 //! The Middleware reconciler: read → validate → render → apply → prune → status.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ use umw_crds::{Middleware, Policy};
 
 use super::{Context, Error, FIELD_MANAGER};
 use crate::attach::accepted_for;
-use crate::render::{self, Desired, MAX_NAME_LEN, RENDER_HASH_ANNOTATION, child_name};
+use crate::render::{self, Desired, MAX_NAME_LEN, RENDER_HASH_ANNOTATION, SecretUse, child_name};
 
 /// A problem only the user can fix: the Middleware is `Stalled` until they do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,11 +49,19 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
         event_routes: accepted_for(&mw, &ctx.stores.event_routes.state()),
         auth_policies: accepted_for(&mw, &ctx.stores.auth_policies.state()),
     };
-    let desired = render::render(&bundle, &ctx.config.render)?;
-    let stall = check(&mw, &ctx).await?;
+    let (mut stall, secret_versions) = check(&bundle, &ctx).await?;
+    let desired = render::render(&bundle, &ctx.config.render, &secret_versions)?;
 
     if stall.is_none() && !mw.spec.paused {
-        apply_children(&mw, &desired, &ctx).await?;
+        match apply_children(&mw, &desired, &ctx).await {
+            Ok(()) => {}
+            Err(error) => match refused(&error) {
+                // The API server refused what we rendered from the spec (e.g. an invalid pod label): only
+                // the user can fix that, so it is a condition, not an error to retry.
+                Some(message) => stall = Some(Stall { reason: reasons::APPLY_FAILED, message }),
+                None => return Err(error),
+            },
+        }
     }
 
     let deployment = ctx.stores.deployments.get(&ObjectRef::new(&child_name(&mw)).within(&namespace));
@@ -70,47 +79,75 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
     })
 }
 
-/// Semantic checks beyond the CRD schema, including that referenced Secrets exist.
-async fn check(mw: &Middleware, ctx: &Context) -> Result<Option<Stall>, Error> {
+/// When the API server refused a child for a reason the user must fix, the message to show them.
+fn refused(error: &Error) -> Option<String> {
+    let Error::Apply { kind, name, source: kube::Error::Api(status) } = error else { return None };
+    match status.code {
+        403 => Some(format!(
+            "the operator may not write {kind} {name}: {}; grant it the permissions of the Helm chart's ClusterRole",
+            status.message
+        )),
+        400 | 404 | 422 => Some(format!(
+            "the API server refused {kind} {name}, rendered from this Middleware: {}; correct the Middleware spec",
+            status.message
+        )),
+        _ => None,
+    }
+}
+
+/// Semantic checks beyond the CRD schema, and that every Secret the pods need exists (with the key they
+/// need). Returns the Secrets' resourceVersions, which roll the pods when a Secret changes.
+async fn check(bundle: &Bundle, ctx: &Context) -> Result<(Option<Stall>, BTreeMap<String, String>), Error> {
+    let mw = &bundle.middleware;
+    let mut versions = BTreeMap::new();
     let name = mw.name_any();
     if name.len() > MAX_NAME_LEN {
-        return Ok(Some(Stall {
+        let stall = Stall {
             reason: reasons::INVALID_SPEC,
             message: format!(
                 "the name is {} characters long; Middleware names may have at most {MAX_NAME_LEN} so that the names of its children stay valid; recreate it with a shorter name",
                 name.len()
             ),
-        }));
+        };
+        return Ok((Some(stall), versions));
     }
     let namespace = mw.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    for (field, value) in mw.spec.connections.values() {
-        let Some(reference) = &value.secret_key_ref else {
-            continue;
-        };
-        let secret = ctx
-            .call(
-                || format!("reading Secret {namespace}/{}", reference.name),
-                secrets.get_opt(&reference.name),
-                |source| Error::ReadSecret { name: reference.name.clone(), source },
-            )
-            .await?;
-        let missing = match &secret {
-            None => Some(format!("Secret {:?} does not exist in namespace {namespace:?}", reference.name)),
-            Some(secret) => {
+    let mut fetched: BTreeMap<String, Option<Secret>> = BTreeMap::new();
+    for (field, secret_use) in render::secret_uses(bundle) {
+        let secret_name = secret_use.secret_name().to_string();
+        if !fetched.contains_key(&secret_name) {
+            let secret = ctx
+                .call(
+                    || format!("reading Secret {namespace}/{secret_name}"),
+                    secrets.get_opt(&secret_name),
+                    |source| Error::ReadSecret { name: secret_name.clone(), source },
+                )
+                .await?;
+            fetched.insert(secret_name.clone(), secret);
+        }
+        let secret = fetched.get(&secret_name).and_then(Option::as_ref);
+        let missing = match (secret, &secret_use) {
+            (None, _) => Some(format!("Secret {secret_name:?} does not exist in namespace {namespace:?}")),
+            (Some(secret), SecretUse::Key(reference)) => {
                 let has_key = secret.data.as_ref().is_some_and(|d| d.contains_key(&reference.key))
                     || secret.string_data.as_ref().is_some_and(|d| d.contains_key(&reference.key));
-                (!has_key).then(|| format!("Secret {:?} has no key {:?}", reference.name, reference.key))
+                (!has_key).then(|| format!("Secret {secret_name:?} has no key {:?}", reference.key))
             }
+            (Some(_), SecretUse::Whole(_)) => None,
         };
         if let Some(missing) = missing {
-            return Ok(Some(Stall {
+            let stall = Stall {
                 reason: reasons::SECRET_NOT_FOUND,
-                message: format!("{missing} ({field}.secretKeyRef); create it or correct the reference"),
-            }));
+                message: format!("{missing} (named by {field}); create it or correct the reference"),
+            };
+            return Ok((Some(stall), versions));
+        }
+        if let Some(version) = secret.and_then(|s| s.metadata.resource_version.clone()) {
+            versions.insert(secret_name, version);
         }
     }
-    Ok(None)
+    Ok((None, versions))
 }
 
 /// Applies every rendered child whose render hash differs from the cached one, and deletes owned children
@@ -120,9 +157,48 @@ async fn apply_children(mw: &Middleware, desired: &Desired, ctx: &Context) -> Re
     sync(mw, ctx, &stores.service_accounts, vec![desired.service_account.clone()]).await?;
     sync(mw, ctx, &stores.config_maps, vec![desired.config_map.clone()]).await?;
     sync(mw, ctx, &stores.services, vec![desired.service.clone()]).await?;
+    hand_replicas_over(mw, desired, ctx).await?;
     sync(mw, ctx, &stores.deployments, vec![desired.deployment.clone()]).await?;
     sync(mw, ctx, &stores.disruption_budgets, desired.disruption_budget.clone().into_iter().collect()).await?;
     sync(mw, ctx, &stores.autoscalers, desired.autoscaler.clone().into_iter().collect()).await?;
+    Ok(())
+}
+
+/// Field manager that keeps `spec.replicas` when autoscaling takes over.
+const HANDOVER_MANAGER: &str = "umw-operator-handover";
+
+/// When autoscaling is switched on, the rendered Deployment stops setting `spec.replicas`. Dropping a field
+/// from a server-side apply removes it, which would reset the Deployment to 1 replica until the HPA acts;
+/// so the live value is first applied under a second field manager, which keeps it in place.
+async fn hand_replicas_over(mw: &Middleware, desired: &Desired, ctx: &Context) -> Result<(), Error> {
+    if desired.deployment.spec.replicas.is_some() {
+        return Ok(());
+    }
+    let namespace = mw.namespace().unwrap_or_default();
+    let name = desired.deployment.name_any();
+    let Some(live) = ctx.stores.deployments.get(&ObjectRef::new(&name).within(&namespace)) else { return Ok(()) };
+    let Some(replicas) = live.spec.replicas else { return Ok(()) };
+    let ours = live.metadata.managed_fields.iter().flatten().any(|entry| {
+        entry.manager.as_deref() == Some(FIELD_MANAGER)
+            && entry.fields_v1.as_ref().is_some_and(|f| f.0.get("f:spec").and_then(|s| s.get("f:replicas")).is_some())
+    });
+    if !ours {
+        return Ok(());
+    }
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = serde_json::json!({
+        "apiVersion": Deployment::api_version(&()),
+        "kind": Deployment::kind(&()),
+        "metadata": { "name": name },
+        "spec": { "replicas": replicas },
+    });
+    ctx.call(
+        || format!("handing replicas of Deployment {namespace}/{name} over to the autoscaler"),
+        api.patch(&name, &PatchParams::apply(HANDOVER_MANAGER).force(), &Patch::Apply(&patch)),
+        |source| Error::Apply { kind: "Deployment".into(), name: name.clone(), source },
+    )
+    .await?;
+    ctx.metrics.api_writes.with_label_values(&["Deployment", "apply"]).inc();
     Ok(())
 }
 
@@ -419,7 +495,7 @@ mod tests {
         mw.metadata.namespace = Some("ns".into());
         mw.metadata.generation = Some(3);
         let desired =
-            render(&Bundle { middleware: mw.clone(), ..Bundle::default() }, &Settings { dataplane_image: "x".into() })
+            render(&Bundle { middleware: mw.clone(), ..Bundle::default() }, &Settings { dataplane_image: "x".into() }, &BTreeMap::new())
                 .unwrap();
         (mw, desired)
     }

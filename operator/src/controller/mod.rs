@@ -130,8 +130,10 @@ impl Context {
             Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
         let reference = object.object_ref(&());
         self.metrics.api_writes.with_label_values(&["Event", "create"]).inc();
-        if let Err(error) = self.recorder.publish(&event, &reference).await {
-            tracing::warn!(%error, reason, "could not publish an Event");
+        match tokio::time::timeout(self.config.api_timeout, self.recorder.publish(&event, &reference)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, reason, "could not publish an Event"),
+            Err(_) => tracing::warn!(reason, "publishing an Event timed out"),
         }
     }
 
@@ -180,18 +182,44 @@ where
     }
 }
 
-/// Where a policy's targets point.
-fn target_middlewares<P: Policy>(policy: &P) -> Vec<ObjectRef<Middleware>> {
-    let namespace = policy.namespace().unwrap_or_default();
-    policy.target_refs().iter().map(|t| ObjectRef::new(&t.name).within(&namespace)).collect()
+/// Remembers the targets each policy had when last seen, so that a policy moved to another Middleware (or
+/// deleted) also triggers the one it left: that one must drop it from its configuration, and a policy that
+/// conflicted with it there may now win.
+#[derive(Default)]
+struct TargetMemory(Mutex<HashMap<(String, String), Vec<String>>>);
+
+impl TargetMemory {
+    /// The names of the Middlewares the policy targets now or targeted before.
+    fn now_and_before<P: Policy>(&self, policy: &P) -> Vec<String> {
+        let key = (policy.namespace().unwrap_or_default(), policy.name_any());
+        let now: Vec<String> = policy.target_refs().iter().map(|t| t.name.clone()).collect();
+        let mut all = match self.0.lock() {
+            Ok(mut memory) => memory.insert(key, now.clone()).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        all.extend(now);
+        all.sort();
+        all.dedup();
+        all
+    }
 }
 
-/// Runs every controller until `shutdown` resolves.
+/// Mapper for the Middleware controller: a policy event triggers every Middleware it targets or targeted.
+fn target_middlewares<P: Policy>() -> impl Fn(P) -> Vec<ObjectRef<Middleware>> + Send + Sync + 'static {
+    let memory = TargetMemory::default();
+    move |policy: P| {
+        let namespace = policy.namespace().unwrap_or_default();
+        memory.now_and_before(&policy).iter().map(|name| ObjectRef::new(name).within(&namespace)).collect()
+    }
+}
+
+/// Runs every controller until `shutdown` resolves; calls `synced` once the caches are filled.
 pub async fn run(
     client: Client,
     config: Config,
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    synced: impl FnOnce(),
 ) {
     let shutdown = shutdown.shared();
     let all = watcher::Config::default().any_semantic();
@@ -235,7 +263,7 @@ pub async fn run(
     });
 
     // Wait for every cache to be filled before deciding anything from it.
-    for ready in [
+    let all_ready = futures::future::join_all([
         stores.middlewares.wait_until_ready().boxed(),
         stores.cache_policies.wait_until_ready().boxed(),
         stores.event_routes.wait_until_ready().boxed(),
@@ -246,9 +274,12 @@ pub async fn run(
         stores.deployments.wait_until_ready().boxed(),
         stores.disruption_budgets.wait_until_ready().boxed(),
         stores.autoscalers.wait_until_ready().boxed(),
-    ] {
-        let _ = ready.await;
+    ]);
+    tokio::select! {
+        _ = all_ready => {}
+        _ = shutdown.clone() => return,
     }
+    synced();
     tracing::info!("caches synced; reconciling");
 
     let mut mw_triggers = middlewares.triggers.drain(..);
@@ -260,9 +291,9 @@ pub async fn run(
             .owns_stream(trigger(take(&mut deployments.triggers)))
             .owns_stream(trigger(take(&mut disruption_budgets.triggers)))
             .owns_stream(trigger(take(&mut autoscalers.triggers)))
-            .watches_stream(trigger(cache_policies.triggers.remove(2)), |p: CachePolicy| target_middlewares(&p))
-            .watches_stream(trigger(event_routes.triggers.remove(2)), |p: EventRoute| target_middlewares(&p))
-            .watches_stream(trigger(auth_policies.triggers.remove(2)), |p: AuthPolicy| target_middlewares(&p))
+            .watches_stream(trigger(cache_policies.triggers.remove(2)), target_middlewares::<CachePolicy>())
+            .watches_stream(trigger(event_routes.triggers.remove(2)), target_middlewares::<EventRoute>())
+            .watches_stream(trigger(auth_policies.triggers.remove(2)), target_middlewares::<AuthPolicy>())
             .graceful_shutdown_on(shutdown.clone())
             .run(middleware::reconcile, error_policy, ctx.clone())
             .for_each(|_| futures::future::ready(()));
@@ -318,6 +349,7 @@ async fn policy_controller<P>(
     let peers = shared.triggers.remove(0);
     let by_target = store.clone();
     let by_peer = store.clone();
+    let memory = TargetMemory::default();
     Controller::for_stream(trigger(own), store)
         .watches_stream(trigger(middlewares), move |mw: Middleware| {
             let (namespace, name) = (mw.namespace(), mw.name_any());
@@ -330,7 +362,7 @@ async fn policy_controller<P>(
         })
         .watches_stream(trigger(peers), move |changed: P| {
             let namespace = changed.namespace();
-            let targets: Vec<String> = changed.target_refs().iter().map(|t| t.name.clone()).collect();
+            let targets = memory.now_and_before(&changed);
             by_peer
                 .state()
                 .into_iter()
