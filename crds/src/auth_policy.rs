@@ -318,7 +318,11 @@ impl Policy for AuthPolicy {
         if let Some(limit) = self.spec.rate_limits.iter().find(|l| l.scope == Some(RateLimitScope::Redis))
             && !has_redis
         {
-            return Err(crate::policy::needs_connection(&format!("rate limit {:?} (scope redis)", limit.name), "redis", middleware));
+            return Err(crate::policy::needs_connection(
+                &format!("rate limit {:?} (scope redis)", limit.name),
+                "redis",
+                middleware,
+            ));
         }
         if let Some(oidc) = &self.spec.oidc
             && oidc.session.store == Some(SessionStoreKind::Redis)

@@ -130,7 +130,7 @@ fn strict<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, document: us
             unknown.push(path);
         }
     })
-        .map_err(|source| ConfigError::Parse { document, source })?;
+    .map_err(|source| ConfigError::Parse { document, source })?;
     match unknown.into_iter().next() {
         Some(field) => Err(ConfigError::UnknownField { document, field }),
         None => Ok(parsed),

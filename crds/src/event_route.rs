@@ -288,7 +288,11 @@ impl Policy for EventRoute {
         let spec = &self.spec;
         let kafka = spec.source.kafka.is_some() || spec.destination.kafka.is_some() || spec.dead_letter.is_some();
         if kafka && connections.kafka.is_none() {
-            return Err(crate::policy::needs_connection("a Kafka source, destination or dead-letter topic", "kafka", middleware));
+            return Err(crate::policy::needs_connection(
+                "a Kafka source, destination or dead-letter topic",
+                "kafka",
+                middleware,
+            ));
         }
         if spec.source.outbox.is_some() && connections.postgres.is_none() {
             return Err(crate::policy::needs_connection("an outbox source", "postgres", middleware));

@@ -3,7 +3,7 @@
 //! binary, a fresh namespace per test with its own operator process, and a dump of what the test saw
 //! when it fails.
 //!
-//! The control plane comes from `e2e/testenv/controlplane.sh`, with binaries built by
+//! The control plane comes from `e2e/testenv/up.sh` (which starts every real dependency), with binaries built by
 //! `e2e/testenv/build-tools.sh` (`make testenv`). It stops by itself when the test binary exits.
 
 use std::path::{Path, PathBuf};
@@ -58,12 +58,12 @@ fn start_control_plane() -> anyhow::Result<ControlPlane> {
     }
     let dir = std::env::temp_dir().join(format!("umw-e2e-{}", std::process::id()));
     let status = Command::new("bash")
-        .arg(repo_root().join("e2e/testenv/controlplane.sh"))
-        .args(["start", &dir.to_string_lossy(), "--owner-pid", &std::process::id().to_string()])
+        .arg(repo_root().join("e2e/testenv/up.sh"))
+        .args([&dir.to_string_lossy(), "--owner-pid", &std::process::id().to_string()])
         .status()
-        .context("running e2e/testenv/controlplane.sh")?;
+        .context("running e2e/testenv/up.sh")?;
     if !status.success() {
-        bail!("e2e/testenv/controlplane.sh start failed ({status}); see the logs in {}", dir.display());
+        bail!("e2e/testenv/up.sh failed ({status}); see the logs in {}", dir.display());
     }
     let cp = ControlPlane { dir, bin };
     let out =
@@ -296,6 +296,20 @@ impl Operator {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
     }
 
     /// Sends SIGTERM and waits for the process to exit.

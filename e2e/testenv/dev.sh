@@ -13,7 +13,7 @@ bash "$HERE/build-tools.sh"
 [ -x "$OPERATOR" ] || { echo "missing $OPERATOR: run cargo build -p umw-operator" >&2; exit 1; }
 
 # The control plane lives as long as this process (which becomes the operator below).
-bash "$HERE/controlplane.sh" start "$DIR" --owner-pid $$
+bash "$HERE/up.sh" "$DIR" --owner-pid $$
 export KUBECONFIG="$DIR/kubeconfig"
 K="$UMW_TESTENV_BIN/kubectl"
 "$K" apply --server-side -f "$ROOT/crds/manifests/crds.yaml" >/dev/null

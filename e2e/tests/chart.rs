@@ -35,6 +35,15 @@ fn the_chart_lints_templates_installs_and_grants_least_privilege() {
         assert!(rendered.contains(&format!("kind: {kind}\n")), "helm template renders no {kind}");
     }
     assert!(rendered.contains("readOnlyRootFilesystem: true") && rendered.contains("runAsNonRoot: true"));
+    let out = helm(&["template", "umw", &chart, "--namespace", "umw-system", "--set", "watchNamespace=apps"]);
+    let namespaced = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !namespaced.contains("kind: ClusterRole"),
+        "a namespaced install grants no cluster-wide role"
+    );
+    assert!(namespaced.contains("kind: Role\n") && namespaced.contains("--namespace=apps"));
+    let out = helm(&["template", "umw", &chart, "--set", "leaderElection.enabled=false"]);
+    assert!(!out.status.success() && text(&out).contains("needs leaderElection.enabled"), "{}", text(&out));
     let out = helm(&["template", "umw", &chart, "--set", "replicaCount=-1"]);
     assert!(
         !out.status.success() && text(&out).contains("replicaCount"),
@@ -86,6 +95,7 @@ fn the_chart_lints_templates_installs_and_grants_least_privilege() {
         ("patch", "poddisruptionbudgets.policy", "default"),
         ("patch", "configmaps", "default"),
         ("get", "secrets", "default"),
+        ("update", "middlewares.umw.dev/finalizers", "default"),
         ("create", "events.events.k8s.io", "default"),
         ("update", "leases.coordination.k8s.io", ns.name.as_str()),
     ];

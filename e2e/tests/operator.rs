@@ -166,7 +166,10 @@ async fn spec_changes_update_children_and_removing_autoscaling_deletes_the_hpa()
     .await;
 
     // Switching autoscaling on hands the replica count to the HPA without dropping it to 1 on the way.
-    ns.must_apply(&middleware_yaml("shop", "  autoscaling: {minReplicas: 2, maxReplicas: 5}\n  listeners:\n    websocket: {path: /ws}\n"));
+    ns.must_apply(&middleware_yaml(
+        "shop",
+        "  autoscaling: {minReplicas: 2, maxReplicas: 5}\n  listeners:\n    websocket: {path: /ws}\n",
+    ));
     eventually("HPA back", WAIT, || async { get(&hpas, "umw-shop").await }).await;
     for _ in 0..8 {
         let deployment = get(&deployments, "umw-shop").await.expect("the Deployment stays");
@@ -478,7 +481,10 @@ async fn kubectl_wait_works_on_each_kind_and_get_umw_reads_well() {
     let ns = TestNamespace::new("wait");
     let _operator = Operator::start(&ns.name, &[]);
     // Zero replicas: ready without a kubelet.
-    ns.must_apply(&middleware_yaml("shop", "  replicas: 0\n  connections:\n    kafka:\n      bootstrapServers: {value: kafka:9092}\n"));
+    ns.must_apply(&middleware_yaml(
+        "shop",
+        "  replicas: 0\n  connections:\n    kafka:\n      bootstrapServers: {value: kafka:9092}\n",
+    ));
     ns.must_apply(&cache_policy_yaml("cache", "shop", Some("api")));
     ns.must_apply(&auth_policy_yaml("auth", "shop"));
     ns.must_apply(
@@ -534,4 +540,24 @@ async fn two_replicas_elect_one_leader_and_hand_over_on_shutdown() {
     let deployments: Api<Deployment> = Api::namespaced(client().await, &ns.name);
     eventually("the new leader reconciles", WAIT, || async { get(&deployments, "umw-shop").await }).await;
     second.kill();
+}
+
+#[tokio::test]
+async fn a_leader_that_loses_its_lease_stops_and_exits() {
+    let ns = TestNamespace::new("lost-lease");
+    let mut operator = Operator::start(&ns.name, &[]);
+    let leader = |op: &Operator| op.metrics().is_some_and(|m| m.lines().any(|l| l == "umw_operator_leader 1"));
+    eventually("the operator leads", WAIT, || async { leader(&operator).then_some(()) }).await;
+
+    // Another candidate takes the lease over (as after a network partition).
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let now = format!("{}.{:06}Z", now.strftime("%Y-%m-%dT%H:%M:%S"), now.subsec_microsecond());
+    let patch = format!(r#"{{"spec":{{"holderIdentity":"intruder","renewTime":"{now}","leaseDurationSeconds":60}}}}"#);
+    let out = ns.kubectl(&["patch", "lease", "umw-operator-leader", "--type=merge", "-p", &patch]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let status =
+        operator.wait_exit(Duration::from_secs(30)).expect("the operator exits once it sees the lease is gone");
+    assert!(!status.success(), "losing the lease is an error exit, so that the pod restarts: {status}");
+    assert!(operator.log().contains("another replica holds the lease"), "{}", operator.log());
 }

@@ -38,12 +38,15 @@ pub enum LeaderError {
     Timeout { namespace: String, name: String, timeout: Duration },
 }
 
+/// Another holder's record (identity, renew time) and when we first saw it unchanged, by our clock.
+type Observed = (Option<String>, Option<MicroTime>, std::time::Instant);
+
 pub struct Leader {
     api: Api<Lease>,
     election: Election,
     metrics: Metrics,
     /// The other holder's record as last seen, and when it last changed, by our clock.
-    observed: std::sync::Mutex<Option<(Option<String>, Option<MicroTime>, std::time::Instant)>>,
+    observed: std::sync::Mutex<Option<Observed>>,
 }
 
 impl Leader {

@@ -221,9 +221,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// This replica's name in the election and in Events: the pod name (or host name) plus a random part, so
 /// that two processes never share an identity (a restarted pod keeps its name).
 fn identity() -> String {
-    let base = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "umw-operator".to_string());
+    let base =
+        std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "umw-operator".to_string());
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let random = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
     format!("{base}_{:08x}", random & 0xffff_ffff)

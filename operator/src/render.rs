@@ -13,8 +13,7 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecretVolumeSource,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -275,7 +274,7 @@ fn deployment(bundle: &Bundle, settings: &Settings, config_hash: &str, secrets_h
     let mut env =
         vec![field_env("UMW_POD_NAME", "metadata.name"), field_env("UMW_POD_NAMESPACE", "metadata.namespace")];
     env.extend(keys.into_iter().map(|secret| EnvVar {
-        name: secret_env_var(&secret),
+        name: secret_env_var(secret),
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
                 name: secret.name.clone(),

@@ -494,9 +494,12 @@ mod tests {
         let mut mw = Middleware::new("shop", MiddlewareSpec { replicas: Some(replicas), ..MiddlewareSpec::default() });
         mw.metadata.namespace = Some("ns".into());
         mw.metadata.generation = Some(3);
-        let desired =
-            render(&Bundle { middleware: mw.clone(), ..Bundle::default() }, &Settings { dataplane_image: "x".into() }, &BTreeMap::new())
-                .unwrap();
+        let desired = render(
+            &Bundle { middleware: mw.clone(), ..Bundle::default() },
+            &Settings { dataplane_image: "x".into() },
+            &BTreeMap::new(),
+        )
+        .unwrap();
         (mw, desired)
     }
 
