@@ -130,9 +130,18 @@ fn the_chart_lints_templates_installs_and_grants_least_privilege() {
     let lease_namespace = format!("--lease-namespace={}", ns.name);
     let operator = Operator::start_as(kubeconfig, &apps.name, &[&lease_namespace]);
     apps.must_apply("apiVersion: v1\nkind: Secret\nmetadata: {name: kafka}\nstringData: {bootstrap: kafka:9092}\n");
-    apps.must_apply(
-        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  replicas: 0\n  disruptionBudget: {maxUnavailable: 1}\n  connections:\n    kafka:\n      bootstrapServers: {secretKeyRef: {name: kafka, key: bootstrap}}\n",
-    );
+    let mw = |extra: &str| {
+        format!(
+            "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop}}\nspec:\n  disruptionBudget: {{maxUnavailable: 1}}\n  connections:\n    kafka:\n      bootstrapServers: {{secretKeyRef: {{name: kafka, key: bootstrap}}}}\n{extra}"
+        )
+    };
+    // With an autoscaler first, then without: creating and deleting children as that ServiceAccount.
+    apps.must_apply(&mw("  autoscaling: {minReplicas: 1, maxReplicas: 2}\n"));
+    let out = apps.kubectl(&["wait", "--for=create", "hpa/umw-shop", "--timeout=60s"]);
+    assert!(out.status.success(), "HPA as the chart's ServiceAccount: {}\n{}", text(&out), operator.log());
+    apps.must_apply(&mw("  replicas: 0\n"));
+    let out = apps.kubectl(&["wait", "--for=delete", "hpa/umw-shop", "--timeout=60s"]);
+    assert!(out.status.success(), "HPA deleted as the chart's ServiceAccount: {}\n{}", text(&out), operator.log());
     apps.must_apply("apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: cache}\nspec:\n  targetRefs: [{name: shop}]\n  rules: [{ttl: 1m}]\n");
     for (object, condition) in [("middleware/shop", "Ready"), ("cachepolicy/cache", "Accepted")] {
         let out = apps.kubectl(&["wait", &format!("--for=condition={condition}"), object, "--timeout=60s"]);

@@ -10,6 +10,8 @@ pub struct Metrics {
     pub reconcile_duration: HistogramVec,
     /// Failed reconciles, by controller and error class.
     pub reconcile_errors: IntCounterVec,
+    /// Reconciles that ended with the Middleware `Stalled`, by reason (a problem only the user can fix).
+    pub reconcile_stalled: IntCounterVec,
     /// Write requests the operator sent, by kind and verb (`apply`, `delete`, `status`).
     pub api_writes: IntCounterVec,
     /// Watch stream errors, by kind.
@@ -28,6 +30,10 @@ impl Metrics {
         )?;
         let reconcile_errors =
             IntCounterVec::new(Opts::new("reconcile_errors_total", "Failed reconciles"), &["controller", "error"])?;
+        let reconcile_stalled = IntCounterVec::new(
+            Opts::new("reconcile_stalled_total", "Reconciles that ended with the Middleware Stalled"),
+            &["reason"],
+        )?;
         let api_writes = IntCounterVec::new(
             Opts::new("api_writes_total", "Write requests sent to the API server"),
             &["kind", "verb"],
@@ -36,12 +42,13 @@ impl Metrics {
         let leader = IntGauge::new("leader", "1 while this replica holds the leader lease")?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
+        registry.register(Box::new(reconcile_stalled.clone()))?;
         registry.register(Box::new(api_writes.clone()))?;
         registry.register(Box::new(watch_errors.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        Ok(Self { registry, reconcile_duration, reconcile_errors, api_writes, watch_errors, leader })
+        Ok(Self { registry, reconcile_duration, reconcile_errors, reconcile_stalled, api_writes, watch_errors, leader })
     }
 
     /// The text exposition format.

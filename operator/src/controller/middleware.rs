@@ -64,6 +64,10 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
         }
     }
 
+    if let Some(stall) = &stall {
+        ctx.metrics.reconcile_stalled.with_label_values(&[stall.reason]).inc();
+        tracing::info!(reason = stall.reason, message = %stall.message, "stalled until the user acts");
+    }
     let deployment = ctx.stores.deployments.get(&ObjectRef::new(&child_name(&mw)).within(&namespace));
     let now = Time(Timestamp::now());
     let mut new_status = status_of(&mw, deployment.as_deref(), &desired, stall.as_ref(), &now);
