@@ -31,14 +31,14 @@ pub struct Bundle {
 /// Why a configuration could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("document {document}: {source}")]
-    Parse { document: usize, source: serde_yaml::Error },
-    #[error("document {document}: apiVersion {api_version:?} is not {expected}")]
-    ApiVersion { document: usize, api_version: String, expected: &'static str },
-    #[error("document {document}: kind {kind:?} is not one of Middleware, CachePolicy, EventRoute, AuthPolicy")]
-    UnknownKind { document: usize, kind: String },
-    #[error("document {document}: unknown field {field} (a typo, or a field of a newer version)")]
-    UnknownField { document: usize, field: String },
+    #[error("{at}: {source}")]
+    Parse { at: String, source: serde_yaml::Error },
+    #[error("{at}: apiVersion {api_version:?} is not {expected}")]
+    ApiVersion { at: String, api_version: String, expected: &'static str },
+    #[error("{at}: kind {kind:?} is not one of Middleware, CachePolicy, EventRoute, AuthPolicy")]
+    UnknownKind { at: String, kind: String },
+    #[error("{at}: unknown field {field} (a typo, or a field of a newer version)")]
+    UnknownField { at: String, field: String },
     #[error("the configuration holds no Middleware")]
     NoMiddleware,
     #[error("the configuration holds {0} Middlewares; one data plane serves exactly one")]
@@ -59,34 +59,45 @@ impl Bundle {
     /// Reads a multi-document YAML stream. Empty documents and objects outside the `umw.dev` group are
     /// skipped.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_sources(&[("", text)])
+    }
+
+    /// Reads several named YAML streams (files) as one configuration; errors name the source and the
+    /// document in it.
+    pub fn from_sources(sources: &[(&str, &str)]) -> Result<Self, ConfigError> {
         let mut middlewares = Vec::new();
         let mut bundle = Bundle::default();
-        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let document_number = index + 1;
-            let parse = |source| ConfigError::Parse { document: document_number, source };
-            let value = serde_yaml::Value::deserialize(document).map_err(parse)?;
-            if value.is_null() {
-                continue;
-            }
-            let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(parse)?;
-            // Other Kubernetes objects in the same files (a Secret, a Namespace) are the cluster's.
-            if !meta.api_version.starts_with("umw.dev/") {
-                continue;
-            }
-            if meta.api_version != crate::API_VERSION {
-                return Err(ConfigError::ApiVersion {
-                    document: document_number,
-                    api_version: meta.api_version,
-                    expected: crate::API_VERSION,
-                });
-            }
-            match meta.kind.as_str() {
-                "Middleware" => middlewares.push(strict(value, document_number)?),
-                "CachePolicy" => bundle.cache_policies.push(strict(value, document_number)?),
-                "EventRoute" => bundle.event_routes.push(strict(value, document_number)?),
-                "AuthPolicy" => bundle.auth_policies.push(strict(value, document_number)?),
-                _ => {
-                    return Err(ConfigError::UnknownKind { document: document_number, kind: meta.kind });
+        for (source, text) in sources {
+            for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+                let at = if source.is_empty() {
+                    format!("document {}", index + 1)
+                } else {
+                    format!("{source}, document {}", index + 1)
+                };
+                let value = serde_yaml::Value::deserialize(document)
+                    .map_err(|source| ConfigError::Parse { at: at.clone(), source })?;
+                if value.is_null() {
+                    continue;
+                }
+                let meta: TypeMeta = serde_yaml::from_value(value.clone())
+                    .map_err(|source| ConfigError::Parse { at: at.clone(), source })?;
+                // Other Kubernetes objects in the same files (a Secret, a Namespace) are the cluster's.
+                if !meta.api_version.starts_with("umw.dev/") {
+                    continue;
+                }
+                if meta.api_version != crate::API_VERSION {
+                    return Err(ConfigError::ApiVersion {
+                        at,
+                        api_version: meta.api_version,
+                        expected: crate::API_VERSION,
+                    });
+                }
+                match meta.kind.as_str() {
+                    "Middleware" => middlewares.push(strict(value, &at)?),
+                    "CachePolicy" => bundle.cache_policies.push(strict(value, &at)?),
+                    "EventRoute" => bundle.event_routes.push(strict(value, &at)?),
+                    "AuthPolicy" => bundle.auth_policies.push(strict(value, &at)?),
+                    _ => return Err(ConfigError::UnknownKind { at, kind: meta.kind }),
                 }
             }
         }
@@ -121,7 +132,7 @@ impl Bundle {
 /// Deserialises one document, refusing fields the types do not know. The types themselves accept unknown
 /// fields, so that a watch never fails on an object written against a newer CRD; files are held to the
 /// stricter standard, since an unknown field there is almost always a typo.
-fn strict<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, document: usize) -> Result<T, ConfigError> {
+fn strict<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, at: &str) -> Result<T, ConfigError> {
     let mut unknown = Vec::new();
     let parsed: T = serde_ignored::deserialize(value, |path| {
         let path = path.to_string();
@@ -130,9 +141,9 @@ fn strict<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, document: us
             unknown.push(path);
         }
     })
-    .map_err(|source| ConfigError::Parse { document, source })?;
+    .map_err(|source| ConfigError::Parse { at: at.to_string(), source })?;
     match unknown.into_iter().next() {
-        Some(field) => Err(ConfigError::UnknownField { document, field }),
+        Some(field) => Err(ConfigError::UnknownField { at: at.to_string(), field }),
         None => Ok(parsed),
     }
 }

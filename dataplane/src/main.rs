@@ -48,14 +48,13 @@ fn read_config(path: &Path) -> anyhow::Result<(String, Bundle)> {
     } else {
         vec![path.to_path_buf()]
     };
-    let mut text = String::new();
+    let mut texts = Vec::new();
     for file in &files {
         let content = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        text.push_str("---\n");
-        text.push_str(&content);
-        text.push('\n');
+        texts.push((file.display().to_string(), content));
     }
-    let bundle = Bundle::from_yaml(&text).with_context(|| format!("configuration {}", path.display()))?;
+    let sources: Vec<(&str, &str)> = texts.iter().map(|(name, text)| (name.as_str(), text.as_str())).collect();
+    let bundle = Bundle::from_sources(&sources).with_context(|| format!("configuration {}", path.display()))?;
     Ok((config::hash(&bundle.to_yaml()?), bundle))
 }
 
@@ -122,4 +121,36 @@ async fn shutdown_signal() {
         return;
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    }
+
+    #[test]
+    fn the_examples_are_a_valid_configuration_as_a_directory_and_as_a_file() {
+        let (hash, bundle) = read_config(&examples()).unwrap();
+        assert_eq!(bundle.middleware.metadata.name.as_deref(), Some("shop"));
+        assert_eq!((bundle.cache_policies.len(), bundle.event_routes.len(), bundle.auth_policies.len()), (1, 1, 1));
+        assert_eq!(read_config(&examples().join("shop.yaml")).unwrap().0, hash);
+    }
+
+    #[test]
+    fn a_typo_is_reported_with_its_document_and_field() {
+        let dir = std::env::temp_dir().join(format!("umw-dataplane-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Secret\n---\napiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec:\n  listeners: {htp: {port: 8080}}\n",
+        )
+        .unwrap();
+        let error = format!("{:#}", read_config(&file).unwrap_err());
+        assert!(error.contains("bad.yaml, document 2") && error.contains("spec.listeners.htp"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

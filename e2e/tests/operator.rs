@@ -561,3 +561,21 @@ async fn a_leader_that_loses_its_lease_stops_and_exits() {
     assert!(!status.success(), "losing the lease is an error exit, so that the pod restarts: {status}");
     assert!(operator.log().contains("another replica holds the lease"), "{}", operator.log());
 }
+
+#[tokio::test]
+async fn the_examples_apply_and_every_policy_in_them_is_accepted() {
+    let ns = TestNamespace::new("examples");
+    let _operator = Operator::start(&ns.name, &[]);
+    let examples = umw_e2e::repo_root().join("examples");
+    let out = ns.kubectl(&["apply", "-f", &examples.to_string_lossy()]);
+    assert!(out.status.success(), "kubectl apply -f examples/: {}", String::from_utf8_lossy(&out.stderr));
+    for object in ["cachepolicy/shop-cache", "eventroute/shop-orders", "authpolicy/shop-auth"] {
+        let out = ns.kubectl(&["wait", "--for=condition=Accepted", object, "--timeout=60s"]);
+        assert!(out.status.success(), "{object}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // No kubelet runs the pods, so the example Middleware is rolling out rather than ready.
+    let out = ns.kubectl(&["wait", "--for=condition=Reconciling", "middleware/shop", "--timeout=60s"]);
+    assert!(out.status.success(), "middleware/shop: {}", String::from_utf8_lossy(&out.stderr));
+    let out = ns.kubectl(&["get", "deployment/umw-shop", "pdb/umw-shop", "configmap/umw-shop-config", "-o", "name"]);
+    assert!(out.status.success(), "the example's children: {}", String::from_utf8_lossy(&out.stderr));
+}
