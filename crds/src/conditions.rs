@@ -36,6 +36,10 @@ pub mod reasons {
     pub const APPLY_FAILED: &str = "ApplyFailed";
     pub const AS_EXPECTED: &str = "AsExpected";
     pub const HEALTH_NOT_REPORTED: &str = "HealthNotReported";
+    pub const HEALTH_UNKNOWN: &str = "HealthUnknown";
+    pub const CONFIG_PENDING: &str = "ConfigPending";
+    pub const COMPONENT_DEGRADED: &str = "ComponentDegraded";
+    pub const COMPONENTS_DOWN: &str = "ComponentsDown";
     // Policies: Accepted
     pub const ACCEPTED: &str = "Accepted";
     pub const TARGET_NOT_FOUND: &str = "TargetNotFound";

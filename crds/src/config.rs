@@ -28,11 +28,13 @@ pub struct Bundle {
     pub auth_policies: Vec<AuthPolicy>,
 }
 
-/// Why a configuration could not be read.
+/// Why a configuration could not be read. `at` names the file and document (`shop.yaml, document 2`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{at}: {source}")]
     Parse { at: String, source: serde_yaml::Error },
+    #[error("{at}: {path}: {message}")]
+    Invalid { at: String, path: String, message: String },
     #[error("{at}: apiVersion {api_version:?} is not {expected}")]
     ApiVersion { at: String, api_version: String, expected: &'static str },
     #[error("{at}: kind {kind:?} is not one of Middleware, CachePolicy, EventRoute, AuthPolicy")]
@@ -41,11 +43,16 @@ pub enum ConfigError {
     UnknownField { at: String, field: String },
     #[error("the configuration holds no Middleware")]
     NoMiddleware,
-    #[error("the configuration holds {0} Middlewares; one data plane serves exactly one")]
-    SeveralMiddlewares(usize),
+    #[error("the configuration holds {} Middlewares ({}); one data plane serves exactly one", .0.len(), .0.join("; "))]
+    SeveralMiddlewares(Vec<String>),
     #[error("cannot write the configuration: {0}")]
     Serialize(#[from] serde_yaml::Error),
 }
+
+/// Every problem found in a configuration, in the order of the sources.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
 
 #[derive(Deserialize)]
 struct TypeMeta {
@@ -55,18 +62,23 @@ struct TypeMeta {
     kind: String,
 }
 
+/// Where each resource of a [`Bundle`] was read from, keyed by `Kind/name`.
+pub type Origins = std::collections::BTreeMap<String, String>;
+
 impl Bundle {
     /// Reads a multi-document YAML stream. Empty documents and objects outside the `umw.dev` group are
-    /// skipped.
+    /// skipped. Returns the first problem; [`Bundle::load`] returns all of them.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        Self::from_sources(&[("", text)])
+        Self::load(&[("", text)]).map(|(bundle, _)| bundle).map_err(|mut errors| errors.0.remove(0))
     }
 
-    /// Reads several named YAML streams (files) as one configuration; errors name the source and the
-    /// document in it.
-    pub fn from_sources(sources: &[(&str, &str)]) -> Result<Self, ConfigError> {
-        let mut middlewares = Vec::new();
+    /// Reads several named YAML streams (files) as one configuration. Every problem is reported, each
+    /// with its source, document and field path; on success, also says where each resource came from.
+    pub fn load(sources: &[(&str, &str)]) -> Result<(Self, Origins), ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut middlewares: Vec<(Middleware, String)> = Vec::new();
         let mut bundle = Bundle::default();
+        let mut origins = Origins::new();
         for (source, text) in sources {
             for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
                 let at = if source.is_empty() {
@@ -74,41 +86,61 @@ impl Bundle {
                 } else {
                     format!("{source}, document {}", index + 1)
                 };
-                let value = serde_yaml::Value::deserialize(document)
-                    .map_err(|source| ConfigError::Parse { at: at.clone(), source })?;
+                let value = match serde_yaml::Value::deserialize(document) {
+                    Ok(value) => value,
+                    Err(source) => {
+                        // A syntax error ends the stream: what follows cannot be split into documents.
+                        errors.push(ConfigError::Parse { at, source });
+                        break;
+                    }
+                };
                 if value.is_null() {
                     continue;
                 }
-                let meta: TypeMeta = serde_yaml::from_value(value.clone())
-                    .map_err(|source| ConfigError::Parse { at: at.clone(), source })?;
+                let meta: TypeMeta = match serde_yaml::from_value(value.clone()) {
+                    Ok(meta) => meta,
+                    Err(source) => {
+                        errors.push(ConfigError::Parse { at, source });
+                        continue;
+                    }
+                };
                 // Other Kubernetes objects in the same files (a Secret, a Namespace) are the cluster's.
                 if !meta.api_version.starts_with("umw.dev/") {
                     continue;
                 }
                 if meta.api_version != crate::API_VERSION {
-                    return Err(ConfigError::ApiVersion {
+                    errors.push(ConfigError::ApiVersion {
                         at,
                         api_version: meta.api_version,
                         expected: crate::API_VERSION,
                     });
+                    continue;
                 }
+                let name = value.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("");
+                origins.insert(format!("{}/{name}", meta.kind), at.clone());
                 match meta.kind.as_str() {
-                    "Middleware" => middlewares.push(strict(value, &at)?),
-                    "CachePolicy" => bundle.cache_policies.push(strict(value, &at)?),
-                    "EventRoute" => bundle.event_routes.push(strict(value, &at)?),
-                    "AuthPolicy" => bundle.auth_policies.push(strict(value, &at)?),
-                    _ => return Err(ConfigError::UnknownKind { at, kind: meta.kind }),
+                    "Middleware" => {
+                        if let Some(mw) = strict(value, &at, &mut errors) {
+                            middlewares.push((mw, at));
+                        }
+                    }
+                    "CachePolicy" => bundle.cache_policies.extend(strict(value, &at, &mut errors)),
+                    "EventRoute" => bundle.event_routes.extend(strict(value, &at, &mut errors)),
+                    "AuthPolicy" => bundle.auth_policies.extend(strict(value, &at, &mut errors)),
+                    _ => errors.push(ConfigError::UnknownKind { at, kind: meta.kind }),
                 }
             }
         }
         match middlewares.len() {
-            0 => Err(ConfigError::NoMiddleware),
-            1 => {
-                bundle.middleware = middlewares.remove(0);
-                Ok(bundle)
-            }
-            n => Err(ConfigError::SeveralMiddlewares(n)),
+            0 if errors.is_empty() => errors.push(ConfigError::NoMiddleware),
+            0 | 1 => {}
+            _ => errors.push(ConfigError::SeveralMiddlewares(middlewares.iter().map(|(_, at)| at.clone()).collect())),
         }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        bundle.middleware = middlewares.remove(0).0;
+        Ok((bundle, origins))
     }
 
     /// Writes the stream: the Middleware first, then policies by kind and name, specs only, so that equal
@@ -129,23 +161,52 @@ impl Bundle {
     }
 }
 
-/// Deserialises one document, refusing fields the types do not know. The types themselves accept unknown
-/// fields, so that a watch never fails on an object written against a newer CRD; files are held to the
-/// stricter standard, since an unknown field there is almost always a typo.
-fn strict<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, at: &str) -> Result<T, ConfigError> {
+/// Deserialises one document, refusing fields the types do not know, and naming the field of every
+/// problem. The types themselves accept unknown fields, so that a watch never fails on an object written
+/// against a newer CRD; files are held to the stricter standard, since an unknown field there is almost
+/// always a typo.
+fn strict<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    at: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
     let mut unknown = Vec::new();
-    let parsed: T = serde_ignored::deserialize(value, |path| {
-        let path = path.to_string();
+    let mut record = |path: serde_ignored::Path<'_>| {
+        let path = bracket_indices(&path.to_string());
         // The generated root types read apiVersion and kind themselves.
         if path != "apiVersion" && path != "kind" {
             unknown.push(path);
         }
-    })
-    .map_err(|source| ConfigError::Parse { at: at.to_string(), source })?;
-    match unknown.into_iter().next() {
-        Some(field) => Err(ConfigError::UnknownField { at: at.to_string(), field }),
-        None => Ok(parsed),
+    };
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut record));
+    errors.extend(unknown.into_iter().map(|field| ConfigError::UnknownField { at: at.to_string(), field }));
+    match parsed {
+        Ok(parsed) => Some(parsed),
+        Err(error) => {
+            let path = error.path().to_string();
+            let message = error.into_inner().to_string();
+            errors.push(ConfigError::Invalid { at: at.to_string(), path, message });
+            None
+        }
     }
+}
+
+/// `spec.rules.0.ttl` → `spec.rules[0].ttl`, the form of the other error paths.
+fn bracket_indices(path: &str) -> String {
+    let mut out = String::with_capacity(path.len() + 4);
+    for (i, segment) in path.split('.').enumerate() {
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            out.push('[');
+            out.push_str(segment);
+            out.push(']');
+        } else {
+            if i > 0 {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    out
 }
 
 /// A short, stable hash of a rendered configuration (hex SHA-256, first 16 digits).
@@ -281,10 +342,31 @@ mod tests {
         assert!(matches!(Bundle::from_yaml(secret_only).unwrap_err(), ConfigError::NoMiddleware));
         assert!(matches!(Bundle::from_yaml("").unwrap_err(), ConfigError::NoMiddleware));
         let two = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec: {}\n---\napiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: b}\nspec: {}\n";
-        assert!(matches!(Bundle::from_yaml(two).unwrap_err(), ConfigError::SeveralMiddlewares(2)));
+        assert!(matches!(Bundle::from_yaml(two).unwrap_err(), ConfigError::SeveralMiddlewares(at) if at.len() == 2));
         let unknown_field = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec: {replica: 2}\n";
         let err = Bundle::from_yaml(unknown_field).unwrap_err();
         assert!(err.to_string().contains("unknown field spec.replica"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_source_document_and_field() {
+        let bad = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec:\n  replica: 2\n  routes:\n    - name: r\n      upstream: {url: http://x}\n      timeout: 5\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: c}\nspec: {targetRefs: [{name: a}], rules: [{ttl: 1s, jiter: 3}]}\n";
+        let errors = Bundle::load(&[("a.yaml", bad)]).unwrap_err().0;
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|e| e.starts_with("a.yaml, document 1: unknown field spec.replica")), "{text:?}");
+        assert!(
+            text.iter().any(|e| e.starts_with("a.yaml, document 2: unknown field spec.rules[0].jiter")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|e| e.starts_with("a.yaml, document 1: spec.routes[0].timeout: invalid type")),
+            "{text:?}"
+        );
+        assert_eq!(text.len(), 3, "{text:?}");
+        let wrong_type = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec:\n  routes:\n    - name: r\n      upstream: {url: http://x}\n      retry: {attempts: many}\n";
+        let errors = Bundle::load(&[("b.yaml", wrong_type)]).unwrap_err().0;
+        let text = errors[0].to_string();
+        assert!(text.starts_with("b.yaml, document 1: spec.routes[0].retry.attempts: invalid type"), "{text}");
     }
 
     #[test]

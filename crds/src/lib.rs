@@ -16,6 +16,7 @@ pub mod event_route;
 pub mod middleware;
 pub mod policy;
 pub mod reference;
+pub mod validate;
 
 pub use auth_policy::{AuthPolicy, AuthPolicySpec};
 pub use cache_policy::{CachePolicy, CachePolicySpec};

@@ -220,6 +220,11 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_body_bytes: Option<i64>,
+    /// JSON Schema (draft 2020-12) that request bodies must satisfy. A request whose body is not JSON or
+    /// does not satisfy it is answered `422` with every violation and its JSON pointer, and never reaches
+    /// the upstream. Requests without a body (GET, HEAD, ...) are not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_schema: Option<JsonDocument>,
 }
 
 /// Request matching. All given conditions must hold.
@@ -286,10 +291,58 @@ pub struct Upstream {
     /// A Service in the Middleware's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceRef>,
-    /// An absolute `http://` or `https://` URL.
+    /// An absolute `http://` or `https://` URL. A path in it is put in front of the request's path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("pattern" = "^https?://[^/\\s]+(/.*)?$"), length(max = 2048))]
     pub url: Option<String>,
+    /// Protocol spoken to the upstream: `HTTP1` (default) or `H2C` (HTTP/2 without TLS, e.g. for gRPC
+    /// services). `https://` upstreams negotiate HTTP/2 or HTTP/1.1 with ALPN.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub protocol: UpstreamProtocol,
+    /// When to stop sending requests to a failing upstream for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// Protocol to an upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with pooled keep-alive connections.
+    #[default]
+    #[serde(rename = "HTTP1")]
+    Http1,
+    /// HTTP/2 over cleartext, multiplexed on few connections.
+    #[serde(rename = "H2C")]
+    H2c,
+}
+
+/// A circuit breaker: after `consecutiveFailures` failed requests in a row (connection errors, timeouts,
+/// `502`, `503`, `504`) the upstream gets no requests for `openFor`; then one trial request decides whether
+/// it closes again. While open, requests are answered `503` at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Failures in a row that open the breaker. Defaults to 5.
+    #[serde(default = "default_consecutive_failures")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_failures: u32,
+    /// How long the breaker stays open before a trial request. Defaults to 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_for: Option<Duration>,
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self { consecutive_failures: default_consecutive_failures(), open_for: None }
+    }
 }
 
 /// A Service and port.
@@ -625,6 +678,10 @@ pub struct MiddlewareStatus {
     /// Hash of the data-plane configuration rendered for the current generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// Hash of the configuration that every ready data-plane pod reports it runs; absent while they
+    /// differ (during a reload) or none reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_config_hash: Option<String>,
     /// Policies attached to this Middleware, by kind and name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<AttachedPolicy>,
@@ -641,17 +698,24 @@ pub struct AttachedPolicy {
     pub kind: String,
     /// Name of the policy.
     pub name: String,
+    /// True when every ready pod runs the current configuration and reports that it enforces the policy;
+    /// false when a pod running it reports that it does not; absent while waiting for the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforced: Option<bool>,
+    /// Why the policy is not enforced (yet), as the pods report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
-/// Health of one data-plane component.
+/// Health of one data-plane component, the worst over the pods.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ComponentStatus {
     /// Component, e.g. `cache`, `events`.
     pub name: String,
-    /// `Up`, `Degraded` or `Down`.
+    /// `Up`, `Degraded`, `Down` or `Starting`.
     pub state: String,
-    /// What is wrong, when not `Up`.
+    /// What is wrong, with the pod that reports it, when not `Up`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

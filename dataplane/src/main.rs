@@ -1,20 +1,23 @@
 #![forbid(unsafe_code)]
-//! `umw-dataplane`: the Universal Middleware data plane.
-//!
-//! This version loads and validates its configuration (the same manifests a user applies to a cluster) and
-//! serves the admin endpoints; the gateway, cache, events, commands and auth components land in the
-//! following releases.
+//! `umw-dataplane`: serves the routes of one Middleware. See the library's documentation.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use axum::extract::State;
-use axum::routing::get;
 use clap::{Parser, Subcommand};
-use umw_crds::config::{self, Bundle};
+use umw_dataplane::admin::{self, Admin};
+use umw_dataplane::health::{Health, State};
+use umw_dataplane::metrics::Metrics;
+use umw_dataplane::proxy::upstream::Overrides;
+use umw_dataplane::runtime::Runtime;
+use umw_dataplane::telemetry::{self, LogControl, Traces};
+use umw_dataplane::{chain, config, reload, server};
+use umw_crds::middleware::LogFormat;
 
 #[derive(Parser)]
 #[command(name = "umw-dataplane", version, about = "The Universal Middleware data plane")]
@@ -24,92 +27,187 @@ struct Cli {
     /// A YAML file, or a directory of them, holding one Middleware and its policies.
     #[arg(long, global = true, env = "UMW_CONFIG")]
     config: Option<PathBuf>,
+    /// Address of the traffic listener; defaults to the Middleware's `listeners.http.port` on all interfaces.
+    #[arg(long, global = true, env = "UMW_HTTP_ADDRESS")]
+    http_address: Option<SocketAddr>,
     /// Address of the admin endpoints; defaults to the Middleware's `listeners.adminPort` on all interfaces.
     #[arg(long, global = true, env = "UMW_ADMIN_ADDRESS")]
     admin_address: Option<SocketAddr>,
+    /// Connect to ADDRESS for the upstream NAME:PORT (a Service name or URL host, and port), like curl's
+    /// --resolve; comma-separated. For running outside a cluster: `shop-api:8080=127.0.0.1:9000`.
+    #[arg(long, global = true, env = "UMW_RESOLVE", default_value = "")]
+    resolve: Overrides,
+    /// Log format, overriding `spec.observability.logFormat`: `json` or `text`.
+    #[arg(long, global = true, env = "UMW_LOG_FORMAT", value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+    /// How often the configuration is checked for changes.
+    #[arg(long, global = true, env = "UMW_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    reload_interval: Duration,
+    /// On SIGTERM, keep serving this long while readiness is already false (so that load balancers stop
+    /// sending new requests), then stop accepting.
+    #[arg(long, global = true, env = "UMW_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration_or_zero)]
+    shutdown_delay: Duration,
+    /// After accepting stops, how long in-flight requests may take before their connections are closed.
+    #[arg(long, global = true, env = "UMW_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the configuration and exit.
+    /// Serve (the default).
+    Run,
+    /// Validate the configuration, report every problem with its file, document and field, and exit.
     Check,
 }
 
-/// Reads a file, or every `.yaml`/`.yml` file of a directory in name order, as one YAML stream.
-fn read_config(path: &Path) -> anyhow::Result<(String, Bundle)> {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("reading directory {}", path.display()))?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-            .collect();
-        files.sort();
-        files
-    } else {
-        vec![path.to_path_buf()]
-    };
-    let mut texts = Vec::new();
-    for file in &files {
-        let content = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        texts.push((file.display().to_string(), content));
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text {
+        "json" => Ok(LogFormat::Json),
+        "text" => Ok(LogFormat::Text),
+        other => Err(format!("{other:?} is not json or text")),
     }
-    let sources: Vec<(&str, &str)> = texts.iter().map(|(name, text)| (name.as_str(), text.as_str())).collect();
-    let bundle = Bundle::from_sources(&sources).with_context(|| format!("configuration {}", path.display()))?;
-    Ok((config::hash(&bundle.to_yaml()?), bundle))
 }
 
-struct Admin {
-    config_hash: String,
-    middleware: String,
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    umw_crds::common::parse_duration(text).map_err(|e| e.to_string())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        ))
-        .init();
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    if matches!(text, "0" | "0s" | "0ms") {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let path = cli.config.context("--config PATH is required (a YAML file or a directory of them)")?;
-    let (config_hash, bundle) = read_config(&path)?;
-    let middleware = format!(
-        "{}/{}",
-        bundle.middleware.metadata.namespace.as_deref().unwrap_or("default"),
-        bundle.middleware.metadata.name.as_deref().unwrap_or("")
-    );
-    if let Some(Command::Check) = cli.command {
-        println!(
-            "{}: Middleware {middleware} with {} CachePolicy, {} EventRoute, {} AuthPolicy; configuration {config_hash}",
-            path.display(),
-            bundle.cache_policies.len(),
-            bundle.event_routes.len(),
-            bundle.auth_policies.len()
-        );
-        return Ok(());
+    let Some(path) = cli.config.clone() else {
+        eprintln!("error: --config PATH is required (a YAML file, or a directory of them, with one Middleware)");
+        return ExitCode::from(2);
+    };
+    let (files, loaded) = match config::load(&path) {
+        Ok(loaded) => loaded,
+        Err(invalid) => {
+            eprintln!("{}: the configuration is not valid:", path.display());
+            for problem in &invalid.problems {
+                eprintln!("  {problem}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Check) => runtime.block_on(check(&cli, &path, &loaded)),
+        Some(Command::Run) | None => runtime.block_on(run(cli, path, files, loaded)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
-    let address = cli
-        .admin_address
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], bundle.middleware.spec.listeners.admin_port)));
-    let admin = Arc::new(Admin { config_hash, middleware });
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ready" }))
-        .route(
-            "/status",
-            get(|State(admin): State<Arc<Admin>>| async move {
-                axum::Json(serde_json::json!({
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "middleware": admin.middleware,
-                    "configHash": admin.config_hash,
-                    "components": [],
-                }))
-            }),
-        )
-        .with_state(admin);
-    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
-    tracing::info!(address = %listener.local_addr()?, "admin endpoints listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+}
+
+async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> anyhow::Result<()> {
+    let metrics = Metrics::new().context("registering metrics")?;
+    // Building the runtime compiles every route, schema and upstream, as a start would.
+    let runtime = Runtime::new(loaded, metrics, Health::default(), cli.resolve.clone(), None, LogControl::disabled())
+        .map_err(|invalid| {
+        anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  "))
+    })?;
+    let snapshot = runtime.snapshot();
+    let b = &loaded.bundle;
+    println!(
+        "{}: Middleware {} with {} route(s), {} CachePolicy, {} EventRoute, {} AuthPolicy; configuration {}",
+        path.display(),
+        loaded.middleware(),
+        snapshot.routes.len(),
+        b.cache_policies.len(),
+        b.event_routes.len(),
+        b.auth_policies.len(),
+        loaded.hash
+    );
+    for policy in snapshot.policies.iter().filter(|p| !p.enforced) {
+        println!("  note: {} {} is accepted but not enforced: {}", policy.kind, policy.name, policy.message);
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Loaded) -> anyhow::Result<()> {
+    let spec = &loaded.bundle.middleware.spec;
+    let format = cli.log_format.unwrap_or(spec.observability.log_format);
+    let log = telemetry::init_logs(format, spec.observability.log_level.as_deref());
+    let metrics = Metrics::new().context("registering metrics")?;
+    let health = Health::default();
+    health.set("http", State::Starting, "binding the listener", true);
+    let traces = Traces::from_config(&spec.observability, &loaded.middleware())?.map(Arc::new);
+    if let Some(traces) = &traces {
+        tracing::info!(endpoint = %traces.endpoint, "exporting traces over OTLP/gRPC");
+    }
+    let runtime = Arc::new(
+        Runtime::new(&loaded, metrics.clone(), health.clone(), cli.resolve.clone(), traces.clone(), log).map_err(
+            |invalid| anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  ")),
+        )?,
+    );
+
+    let http_address = cli.http_address.unwrap_or_else(|| admin::default_address(spec.listeners.http.port));
+    let admin_address = cli.admin_address.unwrap_or_else(|| admin::default_address(spec.listeners.admin_port));
+    let http = tokio::net::TcpListener::bind(http_address).await.with_context(|| format!("binding {http_address}"))?;
+    let admin_listener =
+        tokio::net::TcpListener::bind(admin_address).await.with_context(|| format!("binding {admin_address}"))?;
+    let http_address = http.local_addr()?;
+    health.set("http", State::Up, format!("listening on {http_address}"), true);
+    tracing::info!(
+        middleware = %loaded.middleware(),
+        config = %loaded.hash,
+        http = %http_address,
+        admin = %admin_listener.local_addr()?,
+        routes = loaded.bundle.middleware.spec.routes.len(),
+        "serving"
+    );
+
+    let admin = Arc::new(Admin {
+        runtime: runtime.clone(),
+        shutting_down: false.into(),
+        config_path: path.display().to_string(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin.clone(), stopped()));
+    let watcher = tokio::spawn(reload::watch(reload::Watcher::new(path, files, runtime.clone()), cli.reload_interval));
+    let (accepting_tx, accepting_rx) = tokio::sync::watch::channel(true);
+    let stop_accepting = async move {
+        let mut rx = accepting_rx;
+        let _ = rx.wait_for(|accepting| !*accepting).await;
+    };
+    let traffic =
+        tokio::spawn(server::serve(http, chain::build(runtime.clone()), metrics, stop_accepting, cli.drain_timeout));
+
+    shutdown_signal().await;
+    tracing::info!(delay = ?cli.shutdown_delay, "shutting down: readiness is now false");
+    admin.shutting_down.store(true, Ordering::Relaxed);
+    tokio::time::sleep(cli.shutdown_delay).await;
+    let _ = accepting_tx.send(false);
+    let _ = traffic.await;
+    watcher.abort();
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    if let Some(traces) = traces {
+        tokio::task::spawn_blocking(move || traces.shutdown()).await.ok();
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -121,36 +219,4 @@ async fn shutdown_signal() {
         return;
     }
     let _ = tokio::signal::ctrl_c().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn examples() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
-    }
-
-    #[test]
-    fn the_examples_are_a_valid_configuration_as_a_directory_and_as_a_file() {
-        let (hash, bundle) = read_config(&examples()).unwrap();
-        assert_eq!(bundle.middleware.metadata.name.as_deref(), Some("shop"));
-        assert_eq!((bundle.cache_policies.len(), bundle.event_routes.len(), bundle.auth_policies.len()), (1, 1, 1));
-        assert_eq!(read_config(&examples().join("shop.yaml")).unwrap().0, hash);
-    }
-
-    #[test]
-    fn a_typo_is_reported_with_its_document_and_field() {
-        let dir = std::env::temp_dir().join(format!("umw-dataplane-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("bad.yaml");
-        std::fs::write(
-            &file,
-            "apiVersion: v1\nkind: Secret\n---\napiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec:\n  listeners: {htp: {port: 8080}}\n",
-        )
-        .unwrap();
-        let error = format!("{:#}", read_config(&file).unwrap_err());
-        assert!(error.contains("bad.yaml, document 2") && error.contains("spec.listeners.htp"), "{error}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

@@ -146,7 +146,7 @@ mod tests {
             .iter()
             .map(|name| Route {
                 name: name.to_string(),
-                upstream: Upstream { url: Some("http://u".into()), service: None },
+                upstream: Upstream { url: Some("http://u".into()), ..Upstream::default() },
                 ..Route::default()
             })
             .collect();

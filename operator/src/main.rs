@@ -4,6 +4,7 @@
 mod admin;
 mod attach;
 mod controller;
+mod health;
 mod leader;
 mod metrics;
 mod render;
@@ -71,6 +72,15 @@ struct RunArgs {
     /// Retry interval of a Middleware waiting for a missing Secret, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     stall_retry: Duration,
+    /// How often each data-plane pod's /status is read, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    health_interval: Duration,
+    /// Deadline of one /status read, e.g. 2s.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    health_timeout: Duration,
+    /// Pods whose /status is read at the same time.
+    #[arg(long, default_value_t = 16)]
+    health_concurrency: usize,
     /// Log format: json or text.
     #[arg(long, env = "UMW_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -156,6 +166,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         resync: args.resync,
         stall_retry: args.stall_retry,
         instance: identity.clone(),
+        health: health::PollSettings {
+            interval: args.health_interval,
+            timeout: args.health_timeout,
+            concurrency: args.health_concurrency,
+        },
     };
 
     let leader = args.leader_election.then(|| {

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub watch_errors: IntCounterVec,
     /// 1 while this replica holds the leader lease.
     pub leader: IntGauge,
+    /// Reads of data-plane pods' `/status`, by result (`ok`, `error`).
+    pub health_polls: IntCounterVec,
 }
 
 impl Metrics {
@@ -40,6 +42,9 @@ impl Metrics {
         )?;
         let watch_errors = IntCounterVec::new(Opts::new("watch_errors_total", "Watch stream errors"), &["kind"])?;
         let leader = IntGauge::new("leader", "1 while this replica holds the leader lease")?;
+        let health_polls =
+            IntCounterVec::new(Opts::new("health_polls_total", "Reads of data-plane pods' /status"), &["result"])?;
+        registry.register(Box::new(health_polls.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_stalled.clone()))?;
@@ -48,7 +53,16 @@ impl Metrics {
         registry.register(Box::new(leader.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        Ok(Self { registry, reconcile_duration, reconcile_errors, reconcile_stalled, api_writes, watch_errors, leader })
+        Ok(Self {
+            registry,
+            reconcile_duration,
+            reconcile_errors,
+            reconcile_stalled,
+            api_writes,
+            watch_errors,
+            leader,
+            health_polls,
+        })
     }
 
     /// The text exposition format.

@@ -27,8 +27,6 @@ use umw_crds::{Middleware, SecretKeyRef};
 /// Annotation on every child: hash of what the operator rendered, so that an unchanged child is not
 /// written again.
 pub const RENDER_HASH_ANNOTATION: &str = "umw.dev/render-hash";
-/// Annotation on the pod template: hash of the data-plane configuration, so that a change rolls the pods.
-pub const CONFIG_HASH_ANNOTATION: &str = "umw.dev/config-hash";
 /// Label naming the Middleware a child belongs to.
 pub const MIDDLEWARE_LABEL: &str = "umw.dev/middleware";
 /// `app.kubernetes.io/managed-by` value of every child; the operator watches only objects with it.
@@ -170,7 +168,7 @@ pub fn render(
         config_map: stamped(config_map),
         service_account: stamped(service_account),
         service: stamped(service(mw)),
-        deployment: stamped(deployment(bundle, settings, &config_hash, &secrets_hash)),
+        deployment: stamped(deployment(bundle, settings, &secrets_hash)),
         disruption_budget: disruption_budget(mw).map(stamped),
         autoscaler: autoscaler(mw).map(stamped),
         config_hash,
@@ -248,7 +246,11 @@ pub fn secret_uses(bundle: &Bundle) -> Vec<(String, SecretUse)> {
     uses
 }
 
-fn deployment(bundle: &Bundle, settings: &Settings, config_hash: &str, secrets_hash: &str) -> Deployment {
+/// How long a terminating pod keeps serving while it is already unready, so that Service endpoints and
+/// load balancers stop sending it new requests before it stops accepting.
+pub const SHUTDOWN_DELAY: &str = "5s";
+
+fn deployment(bundle: &Bundle, settings: &Settings, secrets_hash: &str) -> Deployment {
     let mw = &bundle.middleware;
     let spec = &mw.spec;
     let uses = secret_uses(bundle);
@@ -301,7 +303,7 @@ fn deployment(bundle: &Bundle, settings: &Settings, config_hash: &str, secrets_h
     let container = Container {
         name: "dataplane".into(),
         image: Some(spec.image.clone().unwrap_or_else(|| settings.dataplane_image.clone())),
-        args: Some(vec!["--config".into(), CONFIG_DIR.into()]),
+        args: Some(vec!["--config".into(), CONFIG_DIR.into(), "--shutdown-delay".into(), SHUTDOWN_DELAY.into()]),
         ports: Some(ports),
         env: Some(env),
         resources: Some(spec.pod.resources.clone().unwrap_or_else(default_resources)),
@@ -336,7 +338,8 @@ fn deployment(bundle: &Bundle, settings: &Settings, config_hash: &str, secrets_h
     pod_labels.retain(|k, _| !k.starts_with("umw.dev/") && !k.starts_with("app.kubernetes.io/"));
     pod_labels.extend(labels(mw));
     let mut pod_annotations = spec.pod.annotations.clone();
-    pod_annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash.into());
+    // The configuration is deliberately not hashed into the template: the pods reload it in place when the
+    // ConfigMap changes, without a restart.
     pod_annotations.insert(SECRETS_HASH_ANNOTATION.into(), secrets_hash.into());
 
     let template = PodTemplateSpec {
@@ -519,8 +522,20 @@ mod tests {
         assert_eq!(deployment.replicas, Some(1));
         let pod = deployment.template.spec.as_ref().unwrap();
         assert_eq!(pod.containers[0].image.as_deref(), Some("umw-dataplane:test"));
-        let annotations = deployment.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap();
-        assert_eq!(annotations[CONFIG_HASH_ANNOTATION], desired.config_hash);
+    }
+
+    #[test]
+    fn a_configuration_change_reloads_in_place_rather_than_rolling_the_pods() {
+        let mut spec = MiddlewareSpec::default();
+        spec.routes.push(umw_crds::middleware::Route {
+            name: "r".into(),
+            upstream: umw_crds::middleware::Upstream { url: Some("http://x".into()), ..Default::default() },
+            ..Default::default()
+        });
+        let (a, b) = (render_spec(MiddlewareSpec::default()), render_spec(spec));
+        assert_ne!(a.config_hash, b.config_hash);
+        assert_ne!(a.config_map, b.config_map);
+        assert_eq!(a.deployment, b.deployment, "the pod template must not change with the configuration");
     }
 
     #[test]

@@ -24,6 +24,7 @@ use umw_crds::{Middleware, Policy};
 
 use super::{Context, Error, FIELD_MANAGER};
 use crate::attach::accepted_for;
+use crate::health::{self, PodHealth};
 use crate::render::{self, Desired, MAX_NAME_LEN, RENDER_HASH_ANNOTATION, SecretUse, child_name};
 
 /// A problem only the user can fix: the Middleware is `Stalled` until they do.
@@ -70,8 +71,9 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
     }
     let deployment = ctx.stores.deployments.get(&ObjectRef::new(&child_name(&mw)).within(&namespace));
     let now = Time(Timestamp::now());
-    let mut new_status = status_of(&mw, deployment.as_deref(), &desired, stall.as_ref(), &now);
-    new_status.policies = attached(&bundle);
+    let pods = ctx.health.get(&namespace, &mw.name_any()).unwrap_or_default();
+    let mut new_status = status_of(&mw, deployment.as_deref(), &desired, stall.as_ref(), &pods, &now);
+    new_status.policies = attached(&bundle, &pods, &desired.config_hash);
     write_status(&mw, new_status, &ctx).await?;
 
     ctx.succeeded(&key);
@@ -268,12 +270,27 @@ where
     Ok(())
 }
 
-fn attached(bundle: &Bundle) -> Vec<AttachedPolicy> {
-    fn of<P: Policy>(policies: &[P]) -> impl Iterator<Item = AttachedPolicy> + '_ {
-        policies.iter().map(|p| AttachedPolicy { kind: P::kind(&()).to_string(), name: p.name_any() })
+/// The policies in the configuration, each with whether the pods enforce it.
+fn attached(bundle: &Bundle, pods: &[PodHealth], desired_hash: &str) -> Vec<AttachedPolicy> {
+    fn of<'a, P: Policy>(
+        policies: &'a [P],
+        pods: &'a [PodHealth],
+        desired_hash: &'a str,
+    ) -> impl Iterator<Item = AttachedPolicy> + 'a {
+        policies.iter().map(move |p| {
+            let kind = P::kind(&()).to_string();
+            let (enforced, message) = match health::enforcement(pods, desired_hash, &kind, &p.name_any()) {
+                health::Enforcement::Enforced(m) => (Some(true), m),
+                health::Enforcement::Refused(m) => (Some(false), m),
+                health::Enforcement::Waiting(m) => (None, m),
+            };
+            AttachedPolicy { name: p.name_any(), enforced, message: Some(message), kind }
+        })
     }
-    let mut all: Vec<AttachedPolicy> =
-        of(&bundle.cache_policies).chain(of(&bundle.event_routes)).chain(of(&bundle.auth_policies)).collect();
+    let mut all: Vec<AttachedPolicy> = of(&bundle.cache_policies, pods, desired_hash)
+        .chain(of(&bundle.event_routes, pods, desired_hash))
+        .chain(of(&bundle.auth_policies, pods, desired_hash))
+        .collect();
     all.sort();
     all
 }
@@ -282,9 +299,6 @@ fn attached(bundle: &Bundle) -> Vec<AttachedPolicy> {
 pub fn not_enforced(mw: &Middleware) -> Vec<&'static str> {
     let spec = &mw.spec;
     let mut fields = Vec::new();
-    if !spec.routes.is_empty() {
-        fields.push("spec.routes");
-    }
     let connections = &spec.connections;
     if connections.redis.is_some() || connections.kafka.is_some() || connections.postgres.is_some() {
         fields.push("spec.connections");
@@ -298,25 +312,31 @@ pub fn not_enforced(mw: &Middleware) -> Vec<&'static str> {
     if spec.listeners.websocket.is_some() {
         fields.push("spec.listeners.websocket");
     }
-    if spec.observability != Default::default() {
-        fields.push("spec.observability");
-    }
     fields
 }
 
-/// Computes the status from the Middleware, its Deployment and the outcome of the checks. Pure.
+/// Computes the status from the Middleware, its Deployment, its pods' health reports and the outcome of
+/// the checks. Pure.
 pub fn status_of(
     mw: &Middleware,
     deployment: Option<&Deployment>,
     desired: &Desired,
     stall: Option<&Stall>,
+    pods: &[PodHealth],
     now: &Time,
 ) -> MiddlewareStatus {
     let generation = mw.metadata.generation;
     let condition = |type_: &str, status: &str, reason: &str, message: String| {
         conditions::new(type_, status, reason, message, generation, now)
     };
-    let rollout = Rollout::of(deployment, desired, mw.spec.desired_replicas());
+    let mut rollout = Rollout::of(deployment, desired, mw.spec.desired_replicas());
+    if !rollout.done {
+        let unready: Vec<&str> = pods.iter().filter(|p| !p.ready).map(|p| p.pod.as_str()).collect();
+        if !unready.is_empty() {
+            rollout.message = format!("{}; not ready: {}", rollout.message, unready.join(", "));
+        }
+    }
+    let health = health::summarize(pods, &desired.config_hash);
     let mut note = String::new();
     let unenforced = not_enforced(mw);
     if !unenforced.is_empty() {
@@ -331,6 +351,9 @@ pub fn status_of(
         ),
         None => {
             let stalled = condition(types::STALLED, status::FALSE, reasons::AS_EXPECTED, String::new());
+            let config_pending = rollout.done
+                && rollout.target > 0
+                && matches!(health.not_ready, Some((reason, _)) if reason == reasons::CONFIG_PENDING);
             let reconciling = if mw.spec.paused {
                 condition(
                     types::RECONCILING,
@@ -338,10 +361,13 @@ pub fn status_of(
                     reasons::PAUSED,
                     "spec.paused is true: children are left as they are".into(),
                 )
-            } else if rollout.done {
-                condition(types::RECONCILING, status::FALSE, reasons::RECONCILED, String::new())
-            } else {
+            } else if !rollout.done {
                 condition(types::RECONCILING, status::TRUE, rollout.reason, rollout.message.clone())
+            } else if config_pending {
+                let message = health.not_ready.as_ref().map(|(_, m)| m.clone()).unwrap_or_default();
+                condition(types::RECONCILING, status::TRUE, reasons::CONFIG_PENDING, message)
+            } else {
+                condition(types::RECONCILING, status::FALSE, reasons::RECONCILED, String::new())
             };
             let ready = if rollout.done && rollout.target == 0 {
                 condition(
@@ -350,20 +376,38 @@ pub fn status_of(
                     reasons::SCALED_TO_ZERO,
                     format!("scaled to zero replicas.{note}"),
                 )
-            } else if rollout.done {
-                condition(types::READY, status::TRUE, reasons::AVAILABLE, format!("{}.{note}", rollout.message))
-            } else {
+            } else if !rollout.done {
                 condition(types::READY, status::FALSE, rollout.reason, format!("{}.{note}", rollout.message))
+            } else if let Some((reason, message)) = &health.not_ready {
+                condition(types::READY, status::FALSE, reason, format!("{message}.{note}"))
+            } else if pods.iter().any(|p| p.ready) {
+                let message = format!(
+                    "{}, all on configuration {}.{note}",
+                    rollout.message,
+                    health.applied.as_deref().unwrap_or(&desired.config_hash)
+                );
+                condition(types::READY, status::TRUE, reasons::AVAILABLE, message)
+            } else {
+                condition(
+                    types::READY,
+                    status::FALSE,
+                    reasons::HEALTH_UNKNOWN,
+                    format!("{}, but no pod has reported its health yet.{note}", rollout.message),
+                )
             };
             (stalled, reconciling, ready)
         }
     };
-    let degraded = condition(
-        types::DEGRADED,
-        status::UNKNOWN,
-        reasons::HEALTH_NOT_REPORTED,
-        "component health is not reported by this data-plane version".into(),
-    );
+    let degraded = match &health.degraded {
+        None => condition(
+            types::DEGRADED,
+            status::UNKNOWN,
+            reasons::HEALTH_NOT_REPORTED,
+            "no data-plane pod has reported its health yet".into(),
+        ),
+        Some((true, message)) => condition(types::DEGRADED, status::TRUE, reasons::COMPONENT_DEGRADED, message.clone()),
+        Some((false, _)) => condition(types::DEGRADED, status::FALSE, reasons::AS_EXPECTED, String::new()),
+    };
     let existing = mw.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let dep_status = deployment.and_then(|d| d.status.as_ref());
     MiddlewareStatus {
@@ -374,8 +418,13 @@ pub fn status_of(
         updated_replicas: Some(dep_status.and_then(|s| s.updated_replicas).unwrap_or(0)),
         selector: Some(render::selector_string(mw)),
         config_hash: Some(desired.config_hash.clone()),
+        applied_config_hash: health.applied.clone(),
         policies: Vec::new(),
-        components: Vec::new(),
+        components: health
+            .components
+            .into_iter()
+            .map(|(name, state, message)| umw_crds::middleware::ComponentStatus { name, state, message })
+            .collect(),
     }
 }
 
@@ -525,25 +574,95 @@ mod tests {
         conditions::find(&status.conditions, type_).unwrap()
     }
 
+    fn healthy(desired: &Desired, names: &[&str]) -> Vec<PodHealth> {
+        names
+            .iter()
+            .map(|name| PodHealth {
+                pod: (*name).into(),
+                ready: true,
+                report: Ok(health::Report {
+                    config_hash: desired.config_hash.clone(),
+                    ready: true,
+                    not_ready_reason: None,
+                    components: vec![health::Component {
+                        name: "config".into(),
+                        state: "Up".into(),
+                        message: String::new(),
+                        required: true,
+                    }],
+                    policies: Vec::new(),
+                }),
+            })
+            .collect()
+    }
+
     #[test]
-    fn ready_when_every_pod_is_available() {
+    fn ready_when_every_pod_is_available_on_the_current_configuration() {
         let (mw, desired) = fixture(2);
-        let status = status_of(&mw, Some(&rolled_out(&desired, 2)), &desired, None, &now());
+        let pods = healthy(&desired, &["a", "b"]);
+        let status = status_of(&mw, Some(&rolled_out(&desired, 2)), &desired, None, &pods, &now());
         assert_eq!(condition(&status, types::READY).status, status::TRUE);
         assert_eq!(condition(&status, types::RECONCILING).status, status::FALSE);
         assert_eq!(condition(&status, types::READY).observed_generation, Some(3));
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!(status.ready_replicas, Some(2));
+        assert_eq!(status.applied_config_hash.as_deref(), Some(desired.config_hash.as_str()));
+        assert_eq!(condition(&status, types::DEGRADED).status, status::FALSE);
+    }
+
+    #[test]
+    fn a_pod_on_an_old_configuration_or_unreachable_keeps_it_unready_naming_the_pod() {
+        let (mw, desired) = fixture(2);
+        let mut pods = healthy(&desired, &["a", "b"]);
+        if let Ok(report) = &mut pods[1].report {
+            report.config_hash = "old".into();
+        }
+        let status = status_of(&mw, Some(&rolled_out(&desired, 2)), &desired, None, &pods, &now());
+        let ready = condition(&status, types::READY);
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), (status::FALSE, reasons::CONFIG_PENDING));
+        assert!(ready.message.contains("pod b runs configuration old"), "{}", ready.message);
+        assert_eq!(condition(&status, types::RECONCILING).status, status::TRUE);
+        pods[1].report = Err("cannot read /status: connection refused".into());
+        let status = status_of(&mw, Some(&rolled_out(&desired, 2)), &desired, None, &pods, &now());
+        let ready = condition(&status, types::READY);
+        assert_eq!(ready.reason, reasons::HEALTH_UNKNOWN);
+        assert!(ready.message.starts_with("pod b: cannot read /status"), "{}", ready.message);
+    }
+
+    #[test]
+    fn a_degraded_component_sets_degraded_with_the_pod_and_component() {
+        let (mw, desired) = fixture(1);
+        let mut pods = healthy(&desired, &["a"]);
+        if let Ok(report) = &mut pods[0].report {
+            report.components.push(health::Component {
+                name: "upstream http://x:80".into(),
+                state: "Degraded".into(),
+                message: "circuit breaker open".into(),
+                required: false,
+            });
+        }
+        let mut deployment = rolled_out(&desired, 1);
+        deployment.status.as_mut().unwrap().replicas = Some(1);
+        deployment.status.as_mut().unwrap().updated_replicas = Some(1);
+        let status = status_of(&mw, Some(&deployment), &desired, None, &pods, &now());
+        let degraded = condition(&status, types::DEGRADED);
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), (status::TRUE, reasons::COMPONENT_DEGRADED));
+        assert!(degraded.message.contains("pod a: circuit breaker open"), "{}", degraded.message);
+        assert_eq!(condition(&status, types::READY).status, status::TRUE, "degraded still serves");
+        assert!(status.components.iter().any(|c| c.state == "Degraded"));
     }
 
     #[test]
     fn reconciling_while_pods_are_not_ready() {
         let (mw, desired) = fixture(2);
-        let status = status_of(&mw, Some(&rolled_out(&desired, 1)), &desired, None, &now());
+        let mut pods = healthy(&desired, &["a", "b"]);
+        pods[1].ready = false;
+        let status = status_of(&mw, Some(&rolled_out(&desired, 1)), &desired, None, &pods, &now());
         let ready = condition(&status, types::READY);
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), (status::FALSE, reasons::PODS_NOT_READY));
+        assert!(ready.message.contains("not ready: b"), "the unready pod is named: {}", ready.message);
         assert_eq!(condition(&status, types::RECONCILING).status, status::TRUE);
-        let status = status_of(&mw, None, &desired, None, &now());
+        let status = status_of(&mw, None, &desired, None, &[], &now());
         assert_eq!(condition(&status, types::RECONCILING).reason, reasons::PROGRESSING);
     }
 
@@ -551,7 +670,7 @@ mod tests {
     fn stalled_says_what_to_fix() {
         let (mw, desired) = fixture(1);
         let stall = Stall { reason: reasons::SECRET_NOT_FOUND, message: "Secret \"x\" does not exist".into() };
-        let status = status_of(&mw, None, &desired, Some(&stall), &now());
+        let status = status_of(&mw, None, &desired, Some(&stall), &[], &now());
         let stalled = condition(&status, types::STALLED);
         assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), (status::TRUE, reasons::SECRET_NOT_FOUND));
         assert_eq!(condition(&status, types::READY).status, status::FALSE);
@@ -562,9 +681,10 @@ mod tests {
     fn unchanged_inputs_give_an_equal_status() {
         let (mut mw, desired) = fixture(2);
         let deployment = rolled_out(&desired, 2);
-        let first = status_of(&mw, Some(&deployment), &desired, None, &now());
+        let pods = healthy(&desired, &["a", "b"]);
+        let first = status_of(&mw, Some(&deployment), &desired, None, &pods, &now());
         mw.status = Some(first.clone());
         let later = Time(Timestamp::from_second(2_000).unwrap());
-        assert_eq!(status_of(&mw, Some(&deployment), &desired, None, &later), first);
+        assert_eq!(status_of(&mw, Some(&deployment), &desired, None, &pods, &later), first);
     }
 }

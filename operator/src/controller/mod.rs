@@ -13,7 +13,7 @@ use futures::{FutureExt, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::runtime::controller::Action;
@@ -45,6 +45,8 @@ pub struct Config {
     pub stall_retry: Duration,
     /// Name of this replica, for Events.
     pub instance: String,
+    /// How the data-plane pods' health is read.
+    pub health: crate::health::PollSettings,
 }
 
 /// Read-only caches of every kind the controllers read.
@@ -60,6 +62,7 @@ pub struct Stores {
     pub deployments: Store<Deployment>,
     pub disruption_budgets: Store<PodDisruptionBudget>,
     pub autoscalers: Store<HorizontalPodAutoscaler>,
+    pub pods: Store<Pod>,
 }
 
 /// What every reconcile gets.
@@ -69,6 +72,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub config: Config,
+    /// What the data-plane pods last reported.
+    pub health: crate::health::HealthCache,
     /// Consecutive failures per object, for per-object backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -238,7 +243,9 @@ pub async fn run(
     let mut services = shared::watch(api::<Service>(&client, ns), owned.clone(), 1, m());
     let mut deployments = shared::watch(api::<Deployment>(&client, ns), owned.clone(), 1, m());
     let mut disruption_budgets = shared::watch(api::<PodDisruptionBudget>(&client, ns), owned.clone(), 1, m());
-    let mut autoscalers = shared::watch(api::<HorizontalPodAutoscaler>(&client, ns), owned, 1, m());
+    let mut autoscalers = shared::watch(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone(), 1, m());
+    // Pods are read, never triggered on: the health poller notices what matters about them.
+    let pods = shared::watch(api::<Pod>(&client, ns), owned, 0, m());
 
     let stores = Stores {
         middlewares: middlewares.store.clone(),
@@ -251,14 +258,19 @@ pub async fn run(
         deployments: deployments.store.clone(),
         disruption_budgets: disruption_budgets.store.clone(),
         autoscalers: autoscalers.store.clone(),
+        pods: pods.store.clone(),
     };
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(config.instance.clone()) };
+    let health = crate::health::HealthCache::default();
+    let (health_changed, health_triggers) = tokio::sync::mpsc::channel(1024);
+    let poll_settings = config.health.clone();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
         stores: stores.clone(),
-        metrics,
+        metrics: metrics.clone(),
         config,
+        health: health.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 
@@ -274,6 +286,7 @@ pub async fn run(
         stores.deployments.wait_until_ready().boxed(),
         stores.disruption_budgets.wait_until_ready().boxed(),
         stores.autoscalers.wait_until_ready().boxed(),
+        stores.pods.wait_until_ready().boxed(),
     ]);
     tokio::select! {
         _ = all_ready => {}
@@ -281,6 +294,14 @@ pub async fn run(
     }
     synced();
     tracing::info!("caches synced; reconciling");
+    let poller = tokio::spawn(crate::health::poll(
+        stores.middlewares.clone(),
+        stores.pods.clone(),
+        health,
+        poll_settings,
+        health_changed,
+        metrics,
+    ));
 
     let mut mw_triggers = middlewares.triggers.drain(..);
     let middleware_controller =
@@ -294,6 +315,10 @@ pub async fn run(
             .watches_stream(trigger(cache_policies.triggers.remove(2)), target_middlewares::<CachePolicy>())
             .watches_stream(trigger(event_routes.triggers.remove(2)), target_middlewares::<EventRoute>())
             .watches_stream(trigger(auth_policies.triggers.remove(2)), target_middlewares::<AuthPolicy>())
+            // The health poller asks for a reconcile when a Middleware's pods report something new.
+            .reconcile_on(futures::stream::unfold(health_triggers, |mut rx| async move {
+                rx.recv().await.map(|object| (object, rx))
+            }))
             .graceful_shutdown_on(shutdown.clone())
             .run(middleware::reconcile, error_policy, ctx.clone())
             .for_each(|_| futures::future::ready(()));
@@ -321,6 +346,7 @@ pub async fn run(
     );
 
     futures::join!(middleware_controller, cache_controller, event_controller, auth_controller);
+    poller.abort();
 }
 
 fn take<T>(triggers: &mut Vec<T>) -> T {

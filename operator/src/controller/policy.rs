@@ -11,7 +11,9 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Serialize;
 use tracing::instrument;
+use umw_crds::common::PolicyTargetRef;
 use umw_crds::conditions::{self, reasons, status, types};
+use umw_crds::middleware::AttachedPolicy;
 use umw_crds::policy::PolicyTargetStatus;
 use umw_crds::{AuthPolicy, CachePolicy, EventRoute, Policy, PolicyStatus};
 
@@ -56,7 +58,14 @@ pub async fn reconcile<P: PolicyKind>(policy: Arc<P>, ctx: Arc<Context>) -> Resu
         &P::store(&ctx.stores).state(),
     );
     let now = Time(Timestamp::now());
-    let new_status = status_of(policy.as_ref(), &verdicts, &now);
+    let kind = P::kind(&()).to_string();
+    let name = policy.name_any();
+    let enforcement = |target: &PolicyTargetRef| {
+        let mw = middlewares.get(&ObjectRef::new(&target.name).within(&namespace))?;
+        let status = mw.status.as_ref()?;
+        status.policies.iter().find(|p| p.kind == kind && p.name == name).cloned()
+    };
+    let new_status = status_of(policy.as_ref(), &verdicts, &enforcement, &now);
     write_status(policy.as_ref(), new_status, &ctx).await?;
     ctx.succeeded(&format!("{}/{namespace}/{}", P::kind(&()), policy.name_any()));
     timer.observe_duration();
@@ -72,20 +81,47 @@ fn rejection(outcome: &Result<(), Rejection>) -> Option<(&'static str, &str)> {
     }
 }
 
-/// Status from the verdicts. Pure.
-pub fn status_of<P: Policy>(policy: &P, verdicts: &[Verdict], now: &Time) -> PolicyStatus {
+/// Enforcement of a policy on one target, as the target Middleware's status reports it.
+pub type EnforcementOf<'a> = dyn Fn(&PolicyTargetRef) -> Option<AttachedPolicy> + 'a;
+
+/// Status from the verdicts and from what each target Middleware reports about the policy. Pure.
+pub fn status_of<P: Policy>(
+    policy: &P,
+    verdicts: &[Verdict],
+    enforcement: &EnforcementOf<'_>,
+    now: &Time,
+) -> PolicyStatus {
     let generation = policy.meta().generation;
     let condition = |type_: &str, status: &str, reason: &str, message: String| {
         conditions::new(type_, status, reason, message, generation, now)
     };
-    let unenforced = policy.not_enforced_fields();
-    let pending = if unenforced.is_empty() {
-        "accepted; waiting for the data plane to confirm the configuration".to_string()
-    } else {
-        format!(
-            "accepted, but this data-plane version does not enforce {} yet, so enforcement stays pending",
-            unenforced.join(", ")
-        )
+    let enforced_on = |target: &PolicyTargetRef| -> Condition {
+        match enforcement(target) {
+            Some(AttachedPolicy { enforced: Some(true), message, .. }) => condition(
+                types::ENFORCED,
+                status::TRUE,
+                reasons::ENFORCED,
+                format!("{target}: {}", message.unwrap_or_default()),
+            ),
+            Some(AttachedPolicy { enforced: Some(false), message, .. }) => condition(
+                types::ENFORCED,
+                status::FALSE,
+                reasons::PENDING,
+                format!("{target}: not enforced: {}", message.unwrap_or_default()),
+            ),
+            Some(AttachedPolicy { enforced: None, message, .. }) => condition(
+                types::ENFORCED,
+                status::UNKNOWN,
+                reasons::PENDING,
+                format!("{target}: {}", message.unwrap_or_else(|| "waiting for the data plane".into())),
+            ),
+            None => condition(
+                types::ENFORCED,
+                status::UNKNOWN,
+                reasons::PENDING,
+                format!("{target}: accepted; waiting for the Middleware to render the policy into its configuration"),
+            ),
+        }
     };
     let old = policy.policy_status();
     let targets: Vec<PolicyTargetStatus> = verdicts
@@ -99,7 +135,7 @@ pub fn status_of<P: Policy>(policy: &P, verdicts: &[Verdict], now: &Time) -> Pol
                         reasons::ACCEPTED,
                         format!("attached to {}", verdict.target),
                     ),
-                    condition(types::ENFORCED, status::UNKNOWN, reasons::PENDING, pending.clone()),
+                    enforced_on(&verdict.target),
                 ],
                 Some((reason, message)) => vec![
                     condition(types::ACCEPTED, status::FALSE, reason, message.to_string()),
@@ -124,15 +160,29 @@ pub fn status_of<P: Policy>(policy: &P, verdicts: &[Verdict], now: &Time) -> Pol
         .filter_map(|v| rejection(&v.outcome).map(|(reason, message)| (reason, format!("{}: {message}", v.target))))
         .collect();
     let summary = match rejected.first() {
-        None => vec![
-            condition(
-                types::ACCEPTED,
-                status::TRUE,
-                reasons::ACCEPTED,
-                format!("accepted on all {} target(s)", verdicts.len()),
-            ),
-            condition(types::ENFORCED, status::UNKNOWN, reasons::PENDING, pending),
-        ],
+        None => {
+            // Enforced overall only when enforced on every target; else the first target that is not.
+            let per_target: Vec<Condition> =
+                targets.iter().filter_map(|t| conditions::find(&t.conditions, types::ENFORCED).cloned()).collect();
+            let enforced = match per_target.iter().find(|c| c.status != status::TRUE) {
+                Some(first) => condition(types::ENFORCED, &first.status, &first.reason, first.message.clone()),
+                None => condition(
+                    types::ENFORCED,
+                    status::TRUE,
+                    reasons::ENFORCED,
+                    format!("enforced on all {} target(s)", verdicts.len()),
+                ),
+            };
+            vec![
+                condition(
+                    types::ACCEPTED,
+                    status::TRUE,
+                    reasons::ACCEPTED,
+                    format!("accepted on all {} target(s)", verdicts.len()),
+                ),
+                enforced,
+            ]
+        }
         Some((reason, _)) => {
             let message = rejected.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("; ");
             vec![
@@ -186,7 +236,6 @@ async fn write_status<P: PolicyKind>(policy: &P, new_status: PolicyStatus, ctx: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use umw_crds::common::PolicyTargetRef;
     use umw_crds::event_route::{EventDestination, EventRouteSpec, EventSource, HttpSource, KafkaDestination};
 
     fn route() -> EventRoute {
@@ -217,14 +266,45 @@ mod tests {
                 outcome: Err(Rejection::TargetNotFound("no b".into())),
             },
         ];
-        let status = status_of(&policy, &verdicts, &now);
+        let enforcement = |target: &PolicyTargetRef| {
+            (target.name == "a").then(|| AttachedPolicy {
+                kind: "EventRoute".into(),
+                name: "orders".into(),
+                enforced: Some(false),
+                message: Some("pod p: event routing is not implemented".into()),
+            })
+        };
+        let status = status_of(&policy, &verdicts, &enforcement, &now);
         let accepted = conditions::find(&status.conditions, types::ACCEPTED).unwrap();
         assert_eq!((accepted.status.as_str(), accepted.reason.as_str()), (status::FALSE, reasons::TARGET_NOT_FOUND));
         assert!(accepted.message.contains("no b"));
         assert_eq!(accepted.observed_generation, Some(4));
         assert!(conditions::is_true(&status.targets[0].conditions, types::ACCEPTED));
         let enforced = conditions::find(&status.targets[0].conditions, types::ENFORCED).unwrap();
-        assert_eq!((enforced.status.as_str(), enforced.reason.as_str()), (status::UNKNOWN, reasons::PENDING));
-        assert!(enforced.message.contains("spec.source"), "{}", enforced.message);
+        assert_eq!((enforced.status.as_str(), enforced.reason.as_str()), (status::FALSE, reasons::PENDING));
+        assert!(enforced.message.contains("not implemented"), "{}", enforced.message);
+    }
+
+    #[test]
+    fn enforced_when_every_target_reports_it() {
+        let policy = route();
+        let now = Time(Timestamp::from_second(5).unwrap());
+        let verdicts: Vec<Verdict> =
+            ["a", "b"].iter().map(|t| Verdict { target: PolicyTargetRef::middleware(*t), outcome: Ok(()) }).collect();
+        let reports = |b_enforced: Option<bool>| {
+            move |target: &PolicyTargetRef| {
+                Some(AttachedPolicy {
+                    kind: "EventRoute".into(),
+                    name: "orders".into(),
+                    enforced: if target.name == "a" { Some(true) } else { b_enforced },
+                    message: Some("m".into()),
+                })
+            }
+        };
+        let status = status_of(&policy, &verdicts, &reports(Some(true)), &now);
+        assert!(conditions::is_true(&status.conditions, types::ENFORCED));
+        let status = status_of(&policy, &verdicts, &reports(None), &now);
+        let enforced = conditions::find(&status.conditions, types::ENFORCED).unwrap();
+        assert_eq!((enforced.status.as_str(), enforced.message.as_str()), (status::UNKNOWN, "Middleware/b: m"));
     }
 }

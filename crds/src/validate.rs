@@ -1,0 +1,284 @@
+//! Checks of a configuration beyond its types: the rules the CRD schema states as CEL
+//! (`x-kubernetes-validations`) and patterns, so that a configuration that never went through an API
+//! server (`umw-dataplane --config examples/`) is held to the same standard, plus the cross-resource rules
+//! of a bundle (policies name this Middleware and its routes).
+
+use std::collections::BTreeSet;
+
+use kube::ResourceExt;
+
+use crate::Policy;
+use crate::common::parse_duration;
+use crate::config::Bundle;
+use crate::middleware::{Route, Upstream};
+
+/// One problem: the resource (`Kind/name`), the field path inside it, and what to fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub resource: String,
+    pub path: String,
+    pub message: String,
+}
+
+struct Collector<'a> {
+    resource: &'a str,
+    out: Vec<Violation>,
+}
+
+impl Collector<'_> {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.out.push(Violation { resource: self.resource.to_string(), path: path.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, path: String, value: Option<&crate::Duration>) {
+        if let Some(value) = value
+            && let Err(error) = value.parse()
+        {
+            self.push(path, error.to_string());
+        }
+    }
+}
+
+/// Every violation in the bundle, Middleware first.
+pub fn validate(bundle: &Bundle) -> Vec<Violation> {
+    let mw = &bundle.middleware;
+    let resource = format!("Middleware/{}", mw.name_any());
+    let mut c = Collector { resource: &resource, out: Vec::new() };
+    let spec = &mw.spec;
+
+    let listeners = &spec.listeners;
+    if listeners.http.port == listeners.admin_port {
+        c.push("spec.listeners", "http.port and adminPort must differ");
+    }
+    if let Some(grpc) = &listeners.grpc
+        && (grpc.port == listeners.http.port || grpc.port == listeners.admin_port)
+    {
+        c.push("spec.listeners.grpc.port", "must differ from http.port and adminPort");
+    }
+    for (port, path) in
+        [(listeners.http.port, "spec.listeners.http.port"), (listeners.admin_port, "spec.listeners.adminPort")]
+    {
+        if port < 1024 {
+            c.push(path, "must be 1024 or above (the data plane runs without privileges)");
+        }
+    }
+    if let Some(ws) = &listeners.websocket
+        && !ws.path.starts_with('/')
+    {
+        c.push("spec.listeners.websocket.path", "must start with /");
+    }
+
+    let mut names = BTreeSet::new();
+    for (i, route) in spec.routes.iter().enumerate() {
+        let at = format!("spec.routes[{i}]");
+        if !names.insert(route.name.as_str()) {
+            c.push(format!("{at}.name"), format!("route name {:?} is used twice; names must be unique", route.name));
+        }
+        if !is_dns_label(&route.name) {
+            c.push(format!("{at}.name"), "must be lower-case letters, digits and '-', at most 63 characters");
+        }
+        route_rules(&mut c, &at, route);
+    }
+    let mut commands = BTreeSet::new();
+    for (i, command) in spec.commands.iter().enumerate() {
+        if !commands.insert(command.name.as_str()) {
+            c.push(format!("spec.commands[{i}].name"), format!("command name {:?} is used twice", command.name));
+        }
+        if let Some(handler) = &command.handler {
+            upstream_rules(&mut c, &format!("spec.commands[{i}].handler"), handler);
+        }
+    }
+    if let Some(ratio) = spec.observability.sampling_ratio
+        && !(0.0..=1.0).contains(&ratio)
+    {
+        c.push("spec.observability.samplingRatio", "must lie between 0 and 1");
+    }
+    if let Some(endpoint) = &spec.observability.otlp_endpoint
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        c.push("spec.observability.otlpEndpoint", "must be an http:// or https:// URL");
+    }
+    let mut out = c.out;
+
+    let routes: BTreeSet<&str> = spec.routes.iter().map(|r| r.name.as_str()).collect();
+    policies(&bundle.cache_policies, mw, &routes, &mut out);
+    policies(&bundle.event_routes, mw, &routes, &mut out);
+    policies(&bundle.auth_policies, mw, &routes, &mut out);
+    out
+}
+
+fn route_rules(c: &mut Collector<'_>, at: &str, route: &Route) {
+    let m = &route.matches;
+    if m.path.is_some() && m.path_prefix.is_some() {
+        c.push(format!("{at}.match"), "set at most one of pathPrefix and path");
+    }
+    for (field, value) in [("pathPrefix", &m.path_prefix), ("path", &m.path)] {
+        if let Some(value) = value
+            && !value.starts_with('/')
+        {
+            c.push(format!("{at}.match.{field}"), "must start with /");
+        }
+    }
+    for (i, host) in m.hosts.iter().enumerate() {
+        let bare = host.strip_prefix("*.").unwrap_or(host);
+        if bare.is_empty() || !bare.split('.').all(is_host_label) {
+            c.push(
+                format!("{at}.match.hosts[{i}]"),
+                format!("{host:?} is not a host name (a wildcard is `*.` in front)"),
+            );
+        }
+    }
+    for (i, header) in m.headers.iter().enumerate() {
+        if http_token(&header.name).is_none() {
+            c.push(format!("{at}.match.headers[{i}].name"), format!("{:?} is not a header name", header.name));
+        }
+    }
+    upstream_rules(c, &format!("{at}.upstream"), &route.upstream);
+    c.duration(format!("{at}.timeout"), route.timeout.as_ref());
+    if let Some(retry) = &route.retry {
+        c.duration(format!("{at}.retry.backoff"), retry.backoff.as_ref());
+        if retry.attempts > 10 {
+            c.push(format!("{at}.retry.attempts"), "must be at most 10");
+        }
+        if let Some(status) = retry.on_statuses.iter().find(|s| !(100..=599).contains(*s)) {
+            c.push(format!("{at}.retry.onStatuses"), format!("{status} is not an HTTP status"));
+        }
+    }
+    if route.max_body_bytes.is_some_and(|n| n < 0) {
+        c.push(format!("{at}.maxBodyBytes"), "must not be negative");
+    }
+}
+
+fn upstream_rules(c: &mut Collector<'_>, at: &str, upstream: &Upstream) {
+    match (&upstream.service, &upstream.url) {
+        (Some(_), Some(_)) | (None, None) => c.push(at.to_string(), "upstream needs exactly one of service or url"),
+        (Some(service), None) => {
+            if !is_dns_label(&service.name) {
+                c.push(format!("{at}.service.name"), format!("{:?} is not a Service name", service.name));
+            }
+            if service.port == 0 {
+                c.push(format!("{at}.service.port"), "must lie between 1 and 65535");
+            }
+        }
+        (None, Some(url)) => {
+            let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+            let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
+            if authority.is_none_or(|a| a.is_empty() || a.contains(char::is_whitespace) || a.contains('@')) {
+                c.push(
+                    format!("{at}.url"),
+                    format!("{url:?} is not an absolute http:// or https:// URL without credentials"),
+                );
+            }
+        }
+    }
+    if let Some(breaker) = &upstream.circuit_breaker {
+        c.duration(format!("{at}.circuitBreaker.openFor"), breaker.open_for.as_ref());
+        if breaker.consecutive_failures == 0 {
+            c.push(format!("{at}.circuitBreaker.consecutiveFailures"), "must be at least 1");
+        }
+    }
+}
+
+fn policies<P: Policy>(policies: &[P], mw: &crate::Middleware, routes: &BTreeSet<&str>, out: &mut Vec<Violation>) {
+    for policy in policies {
+        let resource = format!("{}/{}", P::kind(&()), policy.name_any());
+        let mut c = Collector { resource: &resource, out: Vec::new() };
+        if policy.target_refs().is_empty() {
+            c.push("spec.targetRefs", "must name at least one Middleware");
+        }
+        for (i, target) in policy.target_refs().iter().enumerate() {
+            if target.name != mw.name_any() {
+                c.push(
+                    format!("spec.targetRefs[{i}].name"),
+                    format!(
+                        "targets Middleware {:?}, but this configuration's Middleware is {:?}",
+                        target.name,
+                        mw.name_any()
+                    ),
+                );
+            }
+            if let Some(section) = &target.section_name
+                && !routes.contains(section.as_str())
+            {
+                c.push(
+                    format!("spec.targetRefs[{i}].sectionName"),
+                    format!("Middleware {:?} has no route {section:?}", mw.name_any()),
+                );
+            }
+        }
+        if let Err(message) = policy.validate() {
+            c.push("spec", message);
+        }
+        if let Err(message) = policy.validate_against(mw) {
+            c.push("spec", message);
+        }
+        out.extend(c.out);
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_host_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// `Some` when `s` is an HTTP token (a valid header name).
+fn http_token(s: &str) -> Option<&str> {
+    let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    ok.then_some(s)
+}
+
+/// Parses a duration field that [`validate`] has accepted, falling back to `default` when it is absent.
+pub fn duration_or(value: Option<&crate::Duration>, default: std::time::Duration) -> std::time::Duration {
+    value.and_then(|v| parse_duration(&v.0).ok()).unwrap_or(default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(yaml: &str) -> Bundle {
+        Bundle::from_yaml(yaml).unwrap()
+    }
+
+    #[test]
+    fn the_cel_rules_hold_without_an_api_server() {
+        let b = bundle(
+            "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  listeners: {http: {port: 9901}}\n  routes:\n    - name: a\n      match: {path: /x, pathPrefix: /y, headers: [{name: 'bad header', value: v}]}\n      upstream: {url: http://x, service: {name: s, port: 80}}\n      timeout: 0s\n    - name: a\n      upstream: {url: 'ftp://x'}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: c}\nspec: {targetRefs: [{name: other}, {name: shop, sectionName: nope}], rules: [{ttl: 1s}]}\n",
+        );
+        let found: Vec<String> =
+            validate(&b).iter().map(|v| format!("{} {}: {}", v.resource, v.path, v.message)).collect();
+        for expected in [
+            "Middleware/shop spec.listeners: http.port and adminPort must differ",
+            "Middleware/shop spec.routes[0].match: set at most one of pathPrefix and path",
+            "Middleware/shop spec.routes[0].match.headers[0].name:",
+            "Middleware/shop spec.routes[0].upstream: upstream needs exactly one of service or url",
+            "Middleware/shop spec.routes[0].timeout: duration \"0s\" must be greater than zero",
+            "Middleware/shop spec.routes[1].name: route name \"a\" is used twice",
+            "Middleware/shop spec.routes[1].upstream.url:",
+            "CachePolicy/c spec.targetRefs[0].name: targets Middleware \"other\"",
+            "CachePolicy/c spec.targetRefs[1].sectionName: Middleware \"shop\" has no route \"nope\"",
+        ] {
+            assert!(found.iter().any(|f| f.starts_with(expected)), "missing {expected:?} in {found:#?}");
+        }
+        assert_eq!(found.len(), 9, "{found:#?}");
+    }
+
+    #[test]
+    fn a_good_configuration_has_no_violations() {
+        let b = bundle(
+            "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  routes:\n    - name: a\n      match: {pathPrefix: /a, hosts: ['*.example.com'], headers: [{name: x-tenant, value: t}]}\n      upstream: {url: 'http://127.0.0.1:9000/base', circuitBreaker: {openFor: 5s}}\n      timeout: 2s\n      retry: {attempts: 2, backoff: 10ms}\n",
+        );
+        assert_eq!(validate(&b), vec![]);
+    }
+}

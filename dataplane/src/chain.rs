@@ -1,0 +1,313 @@
+//! The HTTP middleware chain, built in one function: one tower layer per concern, in the order of the
+//! design. The listener hands every request to this chain; the handler at its end proxies.
+//!
+//! ```text
+//! request id → trace → route → metrics → timeout → body limit → authentication → rate limit
+//!            → authorization → request validation → cache → handler (proxy)
+//! ```
+//!
+//! `route` (selecting the route once, so that metrics, timeouts and limits can be per route) is the one
+//! step the design's list leaves implicit. Authentication, rate limiting, authorization and caching are
+//! slots: each snapshot may fill them with a [`Stage`](crate::runtime::Stage); empty ones pass requests on.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Body;
+use axum::middleware::{Next, from_fn, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderName, HeaderValue, Method, Request, header};
+use http_body::Body as _;
+use http_body_util::{BodyExt as _, Limited};
+use opentelemetry::KeyValue;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+
+use crate::metrics::{method_label, status_class};
+use crate::problem::{FieldProblem, Problem, kinds};
+use crate::proxy;
+use crate::runtime::{Route, Runtime, Snapshot, Stage};
+use crate::trace::TraceContext;
+
+/// Request and response header carrying the request id.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The peer address of the connection, set by the listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// What the chain knows about a request, in its extensions.
+#[derive(Clone)]
+pub struct RequestInfo {
+    pub id: HeaderValue,
+    pub client: SocketAddr,
+    /// The configuration the request is served under, from start to end.
+    pub snapshot: Arc<Snapshot>,
+    pub trace: TraceContext,
+    pub route: Option<Arc<Route>>,
+    /// When the route's timeout expires.
+    pub deadline: Option<Instant>,
+}
+
+/// The chain as a service.
+pub type Chain = BoxCloneSyncService<Request<Body>, Response, Infallible>;
+
+/// Builds the chain over the runtime's current snapshot.
+pub fn build(runtime: Arc<Runtime>) -> Chain {
+    let service = ServiceBuilder::new()
+        // Request id: keep the caller's X-Request-Id (if sane) or make one; it goes upstream and back.
+        .layer(from_fn_with_state(runtime, request_id))
+        // Trace: continue the caller's W3C trace or start one; export the server span when sampled.
+        .layer(from_fn(trace))
+        // Route: the first route that matches; everything after may depend on it.
+        .layer(from_fn(select_route))
+        // Metrics: rate, errors and duration per route, requests in flight.
+        .layer(from_fn(metrics))
+        // Timeout: the route's deadline for the whole exchange, answered 504.
+        .layer(from_fn(timeout))
+        // Body limit: the route's maximum body, answered 413, checked before anything reads the body.
+        .layer(from_fn(body_limit))
+        // Authentication (slot): who is calling.
+        .layer(from_fn(authentication))
+        // Rate limit (slot): how often they may.
+        .layer(from_fn(rate_limit))
+        // Authorization (slot): whether they may do this.
+        .layer(from_fn(authorization))
+        // Request validation: the route's JSON Schema on the body, answered 422 with every violation.
+        .layer(from_fn(validate_request))
+        // Cache (slot): answer from the cache or let the handler answer and keep the response.
+        .layer(from_fn(cache))
+        // Handler: proxy to the route's upstream.
+        .service_fn(handler);
+    BoxCloneSyncService::new(service)
+}
+
+fn info(request: &Request<Body>) -> Option<&RequestInfo> {
+    request.extensions().get::<RequestInfo>()
+}
+
+fn info_mut(request: &mut Request<Body>) -> Option<&mut RequestInfo> {
+    request.extensions_mut().get_mut::<RequestInfo>()
+}
+
+async fn request_id(
+    axum::extract::State(runtime): axum::extract::State<Arc<Runtime>>,
+    mut request: Request<Body>,
+    next: Next,
+) -> Response {
+    let id = match request.headers().get(&REQUEST_ID) {
+        Some(v) if v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()) => v.clone(),
+        _ => {
+            let id = format!("{:032x}", fastrand::u128(..));
+            // Hex digits are always a valid header value.
+            let id = HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("0"));
+            request.headers_mut().insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
+    let client = request.extensions().get::<ClientAddr>().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+    let snapshot = runtime.snapshot();
+    let trace = TraceContext::from_headers(request.headers(), snapshot.sampling_ratio);
+    request.extensions_mut().insert(RequestInfo {
+        id: id.clone(),
+        client,
+        snapshot,
+        trace,
+        route: None,
+        deadline: None,
+    });
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+async fn trace(request: Request<Body>, next: Next) -> Response {
+    let Some(info) = info(&request) else { return next.run(request).await };
+    let Some(traces) = info.snapshot.traces.clone().filter(|_| info.trace.sampled) else {
+        return next.run(request).await;
+    };
+    let context = info.trace;
+    let started = SystemTime::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    // The route is selected after this layer; read it back from the response.
+    let response = next.run(request).await;
+    let route = response.extensions().get::<RouteName>().map(|r| r.0.clone());
+    let status = response.status();
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", method.to_string()),
+        KeyValue::new("url.path", path),
+        KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+    ];
+    if let Some(route) = &route {
+        attributes.push(KeyValue::new("http.route", route.clone()));
+    }
+    let name = match &route {
+        Some(route) => format!("{method} {route}"),
+        None => method.to_string(),
+    };
+    traces.server_span(&context, name, started, attributes, status.is_server_error());
+    response
+}
+
+/// The route that served a response, for the layers outside `select_route`.
+#[derive(Clone)]
+struct RouteName(String);
+
+async fn select_route(mut request: Request<Body>, next: Next) -> Response {
+    let route = info(&request).and_then(|i| i.snapshot.route_for(&request).cloned());
+    let name = route.as_ref().map(|r| r.name.clone());
+    if let Some(info) = info_mut(&mut request) {
+        info.route = route;
+    }
+    let mut response = next.run(request).await;
+    if let Some(name) = name {
+        response.extensions_mut().insert(RouteName(name));
+    }
+    response
+}
+
+async fn metrics(request: Request<Body>, next: Next) -> Response {
+    let Some(info) = info(&request) else { return next.run(request).await };
+    let route = info.route.clone();
+    let metrics = info.snapshot.metrics.clone();
+    let method = method_label(request.method());
+    let started = Instant::now();
+    metrics.in_flight.inc();
+    let response = next.run(request).await;
+    metrics.in_flight.dec();
+    let name = route.as_ref().map_or("none", |r| r.name.as_str());
+    metrics.requests.with_label_values(&[name, method, status_class(response.status())]).inc();
+    if let Some(route) = &route {
+        route.request_duration.observe(started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+async fn timeout(mut request: Request<Body>, next: Next) -> Response {
+    let Some(route) = info(&request).and_then(|i| i.route.clone()) else { return next.run(request).await };
+    let deadline = Instant::now() + route.timeout;
+    if let Some(info) = info_mut(&mut request) {
+        info.deadline = Some(deadline);
+    }
+    match tokio::time::timeout_at(deadline.into(), next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            route.metrics.gateway_errors.with_label_values(&[&route.name, "timeout"]).inc();
+            Problem::new(
+                kinds::UPSTREAM_TIMEOUT,
+                format!("route {} did not answer within {:?}", route.name, route.timeout),
+            )
+            .into_response()
+        }
+    }
+}
+
+async fn body_limit(request: Request<Body>, next: Next) -> Response {
+    let Some(route) = info(&request).and_then(|i| i.route.clone()) else { return next.run(request).await };
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > route.max_body) {
+        route.metrics.gateway_errors.with_label_values(&[&route.name, "body_too_large"]).inc();
+        return Problem::new(
+            kinds::BODY_TOO_LARGE,
+            format!("the request body exceeds the limit of route {} ({} bytes)", route.name, route.max_body),
+        )
+        .into_response();
+    }
+    // Bodies without a declared length are counted as they stream.
+    let limit = usize::try_from(route.max_body).unwrap_or(usize::MAX);
+    let request = request.map(|body| Body::new(Limited::new(body, limit)));
+    next.run(request).await
+}
+
+async fn slot(stage: Option<Arc<dyn Stage>>, request: Request<Body>, next: Next) -> Response {
+    match stage {
+        Some(stage) => stage.call(request, next).await,
+        None => next.run(request).await,
+    }
+}
+
+async fn authentication(request: Request<Body>, next: Next) -> Response {
+    let stage = info(&request).and_then(|i| i.snapshot.stages.authentication.clone());
+    slot(stage, request, next).await
+}
+
+async fn rate_limit(request: Request<Body>, next: Next) -> Response {
+    let stage = info(&request).and_then(|i| i.snapshot.stages.rate_limit.clone());
+    slot(stage, request, next).await
+}
+
+async fn authorization(request: Request<Body>, next: Next) -> Response {
+    let stage = info(&request).and_then(|i| i.snapshot.stages.authorization.clone());
+    slot(stage, request, next).await
+}
+
+async fn cache(request: Request<Body>, next: Next) -> Response {
+    let stage = info(&request).and_then(|i| i.snapshot.stages.cache.clone());
+    slot(stage, request, next).await
+}
+
+/// Most violations listed in one response.
+const MAX_SCHEMA_ERRORS: usize = 50;
+
+async fn validate_request(request: Request<Body>, next: Next) -> Response {
+    let Some(route) = info(&request).and_then(|i| i.route.clone()) else { return next.run(request).await };
+    let Some(schema) = route.schema.clone() else { return next.run(request).await };
+    if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE)
+        && request.body().size_hint().exact() == Some(0)
+    {
+        return next.run(request).await;
+    }
+    let invalid = |detail: String, errors: Vec<FieldProblem>| {
+        route.metrics.gateway_errors.with_label_values(&[&route.name, "invalid_body"]).inc();
+        Problem::new(kinds::INVALID_BODY, detail).with_errors(errors).into_response()
+    };
+    let (parts, body) = request.into_parts();
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => {
+            let error = proxy::body_error(error);
+            route.metrics.gateway_errors.with_label_values(&[&route.name, error.kind()]).inc();
+            return error.problem(&route.name).into_response();
+        }
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(value) => value,
+        Err(error) => {
+            return invalid(
+                format!("the body is not JSON ({error})"),
+                vec![FieldProblem { pointer: String::new(), detail: "not JSON".into() }],
+            );
+        }
+    };
+    let errors: Vec<FieldProblem> = schema
+        .iter_errors(&value)
+        .take(MAX_SCHEMA_ERRORS)
+        .map(|e| FieldProblem { pointer: e.instance_path().to_string(), detail: e.to_string() })
+        .collect();
+    if !errors.is_empty() {
+        return invalid(format!("{} violation(s) of the schema of route {}", errors.len(), route.name), errors);
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+async fn handler(request: Request<Body>) -> Result<Response, Infallible> {
+    let Some(info) = info(&request).cloned() else {
+        return Ok(Problem::new(kinds::NO_ROUTE, "no route").into_response());
+    };
+    let Some(route) = info.route.clone() else {
+        info.snapshot.metrics.gateway_errors.with_label_values(&["none", "no_route"]).inc();
+        return Ok(Problem::new(
+            kinds::NO_ROUTE,
+            format!("no route of this gateway takes {} {}", request.method(), request.uri().path()),
+        )
+        .into_response());
+    };
+    Ok(match proxy::forward(request, &info, &route).await {
+        Ok(response) => response,
+        Err(error) => proxy::error_response(error, &info, &route),
+    })
+}

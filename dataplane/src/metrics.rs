@@ -1,0 +1,165 @@
+//! The data plane's Prometheus metrics, registered once. Labels carry only bounded values: route and
+//! upstream names come from the configuration, methods are folded into a fixed set, statuses into classes.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Buckets for request and upstream durations, in seconds: from 250µs to 30s.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Requests answered, by route, method and status class.
+    pub requests: IntCounterVec,
+    /// Time from the request head to the response head, by route.
+    pub request_duration: HistogramVec,
+    /// Requests being handled now.
+    pub in_flight: IntGauge,
+    /// Requests the gateway answered itself with a problem, by route and problem kind.
+    pub gateway_errors: IntCounterVec,
+    /// Upstream attempts by upstream and outcome (a status class, `connect_error`, `timeout`).
+    pub upstream_requests: IntCounterVec,
+    /// Duration of upstream attempts, by upstream.
+    pub upstream_duration: HistogramVec,
+    /// Retries sent, by upstream.
+    pub upstream_retries: IntCounterVec,
+    /// Retries not sent because the retry budget was spent, by upstream.
+    pub retry_budget_exhausted: IntCounterVec,
+    /// Circuit-breaker state by upstream: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGaugeVec,
+    /// Circuit-breaker transitions by upstream and new state.
+    pub breaker_transitions: IntCounterVec,
+    /// Requests refused at once because the upstream's breaker was open, by upstream.
+    pub breaker_rejections: IntCounterVec,
+    /// Configuration reloads by outcome (`applied`, `rejected`).
+    pub config_reloads: IntCounterVec,
+    /// Connections accepted on the traffic listener.
+    pub connections_accepted: IntCounter,
+    /// Open connections on the traffic listener.
+    pub connections_open: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, prometheus::Error> {
+            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let metric = IntGauge::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let metrics = Self {
+            requests: counter_vec(
+                "umw_http_requests_total",
+                "HTTP requests answered, by route, method and status class",
+                &["route", "method", "status"],
+            )?,
+            request_duration: histogram_vec(
+                "umw_http_request_duration_seconds",
+                "Time from request head to response head, by route",
+                &["route"],
+            )?,
+            in_flight: gauge("umw_http_requests_in_flight", "HTTP requests being handled")?,
+            gateway_errors: counter_vec(
+                "umw_gateway_errors_total",
+                "Requests the gateway answered itself with a problem response, by route and kind",
+                &["route", "kind"],
+            )?,
+            upstream_requests: counter_vec(
+                "umw_upstream_requests_total",
+                "Upstream attempts by upstream and outcome (status class, connect_error, timeout)",
+                &["upstream", "outcome"],
+            )?,
+            upstream_duration: histogram_vec(
+                "umw_upstream_request_duration_seconds",
+                "Duration of upstream attempts until the response head, by upstream",
+                &["upstream"],
+            )?,
+            upstream_retries: counter_vec("umw_upstream_retries_total", "Retries sent, by upstream", &["upstream"])?,
+            retry_budget_exhausted: counter_vec(
+                "umw_upstream_retry_budget_exhausted_total",
+                "Retries not sent because the upstream's retry budget was spent",
+                &["upstream"],
+            )?,
+            breaker_state: {
+                let metric = IntGaugeVec::new(
+                    Opts::new("umw_circuit_breaker_state", "Circuit-breaker state: 0 closed, 1 open, 2 half-open"),
+                    &["upstream"],
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
+            breaker_transitions: counter_vec(
+                "umw_circuit_breaker_transitions_total",
+                "Circuit-breaker transitions, by upstream and the state entered",
+                &["upstream", "state"],
+            )?,
+            breaker_rejections: counter_vec(
+                "umw_circuit_breaker_rejections_total",
+                "Requests refused because the upstream's circuit breaker was open",
+                &["upstream"],
+            )?,
+            config_reloads: counter_vec(
+                "umw_config_reloads_total",
+                "Configuration reloads by outcome (applied, rejected)",
+                &["outcome"],
+            )?,
+            connections_accepted: {
+                let metric =
+                    IntCounter::new("umw_connections_accepted_total", "Connections accepted on the traffic listener")?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
+            connections_open: gauge("umw_connections_open", "Open connections on the traffic listener")?,
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        metrics.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(metrics)
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec only fails on metric families that the registry itself refused.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// The method label: the standard methods as they are, anything else as `OTHER`.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// `2xx`, `4xx`, ...
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,124 @@
+//! Header rules of a proxy: hop-by-hop headers stay on their hop (RFC 9110 §7.6.1), and the upstream
+//! learns who asked through `X-Forwarded-*` and `Forwarded` (RFC 7239).
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that concern one connection only.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including every header that `Connection` names. `TE: trailers` is kept
+/// (and only that), since gRPC over HTTP/2 needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    let trailers_only = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    headers.remove(header::TE);
+    if trailers_only {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` unless an earlier proxy set them.
+pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: Option<&HeaderValue>, proto: &'static str) {
+    let ip = client.ip().to_canonical();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(value) = HeaderValue::try_from(xff) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if let Some(host) = host
+        && !headers.contains_key(&X_FORWARDED_HOST)
+    {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+    // RFC 7239: IPv6 addresses are quoted and bracketed; the host is quoted when it has a colon (a port).
+    let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+    let mut element = format!("for={node};proto={proto}");
+    if let Some(host) = host.and_then(|h| h.to_str().ok()).filter(|h| is_token_or_quotable(h)) {
+        if host.contains(':') {
+            element.push_str(&format!(";host=\"{host}\""));
+        } else {
+            element.push_str(&format!(";host={host}"));
+        }
+    }
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {element}"),
+        None => element,
+    };
+    if let Ok(value) = HeaderValue::try_from(forwarded) {
+        headers.insert(header::FORWARDED, value);
+    }
+}
+
+fn is_token_or_quotable(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep", "te"]);
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn forwarded_headers_append_to_earlier_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=203.0.113.7"));
+        let host = HeaderValue::from_static("shop.example:8080");
+        add_forwarded(&mut h, "10.1.2.3:5555".parse().unwrap(), Some(&host), "http");
+        assert_eq!(h[X_FORWARDED_FOR], "203.0.113.7, 10.1.2.3");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_FORWARDED_HOST], "shop.example:8080");
+        assert_eq!(h[header::FORWARDED], "for=203.0.113.7, for=10.1.2.3;proto=http;host=\"shop.example:8080\"");
+        let mut v6 = HeaderMap::new();
+        add_forwarded(&mut v6, "[2001:db8::1]:80".parse().unwrap(), None, "http");
+        assert_eq!(v6[header::FORWARDED], "for=\"[2001:db8::1]\";proto=http");
+    }
+}

@@ -1,0 +1,314 @@
+//! The proxy handler: sends a routed request to its upstream and streams the answer back, with retries of
+//! idempotent requests inside a retry budget, a circuit breaker per upstream, and the headers a proxy owes
+//! both sides.
+
+pub mod breaker;
+pub mod budget;
+pub mod headers;
+pub mod upstream;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, StatusCode, Uri, Version, header};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+use opentelemetry::KeyValue;
+
+use crate::chain::RequestInfo;
+use crate::metrics::status_class;
+use crate::problem::{Problem, kinds};
+use crate::runtime::Route;
+use crate::trace::{TRACEPARENT, new_span_id};
+use breaker::Admission;
+use upstream::{Protocol, Upstream};
+
+/// Bodies up to this size are kept so that a retry can send them again; larger ones are streamed once.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// Why the proxy answered instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("circuit breaker open for {upstream}")]
+    BreakerOpen { upstream: String, retry_after: Duration },
+    #[error("cannot reach {upstream}: {source}")]
+    Unreachable { upstream: String, source: hyper_util::client::legacy::Error },
+    #[error("{upstream} did not answer within the route's timeout")]
+    Timeout { upstream: String },
+    #[error("the request body is larger than the route allows")]
+    BodyTooLarge,
+    #[error("reading the request body failed: {0}")]
+    BodyUnreadable(String),
+    #[error("the request cannot be sent upstream: {0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    /// The metric label of the error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::BreakerOpen { .. } => "breaker_open",
+            ProxyError::Unreachable { .. } => "upstream_unreachable",
+            ProxyError::Timeout { .. } => "upstream_timeout",
+            ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::BodyUnreadable(_) => "body_unreadable",
+            ProxyError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    /// What the client is told: the kind of failure, never addresses or error chains.
+    pub fn problem(&self, route: &str) -> Problem {
+        match self {
+            ProxyError::BreakerOpen { retry_after, .. } => Problem::new(
+                kinds::UPSTREAM_UNAVAILABLE,
+                format!(
+                    "the upstream of route {route} is failing, so the gateway is not sending it requests for a while"
+                ),
+            )
+            .retry_after(retry_after.as_secs_f64().ceil() as u64),
+            ProxyError::Unreachable { .. } => {
+                Problem::new(kinds::UPSTREAM_UNREACHABLE, format!("the upstream of route {route} could not be reached"))
+            }
+            ProxyError::Timeout { .. } => Problem::new(
+                kinds::UPSTREAM_TIMEOUT,
+                format!("the upstream of route {route} did not answer within the route's timeout"),
+            ),
+            ProxyError::BodyTooLarge => {
+                Problem::new(kinds::BODY_TOO_LARGE, format!("the request body exceeds the limit of route {route}"))
+            }
+            ProxyError::BodyUnreadable(_) => {
+                Problem::new(kinds::BODY_UNREADABLE, "the request body ended early or could not be read")
+            }
+            ProxyError::BadRequest(_) => Problem::new(kinds::BAD_REQUEST, "the request cannot be forwarded as it is"),
+        }
+    }
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// Sends `request` to the route's upstream and returns its response, or the error to answer with.
+pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) -> Result<Response, ProxyError> {
+    let upstream = &route.upstream;
+    let (parts, body) = request.into_parts();
+    let deadline = info.deadline.unwrap_or_else(|| Instant::now() + route.timeout);
+    let retry = route.retry.as_ref().filter(|_| idempotent(&parts.method));
+
+    // A body is replayable when it is small and of known size; otherwise it is streamed once.
+    let mut body = Some(body);
+    let replay: Option<Bytes> = match (retry, body.as_ref().map(|b| b.size_hint().exact())) {
+        (Some(_), Some(Some(len))) if len <= MAX_REPLAY_BODY => {
+            let collected = body.take().map(|b| b.collect());
+            match collected {
+                Some(fut) => Some(fut.await.map_err(body_error)?.to_bytes()),
+                None => None,
+            }
+        }
+        _ => None,
+    };
+    let max_retries = match (retry, &replay) {
+        (Some(retry), Some(_)) => retry.attempts,
+        _ => 0,
+    };
+
+    upstream.budget.record_request(Instant::now());
+    let mut attempt = 0u32;
+    loop {
+        if let Admission::Rejected { retry_after } = upstream.admit() {
+            return Err(ProxyError::BreakerOpen { upstream: upstream.label.clone(), retry_after });
+        }
+        let attempt_body = match (&replay, body.take()) {
+            (Some(bytes), _) => Body::from(bytes.clone()),
+            (None, Some(body)) => body,
+            // Only replayable bodies are retried, so the streaming body is taken at most once.
+            (None, None) => Body::empty(),
+        };
+        let span_id = new_span_id();
+        let outbound = upstream_request(&parts, info, upstream, span_id, attempt_body)?;
+        let started = (Instant::now(), SystemTime::now());
+        let sent = match upstream.target.protocol {
+            Protocol::Http1 => tokio::time::timeout_at(deadline.into(), route.clients.http1.request(outbound)).await,
+            Protocol::H2c => tokio::time::timeout_at(deadline.into(), route.clients.h2c.request(outbound)).await,
+        };
+        let elapsed = started.0.elapsed();
+        let metrics = upstream.metrics();
+        metrics.upstream_duration.with_label_values(&[&upstream.label]).observe(elapsed.as_secs_f64());
+
+        let outcome: Result<Response, ProxyError> = match sent {
+            Ok(Ok(response)) => Ok(response.map(Body::new)),
+            Ok(Err(error)) => Err(classify(error, &upstream.label)),
+            Err(_) => Err(ProxyError::Timeout { upstream: upstream.label.clone() }),
+        };
+        let (label, failed) = match &outcome {
+            Ok(response) => {
+                let status = response.status();
+                (status_class(status), matches!(status.as_u16(), 502..=504))
+            }
+            Err(ProxyError::Timeout { .. }) => ("timeout", true),
+            Err(ProxyError::Unreachable { .. }) => ("connect_error", true),
+            // The client's body failed, not the upstream.
+            Err(_) => ("client_error", false),
+        };
+        metrics.upstream_requests.with_label_values(&[&upstream.label, label]).inc();
+        if !matches!(label, "client_error") {
+            upstream.record(!failed);
+        }
+        if let Some(traces) = &route.traces {
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", parts.method.to_string()),
+                KeyValue::new("server.address", upstream.target.connect.clone()),
+                KeyValue::new("url.path", parts.uri.path().to_string()),
+            ];
+            if let Ok(response) = &outcome {
+                attributes.push(KeyValue::new("http.response.status_code", i64::from(response.status().as_u16())));
+            }
+            if attempt > 0 {
+                attributes.push(KeyValue::new("http.request.resend_count", i64::from(attempt)));
+            }
+            traces.client_span(
+                &info.trace,
+                span_id,
+                format!("{} {}", parts.method, route.name),
+                started.1,
+                attributes,
+                failed,
+            );
+        }
+
+        let retryable = match (&outcome, retry) {
+            (Ok(response), Some(retry)) => retry.on_statuses.contains(&response.status()),
+            (Err(ProxyError::Unreachable { .. }), Some(_)) => true,
+            _ => false,
+        };
+        if !retryable || attempt >= max_retries {
+            return outcome.map(finish_response);
+        }
+        let Some(retry) = retry else { return outcome.map(finish_response) };
+        if !upstream.budget.try_retry(Instant::now()) {
+            metrics.retry_budget_exhausted.with_label_values(&[&upstream.label]).inc();
+            return outcome.map(finish_response);
+        }
+        // Exponential backoff with full jitter, never past the deadline.
+        let ceiling = retry.backoff.saturating_mul(1 << attempt.min(16));
+        let pause = ceiling.mul_f64(fastrand::f64());
+        if Instant::now() + pause >= deadline {
+            return outcome.map(finish_response);
+        }
+        tracing::debug!(
+            upstream = %upstream.label,
+            attempt = attempt + 1,
+            trace_id = %info.trace.trace_id_hex(),
+            "retrying"
+        );
+        drop(outcome);
+        tokio::time::sleep(pause).await;
+        metrics.upstream_retries.with_label_values(&[&upstream.label]).inc();
+        attempt += 1;
+    }
+}
+
+/// The error for a request body that could not be read: too large, or broken.
+pub fn body_error(error: axum::Error) -> ProxyError {
+    if is_length_limit(&error) { ProxyError::BodyTooLarge } else { ProxyError::BodyUnreadable(error.to_string()) }
+}
+
+fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+fn classify(error: hyper_util::client::legacy::Error, upstream: &str) -> ProxyError {
+    if is_length_limit(&error) {
+        return ProxyError::BodyTooLarge;
+    }
+    // A failure of the client's own body surfaces as a body error inside hyper's error.
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = current {
+        if e.is::<axum::Error>() {
+            return ProxyError::BodyUnreadable(e.to_string());
+        }
+        current = e.source();
+    }
+    ProxyError::Unreachable { upstream: upstream.to_string(), source: error }
+}
+
+/// The request as the upstream gets it.
+fn upstream_request(
+    parts: &Parts,
+    info: &RequestInfo,
+    upstream: &Upstream,
+    span_id: [u8; 8],
+    body: Body,
+) -> Result<Request<Body>, ProxyError> {
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut path = String::with_capacity(upstream.target.base_path.len() + path_and_query.len());
+    path.push_str(&upstream.target.base_path);
+    path.push_str(path_and_query);
+    let uri = Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = match upstream.target.protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::H2c => Version::HTTP_2,
+    };
+    let headers = request.headers_mut();
+    *headers = parts.headers.clone();
+    headers::strip_hop_by_hop(headers);
+    // HTTP/2 clients send the authority instead of Host.
+    let original_host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::try_from(a.as_str()).ok()));
+    headers::add_forwarded(headers, info.client, original_host.as_ref(), "http");
+    match (&upstream.host, original_host) {
+        (Some(host), _) => {
+            headers.insert(header::HOST, host.clone());
+        }
+        (None, Some(host)) => {
+            headers.insert(header::HOST, host);
+        }
+        (None, None) => {}
+    }
+    headers.insert(TRACEPARENT, info.trace.traceparent(span_id));
+    Ok(request)
+}
+
+/// The upstream's response as the client gets it.
+fn finish_response(mut response: Response) -> Response {
+    headers::strip_hop_by_hop(response.headers_mut());
+    response
+}
+
+/// Answers a proxy error as a problem and counts it.
+pub fn error_response(error: ProxyError, info: &RequestInfo, route: &Route) -> Response {
+    route.metrics.gateway_errors.with_label_values(&[&route.name, error.kind()]).inc();
+    match &error {
+        ProxyError::BodyTooLarge | ProxyError::BodyUnreadable(_) | ProxyError::BadRequest(_) => {
+            tracing::debug!(route = %route.name, request_id = ?info.id, trace_id = %info.trace.trace_id_hex(), %error, "request refused")
+        }
+        _ => {
+            tracing::warn!(route = %route.name, request_id = ?info.id, trace_id = %info.trace.trace_id_hex(), %error, "upstream request failed")
+        }
+    }
+    error.problem(&route.name).into_response()
+}
+
+/// Status returned when the client went away (never sent: nobody is listening).
+pub const CLIENT_CLOSED: StatusCode = StatusCode::BAD_REQUEST;

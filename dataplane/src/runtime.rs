@@ -1,0 +1,344 @@
+//! The runtime: builds every component from a configuration snapshot, wires them together, and swaps the
+//! whole snapshot atomically on reload.
+//!
+//! A snapshot is immutable. Requests load the current one once, at the start of the chain, and keep it to
+//! the end, so a reload never changes the rules under a request in flight. State that must survive a
+//! reload (connection pools, circuit breakers, retry budgets) lives in the runtime and is handed to each new
+//! snapshot; an upstream that a reload removes is dropped with it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::middleware::Next;
+use axum::response::Response;
+use futures::future::BoxFuture;
+use http::{Request, StatusCode};
+use kube::ResourceExt as _;
+use serde::Serialize;
+use umw_crds::Policy;
+use umw_crds::config::Bundle;
+use umw_crds::middleware::Route as RouteSpec;
+use umw_crds::validate::duration_or;
+
+use crate::config::{Invalid, Loaded};
+use crate::health::{Health, State};
+use crate::metrics::Metrics;
+use crate::proxy::upstream::{Clients, Overrides, Target, Upstream, Upstreams, component_name};
+use crate::routing::Matcher;
+use crate::telemetry::{self, LogControl, Traces};
+
+/// Default route timeout, as documented on `timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default body limit, as documented on `maxBodyBytes`.
+pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
+/// Default first retry delay, as documented on `retry.backoff`.
+pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
+
+/// A stage of the chain that a component fills (authentication, rate limiting, authorization, caching).
+/// It gets the request and the rest of the chain, and either answers itself or calls `next`.
+pub trait Stage: Send + Sync + 'static {
+    fn call(&self, request: Request<Body>, next: Next) -> BoxFuture<'static, Response>;
+}
+
+/// The chain's slots for this snapshot; empty slots pass requests on.
+#[derive(Clone, Default)]
+pub struct Stages {
+    pub authentication: Option<Arc<dyn Stage>>,
+    pub rate_limit: Option<Arc<dyn Stage>>,
+    pub authorization: Option<Arc<dyn Stage>>,
+    pub cache: Option<Arc<dyn Stage>>,
+}
+
+/// Retries of a route.
+#[derive(Clone, Debug)]
+pub struct Retry {
+    pub attempts: u32,
+    pub backoff: Duration,
+    pub on_statuses: Vec<StatusCode>,
+}
+
+/// A compiled route.
+pub struct Route {
+    pub name: String,
+    pub matcher: Matcher,
+    pub upstream: Arc<Upstream>,
+    pub timeout: Duration,
+    pub retry: Option<Retry>,
+    pub max_body: u64,
+    pub schema: Option<Arc<jsonschema::Validator>>,
+    pub clients: Clients,
+    pub traces: Option<Arc<Traces>>,
+    pub metrics: Metrics,
+    pub request_duration: prometheus::Histogram,
+}
+
+/// Whether this data plane enforces a policy, as `/status` reports it to the operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyState {
+    pub kind: String,
+    pub name: String,
+    pub enforced: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// One configuration, built.
+pub struct Snapshot {
+    pub hash: String,
+    pub middleware: String,
+    pub bundle: Bundle,
+    pub routes: Vec<Arc<Route>>,
+    pub stages: Stages,
+    pub sampling_ratio: f64,
+    pub traces: Option<Arc<Traces>>,
+    pub policies: Vec<PolicyState>,
+    pub metrics: Metrics,
+}
+
+impl Snapshot {
+    /// The first route whose match takes the request.
+    pub fn route_for<B>(&self, request: &Request<B>) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.matcher.matches(request))
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied { hash: String },
+    Unchanged,
+    Rejected(String),
+}
+
+/// Everything that outlives a snapshot.
+pub struct Runtime {
+    current: ArcSwap<Snapshot>,
+    upstreams: Mutex<Upstreams>,
+    clients: Clients,
+    pub health: Health,
+    pub metrics: Metrics,
+    overrides: Overrides,
+    traces: Option<Arc<Traces>>,
+    log: LogControl,
+}
+
+impl Runtime {
+    /// Builds the first snapshot. Fails with every problem found.
+    pub fn new(
+        loaded: &Loaded,
+        metrics: Metrics,
+        health: Health,
+        overrides: Overrides,
+        traces: Option<Arc<Traces>>,
+        log: LogControl,
+    ) -> Result<Self, Invalid> {
+        let clients = Clients::new();
+        let mut upstreams = Upstreams::default();
+        let snapshot = build(loaded, &mut upstreams, &clients, &health, &metrics, &overrides, &traces)?;
+        health.set("config", State::Up, format!("configuration {} applied", loaded.hash), true);
+        Ok(Self {
+            current: ArcSwap::from_pointee(snapshot),
+            upstreams: Mutex::new(upstreams),
+            clients,
+            health,
+            metrics,
+            overrides,
+            traces,
+            log,
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Builds a snapshot from `loaded` and swaps it in; on any problem the running one stays.
+    pub fn apply(&self, loaded: &Loaded) -> Outcome {
+        if self.current.load().hash == loaded.hash {
+            return Outcome::Unchanged;
+        }
+        let built = {
+            let Ok(mut upstreams) = self.upstreams.lock() else {
+                return Outcome::Rejected("internal state poisoned".into());
+            };
+            let mut next = Upstreams(upstreams.0.clone());
+            let built =
+                build(loaded, &mut next, &self.clients, &self.health, &self.metrics, &self.overrides, &self.traces);
+            if built.is_ok() {
+                // Keep only the upstreams the new configuration names.
+                let wanted: Vec<Target> = built
+                    .as_ref()
+                    .map(|s| s.routes.iter().map(|r| r.upstream.target.clone()).collect())
+                    .unwrap_or_default();
+                next.0.retain(|target, _| wanted.contains(target));
+                *upstreams = next;
+            }
+            built
+        };
+        match built {
+            Ok(snapshot) => {
+                if let Err(message) = self.log.apply(loaded.bundle.middleware.spec.observability.log_level.as_deref()) {
+                    tracing::warn!(%message, "the log level of the new configuration is not valid; keeping the old one");
+                }
+                let labels: Vec<String> = snapshot.routes.iter().map(|r| component_name(&r.upstream.label)).collect();
+                self.health.retain(|name| !name.starts_with("upstream ") || labels.iter().any(|l| l == name));
+                self.current.store(Arc::new(snapshot));
+                self.health.set("config", State::Up, format!("configuration {} applied", loaded.hash), true);
+                Outcome::Applied { hash: loaded.hash.clone() }
+            }
+            Err(invalid) => Outcome::Rejected(invalid.to_string()),
+        }
+    }
+
+    /// The configuration on disk is the running one again after a rejection.
+    pub fn recovered(&self) {
+        let running = self.current.load().hash.clone();
+        self.health.set("config", State::Up, format!("configuration {running} applied"), true);
+    }
+
+    /// Records a configuration that could not be read or built: the old one keeps serving.
+    pub fn rejected(&self, reason: &str) {
+        let running = self.current.load().hash.clone();
+        self.health.set(
+            "config",
+            State::Degraded,
+            format!("a new configuration was rejected, still serving {running}: {reason}"),
+            true,
+        );
+    }
+}
+
+fn build(
+    loaded: &Loaded,
+    upstreams: &mut Upstreams,
+    clients: &Clients,
+    health: &Health,
+    metrics: &Metrics,
+    overrides: &Overrides,
+    traces: &Option<Arc<Traces>>,
+) -> Result<Snapshot, Invalid> {
+    let bundle = &loaded.bundle;
+    let at = loaded.origin(&format!("Middleware/{}", bundle.middleware.name_any()));
+    let mut problems = Vec::new();
+    let mut routes = Vec::new();
+    for (i, spec) in bundle.middleware.spec.routes.iter().enumerate() {
+        match route(spec, loaded.namespace(), upstreams, clients, health, metrics, overrides, traces) {
+            Ok(route) => routes.push(Arc::new(route)),
+            Err((field, message)) => problems.push(format!("{at}: spec.routes[{i}]{field}: {message}")),
+        }
+    }
+    if let Some(level) = &bundle.middleware.spec.observability.log_level
+        && let Err(error) = tracing_subscriber::EnvFilter::try_new(level)
+    {
+        problems.push(format!("{at}: spec.observability.logLevel: {error}"));
+    }
+    if !problems.is_empty() {
+        return Err(Invalid { problems });
+    }
+    Ok(Snapshot {
+        hash: loaded.hash.clone(),
+        middleware: loaded.middleware(),
+        routes,
+        stages: Stages::default(),
+        sampling_ratio: telemetry::sampling_ratio(&bundle.middleware.spec.observability),
+        traces: traces.clone(),
+        policies: policy_states(bundle),
+        metrics: metrics.clone(),
+        bundle: bundle.clone(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn route(
+    spec: &RouteSpec,
+    namespace: &str,
+    upstreams: &mut Upstreams,
+    clients: &Clients,
+    health: &Health,
+    metrics: &Metrics,
+    overrides: &Overrides,
+    traces: &Option<Arc<Traces>>,
+) -> Result<Route, (&'static str, String)> {
+    let matcher = Matcher::compile(&spec.matches).map_err(|e| (".match", e.to_string()))?;
+    let target = Target::from_spec(&spec.upstream, namespace, overrides).map_err(|e| (".upstream", e.to_string()))?;
+    let upstream = match upstreams.0.get(&target) {
+        Some(existing) => existing.clone(),
+        None => {
+            let upstream = Arc::new(
+                Upstream::new(target.clone(), health.clone(), metrics.clone())
+                    .map_err(|e| (".upstream", e.to_string()))?,
+            );
+            upstreams.0.insert(target, upstream.clone());
+            upstream
+        }
+    };
+    let retry = spec.retry.as_ref().map(|r| Retry {
+        attempts: r.attempts,
+        backoff: duration_or(r.backoff.as_ref(), DEFAULT_BACKOFF),
+        on_statuses: if r.on_statuses.is_empty() {
+            vec![StatusCode::BAD_GATEWAY, StatusCode::SERVICE_UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT]
+        } else {
+            r.on_statuses.iter().filter_map(|s| StatusCode::from_u16(*s).ok()).collect()
+        },
+    });
+    let schema = match &spec.request_schema {
+        Some(schema) => {
+            let value = serde_json::Value::Object(schema.0.clone());
+            Some(Arc::new(
+                jsonschema::validator_for(&value)
+                    .map_err(|e| (".requestSchema", format!("not a valid JSON Schema: {e}")))?,
+            ))
+        }
+        None => None,
+    };
+    Ok(Route {
+        name: spec.name.clone(),
+        matcher,
+        upstream,
+        timeout: duration_or(spec.timeout.as_ref(), DEFAULT_TIMEOUT),
+        retry,
+        max_body: spec.max_body_bytes.map_or(DEFAULT_MAX_BODY, |n| u64::try_from(n).unwrap_or(0)),
+        schema,
+        clients: clients.clone(),
+        traces: traces.clone(),
+        request_duration: metrics.request_duration.with_label_values(&[&spec.name]),
+        metrics: metrics.clone(),
+    })
+}
+
+/// What this data-plane version does with each policy of the configuration: a policy is enforced when
+/// no field of it is one this version does not act on (the kinds say which, in
+/// [`Policy::not_enforced_fields`]).
+pub fn policy_states(bundle: &Bundle) -> Vec<PolicyState> {
+    fn of<P: Policy>(policies: &[P]) -> Vec<PolicyState> {
+        policies
+            .iter()
+            .map(|p| {
+                let fields = p.not_enforced_fields();
+                PolicyState {
+                    kind: P::kind(&()).to_string(),
+                    name: p.name_any(),
+                    enforced: fields.is_empty(),
+                    message: if fields.is_empty() {
+                        String::new()
+                    } else {
+                        format!("this data-plane version does not enforce {} yet", fields.join(", "))
+                    },
+                }
+            })
+            .collect()
+    }
+    let mut all = of(&bundle.cache_policies);
+    all.extend(of(&bundle.event_routes));
+    all.extend(of(&bundle.auth_policies));
+    all
+}
+
+/// Routes by name, for tests and `/status`.
+pub fn route_names(snapshot: &Snapshot) -> BTreeMap<String, String> {
+    snapshot.routes.iter().map(|r| (r.name.clone(), r.upstream.label.clone())).collect()
+}
