@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 use axum::body::Body;
 use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
-use http::{HeaderName, HeaderValue, Method, Request, header};
+use http::{HeaderName, HeaderValue, Method, Request};
 use http_body::Body as _;
 use http_body_util::{BodyExt as _, Limited};
 use opentelemetry::KeyValue;
@@ -207,9 +207,8 @@ async fn timeout(mut request: Request<Body>, next: Next) -> Response {
 
 async fn body_limit(request: Request<Body>, next: Next) -> Response {
     let Some(route) = info(&request).and_then(|i| i.route.clone()) else { return next.run(request).await };
-    let declared =
-        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > route.max_body) {
+    // A declared length (Content-Length, or a body of known size) is checked at once.
+    if request.body().size_hint().lower() > route.max_body {
         route.metrics.gateway_errors.with_label_values(&[&route.name, "body_too_large"]).inc();
         return Problem::new(
             kinds::BODY_TOO_LARGE,
@@ -310,4 +309,162 @@ async fn handler(request: Request<Body>) -> Result<Response, Infallible> {
         Ok(response) => response,
         Err(error) => proxy::error_response(error, &info, &route),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config;
+    use crate::health::Health;
+    use crate::metrics::Metrics;
+    use crate::proxy::upstream::Overrides;
+    use crate::runtime::Stages;
+    use crate::telemetry::LogControl;
+    use tower::ServiceExt as _;
+
+    /// A stage that records its name and then answers, or passes on.
+    struct Recorder {
+        name: &'static str,
+        log: Arc<Mutex<Vec<String>>>,
+        answer: Option<http::StatusCode>,
+    }
+
+    impl Stage for Recorder {
+        fn call(&self, request: Request<Body>, next: Next) -> futures::future::BoxFuture<'static, Response> {
+            let info = request.extensions().get::<RequestInfo>();
+            let seen = format!(
+                "{}(id={},route={},deadline={})",
+                self.name,
+                info.is_some(),
+                info.and_then(|i| i.route.as_ref()).map_or("-", |r| r.name.as_str()),
+                info.is_some_and(|i| i.deadline.is_some())
+            );
+            self.log.lock().unwrap().push(seen);
+            let answer = self.answer;
+            Box::pin(async move {
+                match answer {
+                    Some(status) => {
+                        let mut response = Response::new(Body::empty());
+                        *response.status_mut() = status;
+                        response
+                    }
+                    None => next.run(request).await,
+                }
+            })
+        }
+    }
+
+    fn runtime(stages: impl Fn(&Arc<Mutex<Vec<String>>>) -> Stages, log: &Arc<Mutex<Vec<String>>>) -> Arc<Runtime> {
+        // The upstream is a closed port: requests that get through the chain end in a 502.
+        let yaml = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: t}\nspec:\n  routes:\n    - name: orders\n      match: {pathPrefix: /orders}\n      upstream: {url: 'http://127.0.0.1:9'}\n      maxBodyBytes: 16\n      requestSchema: {type: object, required: [sku]}\n";
+        let files = config::Files { files: vec![("t.yaml".into(), yaml.into())] };
+        let loaded = config::parse(&files).unwrap();
+        let runtime = Runtime::new(
+            &loaded,
+            Metrics::new().unwrap(),
+            Health::default(),
+            Overrides::default(),
+            None,
+            LogControl::disabled(),
+        )
+        .unwrap();
+        runtime.set_stages(stages(log));
+        Arc::new(runtime)
+    }
+
+    fn recorder(
+        log: &Arc<Mutex<Vec<String>>>,
+        name: &'static str,
+        answer: Option<http::StatusCode>,
+    ) -> Option<Arc<dyn Stage>> {
+        Some(Arc::new(Recorder { name, log: log.clone(), answer }))
+    }
+
+    async fn send(chain: &Chain, request: Request<Body>) -> Response {
+        chain.clone().oneshot(request).await.unwrap()
+    }
+
+    fn post(body: &'static str) -> Request<Body> {
+        Request::post("/orders").header("content-type", "application/json").body(Body::from(body)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn slots_run_in_the_designed_order_after_routing_timeout_and_body_limit() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let chain = build(runtime(
+            |log| Stages {
+                authentication: recorder(log, "authentication", None),
+                rate_limit: recorder(log, "rate_limit", None),
+                authorization: recorder(log, "authorization", None),
+                cache: recorder(log, "cache", None),
+            },
+            &log,
+        ));
+        let response = send(&chain, post(r#"{"sku":"a"}"#)).await;
+        assert_eq!(response.status(), http::StatusCode::BAD_GATEWAY, "the closed upstream answers at the end");
+        assert!(response.headers().contains_key(&REQUEST_ID));
+        let seen = log.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            [
+                "authentication(id=true,route=orders,deadline=true)",
+                "rate_limit(id=true,route=orders,deadline=true)",
+                "authorization(id=true,route=orders,deadline=true)",
+                "cache(id=true,route=orders,deadline=true)",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_body_limit_comes_before_authentication_and_validation_after_authorization() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let chain = build(runtime(
+            |log| Stages {
+                authentication: recorder(log, "authentication", None),
+                authorization: recorder(log, "authorization", None),
+                cache: recorder(log, "cache", None),
+                ..Stages::default()
+            },
+            &log,
+        ));
+        // Too large: refused before any slot runs.
+        let response = send(&chain, post(r#"{"sku":"aaaaaaaaaaaaaaaaaaaaaa"}"#)).await;
+        assert_eq!(response.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(log.lock().unwrap().is_empty(), "{:?}", log.lock().unwrap());
+        // Invalid: authentication and authorization ran, the cache and the upstream did not.
+        let response = send(&chain, post(r#"{"x":1}"#)).await;
+        assert_eq!(response.status(), http::StatusCode::UNPROCESSABLE_ENTITY);
+        let seen = log.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen[0].starts_with("authentication") && seen[1].starts_with("authorization"), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_slot_that_answers_ends_the_chain_there() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let chain = build(runtime(
+            |log| Stages {
+                authentication: recorder(log, "authentication", Some(http::StatusCode::UNAUTHORIZED)),
+                cache: recorder(log, "cache", None),
+                ..Stages::default()
+            },
+            &log,
+        ));
+        // Even an invalid body is answered by authentication first: validation comes later.
+        let response = send(&chain, post(r#"{"x":1}"#)).await;
+        assert_eq!(response.status(), http::StatusCode::UNAUTHORIZED);
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unmatched_requests_get_a_problem_and_no_slot_runs_with_a_route() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let chain = build(runtime(|log| Stages { cache: recorder(log, "cache", None), ..Stages::default() }, &log));
+        let response = send(&chain, Request::get("/elsewhere").body(Body::empty()).unwrap()).await;
+        assert_eq!(response.status(), http::StatusCode::NOT_FOUND);
+        assert_eq!(response.headers()[http::header::CONTENT_TYPE], crate::problem::CONTENT_TYPE);
+        assert_eq!(log.lock().unwrap().clone(), ["cache(id=true,route=-,deadline=false)"]);
+    }
 }

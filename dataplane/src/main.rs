@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use umw_crds::middleware::LogFormat;
 use umw_dataplane::admin::{self, Admin};
 use umw_dataplane::health::{Health, State};
 use umw_dataplane::metrics::Metrics;
@@ -17,7 +18,6 @@ use umw_dataplane::proxy::upstream::Overrides;
 use umw_dataplane::runtime::Runtime;
 use umw_dataplane::telemetry::{self, LogControl, Traces};
 use umw_dataplane::{chain, config, reload, server};
-use umw_crds::middleware::LogFormat;
 
 #[derive(Parser)]
 #[command(name = "umw-dataplane", version, about = "The Universal Middleware data plane")]

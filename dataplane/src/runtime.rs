@@ -156,6 +156,23 @@ impl Runtime {
         self.current.load_full()
     }
 
+    /// Fills the chain's slots of the running snapshot (components do this as they come up).
+    pub fn set_stages(&self, stages: Stages) {
+        self.current.rcu(|current| {
+            Arc::new(Snapshot {
+                hash: current.hash.clone(),
+                middleware: current.middleware.clone(),
+                bundle: current.bundle.clone(),
+                routes: current.routes.clone(),
+                stages: stages.clone(),
+                sampling_ratio: current.sampling_ratio,
+                traces: current.traces.clone(),
+                policies: current.policies.clone(),
+                metrics: current.metrics.clone(),
+            })
+        });
+    }
+
     /// Builds a snapshot from `loaded` and swaps it in; on any problem the running one stays.
     pub fn apply(&self, loaded: &Loaded) -> Outcome {
         if self.current.load().hash == loaded.hash {

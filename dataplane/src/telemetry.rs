@@ -66,7 +66,11 @@ pub fn init_logs(format: LogFormat, level: Option<&str>) -> LogControl {
         LogFormat::Json => registry
             .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
             .try_init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal as _;
+            let ansi = std::io::stderr().is_terminal();
+            registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).try_init()
+        }
     };
     LogControl { handle: installed.is_ok().then_some(handle) }
 }
@@ -191,6 +195,13 @@ impl Traces {
             span.set_status(Status::error(""));
         }
         span.end_with_timestamp(SystemTime::now());
+    }
+
+    /// Sends what is buffered now.
+    pub fn flush(&self) {
+        if let Err(error) = self.provider.force_flush() {
+            tracing::warn!(%error, "flushing traces failed");
+        }
     }
 
     /// Sends what is buffered and stops the exporter.

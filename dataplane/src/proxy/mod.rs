@@ -301,10 +301,10 @@ pub fn error_response(error: ProxyError, info: &RequestInfo, route: &Route) -> R
     route.metrics.gateway_errors.with_label_values(&[&route.name, error.kind()]).inc();
     match &error {
         ProxyError::BodyTooLarge | ProxyError::BodyUnreadable(_) | ProxyError::BadRequest(_) => {
-            tracing::debug!(route = %route.name, request_id = ?info.id, trace_id = %info.trace.trace_id_hex(), %error, "request refused")
+            tracing::debug!(route = %route.name, request_id = info.id.to_str().unwrap_or(""), trace_id = %info.trace.trace_id_hex(), %error, "request refused")
         }
         _ => {
-            tracing::warn!(route = %route.name, request_id = ?info.id, trace_id = %info.trace.trace_id_hex(), %error, "upstream request failed")
+            tracing::warn!(route = %route.name, request_id = info.id.to_str().unwrap_or(""), trace_id = %info.trace.trace_id_hex(), %error, "upstream request failed")
         }
     }
     error.problem(&route.name).into_response()

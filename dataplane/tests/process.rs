@@ -1,0 +1,211 @@
+//! The `umw-dataplane` binary as an operator or a user runs it: `check`, JSON logs with trace ids, and
+//! graceful shutdown on SIGTERM.
+
+mod support;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use support::{Upstream, eventually, get, middleware, send};
+
+const BIN: &str = env!("CARGO_BIN_EXE_umw-dataplane");
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("umw-process-{name}-{}-{}", std::process::id(), fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Running {
+    child: Child,
+    http: String,
+    admin: String,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Running {
+    fn start(config: &std::path::Path, extra: &[&str]) -> Self {
+        let (http, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let mut child = Command::new(BIN)
+            .args(["--config", &config.to_string_lossy(), "--http-address", &http, "--admin-address", &admin])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Self { child, http, admin, stderr }
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.admin);
+        eventually("the data plane to be ready", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                let client = support::client();
+                let request = http::Request::get(&url).body(http_body_util::Full::new(Bytes::new())).unwrap();
+                matches!(client.request(request).await, Ok(r) if r.status() == 200)
+            }
+        })
+        .await;
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn check_accepts_the_examples_and_reports_every_problem_of_a_broken_configuration() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shop");
+    let out = Command::new(BIN).args(["check", "--config", &examples.to_string_lossy()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Middleware default/shop with 2 route(s)"), "{stdout}");
+    assert!(stdout.contains("note: CachePolicy shop-cache is accepted but not enforced"), "{stdout}");
+
+    let dir = temp_dir("check");
+    std::fs::write(
+        dir.join("10-middleware.yaml"),
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  routes:\n    - name: a\n      upstream: {url: 'http://x', service: {name: s, port: 80}}\n    - name: b\n      upstream: {url: 'http://x'}\n      requestSchema: {type: 12}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("20-policies.yaml"),
+        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: c}\nspec: {targetRefs: [{name: shop, sectionName: missing}], rules: [{ttl: 1s}]}\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["check", "--config", &dir.to_string_lossy()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("10-middleware.yaml, document 1 (Middleware/shop): spec.routes[0].upstream: upstream needs exactly one of service or url"), "{stderr}");
+    assert!(stderr.contains("20-policies.yaml, document 1 (CachePolicy/c): spec.targetRefs[0].sectionName: Middleware \"shop\" has no route \"missing\""), "{stderr}");
+
+    // Structurally valid, but the schema does not compile: reported by the build step, with its place.
+    std::fs::write(dir.join("20-policies.yaml"), "").unwrap();
+    std::fs::write(
+        dir.join("10-middleware.yaml"),
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  routes:\n    - name: b\n      upstream: {url: 'http://x'}\n      requestSchema: {type: 12}\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["check", "--config", &dir.to_string_lossy()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("10-middleware.yaml, document 1: spec.routes[0].requestSchema: not a valid JSON Schema"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_turns_readiness_off_finishes_requests_in_flight_and_exits() {
+    let upstream = Upstream::start("up").await;
+    let dir = temp_dir("sigterm");
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        middleware(&format!("    - name: all\n      match: {{}}\n      upstream: {{url: '{}'}}\n", upstream.url()), ""),
+    )
+    .unwrap();
+    let mut dp = Running::start(&config, &["--shutdown-delay", "1s", "--drain-timeout", "10s"]);
+    dp.wait_ready().await;
+
+    let url = format!("http://{}/slow/2500", dp.http);
+    let in_flight = tokio::spawn(async move { get(&url).await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dp.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let readyz = get(&format!("http://{}/readyz", dp.admin)).await;
+    assert_eq!(readyz.status, 503, "unready during the shutdown delay");
+    assert!(readyz.text().contains("shutting down"));
+    assert_eq!(get(&format!("http://{}/x", dp.http)).await.status, 200, "still serving during the delay");
+
+    assert_eq!(in_flight.await.unwrap(), 200, "the request in flight completes");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = dp.wait_exit(Duration::from_secs(15));
+        (status, dp)
+    })
+    .await
+    .unwrap();
+    let (status, dp) = status;
+    assert!(status.is_some_and(|s| s.success()), "exits 0 after draining: {status:?}\n{:#?}", dp.log());
+    assert!(std::net::TcpStream::connect(&dp.http).is_err(), "no longer accepting");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_trace_and_request_ids() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = temp_dir("logs");
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        middleware(
+            &format!("    - name: broken\n      match: {{}}\n      upstream: {{url: 'http://{closed}'}}\n"),
+            "  observability: {logFormat: json}\n",
+        ),
+    )
+    .unwrap();
+    let dp = Running::start(&config, &[]);
+    dp.wait_ready().await;
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let reply = send(
+        Method::GET,
+        &format!("http://{}/x", dp.http),
+        &[("traceparent", &format!("00-{trace}-b7ad6b7169203331-01")), ("x-request-id", "abc-1")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(reply.status, 502);
+    eventually("the warning in the log", Duration::from_secs(5), || {
+        let lines = dp.log();
+        async move { lines.iter().any(|l| l.contains("upstream request failed")) }
+    })
+    .await;
+    let line = dp.log().into_iter().find(|l| l.contains("upstream request failed")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(json["trace_id"], trace, "{line}");
+    assert_eq!(json["request_id"], "abc-1", "{line}");
+    assert_eq!(json["route"], "broken");
+    assert_eq!(json["level"], "WARN");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
