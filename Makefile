@@ -2,12 +2,16 @@
 SHELL := bash
 CARGO ?= cargo
 
-.PHONY: help dev test testenv build lint crds bench clean-testenv
+.PHONY: help run dev test testenv build lint crds bench bench-gateway clean-testenv
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-dev: build ## Local control plane + CRDs + operator in the foreground + examples applied
+run: ## The data plane alone on examples/shop/ with a demo upstream: http://127.0.0.1:8080/products
+	$(CARGO) build -p umw-dataplane --bin umw-dataplane --example demo-upstream
+	bash dataplane/run-local.sh
+
+dev: build ## Local control plane, process kubelet, operator and data-plane pods, examples/shop/ applied
 	bash e2e/testenv/dev.sh
 
 test: testenv lint build ## Everything: formatting, lints, unit tests, CRD drift, e2e against a real control plane
@@ -16,8 +20,8 @@ test: testenv lint build ## Everything: formatting, lints, unit tests, CRD drift
 testenv: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kubectl and helm
 	bash e2e/testenv/build-tools.sh
 
-build: ## Build the binaries
-	$(CARGO) build --workspace --bins
+build: ## Build the binaries (and the demo upstream)
+	$(CARGO) build --workspace --bins --examples
 
 lint: ## cargo fmt --check and clippy with warnings denied (helm lint runs in the e2e tests)
 	$(CARGO) fmt --all -- --check

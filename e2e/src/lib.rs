@@ -6,6 +6,8 @@
 //! The control plane comes from `e2e/testenv/up.sh` (which starts every real dependency), with binaries built by
 //! `e2e/testenv/build-tools.sh` (`make testenv`). It stops by itself when the test binary exits.
 
+pub mod kubelet;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -60,6 +62,8 @@ fn start_control_plane() -> anyhow::Result<ControlPlane> {
     let status = Command::new("bash")
         .arg(repo_root().join("e2e/testenv/up.sh"))
         .args([&dir.to_string_lossy(), "--owner-pid", &std::process::id().to_string()])
+        // The directory goes when the test binary exits, unless a failing test marks it to keep.
+        .env("UMW_TESTENV_REMOVE", "1")
         .status()
         .context("running e2e/testenv/up.sh")?;
     if !status.success() {
@@ -138,6 +142,13 @@ impl ControlPlane {
     }
 }
 
+/// Keeps the control plane's directory (logs, audit log, data-plane logs) after the test binary exits.
+pub fn keep_logs() {
+    let dir = &control_plane().dir;
+    let _ = std::fs::write(dir.join("keep"), "a test failed; its logs are here\n");
+    eprintln!("==== logs kept in {} ====", dir.display());
+}
+
 /// A fresh namespace for one test. When the test panics, everything in it is printed before it goes.
 pub struct TestNamespace {
     pub name: String,
@@ -195,6 +206,7 @@ impl Drop for TestNamespace {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dump();
+            keep_logs();
         }
         let _ = control_plane().kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
     }
@@ -208,6 +220,95 @@ pub struct Operator {
     extra: Vec<String>,
     log: PathBuf,
     kubeconfig: PathBuf,
+}
+
+/// The data-plane binary next to the test binary.
+pub fn dataplane_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
+    let binary = dir.join("umw-dataplane");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p umw-dataplane` (make test does) first",
+        binary.display()
+    );
+    binary
+}
+
+/// A process kubelet for one test namespace: data-plane pods there run as local processes.
+pub async fn kubelet(namespace: &str) -> kubelet::Kubelet {
+    let cp = control_plane();
+    let settings = kubelet::Settings {
+        namespace: Some(namespace.to_string()),
+        node: "umw-e2e-node".into(),
+        dataplane: dataplane_binary(),
+        work_dir: cp.dir.join("pods"),
+        extra_env: vec![("UMW_RELOAD_INTERVAL".into(), "500ms".into()), ("RUST_LOG".into(), "info".into())],
+        sync_interval: Duration::from_millis(500),
+        restart_backoff: Duration::from_secs(3),
+    };
+    kubelet::Kubelet::start(cp.client().await, settings).await.expect("starting the process kubelet")
+}
+
+/// A test upstream on loopback: answers every request with JSON naming itself and echoing the path, and
+/// counts what it gets.
+pub struct TestUpstream {
+    pub address: std::net::SocketAddr,
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestUpstream {
+    pub async fn start(name: &'static str) -> Self {
+        use std::sync::atomic::Ordering;
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                axum::Json(serde_json::json!({ "upstream": name, "path": uri.path() }))
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let address = listener.local_addr().expect("an address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { address, hits, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A plain HTTP/1.1 request to an address, returning the status and body.
+pub async fn http(method: &str, address: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8_lossy(&response).to_string();
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt).await.ok().flatten()
 }
 
 /// The operator binary next to the test binary (`cargo build -p umw-operator` puts it there).

@@ -6,6 +6,8 @@
 #                                                 # control plane stops by itself when PID exits
 #   controlplane.sh stop DIR
 #
+# With UMW_TESTENV_REMOVE=1 and --owner-pid, DIR is removed after the stop unless DIR/keep exists.
+#
 # DIR/operator.kubeconfig authenticates as user `umw-operator` (group system:masters): the API server's
 # audit log (DIR/audit.log) records every request of that user, which tests use to count writes.
 set -euo pipefail
@@ -89,7 +91,9 @@ start() {
   local etcd_port peer_port api_port
   etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
 
-  "$BIN/etcd" --name default --data-dir "$dir/etcd-data" \
+  # Each server gets its own session, so that a Ctrl-C meant for the caller (make dev) does not stop the
+  # control plane before the operator has released its lease; the reaper below stops it afterwards.
+  setsid "$BIN/etcd" --name default --data-dir "$dir/etcd-data" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "default=http://127.0.0.1:$peer_port" --unsafe-no-fsync \
@@ -106,7 +110,7 @@ rules:
 - level: None
 AP
 
-  "$BIN/kube-apiserver" \
+  setsid "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
     --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
@@ -136,7 +140,7 @@ AP
     stop "$dir"; die "kube-apiserver did not become ready (log: $dir/kube-apiserver.log)"
   fi
 
-  "$BIN/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
+  setsid "$BIN/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
     --authentication-kubeconfig "$dir/kubeconfig" --authorization-kubeconfig "$dir/kubeconfig" \
     --leader-elect=false --secure-port 0 \
     --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
@@ -152,8 +156,12 @@ export PATH=$BIN:\$PATH
 ENV
 
   if [ -n "$owner" ]; then
-    # Stops everything once the owning process (a test binary) exits, however it exits.
-    setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$HERE/controlplane.sh' stop '$dir'" \
+    # Stops everything once the owning process (a test binary) exits, however it exits. With
+    # UMW_TESTENV_REMOVE=1 the directory goes too, unless something left a file named `keep` in it (the e2e
+    # harness does when a test fails, so that its logs stay for reading).
+    local remove=""
+    [ "${UMW_TESTENV_REMOVE:-}" = 1 ] && remove="[ -e '$dir/keep' ] || rm -rf '$dir'"
+    setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$HERE/controlplane.sh' stop '$dir'; $remove" \
       > /dev/null 2>&1 < /dev/null &
     echo $! > "$dir/reaper.pid"
   fi

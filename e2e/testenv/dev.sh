@@ -1,36 +1,48 @@
 #!/usr/bin/env bash
-# `make dev`: a local control plane with the CRDs, the operator in the foreground, and the examples
-# applied. Ctrl-C stops the operator and the control plane.
+# `make dev`: a whole working system on one machine: a local control plane with the CRDs, the process
+# kubelet (which runs data-plane pods as local processes), the demo shop API, the operator in the foreground,
+# and examples/shop/ applied. Ctrl-C stops everything.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 DIR="${UMW_DEV_DIR:-$ROOT/.dev}"
-OPERATOR="${UMW_OPERATOR_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/umw-operator}"
-
-bash "$HERE/build-tools.sh"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug"
+OPERATOR="${UMW_OPERATOR_BIN:-$BIN/umw-operator}"
+DEMO="${UMW_DEMO_UPSTREAM:-127.0.0.1:9080}"
 # shellcheck source=versions.sh
 . "$HERE/versions.sh"
-[ -x "$OPERATOR" ] || { echo "missing $OPERATOR: run cargo build -p umw-operator" >&2; exit 1; }
+for binary in "$OPERATOR" "$BIN/umw-dataplane" "$BIN/umw-kubelet" "$BIN/examples/demo-upstream"; do
+  [ -x "$binary" ] || { echo "missing $binary: run make build" >&2; exit 1; }
+done
 
 # The control plane lives as long as this process (which becomes the operator below).
 bash "$HERE/up.sh" "$DIR" --owner-pid $$
 export KUBECONFIG="$DIR/kubeconfig"
 K="$UMW_TESTENV_BIN/kubectl"
+
+# The demo shop API, which the example's Service upstream `shop-api:8080` resolves to.
+"$BIN/examples/demo-upstream" "$DEMO" > "$DIR/demo-upstream.log" 2>&1 &
+"$BIN/umw-kubelet" --dataplane "$BIN/umw-dataplane" --work-dir "$DIR/pods" \
+  --env "UMW_RESOLVE=shop-api:8080=$DEMO" --env UMW_LOG_FORMAT=text > "$DIR/kubelet.log" 2>&1 &
+
 "$K" apply --server-side -f "$ROOT/crds/manifests/crds.yaml" >/dev/null
 "$K" wait --for=condition=Established crd --all --timeout=60s >/dev/null
-"$K" apply -f "$ROOT/examples/"
+"$K" apply -f "$ROOT/examples/shop/"
 
 cat <<MSG
 
-  Universal Middleware is running against a local control plane.
+  Universal Middleware is running against a local control plane. Data-plane pods run as local
+  processes (logs in $DIR/pods/), in front of the demo shop API on $DEMO.
   In another shell:
 
     export KUBECONFIG=$DIR/kubeconfig PATH=$UMW_TESTENV_BIN:\$PATH
+    kubectl wait --for=condition=Ready middleware/shop --timeout=60s
     kubectl get umw
-    kubectl describe middleware shop
+    kubectl get pods -o wide
+    curl -i http://\$(kubectl get pod -l app.kubernetes.io/instance=shop -o jsonpath='{.items[0].status.podIP}'):8080/products
 
-  There is no kubelet here, so data-plane pods stay Pending; everything else is real.
-  Ctrl-C stops the operator and the control plane.
+  Edit a route with kubectl edit middleware shop: the pods reload it in place.
+  Ctrl-C stops the operator, the pods and the control plane.
 
 MSG
-exec "$OPERATOR" --admin-address 127.0.0.1:8080 --lease-namespace default
+exec "$OPERATOR" --admin-address 127.0.0.1:9090 --lease-namespace default --health-interval 2s

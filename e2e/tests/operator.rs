@@ -566,9 +566,9 @@ async fn a_leader_that_loses_its_lease_stops_and_exits() {
 async fn the_examples_apply_and_every_policy_in_them_is_accepted() {
     let ns = TestNamespace::new("examples");
     let _operator = Operator::start(&ns.name, &[]);
-    let examples = umw_e2e::repo_root().join("examples");
+    let examples = umw_e2e::repo_root().join("examples/shop");
     let out = ns.kubectl(&["apply", "-f", &examples.to_string_lossy()]);
-    assert!(out.status.success(), "kubectl apply -f examples/: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "kubectl apply -f examples/shop/: {}", String::from_utf8_lossy(&out.stderr));
     for object in ["cachepolicy/shop-cache", "eventroute/shop-orders", "authpolicy/shop-auth"] {
         let out = ns.kubectl(&["wait", "--for=condition=Accepted", object, "--timeout=60s"]);
         assert!(out.status.success(), "{object}: {}", String::from_utf8_lossy(&out.stderr));

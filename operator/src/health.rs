@@ -228,6 +228,23 @@ pub async fn poll(
     }
 }
 
+/// The Middleware's pods now: readiness from the pod cache (always fresh), reports from the last poll.
+pub fn current(mw: &Middleware, pods: &[Arc<Pod>], polled: Option<MiddlewareHealth>) -> MiddlewareHealth {
+    let polled = polled.unwrap_or_default();
+    pods_of(mw, pods)
+        .into_iter()
+        .map(|pod| {
+            let name = pod.name_any();
+            let report = polled
+                .iter()
+                .find(|p| p.pod == name)
+                .map(|p| p.report.clone())
+                .unwrap_or_else(|| Err("not read yet".into()));
+            PodHealth { pod: name, ready: pod_ready(pod), report }
+        })
+        .collect()
+}
+
 /// What the pods' reports mean for the Middleware's conditions. Pure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Summary {

@@ -71,7 +71,7 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
     }
     let deployment = ctx.stores.deployments.get(&ObjectRef::new(&child_name(&mw)).within(&namespace));
     let now = Time(Timestamp::now());
-    let pods = ctx.health.get(&namespace, &mw.name_any()).unwrap_or_default();
+    let pods = health::current(&mw, &ctx.stores.pods.state(), ctx.health.get(&namespace, &mw.name_any()));
     let mut new_status = status_of(&mw, deployment.as_deref(), &desired, stall.as_ref(), &pods, &now);
     new_status.policies = attached(&bundle, &pods, &desired.config_hash);
     write_status(&mw, new_status, &ctx).await?;

@@ -1,0 +1,226 @@
+//! The operator and the data plane together against a real control plane: the process kubelet runs the
+//! data-plane pods that the real controller-manager creates, and the operator reads their health.
+//!
+//! The tests run on a multi-threaded runtime: the kubelet is a task of the test, and blocking calls such as
+//! `kubectl wait` must not starve it.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+use umw_crds::conditions::{self, types};
+use umw_crds::{CachePolicy, Middleware, Policy};
+use umw_e2e::{Operator, TestNamespace, TestUpstream, control_plane, eventually, http, kubelet};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+async fn client() -> Client {
+    control_plane().client().await
+}
+
+fn middleware_yaml(replicas: u32, routes: &str) -> String {
+    format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata:\n  name: shop\nspec:\n  replicas: {replicas}\n  routes:\n{routes}"
+    )
+}
+
+fn route(name: &str, prefix: &str, upstream: &str) -> String {
+    format!("  - name: {name}\n    match: {{pathPrefix: {prefix}}}\n    upstream: {{url: '{upstream}'}}\n")
+}
+
+/// Waits for a Middleware condition with this status whose message satisfies `message`.
+async fn middleware_condition(
+    api: &Api<Middleware>,
+    type_: &str,
+    status: &str,
+    message: impl Fn(&str) -> bool,
+) -> Middleware {
+    eventually(&format!("Middleware shop {type_}={status}"), WAIT, || async {
+        let mw = api.get_opt("shop").await.ok().flatten()?;
+        let condition = conditions::find(&mw.status.as_ref()?.conditions, type_)?;
+        (condition.status == status && message(&condition.message)).then_some(mw.clone())
+    })
+    .await
+}
+
+/// The running pods of the Middleware with their addresses (`ip:8080`) and admin addresses.
+async fn pods(namespace: &str) -> Vec<(String, String, String)> {
+    let api: Api<Pod> = Api::namespaced(client().await, namespace);
+    let list = api.list(&ListParams::default().labels("app.kubernetes.io/instance=shop")).await.unwrap();
+    list.items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let ip = p.status.as_ref()?.pod_ip.clone()?;
+            Some((p.name_any(), format!("{ip}:8080"), format!("{ip}:9901")))
+        })
+        .collect()
+}
+
+async fn ready_and_applied(api: &Api<Middleware>) -> Middleware {
+    eventually("Middleware shop Ready on its current configuration", WAIT, || async {
+        let mw = api.get_opt("shop").await.ok().flatten()?;
+        let status = mw.status.as_ref()?;
+        let ready = conditions::is_true(&status.conditions, types::READY);
+        (ready && status.applied_config_hash.is_some() && status.applied_config_hash == status.config_hash)
+            .then_some(mw.clone())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middleware_goes_ready_end_to_end_and_its_pods_proxy_to_the_upstream() {
+    let ns = TestNamespace::new("dp-ready");
+    let upstream = TestUpstream::start("orders").await;
+    let _kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    ns.must_apply(&middleware_yaml(2, &route("orders", "/orders", &upstream.url())));
+
+    let out = ns.kubectl(&["wait", "--for=condition=Ready", "middleware/shop", "--timeout=90s"]);
+    assert!(out.status.success(), "kubectl wait Ready: {}", String::from_utf8_lossy(&out.stderr));
+    let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    let mw = ready_and_applied(&api).await;
+    let status = mw.status.unwrap();
+    assert_eq!(status.ready_replicas, Some(2));
+    assert!(status.components.iter().any(|c| c.name == "config" && c.state == "Up"), "{:?}", status.components);
+    assert!(conditions::find(&status.conditions, types::DEGRADED).is_some_and(|c| c.status == "False"));
+
+    let pods = pods(&ns.name).await;
+    assert_eq!(pods.len(), 2);
+    for (pod, address, _) in &pods {
+        let (code, body) = http("GET", address, "/orders/42").await.unwrap_or_else(|| panic!("{pod} answers"));
+        assert_eq!(code, 200, "{pod}: {body}");
+        assert!(body.contains("\"upstream\":\"orders\"") && body.contains("/orders/42"), "{body}");
+    }
+    assert_eq!(upstream.hits(), 2);
+    let (code, body) = http("GET", &pods[0].1, "/elsewhere").await.unwrap();
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("no-route"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_a_route_reloads_the_running_processes_without_a_restart() {
+    let ns = TestNamespace::new("dp-reload");
+    let first = TestUpstream::start("first").await;
+    let second = TestUpstream::start("second").await;
+    let kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    ns.must_apply(&middleware_yaml(2, &route("a", "/a", &first.url())));
+    let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    let before = ready_and_applied(&api).await;
+    let before_hash = before.status.as_ref().unwrap().config_hash.clone().unwrap();
+    let pods_before = pods(&ns.name).await;
+    let pids_before: Vec<Option<u32>> = pods_before.iter().map(|(p, _, _)| kubelet.pid(&ns.name, p)).collect();
+    assert!(pids_before.iter().all(Option::is_some));
+    assert_eq!(http("GET", &pods_before[0].1, "/b/1").await.unwrap().0, 404);
+
+    ns.must_apply(&middleware_yaml(2, &[route("a", "/a", &first.url()), route("b", "/b", &second.url())].concat()));
+    let after = eventually("the new configuration applied by every pod", WAIT, || async {
+        let mw = api.get_opt("shop").await.ok().flatten()?;
+        let status = mw.status.as_ref()?;
+        let hash = status.config_hash.clone()?;
+        (hash != before_hash && status.applied_config_hash.as_deref() == Some(hash.as_str())).then_some(mw.clone())
+    })
+    .await;
+    assert!(conditions::is_true(&after.status.as_ref().unwrap().conditions, types::READY));
+
+    let pods_after = pods(&ns.name).await;
+    let names = |p: &[(String, String, String)]| p.iter().map(|(n, _, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&pods_after), names(&pods_before), "the same pods: no rollout");
+    let pids_after: Vec<Option<u32>> = pods_after.iter().map(|(p, _, _)| kubelet.pid(&ns.name, p)).collect();
+    assert_eq!(pids_after, pids_before, "the same processes: reloaded in place");
+    for (pod, address, admin) in &pods_after {
+        let (code, body) = http("GET", address, "/b/1").await.unwrap();
+        assert_eq!(code, 200, "{pod}: {body}");
+        assert!(body.contains("\"upstream\":\"second\""), "{body}");
+        let (_, metrics) = http("GET", admin, "/metrics").await.unwrap();
+        assert!(metrics.contains("umw_config_reloads_total{outcome=\"applied\"} 1"), "{pod} reloaded once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_makes_the_middleware_unready_naming_the_pod_until_it_is_back() {
+    let ns = TestNamespace::new("dp-kill");
+    let upstream = TestUpstream::start("up").await;
+    let kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    ns.must_apply(&middleware_yaml(2, &route("all", "/", &upstream.url())));
+    let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    ready_and_applied(&api).await;
+
+    let (victim, _, _) = pods(&ns.name).await.remove(0);
+    let pid = kubelet.pid(&ns.name, &victim).expect("the pod's process runs");
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let unready = middleware_condition(&api, types::READY, "False", |m| m.contains(&victim)).await;
+    let ready = conditions::find(&unready.status.as_ref().unwrap().conditions, types::READY).unwrap();
+    assert!(ready.message.contains(&victim), "{}", ready.message);
+
+    // The kubelet restarts the process; the Middleware recovers by itself.
+    ready_and_applied(&api).await;
+    let restarted = kubelet.pid(&ns.name, &victim).expect("running again");
+    assert_ne!(restarted, pid);
+    let pod: Pod = Api::namespaced(client().await, &ns.name).get(&victim).await.unwrap();
+    let restarts = pod.status.unwrap().container_statuses.unwrap()[0].restart_count;
+    assert_eq!(restarts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_is_down_gets_problems_fast_opens_the_breaker_and_degrades_the_middleware() {
+    let ns = TestNamespace::new("dp-down");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let _kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    let routes = format!(
+        "  - name: gone\n    match: {{pathPrefix: /}}\n    timeout: 5s\n    upstream:\n      url: 'http://{closed}'\n      circuitBreaker: {{consecutiveFailures: 2, openFor: 30s}}\n"
+    );
+    ns.must_apply(&middleware_yaml(1, &routes));
+    let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    ready_and_applied(&api).await;
+    let (_, address, admin) = pods(&ns.name).await.remove(0);
+
+    let started = std::time::Instant::now();
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let (code, body) = http("GET", &address, "/x").await.expect("an answer, not a hang");
+        assert!(body.contains("application/problem+json") || body.contains("https://umw.dev/problems/"), "{body}");
+        codes.push(code);
+    }
+    assert_eq!(codes, [502, 502, 503], "unreachable twice, then the breaker answers");
+    assert!(started.elapsed() < Duration::from_secs(5), "no hang: {:?}", started.elapsed());
+    let (_, metrics) = http("GET", &admin, "/metrics").await.unwrap();
+    assert!(metrics.lines().any(|l| l.starts_with("umw_circuit_breaker_state{") && l.ends_with(" 1")), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("umw_circuit_breaker_rejections_total{") && l.ends_with(" 1")));
+
+    let degraded = middleware_condition(&api, types::DEGRADED, "True", |m| m.contains("circuit breaker open")).await;
+    let condition = conditions::find(&degraded.status.as_ref().unwrap().conditions, types::DEGRADED).unwrap();
+    assert!(condition.message.contains(&format!("upstream http://{closed}")), "{}", condition.message);
+    assert!(conditions::is_true(&degraded.status.as_ref().unwrap().conditions, types::READY), "degraded, still ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reports_what_the_running_pods_say_about_it() {
+    let ns = TestNamespace::new("dp-policy");
+    let upstream = TestUpstream::start("up").await;
+    let _kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    ns.must_apply(&middleware_yaml(1, &route("products", "/products", &upstream.url())));
+    ns.must_apply(
+        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: products\nspec:\n  targetRefs:\n  - name: shop\n    sectionName: products\n  rules:\n  - ttl: 30s\n",
+    );
+    let api: Api<CachePolicy> = Api::namespaced(client().await, &ns.name);
+    // The pods load the configuration with the policy and say they do not enforce caching yet: the
+    // condition says exactly that, rather than a guess.
+    let policy = eventually("CachePolicy Enforced=False from the pods", WAIT, || async {
+        let policy = api.get_opt("products").await.ok().flatten()?;
+        let enforced = conditions::find(&policy.policy_status()?.conditions, types::ENFORCED)?.clone();
+        (enforced.status == "False" && enforced.message.contains("does not enforce spec.rules yet")).then_some(policy)
+    })
+    .await;
+    assert!(conditions::is_true(&policy.policy_status().unwrap().conditions, types::ACCEPTED));
+    let mws: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    let mw = mws.get("shop").await.unwrap();
+    let attached = &mw.status.unwrap().policies;
+    assert_eq!(attached.len(), 1);
+    assert_eq!(attached[0].enforced, Some(false));
+}
