@@ -161,7 +161,7 @@ ENV
     # harness does when a test fails, so that its logs stay for reading).
     local remove=""
     [ "${UMW_TESTENV_REMOVE:-}" = 1 ] && remove="[ -e '$dir/keep' ] || rm -rf '$dir'"
-    setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$HERE/controlplane.sh' stop '$dir'; $remove" \
+    setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; rm -f '$dir/reaper.pid'; '$HERE/controlplane.sh' stop '$dir'; $remove" \
       > /dev/null 2>&1 < /dev/null &
     echo $! > "$dir/reaper.pid"
   fi

@@ -140,9 +140,10 @@ async fn spec_changes_update_children_and_removing_autoscaling_deletes_the_hpa()
     let hpa = eventually("HPA", WAIT, || async { get(&hpas, "umw-shop").await }).await;
     assert_eq!(hpa.spec.max_replicas, 4);
     let first = eventually("Deployment", WAIT, || async { get(&deployments, "umw-shop").await }).await;
-    let hash = |d: &Deployment| {
-        d.spec.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()["umw.dev/config-hash"].clone()
-    };
+    let template = |d: &Deployment| serde_json::to_string(&d.spec.template).unwrap();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let config = |c: &ConfigMap| c.data.as_ref().unwrap()["config.yaml"].clone();
+    let first_config = eventually("ConfigMap", WAIT, || async { get(&config_maps, "umw-shop-config").await }).await;
 
     ns.must_apply(&middleware_yaml("shop", "  replicas: 3\n"));
     eventually("HPA deleted", WAIT, || async { get(&hpas, "umw-shop").await.is_none().then_some(()) }).await;
@@ -150,12 +151,15 @@ async fn spec_changes_update_children_and_removing_autoscaling_deletes_the_hpa()
         get(&deployments, "umw-shop").await.filter(|d| d.spec.replicas == Some(3))
     })
     .await;
-    assert_eq!(hash(&first), hash(&updated), "scaling does not change the configuration, so it does not roll the pods");
+    assert_eq!(template(&first), template(&updated), "scaling does not roll the pods");
+    assert_eq!(config(&first_config), config(&get(&config_maps, "umw-shop-config").await.unwrap()));
     ns.must_apply(&middleware_yaml("shop", "  replicas: 3\n  listeners:\n    websocket: {path: /ws}\n"));
-    eventually("a configuration change rolls the pods", WAIT, || async {
-        get(&deployments, "umw-shop").await.filter(|d| hash(d) != hash(&first))
+    eventually("a configuration change updates the ConfigMap", WAIT, || async {
+        get(&config_maps, "umw-shop-config").await.filter(|c| config(c) != config(&first_config))
     })
     .await;
+    let after = get(&deployments, "umw-shop").await.unwrap();
+    assert_eq!(template(&after), template(&first), "the pods reload the configuration in place: no rollout");
     let mws: Api<Middleware> = Api::namespaced(client.clone(), &ns.name);
     eventually("observedGeneration 3", WAIT, || async {
         let mw = get(&mws, "shop").await?;
