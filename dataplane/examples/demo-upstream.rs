@@ -37,7 +37,11 @@ async fn main() -> std::io::Result<()> {
         .with_state(Arc::new(Shop::default()));
     let listener = tokio::net::TcpListener::bind(&address).await?;
     eprintln!("demo upstream listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
 }
 
 fn catalogue() -> Vec<Value> {

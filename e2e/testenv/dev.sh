@@ -22,8 +22,12 @@ K="$UMW_TESTENV_BIN/kubectl"
 
 # The demo shop API, which the example's Service upstream `shop-api:8080` resolves to.
 "$BIN/examples/demo-upstream" "$DEMO" > "$DIR/demo-upstream.log" 2>&1 &
+demo=$!
 "$BIN/umw-kubelet" --dataplane "$BIN/umw-dataplane" --work-dir "$DIR/pods" \
   --env "UMW_RESOLVE=shop-api:8080=$DEMO" --env UMW_LOG_FORMAT=text > "$DIR/kubelet.log" 2>&1 &
+kubelet=$!
+# Both go when this process (the operator, after the exec below) ends, however it ends.
+(while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -INT $kubelet $demo 2>/dev/null) &
 
 "$K" apply --server-side -f "$ROOT/crds/manifests/crds.yaml" >/dev/null
 "$K" wait --for=condition=Established crd --all --timeout=60s >/dev/null
