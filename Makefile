@@ -35,5 +35,8 @@ crds: ## Regenerate crds/manifests, charts/umw/crds and docs/crds.md from the Ru
 bench: build testenv ## Operator benchmark: 200 Middlewares (see docs/benchmarks.md)
 	bash e2e/bench/operator.sh
 
+bench-gateway: ## Data plane vs nginx as a reverse proxy (see docs/benchmarks.md; needs nginx and wrk)
+	bash e2e/bench/gateway.sh
+
 clean-testenv: ## Remove the cached test tools
 	rm -rf "$${XDG_CACHE_HOME:-$$HOME/.cache}/umw-testenv"

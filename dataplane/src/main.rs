@@ -37,6 +37,9 @@ struct Cli {
     /// --resolve; comma-separated. For running outside a cluster: `shop-api:8080=127.0.0.1:9000`.
     #[arg(long, global = true, env = "UMW_RESOLVE", default_value = "")]
     resolve: Overrides,
+    /// Threads that serve traffic; defaults to the number of CPUs. Set it to the container's CPU limit.
+    #[arg(long, global = true, env = "UMW_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Log format, overriding `spec.observability.logFormat`: `json` or `text`.
     #[arg(long, global = true, env = "UMW_LOG_FORMAT", value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
@@ -95,7 +98,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads {
+        builder.worker_threads(threads.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -125,7 +132,7 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
     let snapshot = runtime.snapshot();
     let b = &loaded.bundle;
     println!(
-        "{}: Middleware {} with {} route(s), {} CachePolicy, {} EventRoute, {} AuthPolicy; configuration {}",
+        "{}: Middleware {} with {} route(s), {} CachePolicy, {} EventRoute, {} AuthPolicy; configuration hash {} (as /status reports it)",
         path.display(),
         loaded.middleware(),
         snapshot.routes.len(),

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Benchmark: the data plane as a reverse proxy against nginx, same upstream, same run.
+#
+#   make bench-gateway                      # DURATION=15 ROUNDS=2 CONNECTIONS=64
+#   DURATION=5 ROUNDS=1 bash e2e/bench/gateway.sh
+#
+# Layout on a 2-core machine: the proxy under test alone on CPU 1 (one nginx worker; one data-plane
+# worker thread), the upstream (an nginx answering a fixed 125-byte JSON) and the load generator on CPU 0.
+# Measures, per proxy: requests/s and latency percentiles with wrk (closed loop, CONNECTIONS
+# connections); added latency at 1000 requests/s with umw-load (open loop, against the upstream directly
+# as the baseline); resident memory idle and after load; and the data plane's start-to-ready time.
+# Needs Debian's nginx and wrk (apt-get install nginx wrk). Everything binds 127.0.0.1.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+DURATION="${DURATION:-15}"
+ROUNDS="${ROUNDS:-2}"
+CONNECTIONS="${CONNECTIONS:-64}"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+for tool in nginx wrk taskset python3; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx wrk util-linux python3" >&2; exit 1; }
+done
+NGINX="$(command -v nginx)"
+
+cargo build -q --release -p umw-dataplane --bin umw-dataplane -p umw-e2e --bin umw-load
+DP="$TARGET/release/umw-dataplane"
+LOAD="$TARGET/release/umw-load"
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+nginx_rss_kib() { local total=0; for p in $(pgrep -f "nginx.*$1"); do total=$((total + $(rss_kib "$p"))); done; echo "$total"; }
+
+UP=$(free_port); NGX=$(free_port); UMW=$(free_port); ADMIN=$(free_port)
+BODY='{"products":[{"id":1,"name":"Kettle","price":29.0},{"id":2,"name":"Teapot","price":19.5},{"id":3,"name":"Mug","price":7.25}]}'
+
+nginx_conf() { # name cpu body
+  local dir="$WORK/$1"; mkdir -p "$dir/logs"
+  cat > "$dir/nginx.conf" <<CONF
+daemon off;
+user root;
+worker_processes 1;
+worker_cpu_affinity $2;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/body; proxy_temp_path $dir/proxy; fastcgi_temp_path $dir/fcgi;
+  uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
+  keepalive_requests 1000000;
+  $3
+}
+CONF
+  echo "$dir/nginx.conf"
+}
+
+# The upstream: nginx answering a fixed body, on CPU 0.
+conf=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 200 '$BODY'; } }")
+taskset -c 0 "$NGINX" -c "$conf" -p "$WORK/upstream" & PIDS+=($!)
+
+# nginx as the reverse proxy, one worker on CPU 1, keep-alive to the upstream.
+conf=$(nginx_conf proxy 10 "upstream app { server 127.0.0.1:$UP; keepalive 256; }
+  server { listen 127.0.0.1:$NGX; location / { proxy_pass http://app; proxy_http_version 1.1;
+    proxy_set_header Connection \"\"; proxy_set_header Host \$host;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme; } }")
+taskset -c 1 "$NGINX" -c "$conf" -p "$WORK/proxy" & PIDS+=($!)
+
+# The data plane, one worker thread on CPU 1, one catch-all route to the same upstream.
+cat > "$WORK/umw.yaml" <<YAML
+apiVersion: umw.dev/v1alpha1
+kind: Middleware
+metadata: {name: bench}
+spec:
+  routes:
+    - name: all
+      upstream: {url: 'http://127.0.0.1:$UP'}
+  observability: {logLevel: warn}
+YAML
+start_ns=$(date +%s%N)
+taskset -c 1 "$DP" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$UMW" --admin-address "127.0.0.1:$ADMIN" \
+  --worker-threads 1 2> "$WORK/umw.log" & DP_PID=$!; PIDS+=($DP_PID)
+until curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1; do sleep 0.002; done
+ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+for port in $UP $NGX; do until curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1; do sleep 0.05; done; done
+sleep 1
+umw_idle=$(rss_kib $DP_PID); nginx_idle=$(nginx_rss_kib "$WORK/proxy")
+
+# Start-to-ready of fresh processes (the first above included), median of 5.
+readies=("$ready_ms")
+for _ in 1 2 3 4; do
+  p=$(free_port); a=$(free_port); t0=$(date +%s%N)
+  "$DP" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$p" --admin-address "127.0.0.1:$a" 2>/dev/null & pid=$!
+  until curl -sf "http://127.0.0.1:$a/readyz" >/dev/null 2>&1; do sleep 0.002; done
+  readies+=($(( ($(date +%s%N) - t0) / 1000000 ))); kill $pid; wait $pid 2>/dev/null || true
+done
+ready_median=$(printf '%s\n' "${readies[@]}" | sort -n | sed -n 3p)
+
+wrk_run() { # port → "rps p50_ms p99_ms"
+  taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$1/" >/dev/null
+  taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/" | python3 -c '
+import re, sys
+text = sys.stdin.read()
+def ms(v, unit): return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50, p99 = (ms(*re.search(r"\s" + p + r"%\s+([\d.]+)(us|ms|s)", text).groups()) for p in ("50", "99"))
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+print("%.0f %.3f %.3f %s" % (rps, p50, p99, errors.group(1) if errors else 0))'
+}
+
+echo "== wrk: $ROUNDS round(s) of ${DURATION}s, $CONNECTIONS connections, 1 proxy core" >&2
+declare -a N_RPS U_RPS N_P50 U_P50 N_P99 U_P99
+for round in $(seq 1 "$ROUNDS"); do
+  read -r rps p50 p99 err < <(wrk_run $NGX); N_RPS+=($rps); N_P50+=($p50); N_P99+=($p99)
+  echo "round $round nginx: $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err" >&2
+  read -r rps p50 p99 err < <(wrk_run $UMW); U_RPS+=($rps); U_P50+=($p50); U_P99+=($p99)
+  echo "round $round umw:   $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err" >&2
+done
+umw_hwm=$(hwm_kib $DP_PID); nginx_after=$(nginx_rss_kib "$WORK/proxy")
+
+mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.3f}")' "$@"; }
+n_rps=$(mean "${N_RPS[@]}"); u_rps=$(mean "${U_RPS[@]}")
+n_p50=$(mean "${N_P50[@]}"); u_p50=$(mean "${U_P50[@]}"); n_p99=$(mean "${N_P99[@]}"); u_p99=$(mean "${U_P99[@]}")
+
+echo "== umw-load: 1000 req/s for 10s, direct and through each proxy" >&2
+load() { taskset -c 0 "$LOAD" --url "http://127.0.0.1:$1/" --rate 1000 --duration 10s --connections 16; }
+direct=$(load $UP); via_nginx=$(load $NGX); via_umw=$(load $UMW)
+field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
+
+python3 - "$n_rps" "$u_rps" "$n_p50" "$u_p50" "$n_p99" "$u_p99" "$direct" "$via_nginx" "$via_umw" \
+  "$umw_idle" "$umw_hwm" "$nginx_idle" "$nginx_after" "$ready_median" "$CONNECTIONS" "$DURATION" "$ROUNDS" <<'PY'
+import json, sys
+a = sys.argv[1:]
+n_rps, u_rps, n_p50, u_p50, n_p99, u_p99 = map(float, a[0:6])
+direct, nginx, umw = (json.loads(x) for x in a[6:9])
+umw_idle, umw_hwm, nginx_idle, nginx_after, ready = map(int, a[9:14])
+conns, duration, rounds = a[14:17]
+print(f"| Figure | nginx | umw-dataplane | ratio (umw/nginx) |")
+print(f"|---|---|---|---|")
+print(f"| Requests/s (wrk, {conns} connections, {rounds}×{duration}s, mean) | {n_rps:,.0f} | {u_rps:,.0f} | **{u_rps/n_rps:.2f}×** |")
+print(f"| p50 latency under that load | {n_p50:.3f} ms | {u_p50:.3f} ms | {u_p50/n_p50:.2f}× |")
+print(f"| p99 latency under that load | {n_p99:.3f} ms | {u_p99:.3f} ms | {u_p99/n_p99:.2f}× |")
+for p in ("p50", "p99"):
+    d = direct[p + "_us"]
+    print(f"| Added {p} latency at 1000 req/s (direct {d} µs) | {(nginx[p+'_us']-d)/1000:.3f} ms | {(umw[p+'_us']-d)/1000:.3f} ms | |")
+print(f"| Errors at 1000 req/s | {nginx['errors']} | {umw['errors']} | |")
+print(f"| Resident memory, idle | {nginx_idle/1024:.1f} MiB (master + worker) | {umw_idle/1024:.1f} MiB | |")
+print(f"| Resident memory, after the load (umw: peak) | {nginx_after/1024:.1f} MiB | {umw_hwm/1024:.1f} MiB | |")
+print(f"| Start to ready (median of 5) | | {ready} ms | |")
+PY
