@@ -173,15 +173,19 @@ async fn metrics(request: Request<Body>, next: Next) -> Response {
     let Some(info) = info(&request) else { return next.run(request).await };
     let route = info.route.clone();
     let metrics = info.snapshot.metrics.clone();
-    let method = method_label(request.method());
+    let method = request.method().clone();
     let started = Instant::now();
     metrics.in_flight.inc();
     let response = next.run(request).await;
     metrics.in_flight.dec();
-    let name = route.as_ref().map_or("none", |r| r.name.as_str());
-    metrics.requests.with_label_values(&[name, method, status_class(response.status())]).inc();
-    if let Some(route) = &route {
-        route.request_duration.observe(started.elapsed().as_secs_f64());
+    match &route {
+        Some(route) => {
+            route.requests.inc(&metrics, &method, response.status());
+            route.request_duration.observe(started.elapsed().as_secs_f64());
+        }
+        None => {
+            metrics.requests.with_label_values(&["none", method_label(&method), status_class(response.status())]).inc();
+        }
     }
     response
 }

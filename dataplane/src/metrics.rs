@@ -139,6 +139,70 @@ impl Metrics {
     }
 }
 
+/// Counters of one route by method and status class, resolved on first use and then lock-free: the
+/// request path does not hash label values.
+pub struct RouteCounters {
+    route: String,
+    counters: Vec<std::sync::OnceLock<IntCounter>>,
+}
+
+const METHODS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER"];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl RouteCounters {
+    pub fn new(route: &str) -> Self {
+        Self { route: route.to_string(), counters: (0..METHODS.len() * CLASSES.len()).map(|_| Default::default()).collect() }
+    }
+
+    pub fn inc(&self, metrics: &Metrics, method: &http::Method, status: http::StatusCode) {
+        let m = method_index(method);
+        let c = usize::from((status.as_u16() / 100).clamp(1, 5) - 1);
+        let counter = self.counters[m * CLASSES.len() + c]
+            .get_or_init(|| metrics.requests.with_label_values(&[&self.route, METHODS[m], CLASSES[c]]));
+        counter.inc();
+    }
+}
+
+fn method_index(method: &http::Method) -> usize {
+    match *method {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::POST => 2,
+        http::Method::PUT => 3,
+        http::Method::PATCH => 4,
+        http::Method::DELETE => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+/// Counters of one upstream by outcome, resolved on first use.
+pub struct UpstreamCounters {
+    upstream: String,
+    outcomes: Vec<(&'static str, std::sync::OnceLock<IntCounter>)>,
+    pub duration: prometheus::Histogram,
+}
+
+impl UpstreamCounters {
+    pub fn new(metrics: &Metrics, upstream: &str) -> Self {
+        let outcomes = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connect_error", "client_error"]
+            .into_iter()
+            .map(|o| (o, std::sync::OnceLock::new()))
+            .collect();
+        Self {
+            upstream: upstream.to_string(),
+            outcomes,
+            duration: metrics.upstream_duration.with_label_values(&[upstream]),
+        }
+    }
+
+    pub fn outcome(&self, metrics: &Metrics, outcome: &str) {
+        if let Some((label, cell)) = self.outcomes.iter().find(|(o, _)| *o == outcome) {
+            cell.get_or_init(|| metrics.upstream_requests.with_label_values(&[self.upstream.as_str(), label])).inc();
+        }
+    }
+}
+
 /// The method label: the standard methods as they are, anything else as `OTHER`.
 pub fn method_label(method: &http::Method) -> &'static str {
     match *method {

@@ -73,6 +73,7 @@ pub struct Route {
     pub traces: Option<Arc<Traces>>,
     pub metrics: Metrics,
     pub request_duration: prometheus::Histogram,
+    pub requests: crate::metrics::RouteCounters,
 }
 
 /// Whether this data plane enforces a policy, as `/status` reports it to the operator.
@@ -323,6 +324,7 @@ fn route(
         clients: clients.clone(),
         traces: traces.clone(),
         request_duration: metrics.request_duration.with_label_values(&[&spec.name]),
+        requests: crate::metrics::RouteCounters::new(&spec.name),
         metrics: metrics.clone(),
     })
 }

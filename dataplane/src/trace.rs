@@ -4,8 +4,6 @@
 //! nothing when no exporter is configured; when one is, the spans it exports carry these same ids
 //! ([`crate::telemetry`]).
 
-use std::fmt::Write as _;
-
 use http::{HeaderMap, HeaderValue};
 
 pub const TRACEPARENT: &str = "traceparent";
@@ -57,8 +55,10 @@ impl TraceContext {
 }
 
 fn hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
-        let _ = write!(out, "{b:02x}");
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
     }
 }
 

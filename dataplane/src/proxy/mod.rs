@@ -94,7 +94,7 @@ fn idempotent(method: &Method) -> bool {
 /// Sends `request` to the route's upstream and returns its response, or the error to answer with.
 pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) -> Result<Response, ProxyError> {
     let upstream = &route.upstream;
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let deadline = info.deadline.unwrap_or_else(|| Instant::now() + route.timeout);
     let retry = route.retry.as_ref().filter(|_| idempotent(&parts.method));
 
@@ -128,7 +128,9 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
             (None, None) => Body::empty(),
         };
         let span_id = new_span_id();
-        let outbound = upstream_request(&parts, info, upstream, span_id, attempt_body)?;
+        // The headers are moved into the only attempt, or copied when another may follow.
+        let headers = if max_retries == 0 { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
+        let outbound = upstream_request(&parts, headers, info, upstream, span_id, attempt_body)?;
         let started = (Instant::now(), SystemTime::now());
         let sent = match upstream.target.protocol {
             Protocol::Http1 => tokio::time::timeout_at(deadline.into(), route.clients.http1.request(outbound)).await,
@@ -136,7 +138,7 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
         };
         let elapsed = started.0.elapsed();
         let metrics = upstream.metrics();
-        metrics.upstream_duration.with_label_values(&[&upstream.label]).observe(elapsed.as_secs_f64());
+        upstream.counters.duration.observe(elapsed.as_secs_f64());
 
         let outcome: Result<Response, ProxyError> = match sent {
             Ok(Ok(response)) => Ok(response.map(Body::new)),
@@ -153,7 +155,7 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
             // The client's body failed, not the upstream.
             Err(_) => ("client_error", false),
         };
-        metrics.upstream_requests.with_label_values(&[&upstream.label, label]).inc();
+        upstream.counters.outcome(metrics, label);
         if !matches!(label, "client_error") {
             upstream.record(!failed);
         }
@@ -245,6 +247,7 @@ fn classify(error: hyper_util::client::legacy::Error, upstream: &str) -> ProxyEr
 /// The request as the upstream gets it.
 fn upstream_request(
     parts: &Parts,
+    original: http::HeaderMap,
     info: &RequestInfo,
     upstream: &Upstream,
     span_id: [u8; 8],
@@ -268,11 +271,10 @@ fn upstream_request(
         Protocol::H2c => Version::HTTP_2,
     };
     let headers = request.headers_mut();
-    *headers = parts.headers.clone();
+    *headers = original;
     headers::strip_hop_by_hop(headers);
     // HTTP/2 clients send the authority instead of Host.
-    let original_host = parts
-        .headers
+    let original_host = headers
         .get(header::HOST)
         .cloned()
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::try_from(a.as_str()).ok()));

@@ -201,6 +201,7 @@ pub struct Upstream {
     pub host: Option<HeaderValue>,
     pub breaker: Breaker,
     pub budget: RetryBudget,
+    pub counters: crate::metrics::UpstreamCounters,
     health: Health,
     metrics: Metrics,
 }
@@ -215,7 +216,19 @@ impl Upstream {
         let breaker = Breaker::new(target.breaker.0, target.breaker.1);
         metrics.breaker_state.with_label_values(&[&label]).set(BreakerState::Closed.gauge());
         health.set(&component_name(&label), State::Up, "", false);
-        Ok(Self { target, label, scheme, authority, host, breaker, budget: RetryBudget::default(), health, metrics })
+        let counters = crate::metrics::UpstreamCounters::new(&metrics, &label);
+        Ok(Self {
+            target,
+            label,
+            scheme,
+            authority,
+            host,
+            breaker,
+            budget: RetryBudget::default(),
+            counters,
+            health,
+            metrics,
+        })
     }
 
     /// Asks the breaker; counts refusals.
