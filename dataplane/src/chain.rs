@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use axum::body::Body;
-use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use http::{HeaderName, HeaderValue, Method, Request};
 use http_body::Body as _;
 use http_body_util::{BodyExt as _, Limited};
 use opentelemetry::KeyValue;
 use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
 
 use crate::metrics::{method_label, status_class};
 use crate::problem::{FieldProblem, Problem, kinds};
@@ -51,37 +51,131 @@ pub struct RequestInfo {
     pub deadline: Option<Instant>,
 }
 
+/// The chain from some step on: what a layer calls to pass the request on. It is also the chain as a
+/// tower service (see [`build`]).
+#[derive(Clone)]
+pub struct Next(Arc<dyn Handle>);
+
+/// One step of the chain with everything after it.
+trait Handle: Send + Sync + 'static {
+    fn handle(&self, request: Request<Body>) -> BoxFuture<'static, Response>;
+}
+
+impl Next {
+    /// Passes the request to the rest of the chain.
+    pub fn run(self, request: Request<Body>) -> BoxFuture<'static, Response> {
+        self.0.handle(request)
+    }
+}
+
 /// The chain as a service.
-pub type Chain = BoxCloneSyncService<Request<Body>, Response, Infallible>;
+pub type Chain = Next;
+
+impl tower::Service<Request<Body>> for Next {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = futures::future::Map<BoxFuture<'static, Response>, fn(Response) -> Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        self.0.handle(request).map(Ok)
+    }
+}
+
+/// A tower layer made of an async function of (state, request, rest of the chain). The chain is built
+/// once; a request costs each step one boxed future and no service clones.
+#[derive(Clone)]
+struct Step<T, F> {
+    state: T,
+    f: F,
+}
+
+struct Linked<T, F> {
+    step: Step<T, F>,
+    next: Next,
+}
+
+impl<T, F, Fut> Handle for Linked<T, F>
+where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(T, Request<Body>, Next) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    fn handle(&self, request: Request<Body>) -> BoxFuture<'static, Response> {
+        Box::pin((self.step.f)(self.step.state.clone(), request, self.next.clone()))
+    }
+}
+
+impl<T, F, Fut> tower::Layer<Next> for Step<T, F>
+where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(T, Request<Body>, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    type Service = Next;
+
+    fn layer(&self, next: Next) -> Next {
+        Next(Arc::new(Linked { step: self.clone(), next }))
+    }
+}
+
+/// A step without state.
+fn step<F, Fut>(f: F) -> Step<(), impl Fn((), Request<Body>, Next) -> Fut + Clone + Send + Sync + 'static>
+where
+    F: Fn(Request<Body>, Next) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    Step { state: (), f: move |(), request, next| f(request, next) }
+}
+
+/// A step with state handed to every call.
+fn step_with<T, F, Fut>(state: T, f: F) -> Step<T, F>
+where
+    F: Fn(T, Request<Body>, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    Step { state, f }
+}
+
+/// The end of the chain.
+struct Handler;
+
+impl Handle for Handler {
+    fn handle(&self, request: Request<Body>) -> BoxFuture<'static, Response> {
+        Box::pin(handler(request))
+    }
+}
 
 /// Builds the chain over the runtime's current snapshot.
 pub fn build(runtime: Arc<Runtime>) -> Chain {
-    let service = ServiceBuilder::new()
+    ServiceBuilder::new()
         // Request id: keep the caller's X-Request-Id (if sane) or make one; it goes upstream and back.
-        .layer(from_fn_with_state(runtime, request_id))
+        .layer(step_with(runtime, request_id))
         // Trace: continue the caller's W3C trace or start one; export the server span when sampled.
-        .layer(from_fn(trace))
+        .layer(step(trace))
         // Route: the first route that matches; everything after may depend on it.
-        .layer(from_fn(select_route))
+        .layer(step(select_route))
         // Metrics: rate, errors and duration per route, requests in flight.
-        .layer(from_fn(metrics))
+        .layer(step(metrics))
         // Timeout: the route's deadline for the whole exchange, answered 504.
-        .layer(from_fn(timeout))
+        .layer(step(timeout))
         // Body limit: the route's maximum body, answered 413, checked before anything reads the body.
-        .layer(from_fn(body_limit))
+        .layer(step(body_limit))
         // Authentication (slot): who is calling.
-        .layer(from_fn(authentication))
+        .layer(step(authentication))
         // Rate limit (slot): how often they may.
-        .layer(from_fn(rate_limit))
+        .layer(step(rate_limit))
         // Authorization (slot): whether they may do this.
-        .layer(from_fn(authorization))
+        .layer(step(authorization))
         // Request validation: the route's JSON Schema on the body, answered 422 with every violation.
-        .layer(from_fn(validate_request))
+        .layer(step(validate_request))
         // Cache (slot): answer from the cache or let the handler answer and keep the response.
-        .layer(from_fn(cache))
+        .layer(step(cache))
         // Handler: proxy to the route's upstream.
-        .service_fn(handler);
-    BoxCloneSyncService::new(service)
+        .service(Next(Arc::new(Handler)))
 }
 
 fn info(request: &Request<Body>) -> Option<&RequestInfo> {
@@ -92,11 +186,7 @@ fn info_mut(request: &mut Request<Body>) -> Option<&mut RequestInfo> {
     request.extensions_mut().get_mut::<RequestInfo>()
 }
 
-async fn request_id(
-    axum::extract::State(runtime): axum::extract::State<Arc<Runtime>>,
-    mut request: Request<Body>,
-    next: Next,
-) -> Response {
+async fn request_id(runtime: Arc<Runtime>, mut request: Request<Body>, next: Next) -> Response {
     let id = match request.headers().get(&REQUEST_ID) {
         Some(v) if v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()) => v.clone(),
         _ => {
@@ -297,22 +387,22 @@ async fn validate_request(request: Request<Body>, next: Next) -> Response {
     next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
 
-async fn handler(request: Request<Body>) -> Result<Response, Infallible> {
+async fn handler(request: Request<Body>) -> Response {
     let Some(info) = info(&request).cloned() else {
-        return Ok(Problem::new(kinds::NO_ROUTE, "no route").into_response());
+        return Problem::new(kinds::NO_ROUTE, "no route").into_response();
     };
     let Some(route) = info.route.clone() else {
         info.snapshot.metrics.gateway_errors.with_label_values(&["none", "no_route"]).inc();
-        return Ok(Problem::new(
+        return Problem::new(
             kinds::NO_ROUTE,
             format!("no route of this gateway takes {} {}", request.method(), request.uri().path()),
         )
-        .into_response());
+        .into_response();
     };
-    Ok(match proxy::forward(request, &info, &route).await {
+    match proxy::forward(request, &info, &route).await {
         Ok(response) => response,
         Err(error) => proxy::error_response(error, &info, &route),
-    })
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::body::Body;
-use axum::middleware::Next;
 use axum::response::Response;
 use futures::future::BoxFuture;
 use http::{Request, StatusCode};
@@ -23,6 +22,7 @@ use umw_crds::config::Bundle;
 use umw_crds::middleware::Route as RouteSpec;
 use umw_crds::validate::duration_or;
 
+use crate::chain::Next;
 use crate::config::{Invalid, Loaded};
 use crate::health::{Health, State};
 use crate::metrics::Metrics;
