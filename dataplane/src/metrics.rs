@@ -151,7 +151,10 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl RouteCounters {
     pub fn new(route: &str) -> Self {
-        Self { route: route.to_string(), counters: (0..METHODS.len() * CLASSES.len()).map(|_| Default::default()).collect() }
+        Self {
+            route: route.to_string(),
+            counters: (0..METHODS.len() * CLASSES.len()).map(|_| Default::default()).collect(),
+        }
     }
 
     pub fn inc(&self, metrics: &Metrics, method: &http::Method, status: http::StatusCode) {
