@@ -283,6 +283,10 @@ impl Policy for AuthPolicy {
         &self.spec.target_refs
     }
 
+    fn set_target_refs(&mut self, refs: Vec<PolicyTargetRef>) {
+        self.spec.target_refs = refs;
+    }
+
     fn policy_status(&self) -> Option<&PolicyStatus> {
         self.status.as_ref()
     }

@@ -75,9 +75,13 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, DurationError> 
     let syntax = || DurationError::Syntax(text.into());
     let mut total = 0f64;
     let mut rest = text;
+    let mut groups = 0;
     while !rest.is_empty() {
+        // The grammar of DURATION_PATTERN: at most four groups, at most six digits before the point.
+        groups += 1;
         let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(syntax)?;
-        if number_len == 0 {
+        let integer_len = rest[..number_len].find('.').unwrap_or(number_len);
+        if number_len == 0 || integer_len > 6 || number_len - integer_len > 10 || groups > 4 {
             return Err(syntax());
         }
         let number: f64 = rest[..number_len].parse().map_err(|_| syntax())?;
@@ -231,7 +235,7 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Ok(ms(5_400_000)));
         assert_eq!(parse_duration("1.5s"), Ok(ms(1500)));
         assert_eq!(parse_duration("0s"), Err(DurationError::NotPositive("0s".into())));
-        for bad in ["", "5", "s", "5d", "-5s", "5 s", "1.2.3s"] {
+        for bad in ["", "5", "s", "5d", "-5s", "5 s", "1.2.3s", "9300000000000000000s", "1s1s1s1s1s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }
     }

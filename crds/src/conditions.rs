@@ -38,6 +38,7 @@ pub mod reasons {
     pub const HEALTH_NOT_REPORTED: &str = "HealthNotReported";
     pub const HEALTH_UNKNOWN: &str = "HealthUnknown";
     pub const CONFIG_PENDING: &str = "ConfigPending";
+    pub const CONFIG_REJECTED: &str = "ConfigRejected";
     pub const COMPONENT_DEGRADED: &str = "ComponentDegraded";
     pub const COMPONENTS_DOWN: &str = "ComponentsDown";
     // Policies: Accepted

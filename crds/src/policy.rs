@@ -48,6 +48,9 @@ pub trait Policy:
     /// The targets named in `spec.targetRefs`.
     fn target_refs(&self) -> &[PolicyTargetRef];
 
+    /// Replaces the targets (the operator renders each Middleware's copy with its own targets only).
+    fn set_target_refs(&mut self, refs: Vec<PolicyTargetRef>);
+
     /// The status, if any.
     fn policy_status(&self) -> Option<&PolicyStatus>;
 

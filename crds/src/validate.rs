@@ -93,10 +93,11 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
     {
         c.push("spec.observability.samplingRatio", "must lie between 0 and 1");
     }
-    if let Some(endpoint) = &spec.observability.otlp_endpoint
-        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-    {
-        c.push("spec.observability.otlpEndpoint", "must be an http:// or https:// URL");
+    if let Some(endpoint) = &spec.observability.otlp_endpoint {
+        let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://"));
+        if rest.is_none_or(|r| r.split('/').next().is_none_or(|a| a.is_empty() || a.contains('@'))) {
+            c.push("spec.observability.otlpEndpoint", "must be an http:// or https:// URL without credentials");
+        }
     }
     let mut out = c.out;
 
@@ -147,6 +148,11 @@ fn route_rules(c: &mut Collector<'_>, at: &str, route: &Route) {
     if route.max_body_bytes.is_some_and(|n| n < 0) {
         c.push(format!("{at}.maxBodyBytes"), "must not be negative");
     }
+    if let Some(schema) = &route.request_schema
+        && let Err(error) = jsonschema::validator_for(&serde_json::Value::Object(schema.0.clone()))
+    {
+        c.push(format!("{at}.requestSchema"), format!("not a valid JSON Schema: {error}"));
+    }
 }
 
 fn upstream_rules(c: &mut Collector<'_>, at: &str, upstream: &Upstream) {
@@ -183,20 +189,16 @@ fn policies<P: Policy>(policies: &[P], mw: &crate::Middleware, routes: &BTreeSet
     for policy in policies {
         let resource = format!("{}/{}", P::kind(&()), policy.name_any());
         let mut c = Collector { resource: &resource, out: Vec::new() };
-        if policy.target_refs().is_empty() {
-            c.push("spec.targetRefs", "must name at least one Middleware");
+        // A policy may target several Middlewares; this configuration is about this one only.
+        let own: Vec<(usize, &crate::PolicyTargetRef)> =
+            policy.target_refs().iter().enumerate().filter(|(_, t)| t.name == mw.name_any()).collect();
+        if own.is_empty() {
+            c.push(
+                "spec.targetRefs",
+                format!("names no target of this configuration's Middleware {:?}", mw.name_any()),
+            );
         }
-        for (i, target) in policy.target_refs().iter().enumerate() {
-            if target.name != mw.name_any() {
-                c.push(
-                    format!("spec.targetRefs[{i}].name"),
-                    format!(
-                        "targets Middleware {:?}, but this configuration's Middleware is {:?}",
-                        target.name,
-                        mw.name_any()
-                    ),
-                );
-            }
+        for (i, target) in own {
             if let Some(section) = &target.section_name
                 && !routes.contains(section.as_str())
             {
@@ -254,7 +256,7 @@ mod tests {
     #[test]
     fn the_cel_rules_hold_without_an_api_server() {
         let b = bundle(
-            "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  listeners: {http: {port: 9901}}\n  routes:\n    - name: a\n      match: {path: /x, pathPrefix: /y, headers: [{name: 'bad header', value: v}]}\n      upstream: {url: http://x, service: {name: s, port: 80}}\n      timeout: 0s\n    - name: a\n      upstream: {url: 'ftp://x'}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: c}\nspec: {targetRefs: [{name: other}, {name: shop, sectionName: nope}], rules: [{ttl: 1s}]}\n",
+            "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  listeners: {http: {port: 9901}}\n  routes:\n    - name: a\n      match: {path: /x, pathPrefix: /y, headers: [{name: 'bad header', value: v}]}\n      upstream: {url: http://x, service: {name: s, port: 80}}\n      timeout: 0s\n    - name: a\n      upstream: {url: 'ftp://x'}\n      requestSchema: {type: 12}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: c}\nspec: {targetRefs: [{name: other, sectionName: elsewhere}, {name: shop, sectionName: nope}], rules: [{ttl: 1s}]}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: d}\nspec: {targetRefs: [{name: other}], rules: [{ttl: 1s}]}\n",
         );
         let found: Vec<String> =
             validate(&b).iter().map(|v| format!("{} {}: {}", v.resource, v.path, v.message)).collect();
@@ -266,12 +268,13 @@ mod tests {
             "Middleware/shop spec.routes[0].timeout: duration \"0s\" must be greater than zero",
             "Middleware/shop spec.routes[1].name: route name \"a\" is used twice",
             "Middleware/shop spec.routes[1].upstream.url:",
-            "CachePolicy/c spec.targetRefs[0].name: targets Middleware \"other\"",
+            "Middleware/shop spec.routes[1].requestSchema: not a valid JSON Schema",
+            "CachePolicy/d spec.targetRefs: names no target of this configuration's Middleware \"shop\"",
             "CachePolicy/c spec.targetRefs[1].sectionName: Middleware \"shop\" has no route \"nope\"",
         ] {
             assert!(found.iter().any(|f| f.starts_with(expected)), "missing {expected:?} in {found:#?}");
         }
-        assert_eq!(found.len(), 9, "{found:#?}");
+        assert_eq!(found.len(), 10, "{found:#?}");
     }
 
     #[test]

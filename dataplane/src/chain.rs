@@ -152,6 +152,10 @@ impl Handle for Handler {
 /// Builds the chain over the runtime's current snapshot.
 pub fn build(runtime: Arc<Runtime>) -> Chain {
     ServiceBuilder::new()
+        // Guard: a bug that panics answers 500 with a problem and is counted, instead of dropping the
+        // connection; requests no route could serve safely (CONNECT, paths with dot-segments or encoded
+        // separators, which upstreams would resolve differently from the route match) are refused here.
+        .layer(step(guard))
         // Request id: keep the caller's X-Request-Id (if sane) or make one; it goes upstream and back.
         .layer(step_with(runtime, request_id))
         // Trace: continue the caller's W3C trace or start one; export the server span when sampled.
@@ -176,6 +180,41 @@ pub fn build(runtime: Arc<Runtime>) -> Chain {
         .layer(step(cache))
         // Handler: proxy to the route's upstream.
         .service(Next(Arc::new(Handler)))
+}
+
+async fn guard(request: Request<Body>, next: Next) -> Response {
+    if request.method() == Method::CONNECT {
+        return Problem::new(kinds::METHOD_NOT_ALLOWED, "CONNECT is not served by this gateway").into_response();
+    }
+    if let Some(reason) = unsafe_path(request.uri().path()) {
+        return Problem::new(kinds::BAD_REQUEST, format!("the request path {reason}")).into_response();
+    }
+    match std::panic::AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let what =
+                panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            tracing::error!(panic = what.as_deref().unwrap_or("(no message)"), "a request handler panicked");
+            crate::metrics::PANICS.inc();
+            Problem::new(kinds::INTERNAL, "the gateway failed to handle this request").into_response()
+        }
+    }
+}
+
+/// Why a path is refused, if it is: dot-segments (`/a/../b`) and percent-encoded dots or slashes would be
+/// resolved by the upstream after the gateway matched the raw path, so a request could reach a route other
+/// than the one whose policies were applied.
+fn unsafe_path(path: &str) -> Option<&'static str> {
+    if path.split('/').any(|segment| segment == "." || segment == "..") {
+        return Some("contains a dot-segment (/./ or /../)");
+    }
+    let lower = path.as_bytes();
+    let encoded = lower.windows(3).any(|w| {
+        w[0] == b'%'
+            && ((w[1] == b'2' && matches!(w[2], b'e' | b'E' | b'f' | b'F'))
+                || (w[1] == b'5' && matches!(w[2], b'c' | b'C')))
+    });
+    encoded.then_some("contains an encoded dot, slash or backslash")
 }
 
 fn info(request: &Request<Body>) -> Option<&RequestInfo> {
@@ -265,9 +304,11 @@ async fn metrics(request: Request<Body>, next: Next) -> Response {
     let metrics = info.snapshot.metrics.clone();
     let method = request.method().clone();
     let started = Instant::now();
-    metrics.in_flight.inc();
+    // Counts the request as in flight until the future ends, however it ends: a client that goes away
+    // drops it, and the gauge must not drift.
+    let in_flight = InFlight::new(&metrics);
     let response = next.run(request).await;
-    metrics.in_flight.dec();
+    drop(in_flight);
     match &route {
         Some(route) => {
             route.requests.inc(&metrics, &method, response.status());
@@ -280,9 +321,26 @@ async fn metrics(request: Request<Body>, next: Next) -> Response {
     response
 }
 
+/// The in-flight gauge, incremented while alive.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(metrics: &crate::metrics::Metrics) -> Self {
+        metrics.in_flight.inc();
+        Self(metrics.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn timeout(mut request: Request<Body>, next: Next) -> Response {
     let Some(route) = info(&request).and_then(|i| i.route.clone()) else { return next.run(request).await };
-    let deadline = Instant::now() + route.timeout;
+    // Durations are bounded by validation; a deadline past the clock's range means none.
+    let Some(deadline) = Instant::now().checked_add(route.timeout) else { return next.run(request).await };
     if let Some(info) = info_mut(&mut request) {
         info.deadline = Some(deadline);
     }
@@ -343,6 +401,9 @@ async fn cache(request: Request<Body>, next: Next) -> Response {
     slot(stage, request, next).await
 }
 
+/// Largest body checked against a route's schema (larger ones are refused with 413).
+const MAX_VALIDATED_BODY: usize = 1024 * 1024;
+
 /// Most violations listed in one response.
 const MAX_SCHEMA_ERRORS: usize = 50;
 
@@ -359,7 +420,8 @@ async fn validate_request(request: Request<Body>, next: Next) -> Response {
         Problem::new(kinds::INVALID_BODY, detail).with_errors(errors).into_response()
     };
     let (parts, body) = request.into_parts();
-    let bytes = match body.collect().await {
+    // A body checked against a schema is held in memory whole: at most MAX_VALIDATED_BODY of it.
+    let bytes = match Limited::new(body, MAX_VALIDATED_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) => {
             let error = proxy::body_error(error);
@@ -367,8 +429,25 @@ async fn validate_request(request: Request<Body>, next: Next) -> Response {
             return error.problem(&route.name).into_response();
         }
     };
-    let value: serde_json::Value = match serde_json::from_slice(&bytes) {
-        Ok(value) => value,
+    let check = {
+        let bytes = bytes.clone();
+        move || -> Result<Vec<FieldProblem>, String> {
+            let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            Ok(schema
+                .iter_errors(&value)
+                .take(MAX_SCHEMA_ERRORS)
+                .map(|e| FieldProblem { pointer: e.instance_path().to_string(), detail: e.to_string() })
+                .collect())
+        }
+    };
+    // Large bodies are parsed and checked off the request threads, so that one does not stall the others.
+    let checked = if bytes.len() > 64 * 1024 {
+        tokio::task::spawn_blocking(check).await.unwrap_or_else(|_| Err("the check failed".into()))
+    } else {
+        check()
+    };
+    let errors = match checked {
+        Ok(errors) => errors,
         Err(error) => {
             return invalid(
                 format!("the body is not JSON ({error})"),
@@ -376,11 +455,6 @@ async fn validate_request(request: Request<Body>, next: Next) -> Response {
             );
         }
     };
-    let errors: Vec<FieldProblem> = schema
-        .iter_errors(&value)
-        .take(MAX_SCHEMA_ERRORS)
-        .map(|e| FieldProblem { pointer: e.instance_path().to_string(), detail: e.to_string() })
-        .collect();
     if !errors.is_empty() {
         return invalid(format!("{} violation(s) of the schema of route {}", errors.len(), route.name), errors);
     }

@@ -167,7 +167,7 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
     health.set("http", State::Starting, "binding the listener", true);
     let traces = Traces::from_config(&spec.observability, &loaded.middleware())?.map(Arc::new);
     if let Some(traces) = &traces {
-        tracing::info!(endpoint = %traces.endpoint, "exporting traces over OTLP/gRPC");
+        tracing::info!(endpoint = %redact(&traces.endpoint), "exporting traces over OTLP/gRPC");
     }
     let runtime = Arc::new(
         Runtime::new(&loaded, metrics.clone(), health.clone(), cli.resolve.clone(), traces.clone(), log).map_err(
@@ -227,6 +227,14 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A URL without user information (credentials never reach the log).
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -127,6 +127,7 @@ impl Metrics {
         };
         #[cfg(target_os = "linux")]
         metrics.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        metrics.registry.register(Box::new(PANICS.clone()))?;
         Ok(metrics)
     }
 
@@ -205,6 +206,13 @@ impl UpstreamCounters {
         }
     }
 }
+
+/// Request handlers that panicked (each answered 500). Process-wide: a panic is a bug, not a route's
+/// behaviour, and the counter must exist before any configuration does.
+pub static PANICS: std::sync::LazyLock<IntCounter> = std::sync::LazyLock::new(|| {
+    // The name and help are constants; creating the counter cannot fail.
+    IntCounter::new("umw_panics_total", "Request handlers that panicked").unwrap_or_else(|_| unreachable!())
+});
 
 /// The method label: the standard methods as they are, anything else as `OTHER`.
 pub fn method_label(method: &http::Method) -> &'static str {

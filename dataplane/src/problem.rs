@@ -50,10 +50,12 @@ pub mod kinds {
         title: "The upstream is unavailable",
         status: StatusCode::SERVICE_UNAVAILABLE,
     };
-    pub const SHUTTING_DOWN: Kind =
-        Kind { slug: "shutting-down", title: "The gateway is shutting down", status: StatusCode::SERVICE_UNAVAILABLE };
     pub const BAD_REQUEST: Kind =
         Kind { slug: "bad-request", title: "Malformed request", status: StatusCode::BAD_REQUEST };
+    pub const METHOD_NOT_ALLOWED: Kind =
+        Kind { slug: "method-not-allowed", title: "Method not allowed", status: StatusCode::METHOD_NOT_ALLOWED };
+    pub const INTERNAL: Kind =
+        Kind { slug: "internal", title: "Internal error", status: StatusCode::INTERNAL_SERVER_ERROR };
 }
 
 /// One problem response.

@@ -29,7 +29,11 @@ impl Watcher {
     pub fn check(&mut self) -> Outcome {
         let files = match config::read(&self.path) {
             Ok(files) => files,
-            Err(invalid) => return self.reject(invalid.to_string()),
+            Err(invalid) => {
+                // Forget what was read before, so that the same content coming back is looked at again.
+                self.last_files = None;
+                return self.reject(invalid.to_string());
+            }
         };
         if self.last_files.as_ref() == Some(&files) && self.last_rejection.is_none() {
             return Outcome::Unchanged;
@@ -76,6 +80,7 @@ impl Watcher {
 
 /// Polls every `interval` until the task is dropped.
 pub async fn watch(watcher: Watcher, interval: Duration) {
+    let runtime = watcher.runtime.clone();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -93,6 +98,7 @@ pub async fn watch(watcher: Watcher, interval: Duration) {
             Ok(current) => watcher = Some(current),
             Err(error) => {
                 tracing::error!(%error, "the configuration watcher failed; reloads stop");
+                runtime.rejected("the configuration watcher failed; changes are no longer picked up until a restart");
                 return;
             }
         }

@@ -140,6 +140,9 @@ impl Runtime {
         let clients = Clients::new();
         let mut upstreams = Upstreams::default();
         let snapshot = build(loaded, &mut upstreams, &clients, &health, &metrics, &overrides, &traces)?;
+        for upstream in upstreams.0.values() {
+            upstream.activate();
+        }
         health.set("config", State::Up, format!("configuration {} applied", loaded.hash), true);
         Ok(Self {
             current: ArcSwap::from_pointee(snapshot),
@@ -187,12 +190,23 @@ impl Runtime {
             let built =
                 build(loaded, &mut next, &self.clients, &self.health, &self.metrics, &self.overrides, &self.traces);
             if built.is_ok() {
-                // Keep only the upstreams the new configuration names.
+                // Keep only the upstreams the new configuration names; retire the others first (a kept
+                // label may belong to a new upstream), then show the new ones.
                 let wanted: Vec<Target> = built
                     .as_ref()
                     .map(|s| s.routes.iter().map(|r| r.upstream.target.clone()).collect())
                     .unwrap_or_default();
                 next.0.retain(|target, _| wanted.contains(target));
+                for (target, upstream) in &upstreams.0 {
+                    if !next.0.contains_key(target) {
+                        upstream.retire();
+                    }
+                }
+                for (target, upstream) in &next.0 {
+                    if !upstreams.0.contains_key(target) {
+                        upstream.activate();
+                    }
+                }
                 *upstreams = next;
             }
             built

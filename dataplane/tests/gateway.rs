@@ -285,6 +285,21 @@ async fn a_changed_configuration_is_reloaded_and_a_broken_one_is_refused() {
 }
 
 #[tokio::test]
+async fn paths_an_upstream_would_resolve_differently_and_connect_are_refused() {
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&middleware(&route("api", "{pathPrefix: /api}", &up.url(), ""), "")).await;
+    for path in ["/api/../admin", "/api/./x", "/api/%2e%2e/admin", "/api/a%2Fb", "/api/%5c"] {
+        let r = get(&gw.url(path)).await;
+        assert_eq!(r.status, 400, "{path}");
+        assert_eq!(r.json()["type"], "https://umw.dev/problems/bad-request", "{path}");
+    }
+    let r = send(Method::CONNECT, &format!("http://{}", gw.address), &[], Bytes::new()).await;
+    assert_eq!(r.status, 405);
+    assert_eq!(up.hits(), 0);
+    assert_eq!(get(&gw.url("/api/ok")).await.status, 200);
+}
+
+#[tokio::test]
 async fn malformed_requests_get_a_400_and_the_gateway_keeps_serving() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let up = Upstream::start("up").await;

@@ -119,7 +119,7 @@ fn check_accepts_the_examples_and_reports_every_problem_of_a_broken_configuratio
     assert!(stderr.contains("10-middleware.yaml, document 1 (Middleware/shop): spec.routes[0].upstream: upstream needs exactly one of service or url"), "{stderr}");
     assert!(stderr.contains("20-policies.yaml, document 1 (CachePolicy/c): spec.targetRefs[0].sectionName: Middleware \"shop\" has no route \"missing\""), "{stderr}");
 
-    // Structurally valid, but the schema does not compile: reported by the build step, with its place.
+    // A schema that does not compile is reported with its place, like every other rule.
     std::fs::write(dir.join("20-policies.yaml"), "").unwrap();
     std::fs::write(
         dir.join("10-middleware.yaml"),
@@ -130,7 +130,9 @@ fn check_accepts_the_examples_and_reports_every_problem_of_a_broken_configuratio
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("10-middleware.yaml, document 1: spec.routes[0].requestSchema: not a valid JSON Schema"),
+        stderr.contains(
+            "10-middleware.yaml, document 1 (Middleware/shop): spec.routes[0].requestSchema: not a valid JSON Schema"
+        ),
         "{stderr}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

@@ -145,11 +145,13 @@ async fn run(client: Client, settings: Settings, pods: Arc<Mutex<HashMap<String,
         None => Api::all(client.clone()),
     };
     let mut events = watcher(api, watcher::Config::default().labels(POD_SELECTOR)).boxed();
+    let mut terminating = std::collections::HashSet::new();
     while let Some(event) = events.next().await {
         let pod = match event {
             Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
             Ok(watcher::Event::Delete(pod)) => {
                 let key = key(&pod);
+                terminating.remove(&key);
                 if let Ok(mut pods) = pods.lock()
                     && let Some(handle) = pods.remove(&key)
                 {
@@ -169,6 +171,10 @@ async fn run(client: Client, settings: Settings, pods: Arc<Mutex<HashMap<String,
         let pods_api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         if pod.metadata.deletion_timestamp.is_some() {
+            // Once per pod: a relist shows a terminating pod again, and must not cut its grace period short.
+            if !terminating.insert(key.clone()) {
+                continue;
+            }
             let handle = pods.lock().ok().and_then(|mut p| p.remove(&key));
             let client = client.clone();
             tokio::spawn(terminate(client, pod, handle));
@@ -265,12 +271,17 @@ async fn run_pod(
     };
     let _ = write_status(&api, &name, &status, &container).await;
 
-    let mounts = match Volumes::prepare(&client, &pod, &container, &dir).await {
-        Ok(mounts) => mounts,
-        Err(error) => {
-            status.waiting = Some(format!("CreateContainerConfigError: {error}"));
-            let _ = write_status(&api, &name, &status, &container).await;
-            return;
+    // Volumes whose ConfigMap or Secret is missing are retried, as the kubelet does.
+    let mounts = loop {
+        match Volumes::prepare(&client, &pod, &container, &dir).await {
+            Ok(mounts) => break mounts,
+            Err(error) => {
+                status.waiting = Some(format!("CreateContainerConfigError: {error}"));
+                let _ = write_status(&api, &name, &status, &container).await;
+                if wait_or_stop(&mut stop, settings.restart_backoff).await {
+                    return;
+                }
+            }
         }
     };
     let mut backoff = settings.restart_backoff;
@@ -311,6 +322,9 @@ async fn run_pod(
             }
         };
         pid_slot.store(child.id().unwrap_or(0), Ordering::SeqCst);
+        // The control plane's reaper kills what a crashed kubelet leaves behind (controlplane.sh stop).
+        let _ = std::fs::write(dir.join("dataplane.pid"), child.id().unwrap_or(0).to_string());
+        let started = std::time::Instant::now();
         status.waiting = None;
         status.running_since = Some(Time(Timestamp::now()));
         status.ready = false;
@@ -330,7 +344,10 @@ async fn run_pod(
                     };
                     if ready != status.ready {
                         status.ready = ready;
-                        let _ = write_status(&api, &name, &status, &container).await;
+                        // A lost write is tried again at the next tick.
+                        if write_status(&api, &name, &status, &container).await.is_err() {
+                            status.ready = !ready;
+                        }
                     }
                 }
             }
@@ -345,10 +362,12 @@ async fn run_pod(
                     let _ = child.kill().await;
                 }
                 pid_slot.store(0, Ordering::SeqCst);
+                let _ = std::fs::remove_file(dir.join("dataplane.pid"));
                 return;
             }
             Some(result) => {
                 pid_slot.store(0, Ordering::SeqCst);
+                let _ = std::fs::remove_file(dir.join("dataplane.pid"));
                 let code = result.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 status.restarts += 1;
                 status.ready = false;
@@ -358,7 +377,12 @@ async fn run_pod(
                 if wait_or_stop(&mut stop, backoff).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10).max(settings.restart_backoff));
+                // A process that ran a while before exiting starts the backoff afresh.
+                backoff = if started.elapsed() > Duration::from_secs(10) {
+                    settings.restart_backoff
+                } else {
+                    (backoff * 2).min(Duration::from_secs(10).max(settings.restart_backoff))
+                };
             }
         }
     }

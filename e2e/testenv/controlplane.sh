@@ -25,6 +25,14 @@ free_port() {
 
 stop() {
   local dir=$1 pid
+  # Data-plane processes of the process kubelet, should it have died without stopping them.
+  for file in "$dir"/pods/*/dataplane.pid; do
+    [ -f "$file" ] || continue
+    pid=$(cat "$file")
+    # Only if that pid is still a data plane (pids are reused).
+    if grep -qa umw-dataplane "/proc/$pid/cmdline" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
+    rm -f "$file"
+  done
   for name in kube-controller-manager kube-apiserver etcd reaper; do
     [ -f "$dir/$name.pid" ] || continue
     pid=$(cat "$dir/$name.pid")

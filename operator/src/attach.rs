@@ -113,20 +113,27 @@ pub fn evaluate<P: Policy>(
         .collect()
 }
 
-/// The policies of one kind that are accepted on at least one target naming `mw`.
+/// The policies of one kind that are accepted on at least one target naming `mw`, each reduced to the
+/// targets accepted on `mw`: the data plane of one Middleware neither knows nor checks the others.
 pub fn accepted_for<P: Policy>(mw: &Middleware, peers: &[Arc<P>]) -> Vec<P> {
     let name = mw.name_any();
     let mut accepted: Vec<P> = peers
         .iter()
         .filter(|policy| policy.namespace() == mw.namespace())
-        .filter(|policy| {
-            policy
+        .filter_map(|policy| {
+            let targets: Vec<_> = policy
                 .target_refs()
                 .iter()
                 .filter(|target| target.name == name)
-                .any(|target| evaluate_target(policy.as_ref(), target, Some(mw), peers).outcome.is_ok())
+                .filter(|target| evaluate_target(policy.as_ref(), target, Some(mw), peers).outcome.is_ok())
+                .cloned()
+                .collect();
+            (!targets.is_empty()).then(|| {
+                let mut policy = policy.as_ref().clone();
+                policy.set_target_refs(targets);
+                policy
+            })
         })
-        .map(|policy| policy.as_ref().clone())
         .collect();
     accepted.sort_by_key(|p| p.name_any());
     accepted
@@ -206,6 +213,23 @@ mod tests {
         assert!(matches!(&verdict.outcome, Err(Rejection::Conflicted(msg)) if msg.contains("zz-older")), "{verdict:?}");
         let accepted = accepted_for(&m, &peers);
         assert_eq!(accepted.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["zz-older"]);
+    }
+
+    #[test]
+    fn each_middleware_gets_the_policy_with_its_own_accepted_targets_only() {
+        let mut both = policy("both", 1, PolicyTargetRef::middleware("shop"));
+        Arc::make_mut(&mut both).spec.target_refs = vec![
+            PolicyTargetRef::middleware("other").with_section("x"),
+            PolicyTargetRef::middleware("shop"),
+            PolicyTargetRef::middleware("shop").with_section("missing"),
+        ];
+        let m = Arc::new(mw(&[]));
+        let accepted = accepted_for(&m, &[both]);
+        assert_eq!(accepted.len(), 1);
+        assert_eq!(accepted[0].spec.target_refs, vec![PolicyTargetRef::middleware("shop")]);
+        // What the operator renders, the data plane accepts.
+        let bundle = umw_crds::config::Bundle { middleware: mw(&[]), cache_policies: accepted, ..Default::default() };
+        assert_eq!(umw_crds::validate::validate(&bundle), vec![]);
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct PodHealth {
     pub pod: String,
     /// The pod's `Ready` condition, as Kubernetes has it.
     pub ready: bool,
+    /// Whether the poller has read the pod at all yet (a pod that just started has not).
+    pub read: bool,
     /// The pod's `/status`, or why it could not be read.
     pub report: Result<Report, String>,
 }
@@ -99,6 +101,9 @@ impl HealthCache {
     }
 }
 
+/// Failed reads in a row after which a pod's last good report is no longer used.
+const STALE_READS: u32 = 3;
+
 /// Settings of the poller.
 #[derive(Clone, Debug)]
 pub struct PollSettings {
@@ -117,6 +122,16 @@ pub fn pods_of<'a>(mw: &Middleware, pods: &'a [Arc<Pod>]) -> Vec<&'a Arc<Pod>> {
         .filter(|p| p.labels().get("app.kubernetes.io/instance") == Some(&name))
         .filter(|p| p.labels().get("app.kubernetes.io/name").map(String::as_str) == Some("umw-dataplane"))
         .filter(|p| p.metadata.deletion_timestamp.is_none())
+        // Only pods of the Middleware's own Deployment: labels alone can be copied by anyone who may create
+        // pods, and what these pods report decides the Middleware's status.
+        .filter(|p| {
+            let prefix = format!("umw-{name}-");
+            p.metadata.owner_references.iter().flatten().any(|o| {
+                o.kind == "ReplicaSet"
+                    && o.controller == Some(true)
+                    && o.name.strip_prefix(&prefix).is_some_and(|hash| !hash.contains('-'))
+            })
+        })
         .collect();
     out.sort_by_key(|p| p.name_any());
     out
@@ -129,15 +144,8 @@ pub fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn admin_port(pod: &Pod, fallback: u16) -> u16 {
-    pod.spec
-        .as_ref()
-        .and_then(|s| {
-            s.containers.iter().flat_map(|c| c.ports.iter().flatten()).find(|p| p.name.as_deref() == Some("admin"))
-        })
-        .and_then(|p| u16::try_from(p.container_port).ok())
-        .unwrap_or(fallback)
-}
+/// Largest `/status` document read; a data plane's is a few kilobytes.
+const MAX_STATUS_BYTES: usize = 1024 * 1024;
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
@@ -150,7 +158,8 @@ async fn read_status(client: &HttpClient, pod: &Pod, port: u16, timeout: Duratio
     let fetch = async {
         let response = client.get(uri).await.map_err(|e| format!("cannot read /status: {}", root_cause(&e)))?;
         let status = response.status();
-        let body = response.into_body().collect().await.map_err(|e| format!("reading /status: {e}"))?.to_bytes();
+        let limited = http_body_util::Limited::new(response.into_body(), MAX_STATUS_BYTES);
+        let body = limited.collect().await.map_err(|e| format!("reading /status: {e}"))?.to_bytes();
         if !status.is_success() {
             return Err(format!("/status answered {status}"));
         }
@@ -184,6 +193,9 @@ pub async fn poll(
     let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build(connector);
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Consecutive failed reads per pod: one slow answer keeps the last good report rather than flipping
+    // the Middleware's Ready condition.
+    let mut failures: HashMap<String, u32> = HashMap::new();
     loop {
         ticker.tick().await;
         let all_pods = pods.state();
@@ -192,7 +204,8 @@ pub async fn poll(
         for mw in &mws {
             for pod in pods_of(mw, &all_pods) {
                 let key = format!("{}/{}", mw.namespace().unwrap_or_default(), mw.name_any());
-                jobs.push((key, pod.clone(), admin_port(pod, mw.spec.listeners.admin_port)));
+                // The port the operator rendered, not whatever the pod's spec claims.
+                jobs.push((key, pod.clone(), mw.spec.listeners.admin_port));
             }
         }
         let readings: Vec<(String, PodHealth)> = futures::stream::iter(jobs)
@@ -202,7 +215,7 @@ pub async fn poll(
                 async move {
                     let report = read_status(&client, &pod, port, settings.timeout).await;
                     metrics.health_polls.with_label_values(&[if report.is_ok() { "ok" } else { "error" }]).inc();
-                    (key, PodHealth { pod: pod.name_any(), ready: pod_ready(&pod), report })
+                    (key, PodHealth { pod: pod.name_any(), ready: pod_ready(&pod), read: true, report })
                 }
             })
             .buffer_unordered(settings.concurrency.max(1))
@@ -212,9 +225,32 @@ pub async fn poll(
             .iter()
             .map(|mw| (format!("{}/{}", mw.namespace().unwrap_or_default(), mw.name_any()), Vec::new()))
             .collect();
-        for (key, health) in readings {
+        for (key, mut health) in readings {
+            let pod_key = format!("{key}/{}", health.pod);
+            match &health.report {
+                Ok(_) => {
+                    failures.remove(&pod_key);
+                }
+                Err(_) => {
+                    let n = failures.entry(pod_key).or_insert(0);
+                    *n += 1;
+                    let (namespace, name) = key.split_once('/').unwrap_or(("", &key));
+                    let previous = cache
+                        .get(namespace, name)
+                        .and_then(|pods| pods.into_iter().find(|p| p.pod == health.pod))
+                        .filter(|p| p.report.is_ok());
+                    if *n < STALE_READS
+                        && let Some(previous) = previous
+                    {
+                        health.report = previous.report;
+                    }
+                }
+            }
             by_mw.entry(key).or_default().push(health);
         }
+        let live: std::collections::HashSet<String> =
+            by_mw.iter().flat_map(|(k, pods)| pods.iter().map(move |p| format!("{k}/{}", p.pod))).collect();
+        failures.retain(|pod, _| live.contains(pod));
         cache.retain(|key| by_mw.contains_key(key));
         for (key, mut health) in by_mw {
             health.sort_by(|a, b| a.pod.cmp(&b.pod));
@@ -235,12 +271,10 @@ pub fn current(mw: &Middleware, pods: &[Arc<Pod>], polled: Option<MiddlewareHeal
         .into_iter()
         .map(|pod| {
             let name = pod.name_any();
-            let report = polled
-                .iter()
-                .find(|p| p.pod == name)
-                .map(|p| p.report.clone())
-                .unwrap_or_else(|| Err("not read yet".into()));
-            PodHealth { pod: name, ready: pod_ready(pod), report }
+            match polled.iter().find(|p| p.pod == name) {
+                Some(p) => PodHealth { pod: name, ready: pod_ready(pod), read: true, report: p.report.clone() },
+                None => PodHealth { pod: name, ready: pod_ready(pod), read: false, report: Err("not read yet".into()) },
+            }
         })
         .collect()
 }
@@ -270,12 +304,27 @@ fn severity(state: &str) -> u8 {
 /// Folds the pods' reports, for the configuration `desired`.
 pub fn summarize(health: &[PodHealth], desired: &str) -> Summary {
     use umw_crds::conditions::reasons;
-    let ready: Vec<&PodHealth> = health.iter().filter(|p| p.ready).collect();
+    // Pods not read yet (just started) are judged at the next poll, not counted as failures now.
+    let ready: Vec<&PodHealth> = health.iter().filter(|p| p.ready && p.read).collect();
     let mut not_ready = None;
     for pod in &ready {
         match &pod.report {
             Err(error) => {
                 not_ready = Some((reasons::HEALTH_UNKNOWN, format!("pod {}: {error}", pod.pod)));
+                break;
+            }
+            Ok(report)
+                if report.config_hash != desired
+                    && let Some(config) =
+                        report.components.iter().find(|c| c.name == "config" && c.state == "Degraded") =>
+            {
+                not_ready = Some((
+                    reasons::CONFIG_REJECTED,
+                    format!(
+                        "pod {} refused configuration {desired} and still runs {}: {}",
+                        pod.pod, report.config_hash, config.message
+                    ),
+                ));
                 break;
             }
             Ok(report) if report.config_hash != desired => {
@@ -351,9 +400,9 @@ pub enum Enforcement {
 
 /// Whether the pods running configuration `desired` enforce policy `kind`/`name`. Pure.
 pub fn enforcement(health: &[PodHealth], desired: &str, kind: &str, name: &str) -> Enforcement {
-    let ready: Vec<&PodHealth> = health.iter().filter(|p| p.ready).collect();
+    let ready: Vec<&PodHealth> = health.iter().filter(|p| p.ready && p.read).collect();
     if ready.is_empty() {
-        return Enforcement::Waiting("no data-plane pod is ready yet".into());
+        return Enforcement::Waiting("no data-plane pod is ready and read yet".into());
     }
     for pod in &ready {
         let report = match &pod.report {
@@ -369,7 +418,7 @@ pub fn enforcement(health: &[PodHealth], desired: &str, kind: &str, name: &str) 
             None => return Enforcement::Refused(format!("pod {} does not know this policy", pod.pod)),
         }
     }
-    Enforcement::Enforced(format!("enforced by {} ready pod(s) running configuration {desired}", ready.len()))
+    Enforcement::Enforced(format!("enforced by every ready pod, on configuration {desired}"))
 }
 
 #[cfg(test)]
@@ -380,6 +429,7 @@ mod tests {
         PodHealth {
             pod: name.into(),
             ready,
+            read: true,
             report: Ok(Report {
                 config_hash: hash.into(),
                 ready: true,
@@ -415,8 +465,12 @@ mod tests {
         assert_eq!(s.not_ready.unwrap().1, "pod b runs configuration h1, not h2 yet");
         assert_eq!(s.applied, None);
 
-        let broken =
-            PodHealth { pod: "x".into(), ready: true, report: Err("cannot read /status: connection refused".into()) };
+        let broken = PodHealth {
+            pod: "x".into(),
+            ready: true,
+            read: true,
+            report: Err("cannot read /status: connection refused".into()),
+        };
         let s = summarize(&[broken], "h2");
         assert_eq!(s.not_ready.unwrap().1, "pod x: cannot read /status: connection refused");
         assert_eq!(s.degraded, None, "nothing reported yet");

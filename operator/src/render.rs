@@ -383,7 +383,8 @@ fn deployment(bundle: &Bundle, settings: &Settings, secrets_hash: &str) -> Deplo
             tolerations: (!spec.pod.tolerations.is_empty()).then(|| spec.pod.tolerations.clone()),
             affinity: spec.pod.affinity.clone(),
             priority_class_name: spec.pod.priority_class_name.clone(),
-            termination_grace_period_seconds: Some(30),
+            // The data plane's shutdown: 5 s unready-but-serving, up to 20 s of draining, then flushing traces.
+            termination_grace_period_seconds: Some(40),
             ..PodSpec::default()
         }),
     };

@@ -44,24 +44,31 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` unless an earlier proxy set them.
+/// Appends the client to `X-Forwarded-For` and `Forwarded` (every earlier line kept, joined into one),
+/// and sets `X-Forwarded-Proto` and `X-Forwarded-Host`. Values an earlier proxy set for those two are kept
+/// only when the connection comes from a private network (another proxy in front of the gateway); from
+/// anywhere else the client could claim them, so the gateway's own values replace them.
 pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: Option<&HeaderValue>, proto: &'static str) {
     let ip = client.ip().to_canonical();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+    let xff = match joined(headers, &X_FORWARDED_FOR) {
         Some(previous) => format!("{previous}, {ip}"),
         None => ip.to_string(),
     };
     if let Ok(value) = HeaderValue::try_from(xff) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    let trusted = from_private_network(ip);
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if let Some(host) = host
-        && !headers.contains_key(&X_FORWARDED_HOST)
-    {
-        headers.insert(X_FORWARDED_HOST, host.clone());
+    match host {
+        Some(host) if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) => {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+        }
+        None if !trusted => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+        _ => {}
     }
     // RFC 7239: IPv6 addresses are quoted and bracketed; the host is quoted when it has a colon (a port).
     let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
@@ -73,12 +80,28 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: Option<&
             element.push_str(&format!(";host={host}"));
         }
     }
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+    let forwarded = match joined(headers, &header::FORWARDED) {
         Some(previous) => format!("{previous}, {element}"),
         None => element,
     };
     if let Ok(value) = HeaderValue::try_from(forwarded) {
         headers.insert(header::FORWARDED, value);
+    }
+}
+
+/// Every line of a list header, joined with commas.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let values: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// Loopback, RFC 1918, link-local and unique-local addresses: where another proxy of the same site sits.
+fn from_private_network(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00 || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
     }
 }
 
@@ -109,14 +132,26 @@ mod tests {
     #[test]
     fn forwarded_headers_append_to_earlier_proxies() {
         let mut h = HeaderMap::new();
-        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
         h.insert(header::FORWARDED, HeaderValue::from_static("for=203.0.113.7"));
         let host = HeaderValue::from_static("shop.example:8080");
         add_forwarded(&mut h, "10.1.2.3:5555".parse().unwrap(), Some(&host), "http");
-        assert_eq!(h[X_FORWARDED_FOR], "203.0.113.7, 10.1.2.3");
+        assert_eq!(h[X_FORWARDED_FOR], "198.51.100.1, 203.0.113.7, 10.1.2.3", "every earlier line is kept");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
         assert_eq!(h[X_FORWARDED_HOST], "shop.example:8080");
         assert_eq!(h[header::FORWARDED], "for=203.0.113.7, for=10.1.2.3;proto=http;host=\"shop.example:8080\"");
+        // A proxy on a private network may say the original scheme; a client on the internet may not.
+        let mut behind = HeaderMap::new();
+        behind.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        add_forwarded(&mut behind, "10.0.0.9:1".parse().unwrap(), Some(&host), "http");
+        assert_eq!(behind[X_FORWARDED_PROTO], "https");
+        let mut spoofed = HeaderMap::new();
+        spoofed.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        spoofed.insert(X_FORWARDED_HOST, HeaderValue::from_static("evil.example"));
+        add_forwarded(&mut spoofed, "203.0.113.50:1".parse().unwrap(), Some(&host), "http");
+        assert_eq!(spoofed[X_FORWARDED_PROTO], "http");
+        assert_eq!(spoofed[X_FORWARDED_HOST], "shop.example:8080");
         let mut v6 = HeaderMap::new();
         add_forwarded(&mut v6, "[2001:db8::1]:80".parse().unwrap(), None, "http");
         assert_eq!(v6[header::FORWARDED], "for=\"[2001:db8::1]\";proto=http");

@@ -214,8 +214,13 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
 }
 
 /// The error for a request body that could not be read: too large, or broken.
-pub fn body_error(error: axum::Error) -> ProxyError {
-    if is_length_limit(&error) { ProxyError::BodyTooLarge } else { ProxyError::BodyUnreadable(error.to_string()) }
+pub fn body_error(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError {
+    let error = error.into();
+    if is_length_limit(error.as_ref()) {
+        ProxyError::BodyTooLarge
+    } else {
+        ProxyError::BodyUnreadable(error.to_string())
+    }
 }
 
 fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -287,6 +292,11 @@ fn upstream_request(
             headers.insert(header::HOST, host);
         }
         (None, None) => {}
+    }
+    if upstream.target.protocol == Protocol::H2c {
+        // HTTP/2 carries the authority (the upstream's address) in the request itself; a Host header that
+        // differs from it may be refused (RFC 9113 §8.3.1). The client's host stays in X-Forwarded-Host.
+        headers.remove(header::HOST);
     }
     headers.insert(TRACEPARENT, info.trace.traceparent(span_id));
     Ok(request)

@@ -40,6 +40,8 @@ impl Clients {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(5)));
+        // TCP keep-alive finds pooled connections whose peer vanished without a reset.
+        http.set_keepalive(Some(Duration::from_secs(30)));
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let builder = match builder.with_native_roots() {
             Ok(builder) => builder,
@@ -55,10 +57,15 @@ impl Clients {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .build(https);
+        // HTTP/2 multiplexes on few connections, so a dead one would take every request with it: pings find
+        // it within 30 s.
         let h2c = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_while_idle(true)
             .build(http);
         Self { http1, h2c }
     }
@@ -202,6 +209,9 @@ pub struct Upstream {
     pub breaker: Breaker,
     pub budget: RetryBudget,
     pub counters: crate::metrics::UpstreamCounters,
+    /// Set when a reload drops the upstream: requests still in flight finish, but its state no longer
+    /// shows in `/status` or the breaker gauge.
+    retired: std::sync::atomic::AtomicBool,
     health: Health,
     metrics: Metrics,
 }
@@ -214,8 +224,6 @@ impl Upstream {
         let authority = Authority::try_from(target.connect.as_str()).map_err(|_| bad())?;
         let host = target.host.as_deref().map(HeaderValue::try_from).transpose().map_err(|_| bad())?;
         let breaker = Breaker::new(target.breaker.0, target.breaker.1);
-        metrics.breaker_state.with_label_values(&[&label]).set(BreakerState::Closed.gauge());
-        health.set(&component_name(&label), State::Up, "", false);
         let counters = crate::metrics::UpstreamCounters::new(&metrics, &label);
         Ok(Self {
             target,
@@ -226,6 +234,7 @@ impl Upstream {
             breaker,
             budget: RetryBudget::default(),
             counters,
+            retired: std::sync::atomic::AtomicBool::new(false),
             health,
             metrics,
         })
@@ -250,9 +259,28 @@ impl Upstream {
         }
     }
 
+    /// Puts the upstream into `/status` and the breaker gauge: when its configuration is swapped in.
+    pub fn activate(&self) {
+        self.metrics.breaker_state.with_label_values(&[&self.label]).set(self.breaker.state().gauge());
+        let name = component_name(&self.label);
+        match self.breaker.state() {
+            BreakerState::Closed => self.health.set(&name, State::Up, "", false),
+            _ => self.health.set(&name, State::Degraded, "circuit breaker open", false),
+        }
+    }
+
+    /// Takes the upstream out of `/status` and the metrics: a reload dropped it.
+    pub fn retire(&self) {
+        self.retired.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.metrics.breaker_state.remove_label_values(&[&self.label]);
+    }
+
     fn transition(&self, state: BreakerState) {
-        self.metrics.breaker_state.with_label_values(&[&self.label]).set(state.gauge());
         self.metrics.breaker_transitions.with_label_values(&[&self.label, state.label()]).inc();
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        self.metrics.breaker_state.with_label_values(&[&self.label]).set(state.gauge());
         let name = component_name(&self.label);
         match state {
             BreakerState::Closed => {

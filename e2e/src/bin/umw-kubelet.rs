@@ -42,7 +42,8 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API (KUBECONFIG)")?;
     let kubelet = umw_e2e::kubelet::Kubelet::start(client, settings).await?;
     eprintln!("[kubelet] running data-plane pods as local processes");
-    tokio::signal::ctrl_c().await.ok();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
     drop(kubelet);
     Ok(())
 }

@@ -117,6 +117,22 @@ async fn check(bundle: &Bundle, ctx: &Context) -> Result<(Option<Stall>, BTreeMa
         };
         return Ok((Some(stall), versions));
     }
+    // The rules a data plane checks when it loads the configuration; a configuration it would refuse is
+    // never rolled out (new pods could not start with it).
+    let violations = umw_crds::validate::validate(bundle);
+    let log_level = mw.spec.observability.log_level.as_deref().and_then(|level| {
+        tracing_subscriber::EnvFilter::try_new(level).err().map(|e| format!("spec.observability.logLevel: {e}"))
+    });
+    if !violations.is_empty() || log_level.is_some() {
+        let mut problems: Vec<String> =
+            violations.iter().map(|v| format!("{} {}: {}", v.resource, v.path, v.message)).collect();
+        problems.extend(log_level);
+        let stall = Stall {
+            reason: reasons::INVALID_SPEC,
+            message: format!("the data plane would refuse this configuration: {}", problems.join("; ")),
+        };
+        return Ok((Some(stall), versions));
+    }
     let namespace = mw.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut fetched: BTreeMap<String, Option<Secret>> = BTreeMap::new();
@@ -350,10 +366,17 @@ pub fn status_of(
             condition(types::READY, status::FALSE, stall.reason, stall.message.clone()),
         ),
         None => {
-            let stalled = condition(types::STALLED, status::FALSE, reasons::AS_EXPECTED, String::new());
             let config_pending = rollout.done
                 && rollout.target > 0
                 && matches!(health.not_ready, Some((reason, _)) if reason == reasons::CONFIG_PENDING);
+            // A pod that refused the configuration will not take it by waiting: stalled until the spec changes
+            // (the operator checks what it can before rendering, so this is a data plane of another version).
+            let rejected =
+                rollout.done && matches!(&health.not_ready, Some((reason, _)) if *reason == reasons::CONFIG_REJECTED);
+            let stalled = match (&health.not_ready, rejected) {
+                (Some((reason, message)), true) => condition(types::STALLED, status::TRUE, reason, message.clone()),
+                _ => condition(types::STALLED, status::FALSE, reasons::AS_EXPECTED, String::new()),
+            };
             let reconciling = if mw.spec.paused {
                 condition(
                     types::RECONCILING,
@@ -380,7 +403,7 @@ pub fn status_of(
                 condition(types::READY, status::FALSE, rollout.reason, format!("{}.{note}", rollout.message))
             } else if let Some((reason, message)) = &health.not_ready {
                 condition(types::READY, status::FALSE, reason, format!("{message}.{note}"))
-            } else if pods.iter().any(|p| p.ready) {
+            } else if pods.iter().any(|p| p.ready && p.read) {
                 let message = format!(
                     "{}, all on configuration {}.{note}",
                     rollout.message,
@@ -580,6 +603,7 @@ mod tests {
             .map(|name| PodHealth {
                 pod: (*name).into(),
                 ready: true,
+                read: true,
                 report: Ok(health::Report {
                     config_hash: desired.config_hash.clone(),
                     ready: true,
