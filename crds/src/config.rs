@@ -75,6 +75,15 @@ impl Bundle {
     /// Reads several named YAML streams (files) as one configuration. Every problem is reported, each
     /// with its source, document and field path; on success, also says where each resource came from.
     pub fn load(sources: &[(&str, &str)]) -> Result<(Self, Origins), ConfigErrors> {
+        match Self::load_all(sources) {
+            (Some(loaded), errors) if errors.is_empty() => Ok(loaded),
+            (_, errors) => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// Like [`Bundle::load`], but also returns the bundle when the only problems are unknown fields (the
+    /// values read are then complete), so that a caller can go on to report what else is wrong.
+    pub fn load_all(sources: &[(&str, &str)]) -> (Option<(Self, Origins)>, Vec<ConfigError>) {
         let mut errors = Vec::new();
         let mut middlewares: Vec<(Middleware, String)> = Vec::new();
         let mut bundle = Bundle::default();
@@ -136,11 +145,12 @@ impl Bundle {
             0 | 1 => {}
             _ => errors.push(ConfigError::SeveralMiddlewares(middlewares.iter().map(|(_, at)| at.clone()).collect())),
         }
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
+        let complete = middlewares.len() == 1 && errors.iter().all(|e| matches!(e, ConfigError::UnknownField { .. }));
+        if !complete {
+            return (None, errors);
         }
         bundle.middleware = middlewares.remove(0).0;
-        Ok((bundle, origins))
+        (Some((bundle, origins)), errors)
     }
 
     /// Writes the stream: the Middleware first, then policies by kind and name, specs only, so that equal

@@ -66,19 +66,16 @@ pub fn read(path: &Path) -> Result<Files, Invalid> {
 /// Parses and validates.
 pub fn parse(files: &Files) -> Result<Loaded, Invalid> {
     let sources: Vec<(&str, &str)> = files.files.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
-    let (bundle, origins) = Bundle::load(&sources)
-        .map_err(|errors| Invalid { problems: errors.0.iter().map(ToString::to_string).collect() })?;
-    let violations = validate::validate(&bundle);
-    if !violations.is_empty() {
-        return Err(Invalid {
-            problems: violations
-                .iter()
-                .map(|v| {
-                    let at = origins.get(&v.resource).cloned().unwrap_or_else(|| v.resource.clone());
-                    format!("{at} ({}): {}: {}", v.resource, v.path, v.message)
-                })
-                .collect(),
-        });
+    let (loaded, errors) = Bundle::load_all(&sources);
+    let mut problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let Some((bundle, origins)) = loaded else { return Err(Invalid { problems }) };
+    // Unknown fields do not stop the other checks: every problem is reported at once.
+    problems.extend(validate::validate(&bundle).iter().map(|v| {
+        let at = origins.get(&v.resource).cloned().unwrap_or_else(|| v.resource.clone());
+        format!("{at} ({}): {}: {}", v.resource, v.path, v.message)
+    }));
+    if !problems.is_empty() {
+        return Err(Invalid { problems });
     }
     let text = bundle.to_yaml().map_err(|e| Invalid::one(e.to_string()))?;
     Ok(Loaded { hash: config::hash(&text), bundle, origins })

@@ -152,6 +152,10 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
         b.auth_policies.len(),
         loaded.hash
     );
+    let connections = &b.middleware.spec.connections;
+    if connections.redis.is_some() || connections.kafka.is_some() || connections.postgres.is_some() {
+        println!("  note: spec.connections is accepted but not used by this version (no component needs it yet)");
+    }
     for policy in snapshot.policies.iter().filter(|p| !p.enforced) {
         println!("  note: {} {} is accepted but not enforced: {}", policy.kind, policy.name, policy.message);
     }

@@ -229,6 +229,7 @@ impl Runtime {
     /// The configuration on disk is the running one again after a rejection.
     pub fn recovered(&self) {
         let running = self.current.load().hash.clone();
+        tracing::info!(hash = %running, "the configuration on disk is valid again (unchanged from the running one)");
         self.health.set("config", State::Up, format!("configuration {running} applied"), true);
     }
 

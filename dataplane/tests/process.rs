@@ -105,7 +105,7 @@ fn check_accepts_the_examples_and_reports_every_problem_of_a_broken_configuratio
     let dir = temp_dir("check");
     std::fs::write(
         dir.join("10-middleware.yaml"),
-        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  routes:\n    - name: a\n      upstream: {url: 'http://x', service: {name: s, port: 80}}\n    - name: b\n      upstream: {url: 'http://x'}\n      requestSchema: {type: 12}\n",
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  routes:\n    - name: a\n      timout: 5s\n      upstream: {url: 'http://x', service: {name: s, port: 80}}\n    - name: b\n      upstream: {url: 'http://x'}\n      requestSchema: {type: 12}\n",
     )
     .unwrap();
     std::fs::write(
@@ -116,6 +116,7 @@ fn check_accepts_the_examples_and_reports_every_problem_of_a_broken_configuratio
     let out = Command::new(BIN).args(["check", "--config", &dir.to_string_lossy()]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("10-middleware.yaml, document 1: unknown field spec.routes[0].timout"), "{stderr}");
     assert!(stderr.contains("10-middleware.yaml, document 1 (Middleware/shop): spec.routes[0].upstream: upstream needs exactly one of service or url"), "{stderr}");
     assert!(stderr.contains("20-policies.yaml, document 1 (CachePolicy/c): spec.targetRefs[0].sectionName: Middleware \"shop\" has no route \"missing\""), "{stderr}");
 
