@@ -16,7 +16,7 @@ cat <<MSG
   Universal Middleware data plane on examples/shop/, in front of the demo shop API ($UPSTREAM).
   Try, in another shell:
 
-    curl -i http://$HTTP/products
+    curl -i http://$HTTP/products            # twice: the second is served from the cache (Cache-Status)
     curl -i -X POST http://$HTTP/orders -H 'content-type: application/json' -d '{"sku": "kettle", "quantity": 1}'
     curl -i -X POST http://$HTTP/orders -H 'content-type: application/json' -d '{"quantity": 0}'
     curl -s http://$ADMIN/status
@@ -26,4 +26,4 @@ cat <<MSG
 
 MSG
 "$BIN/umw-dataplane" --config "$ROOT/examples/shop/" --http-address "$HTTP" --admin-address "$ADMIN" \
-  --resolve "shop-api:8080=$UPSTREAM" --log-format text
+  --resolve "shop-api:8080=$UPSTREAM" --log-format text --in-process-backends

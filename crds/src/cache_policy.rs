@@ -248,7 +248,25 @@ impl Policy for CachePolicy {
     }
 
     fn not_enforced_fields(&self) -> Vec<&'static str> {
-        // The cache lands with the cache issue; until then nothing of a CachePolicy is enforced.
-        vec!["spec.rules"]
+        // What the data plane does not do yet: invalidation, warm-up, the two-tier backend, tags and
+        // single-flight across pods. Everything else of a rule is enforced.
+        let spec = &self.spec;
+        let mut fields = Vec::new();
+        if spec.invalidation.is_some() {
+            fields.push("spec.invalidation");
+        }
+        if spec.warmup.is_some() {
+            fields.push("spec.warmup");
+        }
+        if spec.backend == Some(CacheBackend::Tiered) {
+            fields.push("spec.backend (tiered)");
+        }
+        if spec.rules.iter().any(|r| !r.tags.is_empty()) {
+            fields.push("spec.rules[].tags");
+        }
+        if spec.rules.iter().any(|r| r.single_flight.distributed) {
+            fields.push("spec.rules[].singleFlight.distributed");
+        }
+        fields
     }
 }

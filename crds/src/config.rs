@@ -236,6 +236,21 @@ pub fn secret_env_var(secret: &SecretKeyRef) -> String {
     format!("UMW_SECRET_{}_{}_{}", clean(&secret.name), clean(&secret.key), unique.to_ascii_uppercase())
 }
 
+/// The value of a setting at run time: inline, or from the environment variable that carries its Secret
+/// key (`secret_env_var`). `Err` names the variable that is missing.
+pub fn resolve(value: &crate::ValueSource) -> Result<String, String> {
+    match (&value.value, &value.secret_key_ref) {
+        (Some(value), _) => Ok(value.clone()),
+        (None, Some(secret)) => {
+            let var = secret_env_var(secret);
+            std::env::var(&var).map_err(|_| {
+                format!("the value of Secret {:?} key {:?} is not in the environment ({var})", secret.name, secret.key)
+            })
+        }
+        (None, None) => Err("neither value nor secretKeyRef is set".into()),
+    }
+}
+
 fn sorted<K: ResourceExt>(items: &[K]) -> Vec<&K> {
     let mut items: Vec<&K> = items.iter().collect();
     items.sort_by_key(|k| k.name_any());

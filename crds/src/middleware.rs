@@ -438,6 +438,10 @@ pub struct RedisConnection {
     /// `standalone` (default) or `cluster`.
     #[serde(default)]
     pub mode: RedisMode,
+    /// Deadline of one Redis operation; a slower Redis is treated as a miss (requests go to the upstream).
+    /// Defaults to 250ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
 }
 
 /// A Kafka connection.

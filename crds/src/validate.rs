@@ -88,6 +88,9 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
             upstream_rules(&mut c, &format!("spec.commands[{i}].handler"), handler);
         }
     }
+    if let Some(redis) = &spec.connections.redis {
+        c.duration("spec.connections.redis.timeout".into(), redis.timeout.as_ref());
+    }
     if let Some(ratio) = spec.observability.sampling_ratio
         && !(0.0..=1.0).contains(&ratio)
     {

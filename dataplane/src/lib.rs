@@ -8,6 +8,8 @@
 //! configuration snapshot and swaps snapshots atomically.
 
 pub mod admin;
+pub mod breaker;
+pub mod cache;
 pub mod chain;
 pub mod config;
 pub mod health;

@@ -42,6 +42,10 @@ struct Cli {
     /// --resolve; comma-separated. For running outside a cluster: `shop-api:8080=127.0.0.1:9000`.
     #[arg(long, global = true, env = "UMW_RESOLVE", default_value = "")]
     resolve: Overrides,
+    /// Use the in-process implementation of every backend (a memory cache instead of Redis, ...), for
+    /// running on a laptop without them. Not durable, not shared between replicas.
+    #[arg(long, global = true, env = "UMW_IN_PROCESS_BACKENDS")]
+    in_process_backends: bool,
     /// Threads that serve traffic; defaults to the number of CPUs. Set it to the container's CPU limit.
     #[arg(long, global = true, env = "UMW_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -136,10 +140,16 @@ fn main() -> ExitCode {
 async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("registering metrics")?;
     // Building the runtime compiles every route, schema and upstream, as a start would.
-    let runtime = Runtime::new(loaded, metrics, Health::default(), cli.resolve.clone(), None, LogControl::disabled())
-        .map_err(|invalid| {
-        anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  "))
-    })?;
+    let runtime = Runtime::with_options(
+        loaded,
+        metrics,
+        Health::default(),
+        cli.resolve.clone(),
+        None,
+        LogControl::disabled(),
+        cli.in_process_backends,
+    )
+    .map_err(|invalid| anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  ")))?;
     let snapshot = runtime.snapshot();
     let b = &loaded.bundle;
     println!(
@@ -174,9 +184,16 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
         tracing::info!(endpoint = %redact(&traces.endpoint), "exporting traces over OTLP/gRPC");
     }
     let runtime = Arc::new(
-        Runtime::new(&loaded, metrics.clone(), health.clone(), cli.resolve.clone(), traces.clone(), log).map_err(
-            |invalid| anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  ")),
-        )?,
+        Runtime::with_options(
+            &loaded,
+            metrics.clone(),
+            health.clone(),
+            cli.resolve.clone(),
+            traces.clone(),
+            log,
+            cli.in_process_backends,
+        )
+        .map_err(|invalid| anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  ")))?,
     );
 
     let http_address = cli.http_address.unwrap_or_else(|| admin::default_address(spec.listeners.http.port));

@@ -36,6 +36,14 @@ pub struct Metrics {
     pub breaker_rejections: IntCounterVec,
     /// Configuration reloads by outcome (`applied`, `rejected`).
     pub config_reloads: IntCounterVec,
+    /// Cache lookups by route and result (`hit`, `miss`, `stale`, `bypass`, `coalesced`).
+    pub cache_requests: IntCounterVec,
+    /// Responses the cache kept or did not, by route and outcome (`stored`, `too_large`, `not_cacheable`).
+    pub cache_stores: IntCounterVec,
+    /// Duration of cache backend operations, by backend and operation.
+    pub cache_backend_duration: HistogramVec,
+    /// Failed cache backend operations, by backend, operation and kind (`timeout`, `unavailable`, ...).
+    pub cache_backend_errors: IntCounterVec,
     /// Connections accepted on the traffic listener.
     pub connections_accepted: IntCounter,
     /// Open connections on the traffic listener.
@@ -115,6 +123,26 @@ impl Metrics {
                 "umw_config_reloads_total",
                 "Configuration reloads by outcome (applied, rejected)",
                 &["outcome"],
+            )?,
+            cache_requests: counter_vec(
+                "umw_cache_requests_total",
+                "Cache lookups by route and result (hit, miss, stale, bypass, coalesced)",
+                &["route", "result"],
+            )?,
+            cache_stores: counter_vec(
+                "umw_cache_stores_total",
+                "Responses stored or not, by route and outcome (stored, too_large, not_cacheable)",
+                &["route", "outcome"],
+            )?,
+            cache_backend_duration: histogram_vec(
+                "umw_cache_backend_duration_seconds",
+                "Duration of cache backend operations, by backend and operation",
+                &["backend", "op"],
+            )?,
+            cache_backend_errors: counter_vec(
+                "umw_cache_backend_errors_total",
+                "Failed cache backend operations, by backend, operation and kind",
+                &["backend", "op", "kind"],
             )?,
             connections_accepted: {
                 let metric =

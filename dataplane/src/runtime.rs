@@ -119,12 +119,37 @@ pub enum Outcome {
 pub struct Runtime {
     current: ArcSwap<Snapshot>,
     upstreams: Mutex<Upstreams>,
+    caches: Mutex<Caches>,
     clients: Clients,
     pub health: Health,
     pub metrics: Metrics,
     overrides: Overrides,
     traces: Option<Arc<Traces>>,
     log: LogControl,
+    flights: crate::cache::stage::Flights,
+    in_process: bool,
+}
+
+/// Where cache entries live, by backend; kept across reloads (a memory cache keeps its entries, Redis its
+/// connections).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum CacheBackendKey {
+    Memory,
+    Redis(crate::cache::redis::RedisSettings),
+}
+
+#[derive(Default)]
+struct Caches(std::collections::HashMap<CacheBackendKey, Arc<dyn crate::cache::Cache>>);
+
+/// What building a snapshot needs besides the configuration.
+struct Parts<'a> {
+    clients: &'a Clients,
+    health: &'a Health,
+    metrics: &'a Metrics,
+    overrides: &'a Overrides,
+    traces: &'a Option<Arc<Traces>>,
+    flights: &'a crate::cache::stage::Flights,
+    in_process: bool,
 }
 
 impl Runtime {
@@ -137,9 +162,35 @@ impl Runtime {
         traces: Option<Arc<Traces>>,
         log: LogControl,
     ) -> Result<Self, Invalid> {
+        Self::with_options(loaded, metrics, health, overrides, traces, log, false)
+    }
+
+    /// Like [`Runtime::new`]; with `in_process`, every backend is the in-process one (memory cache), for
+    /// running on a laptop without Redis, Kafka or PostgreSQL.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_options(
+        loaded: &Loaded,
+        metrics: Metrics,
+        health: Health,
+        overrides: Overrides,
+        traces: Option<Arc<Traces>>,
+        log: LogControl,
+        in_process: bool,
+    ) -> Result<Self, Invalid> {
         let clients = Clients::new();
+        let flights = crate::cache::stage::Flights::default();
         let mut upstreams = Upstreams::default();
-        let snapshot = build(loaded, &mut upstreams, &clients, &health, &metrics, &overrides, &traces)?;
+        let mut caches = Caches::default();
+        let parts = Parts {
+            clients: &clients,
+            health: &health,
+            metrics: &metrics,
+            overrides: &overrides,
+            traces: &traces,
+            flights: &flights,
+            in_process,
+        };
+        let snapshot = build(loaded, &mut upstreams, &mut caches, &parts)?;
         for upstream in upstreams.0.values() {
             upstream.activate();
         }
@@ -147,12 +198,15 @@ impl Runtime {
         Ok(Self {
             current: ArcSwap::from_pointee(snapshot),
             upstreams: Mutex::new(upstreams),
+            caches: Mutex::new(caches),
             clients,
             health,
             metrics,
             overrides,
             traces,
             log,
+            flights,
+            in_process,
         })
     }
 
@@ -186,9 +240,27 @@ impl Runtime {
             let Ok(mut upstreams) = self.upstreams.lock() else {
                 return Outcome::Rejected("internal state poisoned".into());
             };
+            let Ok(mut caches) = self.caches.lock() else {
+                return Outcome::Rejected("internal state poisoned".into());
+            };
             let mut next = Upstreams(upstreams.0.clone());
-            let built =
-                build(loaded, &mut next, &self.clients, &self.health, &self.metrics, &self.overrides, &self.traces);
+            let mut next_caches = Caches(caches.0.clone());
+            let parts = Parts {
+                clients: &self.clients,
+                health: &self.health,
+                metrics: &self.metrics,
+                overrides: &self.overrides,
+                traces: &self.traces,
+                flights: &self.flights,
+                in_process: self.in_process,
+            };
+            let built = build(loaded, &mut next, &mut next_caches, &parts);
+            if built.is_ok() {
+                *caches = next_caches;
+                if !caches.0.keys().any(|k| matches!(k, CacheBackendKey::Redis(_))) {
+                    self.health.retain(|name| name != crate::cache::redis::COMPONENT);
+                }
+            }
             if built.is_ok() {
                 // Keep only the upstreams the new configuration names; retire the others first (a kept
                 // label may belong to a new upstream), then show the new ones.
@@ -248,12 +320,10 @@ impl Runtime {
 fn build(
     loaded: &Loaded,
     upstreams: &mut Upstreams,
-    clients: &Clients,
-    health: &Health,
-    metrics: &Metrics,
-    overrides: &Overrides,
-    traces: &Option<Arc<Traces>>,
+    caches: &mut Caches,
+    parts: &Parts<'_>,
 ) -> Result<Snapshot, Invalid> {
+    let Parts { clients, health, metrics, overrides, traces, .. } = *parts;
     let bundle = &loaded.bundle;
     let at = loaded.origin(&format!("Middleware/{}", bundle.middleware.name_any()));
     let mut problems = Vec::new();
@@ -269,6 +339,13 @@ fn build(
     {
         problems.push(format!("{at}: spec.observability.logLevel: {error}"));
     }
+    let cache = match cache_stage(loaded, caches, parts) {
+        Ok(stage) => stage,
+        Err(more) => {
+            problems.extend(more);
+            None
+        }
+    };
     if !problems.is_empty() {
         return Err(Invalid { problems });
     }
@@ -276,7 +353,7 @@ fn build(
         hash: loaded.hash.clone(),
         middleware: loaded.middleware(),
         routes,
-        stages: Stages::default(),
+        stages: Stages { cache, ..Stages::default() },
         sampling_ratio: telemetry::sampling_ratio(&bundle.middleware.spec.observability),
         traces: traces.clone(),
         policies: policy_states(bundle),
@@ -342,6 +419,127 @@ fn route(
         requests: crate::metrics::RouteCounters::new(&spec.name),
         metrics: metrics.clone(),
     })
+}
+
+/// The cache stage for the configuration's CachePolicies, with their backends (reused from `caches` when
+/// the settings did not change). `None` without CachePolicies.
+fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Result<Option<Arc<dyn Stage>>, Vec<String>> {
+    use umw_crds::cache_policy::{CacheBackend, CacheableMethod};
+    let bundle = &loaded.bundle;
+    let mut used = Caches::default();
+    let mut problems = Vec::new();
+    let mut rules = Vec::new();
+    let mw_name = bundle.middleware.name_any();
+    let redis = &bundle.middleware.spec.connections.redis;
+    for policy in &bundle.cache_policies {
+        let at = loaded.origin(&format!("CachePolicy/{}", policy.name_any()));
+        let spec = &policy.spec;
+        let wanted = match (spec.backend, redis, parts.in_process) {
+            (_, _, true) | (Some(CacheBackend::Memory), _, _) | (None, None, _) => CacheBackendKey::Memory,
+            (_, Some(redis), false) => {
+                let url = umw_crds::config::resolve(&redis.url);
+                let password = redis.password.as_ref().map(umw_crds::config::resolve).transpose();
+                match (url, password) {
+                    (Ok(url), Ok(password)) => CacheBackendKey::Redis(crate::cache::redis::RedisSettings {
+                        url,
+                        password,
+                        cluster: redis.mode == umw_crds::middleware::RedisMode::Cluster,
+                        timeout: duration_or(redis.timeout.as_ref(), crate::cache::redis::OPERATION_TIMEOUT),
+                    }),
+                    (Err(e), _) | (_, Err(e)) => {
+                        problems.push(format!("{at}: spec.connections.redis of Middleware {mw_name}: {e}"));
+                        continue;
+                    }
+                }
+            }
+            (Some(_), None, false) => {
+                problems.push(format!("{at}: spec.backend: needs spec.connections.redis on Middleware {mw_name}"));
+                continue;
+            }
+        };
+        let cache = match caches.0.get(&wanted).or_else(|| used.0.get(&wanted)) {
+            Some(cache) => cache.clone(),
+            None => {
+                let cache: Arc<dyn crate::cache::Cache> = match &wanted {
+                    CacheBackendKey::Memory => {
+                        Arc::new(crate::cache::memory::MemoryCache::new(crate::cache::memory::DEFAULT_MAX_BYTES))
+                    }
+                    CacheBackendKey::Redis(settings) => {
+                        match crate::cache::redis::RedisCache::new(
+                            settings,
+                            parts.health.clone(),
+                            parts.metrics.clone(),
+                        ) {
+                            Ok(cache) => Arc::new(cache),
+                            Err(error) => {
+                                problems.push(format!("{at}: spec.connections.redis: {error}"));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                cache
+            }
+        };
+        used.0.insert(wanted, cache.clone());
+        let own: Vec<_> = spec.target_refs.iter().filter(|t| t.name == mw_name).collect();
+        let routes = if own.iter().any(|t| t.section_name.is_none()) {
+            None
+        } else {
+            Some(own.iter().filter_map(|t| t.section_name.clone()).collect())
+        };
+        for (i, rule) in spec.rules.iter().enumerate() {
+            let methods = &rule.matches.methods;
+            let key_headers: Result<Vec<http::HeaderName>, _> =
+                rule.key.headers.iter().map(|h| http::HeaderName::try_from(h.as_str())).collect();
+            let Ok(key_headers) = key_headers else {
+                problems.push(format!("{at}: spec.rules[{i}].key.headers: not a header name"));
+                continue;
+            };
+            rules.push(crate::cache::stage::Rule {
+                routes: routes.clone(),
+                path_prefix: rule.matches.path_prefix.clone(),
+                get: methods.is_empty() || methods.contains(&CacheableMethod::Get),
+                head_too: methods.is_empty() || methods.contains(&CacheableMethod::Head),
+                ttl: duration_or(Some(&rule.ttl), Duration::from_secs(60)),
+                jitter_percent: rule.jitter_percent.unwrap_or(10),
+                negative_ttl: rule.negative_ttl.as_ref().map(|d| duration_or(Some(d), Duration::from_secs(5))),
+                negative_statuses: if rule.negative_statuses.is_empty() {
+                    vec![404, 410]
+                } else {
+                    rule.negative_statuses.clone()
+                },
+                stale_while_revalidate: rule
+                    .stale_while_revalidate
+                    .as_ref()
+                    .map_or(Duration::ZERO, |d| duration_or(Some(d), Duration::ZERO)),
+                stale_if_error: rule
+                    .stale_if_error
+                    .as_ref()
+                    .map_or(Duration::ZERO, |d| duration_or(Some(d), Duration::ZERO)),
+                query_params: rule.key.query_params.clone(),
+                key_headers,
+                max_entry_bytes: rule.max_entry_bytes.map_or(1024 * 1024, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+                single_flight: rule.single_flight.enabled,
+                lock_timeout: duration_or(rule.single_flight.lock_timeout.as_ref(), Duration::from_secs(5)),
+                cache: cache.clone(),
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    *caches = used;
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let prefix = format!("umw:{}:", loaded.middleware());
+    Ok(Some(Arc::new(crate::cache::stage::CacheStage::new(
+        rules,
+        prefix,
+        parts.flights.clone(),
+        parts.metrics.clone(),
+    ))))
 }
 
 /// What this data-plane version does with each policy of the configuration: a policy is enforced when

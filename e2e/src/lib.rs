@@ -295,18 +295,28 @@ impl Drop for TestUpstream {
 
 /// A plain HTTP/1.1 request to an address, returning the status and body.
 pub async fn http(method: &str, address: &str, path: &str) -> Option<(u16, String)> {
+    let (status, raw) = http_raw(method, address, path).await?;
+    Some((status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// Like [`http`], with the whole response (head and body).
+pub async fn http_raw(method: &str, address: &str, path: &str) -> Option<(u16, String)> {
+    http_host(method, address, address, path).await
+}
+
+/// Like [`http_raw`], with this `Host` header (as a Service address would give, whichever pod answers).
+pub async fn http_host(method: &str, address: &str, host: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
         let request =
-            format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+            format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.ok()?;
         let text = String::from_utf8_lossy(&response).to_string();
         let status = text.split(' ').nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Some((status, body))
+        Some((status, text))
     };
     tokio::time::timeout(Duration::from_secs(10), attempt).await.ok().flatten()
 }

@@ -11,7 +11,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use umw_crds::conditions::{self, types};
 use umw_crds::{CachePolicy, Middleware, Policy};
-use umw_e2e::{Operator, TestNamespace, TestUpstream, control_plane, eventually, http, kubelet};
+use umw_e2e::{Operator, TestNamespace, TestUpstream, control_plane, eventually, http, http_host, kubelet};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -199,28 +199,58 @@ async fn an_upstream_that_is_down_gets_problems_fast_opens_the_breaker_and_degra
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_reports_what_the_running_pods_say_about_it() {
-    let ns = TestNamespace::new("dp-policy");
+async fn a_cache_policy_becomes_enforced_and_the_running_pods_answer_from_redis() {
+    let ns = TestNamespace::new("dp-cache");
+    let redis = umw_tests::RedisServer::start();
     let upstream = TestUpstream::start("up").await;
     let _kubelet = kubelet(&ns.name).await;
     let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
-    ns.must_apply(&middleware_yaml(1, &route("products", "/products", &upstream.url())));
+    let connections = format!("  connections:\n    redis:\n      url: {{value: '{}'}}\n", redis.url());
+    ns.must_apply(&format!("{}{connections}", middleware_yaml(2, &route("products", "/products", &upstream.url()))));
+    let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    ready_and_applied(&api).await;
+    let (_, address, _) = pods(&ns.name).await.remove(0);
+    let (_, before) = http("GET", &address, "/products/1").await.unwrap();
+    assert!(!before.contains("cache-status"), "no caching before the policy: {before}");
+
     ns.must_apply(
-        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: products\nspec:\n  targetRefs:\n  - name: shop\n    sectionName: products\n  rules:\n  - ttl: 30s\n",
+        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: products\nspec:\n  targetRefs:\n  - name: shop\n    sectionName: products\n  rules:\n  - ttl: 60s\n",
     );
-    let api: Api<CachePolicy> = Api::namespaced(client().await, &ns.name);
-    // The pods load the configuration with the policy and say they do not enforce caching yet: the
-    // condition says exactly that, rather than a guess.
-    let policy = eventually("CachePolicy Enforced=False from the pods", WAIT, || async {
-        let policy = api.get_opt("products").await.ok().flatten()?;
+    let out = ns.kubectl(&["wait", "--for=condition=Enforced", "cachepolicy/products", "--timeout=90s"]);
+    assert!(out.status.success(), "kubectl wait Enforced: {}", String::from_utf8_lossy(&out.stderr));
+    let policies: Api<CachePolicy> = Api::namespaced(client().await, &ns.name);
+    let policy = policies.get("products").await.unwrap();
+    let enforced = conditions::find(&policy.policy_status().unwrap().conditions, types::ENFORCED).unwrap().clone();
+    assert_eq!(enforced.reason, "Enforced", "{}", enforced.message);
+
+    // Every pod now caches in the one Redis: the first request fills it, the others are hits.
+    let hits_before = upstream.hits();
+    let mut statuses = Vec::new();
+    for (pod, address, _) in pods(&ns.name).await.iter().chain(pods(&ns.name).await.iter()) {
+        let (code, raw) =
+            http_host("GET", address, "shop.example", "/products/7").await.unwrap_or_else(|| panic!("{pod} answers"));
+        assert_eq!(code, 200);
+        let status =
+            raw.lines().find(|l| l.to_ascii_lowercase().starts_with("cache-status:")).unwrap_or("").to_string();
+        statuses.push(status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(upstream.hits() - hits_before, 1, "one upstream request for four requests over two pods: {statuses:?}");
+    assert!(
+        statuses[0].contains("fwd=miss; stored") && statuses[1..].iter().all(|s| s.contains("hit")),
+        "{statuses:?}"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS").arg("umw:*").query(&mut redis.connection()).unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+
+    // What this version does not do is said, not guessed: a policy asking for warm-up is not enforced.
+    ns.must_apply(
+        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: products\nspec:\n  targetRefs:\n  - name: shop\n    sectionName: products\n  rules:\n  - ttl: 60s\n  warmup:\n    paths: [/products/1]\n",
+    );
+    eventually("Enforced=False naming spec.warmup", WAIT, || async {
+        let policy = policies.get_opt("products").await.ok().flatten()?;
         let enforced = conditions::find(&policy.policy_status()?.conditions, types::ENFORCED)?.clone();
-        (enforced.status == "False" && enforced.message.contains("does not enforce spec.rules yet")).then_some(policy)
+        (enforced.status == "False" && enforced.message.contains("spec.warmup")).then_some(())
     })
     .await;
-    assert!(conditions::is_true(&policy.policy_status().unwrap().conditions, types::ACCEPTED));
-    let mws: Api<Middleware> = Api::namespaced(client().await, &ns.name);
-    let mw = mws.get("shop").await.unwrap();
-    let attached = &mw.status.unwrap().policies;
-    assert_eq!(attached.len(), 1);
-    assert_eq!(attached[0].enforced, Some(false));
 }

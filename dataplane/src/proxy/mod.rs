@@ -2,7 +2,6 @@
 //! idempotent requests inside a retry budget, a circuit breaker per upstream, and the headers a proxy owes
 //! both sides.
 
-pub mod breaker;
 pub mod budget;
 pub mod headers;
 pub mod upstream;
@@ -18,12 +17,12 @@ use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use opentelemetry::KeyValue;
 
+use crate::breaker::Admission;
 use crate::chain::RequestInfo;
 use crate::metrics::status_class;
 use crate::problem::{Problem, kinds};
 use crate::runtime::Route;
 use crate::trace::{TRACEPARENT, new_span_id};
-use breaker::Admission;
 use upstream::{Protocol, Upstream};
 
 /// Bodies up to this size are kept so that a retry can send them again; larger ones are streamed once.

@@ -15,8 +15,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use umw_crds::middleware::{Upstream as UpstreamSpec, UpstreamProtocol};
 use umw_crds::validate::duration_or;
 
-use super::breaker::{Admission, Breaker, BreakerState};
 use super::budget::RetryBudget;
+use crate::breaker::{Admission, Breaker, BreakerState};
 use crate::health::{Health, State};
 use crate::metrics::Metrics;
 

@@ -51,6 +51,7 @@ impl Upstream {
             .route("/flaky/{failures}", any(flaky))
             .route("/bytes/{n}", any(bytes_out))
             .route("/upload", any(upload))
+            .route("/respond", any(respond))
             .fallback(echo)
             .with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -135,6 +136,33 @@ async fn bytes_out(State(state): State<UpstreamState>, Path(n): Path<usize>) -> 
         Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; len]))
     });
     Body::from_stream(futures::stream::iter(chunks))
+}
+
+/// Answers with the status and headers the query asks for (`?status=404&cache-control=max-age%3D5`), a
+/// body naming the upstream and the hit number, and `Vary` when asked.
+async fn respond(
+    State(state): State<UpstreamState>,
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let n = state.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut response = axum::response::Response::new(Body::from(format!(
+        "{} #{n} lang={}",
+        state.name,
+        headers.get("accept-language").and_then(|v| v.to_str().ok()).unwrap_or("")
+    )));
+    for (name, value) in query {
+        if name == "status" {
+            *response.status_mut() = StatusCode::from_u16(value.parse().unwrap_or(200)).unwrap_or(StatusCode::OK);
+        } else if name == "sleep" {
+            tokio::time::sleep(Duration::from_millis(value.parse().unwrap_or(0))).await;
+        } else if let (Ok(name), Ok(value)) =
+            (http::HeaderName::try_from(name.as_str()), http::HeaderValue::try_from(value.as_str()))
+        {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
 }
 
 /// Counts the bytes of a streamed upload.

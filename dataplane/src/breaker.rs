@@ -1,4 +1,4 @@
-//! A circuit breaker per upstream: closed → (N failures in a row) → open for a while → one trial request
+//! A circuit breaker (per upstream, and around the Redis cache): closed → (N failures in a row) → open for a while → one trial request
 //! (half-open) → closed on success, open again on failure.
 
 use std::sync::Mutex;

@@ -1,0 +1,68 @@
+//! The in-process cache: bounded by bytes, entries expire when their stale window ends. Not shared
+//! between replicas and lost on restart: for standalone use, or a Middleware without Redis.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use moka::Expiry;
+
+use super::entry::now_ms;
+use super::{Cache, CacheError, Entry};
+
+/// Default size bound of the in-process cache.
+pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+pub struct MemoryCache {
+    entries: moka::future::Cache<String, Arc<Entry>>,
+}
+
+struct UntilStale;
+
+impl Expiry<String, Arc<Entry>> for UntilStale {
+    fn expire_after_create(&self, _: &String, entry: &Arc<Entry>, _: Instant) -> Option<Duration> {
+        Some(Duration::from_millis(entry.stale_until_ms.saturating_sub(now_ms())))
+    }
+
+    fn expire_after_update(&self, _: &String, entry: &Arc<Entry>, _: Instant, _: Option<Duration>) -> Option<Duration> {
+        Some(Duration::from_millis(entry.stale_until_ms.saturating_sub(now_ms())))
+    }
+}
+
+impl MemoryCache {
+    pub fn new(max_bytes: u64) -> Self {
+        let entries = moka::future::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_: &String, entry: &Arc<Entry>| entry.weight())
+            .expire_after(UntilStale)
+            .build();
+        Self { entries }
+    }
+}
+
+impl Cache for MemoryCache {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, CacheError>> {
+        async move { Ok(self.entries.get(key).await.map(|e| e.as_ref().clone())) }.boxed()
+    }
+
+    fn put<'a>(&'a self, key: &'a str, entry: &'a Entry, _keep: Duration) -> BoxFuture<'a, Result<(), CacheError>> {
+        async move {
+            self.entries.insert(key.to_string(), Arc::new(entry.clone())).await;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
+        async move {
+            self.entries.invalidate(key).await;
+            Ok(())
+        }
+        .boxed()
+    }
+}

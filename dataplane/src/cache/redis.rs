@@ -1,0 +1,219 @@
+//! The Redis cache: standalone or Cluster, multiplexed connections that reconnect by themselves (with
+//! backoff and jitter), a deadline on every operation, and a circuit breaker so that a Redis that is down
+//! or slow costs requests nothing but a miss. Its health is the `redis` component in `/status`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Cache, CacheError, Entry};
+use crate::breaker::{Admission, Breaker, BreakerState};
+use crate::health::{Health, State};
+
+/// Default deadline of one Redis operation: a cache that answers later than this is worse than none.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The name of the Redis component in `/status`.
+pub const COMPONENT: &str = "redis";
+
+/// How to reach Redis.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RedisSettings {
+    pub url: String,
+    pub password: Option<String>,
+    pub cluster: bool,
+    /// Deadline of one operation.
+    pub timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Standalone(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+pub struct RedisCache {
+    connection: Arc<arc_swap::ArcSwapOption<Connection>>,
+    breaker: Breaker,
+    timeout: Duration,
+    health: Health,
+    metrics: crate::metrics::Metrics,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Why the settings cannot make a client.
+#[derive(Debug, thiserror::Error)]
+#[error("Redis connection settings: {0}")]
+pub struct SettingsError(String);
+
+impl RedisCache {
+    /// Creates the client and starts connecting in the background; until connected, every operation is
+    /// a miss. Needs a Tokio runtime.
+    pub fn new(
+        settings: &RedisSettings,
+        health: Health,
+        metrics: crate::metrics::Metrics,
+    ) -> Result<Self, SettingsError> {
+        let connection: Arc<arc_swap::ArcSwapOption<Connection>> = Arc::default();
+        health.set(COMPONENT, State::Starting, "connecting", false);
+        let settings_ = settings.clone();
+        let slot = connection.clone();
+        let health_ = health.clone();
+        let (standalone, cluster) = if settings.cluster {
+            let mut builder = redis::cluster::ClusterClient::builder(vec![settings.url.clone()])
+                .connection_timeout(Duration::from_secs(2))
+                .response_timeout(settings.timeout * 5);
+            if let Some(password) = &settings.password {
+                builder = builder.password(password.clone());
+            }
+            (None, Some(builder.build().map_err(|e| SettingsError(e.to_string()))?))
+        } else {
+            let mut info: redis::ConnectionInfo =
+                redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
+                    .map_err(|e| SettingsError(e.to_string()))?;
+            if let Some(password) = &settings.password {
+                let settings = info.redis_settings().clone().set_password(password.clone());
+                info = info.set_redis_settings(settings);
+            }
+            (Some(redis::Client::open(info).map_err(|e| SettingsError(e.to_string()))?), None)
+        };
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| SettingsError("no async runtime".into()))?;
+        let task = handle.spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                let attempt: Result<Connection, String> = match (&standalone, &cluster) {
+                    (Some(client), _) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(Duration::from_secs(2)))
+                            .set_response_timeout(Some(settings_.timeout * 5))
+                            .set_number_of_retries(3);
+                        match tokio::time::timeout(Duration::from_secs(3), ConnectionManager::new_with_config(client.clone(), config)).await {
+                            Ok(Ok(manager)) => Ok(Connection::Standalone(manager)),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("connecting timed out".into()),
+                        }
+                    }
+                    (None, Some(client)) => match tokio::time::timeout(Duration::from_secs(3), client.get_async_connection()).await {
+                        Ok(Ok(connection)) => Ok(Connection::Cluster(connection)),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("connecting timed out".into()),
+                    },
+                    (None, None) => return,
+                };
+                match attempt {
+                    Ok(connection) => {
+                        slot.store(Some(Arc::new(connection)));
+                        health_.set(COMPONENT, State::Up, format!("connected to {}", redact(&settings_.url)), false);
+                        tracing::info!(url = %redact(&settings_.url), cluster = settings_.cluster, "connected to Redis");
+                        return;
+                    }
+                    Err(error) => {
+                        health_.set(COMPONENT, State::Down, format!("cannot connect: {error}"), false);
+                        tracing::warn!(%error, retry_in = ?delay, "cannot connect to Redis; the cache misses until it can");
+                        // Exponential backoff with jitter, up to 5 s.
+                        tokio::time::sleep(delay.mul_f64(0.5 + fastrand::f64())).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            connection,
+            breaker: Breaker::new(5, Duration::from_secs(5)),
+            timeout: settings.timeout,
+            health,
+            metrics,
+            task: Some(task),
+        })
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, op: &'static str, command: redis::Cmd) -> Result<T, CacheError> {
+        let Some(connection) = self.connection.load_full() else { return Err(CacheError::Unavailable) };
+        if let (Admission::Rejected { .. }, _) = self.breaker.admit(Instant::now()) {
+            return Err(CacheError::Unavailable);
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, async {
+            match connection.as_ref().clone() {
+                Connection::Standalone(mut c) => command.query_async::<T>(&mut c).await,
+                Connection::Cluster(mut c) => command.query_async::<T>(&mut c).await,
+            }
+        })
+        .await;
+        self.metrics.cache_backend_duration.with_label_values(&["redis", op]).observe(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(CacheError::Backend(error.to_string())),
+            Err(_) => Err(CacheError::Timeout(self.timeout)),
+        };
+        let transition = self.breaker.record(outcome.is_ok(), Instant::now());
+        match transition {
+            Some(BreakerState::Open) => {
+                let reason = outcome.as_ref().err().map(ToString::to_string).unwrap_or_default();
+                self.health.set(
+                    COMPONENT,
+                    State::Degraded,
+                    format!("failing, requests go to the upstreams: {reason}"),
+                    false,
+                );
+                tracing::warn!(%reason, "Redis keeps failing; serving from the upstreams without the cache for a while");
+            }
+            Some(BreakerState::Closed) => {
+                self.health.set(COMPONENT, State::Up, "answering again", false);
+                tracing::info!("Redis answers again; caching resumes");
+            }
+            _ => {}
+        }
+        outcome
+    }
+}
+
+impl Drop for RedisCache {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Cache for RedisCache {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, CacheError>> {
+        async move {
+            let value: Option<Vec<u8>> = self.run("get", redis::cmd("GET").arg(key).clone()).await?;
+            match value {
+                None => Ok(None),
+                Some(bytes) => Entry::decode(Bytes::from(bytes)).map(Some).ok_or(CacheError::Corrupt),
+            }
+        }
+        .boxed()
+    }
+
+    fn put<'a>(&'a self, key: &'a str, entry: &'a Entry, keep: Duration) -> BoxFuture<'a, Result<(), CacheError>> {
+        async move {
+            let millis = keep.as_millis().max(1) as u64;
+            let command = redis::cmd("SET").arg(key).arg(entry.encode().as_ref()).arg("PX").arg(millis).clone();
+            self.run::<()>("set", command).await
+        }
+        .boxed()
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
+        async move { self.run::<()>("del", redis::cmd("DEL").arg(key).clone()).await }.boxed()
+    }
+}
+
+/// A URL without its password.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,647 @@
+//! The cache stage of the chain: CachePolicy rules applied to requests.
+//!
+//! For a request a rule covers: look the key up (a miss when the backend fails or is slow: fail open);
+//! serve a fresh entry, or a stale one within `staleWhileRevalidate` while one background request
+//! refreshes it; on a miss, let one request per key go upstream (single-flight) while the others wait for
+//! its result; store what may be stored; serve a stale entry within `staleIfError` when the upstream
+//! fails. Every response a rule covers says what happened in `Cache-Status` (RFC 9211).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::BodyExt as _;
+
+use super::entry::now_ms;
+use super::{Cache, CacheError, Entry};
+use crate::chain::{Next, RequestInfo};
+use crate::metrics::Metrics;
+use crate::runtime::Stage;
+
+/// The `Cache-Status` header (RFC 9211).
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// One compiled CachePolicy rule.
+#[derive(Clone)]
+pub struct Rule {
+    /// Routes the rule applies to; `None`: every route of the Middleware.
+    pub routes: Option<Vec<String>>,
+    pub path_prefix: Option<String>,
+    pub head_too: bool,
+    pub get: bool,
+    pub ttl: Duration,
+    pub jitter_percent: u8,
+    pub negative_ttl: Option<Duration>,
+    pub negative_statuses: Vec<u16>,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// Query parameters in the key; empty: the whole query string.
+    pub query_params: Vec<String>,
+    pub key_headers: Vec<HeaderName>,
+    pub max_entry_bytes: usize,
+    pub single_flight: bool,
+    pub lock_timeout: Duration,
+    /// Where this rule's entries live.
+    pub cache: Arc<dyn Cache>,
+}
+
+impl Rule {
+    fn covers(&self, route: &str, method: &Method, path: &str) -> bool {
+        let method_ok = (*method == Method::GET && self.get) || (*method == Method::HEAD && self.head_too);
+        let route_ok = self.routes.as_ref().is_none_or(|routes| routes.iter().any(|r| r == route));
+        let path_ok = self.path_prefix.as_deref().is_none_or(|prefix| {
+            let prefix = prefix.trim_end_matches('/');
+            prefix.is_empty()
+                || (path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+        });
+        method_ok && route_ok && path_ok
+    }
+}
+
+/// The cache stage of one configuration.
+pub struct CacheStage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rules: Vec<Rule>,
+    /// Prefix of every key: `umw:<namespace>/<middleware>:`.
+    prefix: String,
+    flights: Flights,
+    metrics: Metrics,
+}
+
+impl CacheStage {
+    pub fn new(rules: Vec<Rule>, prefix: String, flights: Flights, metrics: Metrics) -> Self {
+        Self { inner: Arc::new(Inner { rules, prefix, flights, metrics }) }
+    }
+}
+
+impl Stage for CacheStage {
+    fn call(&self, request: Request<Body>, next: Next) -> BoxFuture<'static, Response> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.handle(request, next).await })
+    }
+}
+
+/// Requests in flight per key, shared by the snapshots of one runtime: concurrent misses of a key wait
+/// for the first one's result.
+#[derive(Clone, Default)]
+pub struct Flights(Arc<Mutex<HashMap<String, Outcome>>>);
+
+/// A flight's result: `None` while in flight; then the entry, or `None` when the response was not kept.
+type Outcome = tokio::sync::watch::Receiver<Option<Option<Arc<Entry>>>>;
+
+enum Flight {
+    /// This request goes upstream; it reports the result through the guard.
+    Leader(FlightGuard),
+    /// Another request is upstream for this key.
+    Follower(Outcome),
+}
+
+/// Ends a flight when dropped; followers of a flight whose leader went away without a result go upstream.
+struct FlightGuard {
+    flights: Flights,
+    key: String,
+    sender: tokio::sync::watch::Sender<Option<Option<Arc<Entry>>>>,
+}
+
+impl FlightGuard {
+    fn finish(self, entry: Option<Arc<Entry>>) {
+        let _ = self.sender.send(Some(entry));
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut flights) = self.flights.0.lock() {
+            flights.remove(&self.key);
+        }
+    }
+}
+
+impl Flights {
+    fn join(&self, key: &str) -> Flight {
+        let Ok(mut flights) = self.0.lock() else {
+            // A poisoned lock only loses coalescing: go upstream.
+            let (sender, _) = tokio::sync::watch::channel(None);
+            return Flight::Leader(FlightGuard { flights: self.clone(), key: String::new(), sender });
+        };
+        if let Some(receiver) = flights.get(key) {
+            return Flight::Follower(receiver.clone());
+        }
+        let (sender, receiver) = tokio::sync::watch::channel(None);
+        flights.insert(key.to_string(), receiver);
+        Flight::Leader(FlightGuard { flights: self.clone(), key: key.to_string(), sender })
+    }
+}
+
+/// Cache-Control directives, lower-case names.
+fn directives(headers: &HeaderMap) -> HashMap<String, Option<String>> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|d| {
+            let d = d.trim();
+            if d.is_empty() {
+                return None;
+            }
+            Some(match d.split_once('=') {
+                Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.trim().trim_matches('"').to_string())),
+                None => (d.to_ascii_lowercase(), None),
+            })
+        })
+        .collect()
+}
+
+fn seconds(value: &Option<String>) -> Option<Duration> {
+    value.as_deref().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_secs)
+}
+
+/// Statuses cached with the rule's TTL (RFC 9111 §3: heuristically cacheable, minus the errors).
+const POSITIVE: [u16; 6] = [200, 203, 204, 300, 301, 308];
+
+impl Inner {
+    async fn handle(self: Arc<Self>, request: Request<Body>, next: Next) -> Response {
+        let Some(info) = request.extensions().get::<RequestInfo>().cloned() else { return next.run(request).await };
+        let Some(route) = info.route.as_ref().map(|r| r.name.clone()) else { return next.run(request).await };
+        let Some(rule) = self.rules.iter().find(|r| r.covers(&route, request.method(), request.uri().path())).cloned()
+        else {
+            return next.run(request).await;
+        };
+        let count = |result: &str| self.metrics.cache_requests.with_label_values(&[&route, result]).inc();
+        let asked = directives(request.headers());
+        // A shared cache keeps nothing for a request that asked it not to, or that carries credentials.
+        if asked.contains_key("no-store") || request.headers().contains_key(header::AUTHORIZATION) {
+            count("bypass");
+            return with_status(next.run(request).await, "umw; fwd=bypass");
+        }
+        let key = self.key(&rule, &request);
+        let revalidate =
+            asked.contains_key("no-cache") || asked.get("max-age").is_some_and(|v| v.as_deref() == Some("0"));
+        let now = now_ms();
+        let found = if revalidate { None } else { self.lookup(&rule, &key, request.headers()).await };
+        if let Some(entry) = &found {
+            if now < entry.fresh_until_ms {
+                count("hit");
+                let ttl = (entry.fresh_until_ms - now) / 1000;
+                return respond(entry, request.method(), &format!("umw; hit; ttl={ttl}"));
+            }
+            if now < entry.stored_ms.max(entry.fresh_until_ms) + rule.stale_while_revalidate.as_millis() as u64 {
+                count("stale");
+                self.clone().refresh(rule.clone(), key.clone(), &request, next);
+                let age = (now - entry.fresh_until_ms) / 1000;
+                return respond(
+                    entry,
+                    request.method(),
+                    &format!("umw; hit; ttl=-{age}; detail=stale-while-revalidate"),
+                );
+            }
+        }
+        // HEAD is answered from a GET's entry, never stored: it has no body to keep.
+        if *request.method() == Method::HEAD {
+            count("miss");
+            return with_status(next.run(request).await, "umw; fwd=miss");
+        }
+        let stale = found.filter(|e| now < e.fresh_until_ms + rule.stale_if_error.as_millis() as u64);
+        if rule.single_flight {
+            match self.flights.join(&key) {
+                Flight::Follower(mut receiver) => {
+                    let shared: Option<Arc<Entry>> =
+                        match tokio::time::timeout(rule.lock_timeout, receiver.wait_for(Option::is_some)).await {
+                            Ok(Ok(result)) => result.clone().flatten(),
+                            _ => None,
+                        };
+                    if let Some(entry) = shared {
+                        count("coalesced");
+                        return respond(&entry, request.method(), "umw; fwd=miss; collapsed");
+                    }
+                    count("miss");
+                    return self.fetch(&rule, key, request, next, stale, None).await;
+                }
+                Flight::Leader(guard) => {
+                    // Another flight may have stored the key between this request's lookup and now.
+                    if let Some(entry) = self.lookup(&rule, &key, request.headers()).await
+                        && now_ms() < entry.fresh_until_ms
+                    {
+                        count("hit");
+                        let response = respond(&entry, request.method(), "umw; hit");
+                        guard.finish(Some(Arc::new(entry)));
+                        return response;
+                    }
+                    count("miss");
+                    return self.fetch(&rule, key, request, next, stale, Some(guard)).await;
+                }
+            }
+        }
+        count("miss");
+        self.fetch(&rule, key, request, next, stale, None).await
+    }
+
+    /// The key: prefix, method (HEAD shares GET's), host, path, the selected query and headers.
+    fn key(&self, rule: &Rule, request: &Request<Body>) -> String {
+        let mut key = String::with_capacity(128);
+        key.push_str(&self.prefix);
+        key.push_str("GET:");
+        key.push_str(&crate::routing::host_of(request).unwrap_or_default());
+        key.push_str(request.uri().path());
+        if let Some(query) = request.uri().query() {
+            if rule.query_params.is_empty() {
+                key.push('?');
+                key.push_str(query);
+            } else {
+                let mut pairs: Vec<&str> = query
+                    .split('&')
+                    .filter(|pair| {
+                        let name = pair.split('=').next().unwrap_or("");
+                        rule.query_params.iter().any(|p| p == name)
+                    })
+                    .collect();
+                pairs.sort_unstable();
+                if !pairs.is_empty() {
+                    key.push('?');
+                    key.push_str(&pairs.join("&"));
+                }
+            }
+        }
+        for name in &rule.key_headers {
+            key.push('|');
+            key.push_str(name.as_str());
+            key.push('=');
+            key.push_str(&joined(request.headers(), name));
+        }
+        key
+    }
+
+    /// Looks the key up, following a `Vary` marker to the variant; failures are misses, and counted.
+    async fn lookup(&self, rule: &Rule, key: &str, headers: &HeaderMap) -> Option<Entry> {
+        let entry = self.get(rule, key).await?;
+        if entry.status != 0 {
+            return Some(entry);
+        }
+        // A marker: the response varies by these headers; the variant has its own key.
+        let variant = variant_key(key, &entry.vary, headers);
+        self.get(rule, &variant).await
+    }
+
+    async fn get(&self, rule: &Rule, key: &str) -> Option<Entry> {
+        match rule.cache.get(key).await {
+            Ok(entry) => entry,
+            Err(error) => {
+                self.backend_error(rule, "get", &error);
+                None
+            }
+        }
+    }
+
+    fn backend_error(&self, rule: &Rule, op: &str, error: &CacheError) {
+        self.metrics.cache_backend_errors.with_label_values(&[rule.cache.backend(), op, error.kind()]).inc();
+        tracing::debug!(backend = rule.cache.backend(), op, %error, "cache operation failed; going on without it");
+    }
+
+    /// Sends the request upstream, keeps the response if it may, answers with it.
+    async fn fetch(
+        self: Arc<Self>,
+        rule: &Rule,
+        key: String,
+        request: Request<Body>,
+        next: Next,
+        stale: Option<Entry>,
+        flight: Option<FlightGuard>,
+    ) -> Response {
+        let method = request.method().clone();
+        let vary_source = request.headers().clone();
+        let route = request
+            .extensions()
+            .get::<RequestInfo>()
+            .and_then(|i| i.route.as_ref().map(|r| r.name.clone()))
+            .unwrap_or_default();
+        let response = next.run(request).await;
+        if response.status().is_server_error()
+            && let Some(stale) = &stale
+        {
+            let age = now_ms().saturating_sub(stale.fresh_until_ms) / 1000;
+            self.metrics.cache_requests.with_label_values(&[&route, "stale"]).inc();
+            if let Some(flight) = flight {
+                flight.finish(None);
+            }
+            return respond(stale, &method, &format!("umw; hit; ttl=-{age}; detail=stale-if-error"));
+        }
+        let Some(keep) = storable(rule, &response) else {
+            self.metrics.cache_stores.with_label_values(&[&route, "not_cacheable"]).inc();
+            if let Some(flight) = flight {
+                flight.finish(None);
+            }
+            return with_status(response, "umw; fwd=miss; detail=not-cacheable");
+        };
+        let (parts, body) = response.into_parts();
+        let (body, complete) = read_up_to(body, rule.max_entry_bytes).await;
+        let Some(bytes) = complete else {
+            self.metrics.cache_stores.with_label_values(&[&route, "too_large"]).inc();
+            if let Some(flight) = flight {
+                flight.finish(None);
+            }
+            return with_status(Response::from_parts(parts, body), "umw; fwd=miss; detail=too-large");
+        };
+        let now = now_ms();
+        let fresh_until_ms = now + keep.as_millis() as u64;
+        let stale_window = rule.stale_while_revalidate.max(rule.stale_if_error);
+        let vary: Vec<String> = vary_names(&parts.headers);
+        let entry = Entry {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .filter(|(name, _)| *name != CACHE_STATUS && *name != header::AGE)
+                .map(|(name, value)| (name.as_str().to_string(), Bytes::copy_from_slice(value.as_bytes())))
+                .collect(),
+            body: bytes.clone(),
+            stored_ms: now,
+            fresh_until_ms,
+            stale_until_ms: fresh_until_ms + stale_window.as_millis() as u64,
+            vary: vary.clone(),
+        };
+        let entry = Arc::new(entry);
+        self.metrics.cache_stores.with_label_values(&[&route, "stored"]).inc();
+        // Waiters get the entry now; the flight itself ends once the entry is stored, so that requests
+        // arriving meanwhile wait for it rather than miss in the cache and go upstream again.
+        if let Some(flight) = &flight {
+            // Waiters with other Vary values than this request cannot use its response.
+            let _ = flight.sender.send(Some(vary.is_empty().then(|| entry.clone())));
+        }
+        // Stored in the background: the client does not wait for the cache.
+        let store = {
+            let inner = self.clone();
+            let rule = rule.clone();
+            let entry = entry.clone();
+            async move {
+                let keep = Duration::from_millis(entry.stale_until_ms.saturating_sub(now_ms()).max(1));
+                let target = if entry.vary.is_empty() {
+                    key
+                } else {
+                    let marker = Entry {
+                        status: 0,
+                        headers: Vec::new(),
+                        body: Bytes::new(),
+                        vary: entry.vary.clone(),
+                        ..entry.as_ref().clone()
+                    };
+                    if let Err(error) = rule.cache.put(&key, &marker, keep).await {
+                        inner.backend_error(&rule, "set", &error);
+                    }
+                    variant_key(&key, &entry.vary, &vary_source)
+                };
+                if let Err(error) = rule.cache.put(&target, &entry, keep).await {
+                    inner.backend_error(&rule, "set", &error);
+                }
+                drop(flight);
+            }
+        };
+        tokio::spawn(store);
+        let mut response = Response::from_parts(parts, Body::from(bytes));
+        response.headers_mut().insert(CACHE_STATUS, HeaderValue::from_static("umw; fwd=miss; stored"));
+        response
+    }
+
+    /// Refreshes a stale entry in the background, once per key at a time.
+    fn refresh(self: Arc<Self>, rule: Rule, key: String, request: &Request<Body>, next: Next) {
+        let Flight::Leader(guard) = self.flights.join(&key) else { return };
+        let mut copy = Request::new(Body::empty());
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        *copy.extensions_mut() = request.extensions().clone();
+        tokio::spawn(async move {
+            let response = self.clone().fetch(&rule, key, copy, next, None, Some(guard)).await;
+            // Drain the body so that the connection goes back to the pool.
+            let _ = response.into_body().collect().await;
+        });
+    }
+}
+
+/// How long a response may be kept fresh, or `None` when it may not be stored.
+fn storable(rule: &Rule, response: &Response) -> Option<Duration> {
+    let status = response.status().as_u16();
+    let headers = response.headers();
+    let said = directives(headers);
+    if said.contains_key("no-store") || said.contains_key("private") || said.contains_key("no-cache") {
+        return None;
+    }
+    // Never keep one client's cookie for the next.
+    if headers.contains_key(header::SET_COOKIE) {
+        return None;
+    }
+    if headers.get_all(header::VARY).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|n| n.trim() == "*"))) {
+        return None;
+    }
+    let base = if POSITIVE.contains(&status) {
+        rule.ttl
+    } else if rule.negative_statuses.contains(&status) {
+        rule.negative_ttl?
+    } else {
+        return None;
+    };
+    // The upstream's own freshness wins over the rule's: s-maxage (for shared caches), then max-age.
+    let keep = seconds(said.get("s-maxage").unwrap_or(&None)).or_else(|| seconds(said.get("max-age").unwrap_or(&None)));
+    let keep = match keep {
+        Some(keep) => keep,
+        // Jitter spreads expiries of entries stored together: up to jitter_percent more.
+        None => base.mul_f64(1.0 + f64::from(rule.jitter_percent) / 100.0 * fastrand::f64()),
+    };
+    (!keep.is_zero()).then_some(keep)
+}
+
+/// Reads at most `limit` bytes. Returns the body to send on (unchanged content) and the bytes when the
+/// whole body fit.
+async fn read_up_to(mut body: Body, limit: usize) -> (Body, Option<Bytes>) {
+    let mut buffer = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => {
+                let bytes = buffer.freeze();
+                return (Body::from(bytes.clone()), Some(bytes));
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buffer.extend_from_slice(&data);
+                    if buffer.len() > limit {
+                        // Too large to keep: send what was read, then the rest as it comes.
+                        let head =
+                            futures::stream::once(futures::future::ready(Ok::<Bytes, axum::Error>(buffer.freeze())));
+                        let rest = body.into_data_stream();
+                        return (Body::from_stream(futures::StreamExt::chain(head, rest)), None);
+                    }
+                }
+            }
+            Some(Err(error)) => {
+                let head = futures::stream::iter([Ok(buffer.freeze()), Err(error)]);
+                return (Body::from_stream(head), None);
+            }
+        }
+    }
+}
+
+fn vary_names(headers: &HeaderMap) -> Vec<String> {
+    let mut names: Vec<String> = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn variant_key(key: &str, vary: &[String], headers: &HeaderMap) -> String {
+    let mut variant = String::from(key);
+    variant.push_str("|vary");
+    for name in vary {
+        variant.push('|');
+        variant.push_str(name);
+        variant.push('=');
+        if let Ok(name) = HeaderName::try_from(name.as_str()) {
+            variant.push_str(&joined(headers, &name));
+        }
+    }
+    variant
+}
+
+fn joined(headers: &HeaderMap, name: &HeaderName) -> String {
+    headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",")
+}
+
+fn with_status(mut response: Response, status: &'static str) -> Response {
+    response.headers_mut().insert(CACHE_STATUS, HeaderValue::from_static(status));
+    response
+}
+
+/// A response from an entry, with its age.
+fn respond(entry: &Entry, method: &Method, cache_status: &str) -> Response {
+    let body = if *method == Method::HEAD { Body::empty() } else { Body::from(entry.body.clone()) };
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
+    let headers = response.headers_mut();
+    for (name, value) in &entry.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_bytes(value)) {
+            headers.append(name, value);
+        }
+    }
+    headers.insert(header::AGE, HeaderValue::from(now_ms().saturating_sub(entry.stored_ms) / 1000));
+    if let Ok(value) = HeaderValue::try_from(cache_status) {
+        headers.insert(CACHE_STATUS, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule() -> Rule {
+        Rule {
+            routes: Some(vec!["products".into()]),
+            path_prefix: Some("/products".into()),
+            head_too: true,
+            get: true,
+            ttl: Duration::from_secs(10),
+            jitter_percent: 20,
+            negative_ttl: Some(Duration::from_secs(2)),
+            negative_statuses: vec![404],
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            query_params: vec!["page".into(), "sort".into()],
+            key_headers: vec![HeaderName::from_static("accept-language")],
+            max_entry_bytes: 1024,
+            single_flight: true,
+            lock_timeout: Duration::from_secs(1),
+            cache: Arc::new(super::super::memory::MemoryCache::new(1 << 20)),
+        }
+    }
+
+    fn response(status: u16, headers: &[(&str, &str)]) -> Response {
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (k, v) in headers {
+            r.headers_mut().append(HeaderName::try_from(*k).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        r
+    }
+
+    #[test]
+    fn rules_cover_their_routes_methods_and_paths() {
+        let r = rule();
+        assert!(r.covers("products", &Method::GET, "/products/1"));
+        assert!(r.covers("products", &Method::HEAD, "/products"));
+        assert!(!r.covers("products", &Method::POST, "/products"));
+        assert!(!r.covers("orders", &Method::GET, "/products"));
+        assert!(!r.covers("products", &Method::GET, "/productsx"));
+    }
+
+    #[test]
+    fn keys_take_the_selected_query_in_a_stable_order_and_the_key_headers() {
+        let inner = Inner {
+            rules: vec![],
+            prefix: "umw:ns/shop:".into(),
+            flights: Flights::default(),
+            metrics: Metrics::new().unwrap(),
+        };
+        let r = rule();
+        let request = |uri: &str, lang: &str| {
+            Request::get(uri)
+                .header("host", "Shop.Example:8080")
+                .header("accept-language", lang)
+                .body(Body::empty())
+                .unwrap()
+        };
+        let a = inner.key(&r, &request("/products?sort=asc&utm=x&page=2", "en"));
+        let b = inner.key(&r, &request("/products?page=2&sort=asc", "en"));
+        assert_eq!(a, b, "ignored parameters and order do not split the key");
+        assert_eq!(a, "umw:ns/shop:GET:shop.example/products?page=2&sort=asc|accept-language=en");
+        assert_ne!(a, inner.key(&r, &request("/products?page=2&sort=asc", "de")));
+    }
+
+    #[test]
+    fn what_may_be_stored_and_for_how_long() {
+        let r = rule();
+        let ttl = storable(&r, &response(200, &[])).unwrap();
+        assert!(ttl >= Duration::from_secs(10) && ttl <= Duration::from_secs(12), "jitter within 20 %: {ttl:?}");
+        assert_eq!(
+            storable(&r, &response(200, &[("cache-control", "public, s-maxage=3, max-age=60")])),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(storable(&r, &response(200, &[("cache-control", "max-age=60")])), Some(Duration::from_secs(60)));
+        let negative = storable(&r, &response(404, &[])).unwrap();
+        assert!(negative >= Duration::from_secs(2) && negative <= Duration::from_millis(2400), "{negative:?}");
+        for refused in [
+            response(200, &[("cache-control", "no-store")]),
+            response(200, &[("cache-control", "private, max-age=60")]),
+            response(200, &[("set-cookie", "a=b")]),
+            response(200, &[("vary", "*")]),
+            response(500, &[]),
+            response(410, &[]),
+            response(200, &[("cache-control", "max-age=0")]),
+        ] {
+            assert_eq!(storable(&r, &refused), None, "{:?}", refused.headers());
+        }
+    }
+
+    #[tokio::test]
+    async fn large_bodies_pass_through_whole_without_being_kept() {
+        let (body, kept) = read_up_to(Body::from(vec![7u8; 4096]), 1024).await;
+        assert!(kept.is_none());
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 4096);
+        let (_, kept) = read_up_to(Body::from(vec![7u8; 100]), 1024).await;
+        assert_eq!(kept.unwrap().len(), 100);
+    }
+}

@@ -1,0 +1,240 @@
+//! The response cache against a real Redis: hits and misses, single-flight, TTL jitter, negative caching,
+//! Vary, Cache-Control, stale-while-revalidate, and Redis failing mid-run.
+
+#[path = "../../dataplane/tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use support::{Gateway, Upstream, eventually, get, send};
+use umw_tests::RedisServer;
+
+fn config(upstream: &Upstream, redis: &RedisServer, rule: &str) -> String {
+    format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cache}}\nspec:\n  routes:\n    - name: products\n      match: {{pathPrefix: /}}\n      upstream: {{url: '{}'}}\n  connections:\n    redis:\n      url: {{value: '{}'}}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: products, namespace: cache}}\nspec:\n  targetRefs: [{{name: shop, sectionName: products}}]\n  rules:\n  - {rule}\n",
+        upstream.url(),
+        redis.url()
+    )
+}
+
+async fn redis_ready(gw: &Gateway) {
+    eventually("the redis component up", Duration::from_secs(10), || async {
+        let status = gw.status().await;
+        status["components"].as_array().unwrap().iter().any(|c| c["name"] == "redis" && c["state"] == "Up")
+    })
+    .await;
+}
+
+fn cache_status(reply: &support::Reply) -> String {
+    reply.headers.get("cache-status").and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_is_stored_in_redis_and_the_next_request_is_a_hit() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&config(&up, &redis, "{ttl: 30s, jitterPercent: 0}")).await;
+    redis_ready(&gw).await;
+    let first = get(&gw.url("/respond?x=1")).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(cache_status(&first), "umw; fwd=miss; stored");
+    eventually("the entry in Redis", Duration::from_secs(5), || async {
+        let keys: Vec<String> = redis::cmd("KEYS").arg("umw:cache/shop:*").query(&mut redis.connection()).unwrap();
+        keys.len() == 1
+    })
+    .await;
+    let second = get(&gw.url("/respond?x=1")).await;
+    assert!(cache_status(&second).starts_with("umw; hit; ttl="), "{}", cache_status(&second));
+    assert_eq!(second.body, first.body, "the same response, from the cache");
+    assert!(second.headers.contains_key("age"));
+    assert_eq!(up.hits(), 1);
+    // Another query string is another key.
+    assert_eq!(cache_status(&get(&gw.url("/respond?x=2")).await), "umw; fwd=miss; stored");
+    assert_eq!(up.hits(), 2);
+    assert_eq!(gw.metric("umw_cache_requests_total", &["result=\"hit\""]).await, 1.0);
+    // POST is never cached.
+    let post = send(Method::POST, &gw.url("/respond?x=1"), &[], Bytes::new()).await;
+    assert!(!post.headers.contains_key("cache-status"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_misses_make_one_upstream_request() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&config(&up, &redis, "{ttl: 30s}")).await;
+    redis_ready(&gw).await;
+    let client = support::client();
+    let url = gw.url("/respond?sleep=300&cold=1");
+    let requests = (0..1000).map(|_| {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move { support::send_with(&client, Method::GET, &url, &[], Bytes::new()).await })
+    });
+    let replies = futures::future::join_all(requests).await;
+    let mut bodies = std::collections::BTreeSet::new();
+    for reply in replies {
+        let reply = reply.unwrap();
+        assert_eq!(reply.status, 200);
+        bodies.insert(reply.body.clone());
+    }
+    let errors = gw.metric("umw_cache_backend_errors_total", &[]).await;
+    assert_eq!(
+        up.hits(),
+        1,
+        "one upstream request for the cold key (cache backend errors: {errors})\n{}",
+        gw.metrics().await.lines().filter(|l| l.starts_with("umw_cache")).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(bodies.len(), 1, "everyone got the one response");
+    let coalesced = gw.metric("umw_cache_requests_total", &["result=\"coalesced\""]).await;
+    let hits = gw.metric("umw_cache_requests_total", &["result=\"hit\""]).await;
+    assert_eq!(coalesced + hits, 999.0, "the others waited for it or found it stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttls_spread_within_the_jitter_and_negative_answers_keep_their_own_ttl() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&config(&up, &redis, "{ttl: 100s, jitterPercent: 20, negativeTtl: 5s}")).await;
+    redis_ready(&gw).await;
+    for i in 0..50 {
+        assert_eq!(get(&gw.url(&format!("/respond?n={i}"))).await.status, 200);
+    }
+    assert_eq!(get(&gw.url("/respond?status=404")).await.status, 404);
+    assert_eq!(get(&gw.url("/respond?status=500")).await.status, 500);
+    let mut ttls = Vec::new();
+    eventually("51 entries in Redis", Duration::from_secs(5), || async {
+        let keys: Vec<String> = redis::cmd("KEYS").arg("umw:cache/shop:*").query(&mut redis.connection()).unwrap();
+        keys.len() == 51
+    })
+    .await;
+    let mut connection = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("umw:cache/shop:*").query(&mut connection).unwrap();
+    let mut negative = None;
+    for key in &keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut connection).unwrap();
+        if key.contains("status=404") {
+            negative = Some(ttl);
+        } else {
+            ttls.push(ttl);
+        }
+    }
+    assert!(ttls.iter().all(|t| (95_000..=120_000).contains(t)), "within 100 s + 20 %: {ttls:?}");
+    let spread = ttls.iter().max().unwrap() - ttls.iter().min().unwrap();
+    assert!(spread > 5_000, "entries stored together do not expire together: spread {spread} ms");
+    let negative = negative.expect("the 404 is kept");
+    assert!((1..=6_000).contains(&negative), "the 404 keeps the negative TTL: {negative}");
+    assert!(!keys.iter().any(|k| k.contains("status=500")), "a 500 is not kept");
+    assert_eq!(cache_status(&get(&gw.url("/respond?status=404")).await).split(';').nth(1).unwrap().trim(), "hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_and_cache_control_are_honoured() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&config(&up, &redis, "{ttl: 60s}")).await;
+    redis_ready(&gw).await;
+    let url = gw.url("/respond?vary=accept-language");
+    let lang = |l: &'static str| {
+        let url = url.clone();
+        async move { send(Method::GET, &url, &[("accept-language", l)], Bytes::new()).await }
+    };
+    let en = lang("en").await;
+    assert!(support::Reply::text(&en).ends_with("lang=en"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let de = lang("de").await;
+    assert!(de.text().ends_with("lang=de"), "another variant, not the English one: {}", de.text());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let en_again = lang("en").await;
+    assert!(cache_status(&en_again).contains("hit"), "{}", cache_status(&en_again));
+    assert!(en_again.text().ends_with("lang=en"));
+    assert_eq!(up.hits(), 2);
+
+    // The response's directives.
+    for (query, stored) in [
+        ("cache-control=no-store", false),
+        ("cache-control=private", false),
+        ("set-cookie=a%3Db", false),
+        ("cache-control=public%2C%20s-maxage%3D30", true),
+    ] {
+        let url = gw.url(&format!("/respond?{query}"));
+        get(&url).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let again = get(&url).await;
+        assert_eq!(cache_status(&again).contains("hit"), stored, "{query}: {}", cache_status(&again));
+    }
+    let mut connection = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*s-maxage*").query(&mut connection).unwrap();
+    let ttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query(&mut connection).unwrap();
+    assert!(ttl <= 30_000, "s-maxage wins over the rule's TTL: {ttl}");
+
+    // The request's directives: no-store bypasses, no-cache goes upstream and refreshes.
+    let before = up.hits();
+    let bypass = send(Method::GET, &gw.url("/respond?x=1"), &[("cache-control", "no-store")], Bytes::new()).await;
+    assert_eq!(cache_status(&bypass), "umw; fwd=bypass");
+    let authorized = send(Method::GET, &gw.url("/respond?x=1"), &[("authorization", "Bearer t")], Bytes::new()).await;
+    assert_eq!(cache_status(&authorized), "umw; fwd=bypass", "credentials are never served from a shared cache");
+    assert_eq!(up.hits(), before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_entries_are_served_while_one_request_refreshes_them() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&config(&up, &redis, "{ttl: 1s, jitterPercent: 0, staleWhileRevalidate: 30s}")).await;
+    redis_ready(&gw).await;
+    let first = get(&gw.url("/respond?s=1")).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let stale = get(&gw.url("/respond?s=1")).await;
+    assert!(cache_status(&stale).contains("stale-while-revalidate"), "{}", cache_status(&stale));
+    assert_eq!(stale.body, first.body, "the stale entry, at once");
+    eventually("the refresh upstream", Duration::from_secs(5), || async { up.hits() == 2 }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = get(&gw.url("/respond?s=1")).await;
+    assert!(cache_status(&fresh).contains("hit; ttl="), "{}", cache_status(&fresh));
+    assert_ne!(fresh.body, first.body, "the refreshed response");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_requests_go_to_the_upstream_and_caching_resumes_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&config(&up, &redis, "{ttl: 60s}")).await;
+    redis_ready(&gw).await;
+    get(&gw.url("/respond?k=1")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(cache_status(&get(&gw.url("/respond?k=1")).await).contains("hit"));
+
+    redis.kill();
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        let reply = get(&gw.url(&format!("/respond?down={i}"))).await;
+        assert_eq!(reply.status, 200, "served by the upstream while Redis is down");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no request waits long on a dead Redis: {:?}",
+        started.elapsed()
+    );
+    assert!(gw.metric("umw_cache_backend_errors_total", &["backend=\"redis\""]).await > 0.0);
+    eventually("redis Degraded in /status", Duration::from_secs(10), || async {
+        let status = gw.status().await;
+        status["components"].as_array().unwrap().iter().any(|c| c["name"] == "redis" && c["state"] != "Up")
+    })
+    .await;
+
+    redis.restart();
+    eventually("caching again", Duration::from_secs(30), || async {
+        let url = gw.url("/respond?back=1");
+        get(&url).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cache_status(&get(&url).await).contains("hit")
+    })
+    .await;
+    let status = gw.status().await;
+    assert!(
+        status["components"].as_array().unwrap().iter().any(|c| c["name"] == "redis" && c["state"] == "Up"),
+        "{status}"
+    );
+}
