@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Method;
 use support::{Gateway, Upstream, eventually, get, send};
-use umw_tests::RedisServer;
+use umw_tests::{RedisCluster, RedisServer};
 
 fn config(upstream: &Upstream, redis: &RedisServer, rule: &str) -> String {
     format!(
@@ -237,4 +237,30 @@ async fn with_redis_down_requests_go_to_the_upstream_and_caching_resumes_when_it
         status["components"].as_array().unwrap().iter().any(|c| c["name"] == "redis" && c["state"] == "Up"),
         "{status}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_holds_the_entries_across_its_masters() {
+    let cluster = RedisCluster::start();
+    let up = Upstream::start("up").await;
+    let yaml = format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cache}}\nspec:\n  routes:\n    - name: products\n      match: {{pathPrefix: /}}\n      upstream: {{url: '{}'}}\n  connections:\n    redis:\n      url: {{value: '{}'}}\n      mode: cluster\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: products, namespace: cache}}\nspec:\n  targetRefs: [{{name: shop}}]\n  rules:\n  - {{ttl: 60s}}\n",
+        up.url(),
+        cluster.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    redis_ready(&gw).await;
+    for i in 0..30 {
+        assert_eq!(cache_status(&get(&gw.url(&format!("/respond?c={i}"))).await), "umw; fwd=miss; stored");
+    }
+    eventually("30 entries in the cluster", Duration::from_secs(5), || async {
+        cluster.keys_per_node("umw:*").iter().sum::<usize>() == 30
+    })
+    .await;
+    let per_node = cluster.keys_per_node("umw:*");
+    assert!(per_node.iter().all(|n| *n > 0), "spread over the masters: {per_node:?}");
+    for i in 0..30 {
+        assert!(cache_status(&get(&gw.url(&format!("/respond?c={i}"))).await).contains("hit"));
+    }
+    assert_eq!(up.hits(), 30);
 }
