@@ -171,10 +171,18 @@ fn yes() -> bool {
 /// Removal of entries before they expire.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.adminApi) || !self.adminApi || has(self.adminToken)",
+    "message": "adminApi needs an adminToken"
+}]))]
 pub struct Invalidation {
-    /// Serve the authenticated admin API (`/cache/invalidate`) for invalidation by key, prefix and tag.
+    /// Serve the admin API (`POST /cache/invalidate` on the admin port) for invalidation by key, prefix and
+    /// tag, for callers that present `adminToken` as a bearer token.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin_api: bool,
+    /// The bearer token of the admin API; use a `secretKeyRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<crate::ValueSource>,
     /// Events that invalidate entries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<InvalidationEvent>,
@@ -247,22 +255,42 @@ impl Policy for CachePolicy {
         Ok(())
     }
 
+    fn rule_violations(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(invalidation) = &self.spec.invalidation
+            && invalidation.admin_api
+            && invalidation.admin_token.is_none()
+        {
+            out.push(("spec.invalidation".to_string(), "adminApi needs an adminToken".to_string()));
+        }
+        for (i, rule) in self.spec.rules.iter().enumerate() {
+            for (j, tag) in rule.tags.iter().enumerate() {
+                if let Err(message) = crate::template::check(tag, &["path", "query", "header", "host"]) {
+                    out.push((format!("spec.rules[{i}].tags[{j}]"), message));
+                }
+            }
+        }
+        out
+    }
+
+    fn secret_key_refs(&self) -> Vec<(&'static str, &crate::SecretKeyRef)> {
+        let token = self.spec.invalidation.as_ref().and_then(|i| i.admin_token.as_ref());
+        token.and_then(|t| t.secret_key_ref.as_ref()).map(|r| ("spec.invalidation.adminToken", r)).into_iter().collect()
+    }
+
     fn not_enforced_fields(&self) -> Vec<&'static str> {
         // What the data plane does not do yet: invalidation, warm-up, the two-tier backend, tags and
         // single-flight across pods. Everything else of a rule is enforced.
         let spec = &self.spec;
         let mut fields = Vec::new();
-        if spec.invalidation.is_some() {
-            fields.push("spec.invalidation");
+        if spec.invalidation.as_ref().is_some_and(|i| !i.events.is_empty()) {
+            fields.push("spec.invalidation.events");
         }
         if spec.warmup.is_some() {
             fields.push("spec.warmup");
         }
         if spec.backend == Some(CacheBackend::Tiered) {
             fields.push("spec.backend (tiered)");
-        }
-        if spec.rules.iter().any(|r| !r.tags.is_empty()) {
-            fields.push("spec.rules[].tags");
         }
         if spec.rules.iter().any(|r| r.single_flight.distributed) {
             fields.push("spec.rules[].singleFlight.distributed");

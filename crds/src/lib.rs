@@ -16,6 +16,7 @@ pub mod event_route;
 pub mod middleware;
 pub mod policy;
 pub mod reference;
+pub mod template;
 pub mod validate;
 
 pub use auth_policy::{AuthPolicy, AuthPolicySpec};

@@ -66,6 +66,12 @@ pub trait Policy:
         Ok(())
     }
 
+    /// Rules the CRD schema states as CEL, checked again for configurations read from files, as
+    /// (field, message) pairs.
+    fn rule_violations(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Checks against the Middleware the policy attaches to (e.g. that the connections it needs exist).
     fn validate_against(&self, _middleware: &crate::Middleware) -> Result<(), String> {
         Ok(())

@@ -211,6 +211,9 @@ fn policies<P: Policy>(policies: &[P], mw: &crate::Middleware, routes: &BTreeSet
                 );
             }
         }
+        for (field, message) in policy.rule_violations() {
+            c.push(field, message);
+        }
         if let Err(message) = policy.validate() {
             c.push("spec", message);
         }

@@ -86,6 +86,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
             }),
         )
         .route("/status", get(|State(admin): State<Arc<Admin>>| async move { axum::Json(admin.status()) }))
+        .route("/cache/invalidate", axum::routing::post(invalidate))
         .route(
             "/metrics",
             get(|State(admin): State<Arc<Admin>>| async move {
@@ -94,6 +95,61 @@ pub fn router(admin: Arc<Admin>) -> Router {
             }),
         )
         .with_state(admin)
+}
+
+/// `POST /cache/invalidate` with `Authorization: Bearer <adminToken>` and a JSON body
+/// `{"keys": [...], "prefixes": [...], "tags": [...]}`; answers `{"deleted": N}`.
+async fn invalidate(
+    State(admin): State<Arc<Admin>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use crate::problem::{Kind, Problem, kinds};
+    const UNAUTHORIZED: Kind =
+        Kind { slug: "unauthorized", title: "A valid admin token is needed", status: StatusCode::UNAUTHORIZED };
+    const NO_ADMIN_API: Kind =
+        Kind { slug: "no-admin-api", title: "No CachePolicy enables the admin API", status: StatusCode::NOT_FOUND };
+    let snapshot = admin.runtime.snapshot();
+    let Some(invalidator) = snapshot.invalidator.clone().filter(|i| !i.tokens.is_empty()) else {
+        return Problem::new(NO_ADMIN_API, "set spec.invalidation.adminApi and adminToken on a CachePolicy")
+            .into_response();
+    };
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !invalidator.accepts(token) {
+        admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "unauthorized"]).inc();
+        return Problem::new(UNAUTHORIZED, "present the CachePolicy's adminToken as a bearer token").into_response();
+    }
+    let what: crate::cache::Invalidation = match serde_json::from_slice(&body) {
+        Ok(what) => what,
+        Err(error) => {
+            return Problem::new(
+                kinds::BAD_REQUEST,
+                format!("expected {{\"keys\": [], \"prefixes\": [], \"tags\": []}}: {error}"),
+            )
+            .into_response();
+        }
+    };
+    match invalidator.invalidate(&what).await {
+        Ok(deleted) => {
+            tracing::info!(
+                keys = what.keys.len(),
+                prefixes = what.prefixes.len(),
+                tags = what.tags.len(),
+                deleted,
+                "cache invalidated"
+            );
+            axum::Json(serde_json::json!({ "deleted": deleted })).into_response()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cache invalidation failed");
+            Problem::new(kinds::UPSTREAM_UNAVAILABLE, format!("the cache could not be invalidated: {}", error.kind()))
+                .into_response()
+        }
+    }
 }
 
 /// Serves the admin endpoints until `shutdown`.

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub cache_backend_duration: HistogramVec,
     /// Failed cache backend operations, by backend, operation and kind (`timeout`, `unavailable`, ...).
     pub cache_backend_errors: IntCounterVec,
+    /// Invalidations asked for, by what they name (`key`, `prefix`, `tag`).
+    pub cache_invalidations: IntCounterVec,
+    /// Warm-up fetches, by outcome (`ok`, `error`).
+    pub cache_warmups: IntCounterVec,
     /// Connections accepted on the traffic listener.
     pub connections_accepted: IntCounter,
     /// Open connections on the traffic listener.
@@ -143,6 +147,16 @@ impl Metrics {
                 "umw_cache_backend_errors_total",
                 "Failed cache backend operations, by backend, operation and kind",
                 &["backend", "op", "kind"],
+            )?,
+            cache_invalidations: counter_vec(
+                "umw_cache_invalidations_total",
+                "Invalidations asked for, by what they name (key, prefix, tag)",
+                &["by"],
+            )?,
+            cache_warmups: counter_vec(
+                "umw_cache_warmups_total",
+                "Warm-up fetches by outcome (ok, error)",
+                &["outcome"],
             )?,
             connections_accepted: {
                 let metric =

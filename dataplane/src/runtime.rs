@@ -98,6 +98,8 @@ pub struct Snapshot {
     pub traces: Option<Arc<Traces>>,
     pub policies: Vec<PolicyState>,
     pub metrics: Metrics,
+    /// Invalidation of this configuration's caches (admin API, events); `None` without CachePolicies.
+    pub invalidator: Option<Arc<crate::cache::Invalidator>>,
 }
 
 impl Snapshot {
@@ -227,6 +229,7 @@ impl Runtime {
                 traces: current.traces.clone(),
                 policies: current.policies.clone(),
                 metrics: current.metrics.clone(),
+                invalidator: current.invalidator.clone(),
             })
         });
     }
@@ -339,11 +342,11 @@ fn build(
     {
         problems.push(format!("{at}: spec.observability.logLevel: {error}"));
     }
-    let cache = match cache_stage(loaded, caches, parts) {
-        Ok(stage) => stage,
+    let (cache, invalidator) = match cache_stage(loaded, caches, parts) {
+        Ok(built) => built,
         Err(more) => {
             problems.extend(more);
-            None
+            (None, None)
         }
     };
     if !problems.is_empty() {
@@ -358,6 +361,7 @@ fn build(
         traces: traces.clone(),
         policies: policy_states(bundle),
         metrics: metrics.clone(),
+        invalidator,
         bundle: bundle.clone(),
     })
 }
@@ -423,12 +427,15 @@ fn route(
 
 /// The cache stage for the configuration's CachePolicies, with their backends (reused from `caches` when
 /// the settings did not change). `None` without CachePolicies.
-fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Result<Option<Arc<dyn Stage>>, Vec<String>> {
+type CacheParts = (Option<Arc<dyn Stage>>, Option<Arc<crate::cache::Invalidator>>);
+
+fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Result<CacheParts, Vec<String>> {
     use umw_crds::cache_policy::{CacheBackend, CacheableMethod};
     let bundle = &loaded.bundle;
     let mut used = Caches::default();
     let mut problems = Vec::new();
     let mut rules = Vec::new();
+    let mut tokens = Vec::new();
     let mw_name = bundle.middleware.name_any();
     let redis = &bundle.middleware.spec.connections.redis;
     for policy in &bundle.cache_policies {
@@ -482,6 +489,15 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
             }
         };
         used.0.insert(wanted, cache.clone());
+        if let Some(invalidation) = spec.invalidation.as_ref().filter(|i| i.admin_api)
+            && let Some(token) = &invalidation.admin_token
+        {
+            match umw_crds::config::resolve(token) {
+                Ok(token) if !token.is_empty() => tokens.push(token),
+                Ok(_) => problems.push(format!("{at}: spec.invalidation.adminToken: empty")),
+                Err(e) => problems.push(format!("{at}: spec.invalidation.adminToken: {e}")),
+            }
+        }
         let own: Vec<_> = spec.target_refs.iter().filter(|t| t.name == mw_name).collect();
         let routes = if own.iter().any(|t| t.section_name.is_none()) {
             None
@@ -522,6 +538,7 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
                 max_entry_bytes: rule.max_entry_bytes.map_or(1024 * 1024, |n| usize::try_from(n).unwrap_or(usize::MAX)),
                 single_flight: rule.single_flight.enabled,
                 lock_timeout: duration_or(rule.single_flight.lock_timeout.as_ref(), Duration::from_secs(5)),
+                tags: rule.tags.iter().filter_map(|t| umw_crds::template::parse(t).ok()).collect(),
                 cache: cache.clone(),
             });
         }
@@ -529,17 +546,20 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
     if !problems.is_empty() {
         return Err(problems);
     }
-    *caches = used;
     if rules.is_empty() {
-        return Ok(None);
+        *caches = used;
+        return Ok((None, None));
     }
     let prefix = format!("umw:{}:", loaded.middleware());
-    Ok(Some(Arc::new(crate::cache::stage::CacheStage::new(
-        rules,
-        prefix,
-        parts.flights.clone(),
-        parts.metrics.clone(),
-    ))))
+    let invalidator = crate::cache::Invalidator {
+        prefix: prefix.clone(),
+        caches: used.0.values().cloned().collect(),
+        tokens,
+        metrics: parts.metrics.clone(),
+    };
+    *caches = used;
+    let stage = crate::cache::stage::CacheStage::new(rules, prefix, parts.flights.clone(), parts.metrics.clone());
+    Ok((Some(Arc::new(stage)), Some(Arc::new(invalidator))))
 }
 
 /// What this data-plane version does with each policy of the configuration: a policy is enforced when

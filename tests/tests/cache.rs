@@ -264,3 +264,56 @@ async fn a_redis_cluster_holds_the_entries_across_its_masters() {
     }
     assert_eq!(up.hits(), 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_are_invalidated_by_key_prefix_and_tag_through_the_authenticated_admin_api() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let yaml = format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cache}}\nspec:\n  routes:\n    - name: all\n      match: {{pathPrefix: /}}\n      upstream: {{url: '{}'}}\n  connections:\n    redis:\n      url: {{value: '{}'}}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: products, namespace: cache}}\nspec:\n  targetRefs: [{{name: shop}}]\n  rules:\n  - ttl: 60s\n    tags: ['product:{{{{ path.1 }}}}']\n  invalidation:\n    adminApi: true\n    adminToken: {{value: s3cret}}\n",
+        up.url(),
+        redis.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    redis_ready(&gw).await;
+    let paths = ["/products/1", "/products/2", "/products/3", "/other/x"];
+    for path in paths {
+        get(&gw.url(path)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for path in paths {
+        assert!(cache_status(&get(&gw.url(path)).await).contains("hit"), "{path} is cached");
+    }
+    let admin = format!("http://{}/cache/invalidate", gw.admin);
+    let invalidate = |token: &'static str, body: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let auth = format!("Bearer {token}");
+            send(
+                Method::POST,
+                &admin,
+                &[("authorization", auth.as_str()), ("content-type", "application/json")],
+                Bytes::from_static(body.as_bytes()),
+            )
+            .await
+        }
+    };
+    let refused = invalidate("wrong", r#"{"tags": ["product:1"]}"#).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.json()["type"], "https://umw.dev/problems/unauthorized");
+    assert_eq!(invalidate("s3cret", r#"{"tagz": []}"#).await.status, 400, "unknown fields are refused");
+
+    let by_tag = invalidate("s3cret", r#"{"tags": ["product:1"]}"#).await;
+    assert_eq!(by_tag.json()["deleted"], 1, "{}", by_tag.text());
+    assert!(cache_status(&get(&gw.url("/products/1")).await).contains("miss"));
+    assert!(cache_status(&get(&gw.url("/products/2")).await).contains("hit"), "other tags stay");
+
+    let by_key = invalidate("s3cret", r#"{"keys": ["GET:127.0.0.1/other/x"]}"#).await;
+    assert_eq!(by_key.json()["deleted"], 1, "{}", by_key.text());
+    let by_prefix = invalidate("s3cret", r#"{"prefixes": ["GET:127.0.0.1/products/"]}"#).await;
+    assert!(by_prefix.json()["deleted"].as_u64().unwrap() >= 2, "{}", by_prefix.text());
+    for path in ["/products/2", "/products/3", "/other/x"] {
+        assert!(cache_status(&get(&gw.url(path)).await).contains("miss"), "{path} was invalidated");
+    }
+    assert!(gw.metric("umw_cache_invalidations_total", &["by=\"tag\""]).await >= 1.0);
+}

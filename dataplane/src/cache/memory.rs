@@ -16,6 +16,8 @@ pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 pub struct MemoryCache {
     entries: moka::future::Cache<String, Arc<Entry>>,
+    /// Tag → keys. Members whose entry expired are dropped when the tag is invalidated.
+    tags: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
 }
 
 struct UntilStale;
@@ -37,7 +39,7 @@ impl MemoryCache {
             .weigher(|_: &String, entry: &Arc<Entry>| entry.weight())
             .expire_after(UntilStale)
             .build();
-        Self { entries }
+        Self { entries, tags: Default::default() }
     }
 }
 
@@ -58,10 +60,45 @@ impl Cache for MemoryCache {
         .boxed()
     }
 
-    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
+        async move { Ok(usize::from(self.entries.remove(key).await.is_some())) }.boxed()
+    }
+
+    fn tag<'a>(&'a self, tag_key: &'a str, key: &'a str, _keep: Duration) -> BoxFuture<'a, Result<(), CacheError>> {
         async move {
-            self.entries.invalidate(key).await;
+            if let Ok(mut tags) = self.tags.lock() {
+                tags.entry(tag_key.to_string()).or_default().insert(key.to_string());
+            }
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn delete_tag<'a>(&'a self, tag_key: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
+        async move {
+            let keys = self.tags.lock().ok().and_then(|mut tags| tags.remove(tag_key)).unwrap_or_default();
+            let mut deleted = 0;
+            for key in keys {
+                if self.entries.remove(&key).await.is_some() {
+                    deleted += 1;
+                }
+            }
+            Ok(deleted)
+        }
+        .boxed()
+    }
+
+    fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
+        async move {
+            let keys: Vec<String> =
+                self.entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, _)| k.as_ref().clone()).collect();
+            let mut deleted = 0;
+            for key in keys {
+                if self.entries.remove(&key).await.is_some() {
+                    deleted += 1;
+                }
+            }
+            Ok(deleted)
         }
         .boxed()
     }

@@ -46,5 +46,86 @@ pub trait Cache: Send + Sync + 'static {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, CacheError>>;
     /// Stores `entry` for `keep` (its freshness plus the stale windows).
     fn put<'a>(&'a self, key: &'a str, entry: &'a Entry, keep: Duration) -> BoxFuture<'a, Result<(), CacheError>>;
-    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// Deletes one key; returns how many entries went (0 or 1).
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<usize, CacheError>>;
+    /// Records that `key` carries the tag whose set is `tag_key`, for `keep` at least.
+    fn tag<'a>(&'a self, tag_key: &'a str, key: &'a str, keep: Duration) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// Deletes every entry carrying the tag; returns how many.
+    fn delete_tag<'a>(&'a self, tag_key: &'a str) -> BoxFuture<'a, Result<usize, CacheError>>;
+    /// Deletes every entry whose key starts with `prefix`; returns how many.
+    fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<usize, CacheError>>;
+}
+
+/// What to invalidate: keys and key prefixes (after the Middleware's own prefix, e.g.
+/// `GET:shop.example/products/1`), and tags. The admin API takes it as JSON; events will map to it.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Invalidation {
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// Invalidation over the caches of one configuration: what the admin API and event consumers call.
+pub struct Invalidator {
+    /// `umw:<namespace>/<middleware>:`.
+    pub prefix: String,
+    pub caches: Vec<std::sync::Arc<dyn Cache>>,
+    /// Bearer tokens the admin API accepts (empty: the admin API is off).
+    pub tokens: Vec<String>,
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl Invalidator {
+    /// The Redis set of a tag.
+    pub fn tag_key(prefix: &str, tag: &str) -> String {
+        format!("{prefix}tag:{tag}")
+    }
+
+    /// Deletes what `what` names from every cache; returns how many entries went.
+    pub async fn invalidate(&self, what: &Invalidation) -> Result<usize, CacheError> {
+        let mut deleted = 0;
+        for cache in &self.caches {
+            for key in &what.keys {
+                let full = format!("{}{key}", self.prefix);
+                deleted += cache.delete(&full).await?;
+                // A response with Vary has its variants under the key; a Cluster cannot look them up by
+                // prefix, so there they expire by themselves (the marker under the key is gone).
+                match cache.delete_prefix(&format!("{full}|vary")).await {
+                    Ok(n) => deleted += n,
+                    Err(CacheError::Backend(_)) => {}
+                    Err(error) => return Err(error),
+                }
+                self.count("key");
+            }
+            for prefix in &what.prefixes {
+                deleted += cache.delete_prefix(&format!("{}{prefix}", self.prefix)).await?;
+                self.count("prefix");
+            }
+            for tag in &what.tags {
+                deleted += cache.delete_tag(&Self::tag_key(&self.prefix, tag)).await?;
+                self.count("tag");
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn count(&self, by: &str) {
+        self.metrics.cache_invalidations.with_label_values(&[by]).inc();
+    }
+
+    /// Whether `token` is one of the admin tokens, compared in constant time.
+    pub fn accepts(&self, token: &str) -> bool {
+        self.tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

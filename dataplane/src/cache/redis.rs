@@ -205,9 +205,77 @@ impl Cache for RedisCache {
         .boxed()
     }
 
-    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
-        async move { self.run::<()>("del", redis::cmd("DEL").arg(key).clone()).await }.boxed()
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
+        async move { self.run::<usize>("del", redis::cmd("DEL").arg(key).clone()).await }.boxed()
     }
+
+    fn tag<'a>(&'a self, tag_key: &'a str, key: &'a str, keep: Duration) -> BoxFuture<'a, Result<(), CacheError>> {
+        async move {
+            let millis = keep.as_millis().max(1) as u64;
+            self.run::<()>("sadd", redis::cmd("SADD").arg(tag_key).arg(key).clone()).await?;
+            // The set lives as long as its longest-lived member: set the expiry when it has none (NX), extend
+            // it when longer (GT).
+            self.run::<()>("pexpire", redis::cmd("PEXPIRE").arg(tag_key).arg(millis).arg("NX").clone()).await?;
+            self.run::<()>("pexpire", redis::cmd("PEXPIRE").arg(tag_key).arg(millis).arg("GT").clone()).await
+        }
+        .boxed()
+    }
+
+    fn delete_tag<'a>(&'a self, tag_key: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
+        async move {
+            let members: Vec<String> = self.run("smembers", redis::cmd("SMEMBERS").arg(tag_key).clone()).await?;
+            let mut deleted = 0;
+            // One key per DEL: in a Cluster the keys live in different slots.
+            for key in &members {
+                deleted += self.run::<usize>("del", redis::cmd("DEL").arg(key).clone()).await?;
+            }
+            self.run::<usize>("del", redis::cmd("DEL").arg(tag_key).clone()).await?;
+            Ok(deleted)
+        }
+        .boxed()
+    }
+
+    fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
+        async move {
+            let Some(connection) = self.connection.load_full() else { return Err(CacheError::Unavailable) };
+            let Connection::Standalone(_) = connection.as_ref() else {
+                return Err(CacheError::Backend(
+                    "invalidation by prefix needs a standalone Redis; use tags with a Cluster".into(),
+                ));
+            };
+            let pattern = format!("{}*", glob_escape(prefix));
+            let mut cursor: u64 = 0;
+            let mut deleted = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = self
+                    .run(
+                        "scan",
+                        redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).clone(),
+                    )
+                    .await?;
+                if !keys.is_empty() {
+                    deleted += self.run::<usize>("del", redis::cmd("DEL").arg(&keys).clone()).await?;
+                }
+                if next == 0 {
+                    return Ok(deleted);
+                }
+                cursor = next;
+            }
+        }
+        .boxed()
+    }
+}
+
+/// A literal for Redis glob patterns (`SCAN MATCH`).
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A URL without its password.

@@ -46,8 +46,35 @@ pub struct Rule {
     pub max_entry_bytes: usize,
     pub single_flight: bool,
     pub lock_timeout: Duration,
+    /// Tags of each stored entry, templates over the request.
+    pub tags: Vec<Vec<umw_crds::template::Part>>,
     /// Where this rule's entries live.
     pub cache: Arc<dyn Cache>,
+}
+
+/// A tag template's values: `path.N` (the Nth segment, from 0), `query.NAME`, `header.NAME`, `host`.
+fn render_tags(rule: &Rule, request: &Request<Body>) -> Vec<String> {
+    if rule.tags.is_empty() {
+        return Vec::new();
+    }
+    let segments: Vec<&str> = request.uri().path().split('/').filter(|s| !s.is_empty()).collect();
+    let query = request.uri().query().unwrap_or("");
+    rule.tags
+        .iter()
+        .map(|parts| {
+            umw_crds::template::render(parts, |source, name| match (source, name) {
+                ("path", Some(n)) => n.parse::<usize>().ok().and_then(|i| segments.get(i)).map(|s| s.to_string()),
+                ("query", Some(n)) => query.split('&').find_map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (k == n).then(|| v.to_string())
+                }),
+                ("header", Some(n)) => request.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string),
+                ("host", None) => crate::routing::host_of(request),
+                _ => None,
+            })
+        })
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 impl Rule {
@@ -318,6 +345,7 @@ impl Inner {
     ) -> Response {
         let method = request.method().clone();
         let vary_source = request.headers().clone();
+        let tags = render_tags(rule, &request);
         let route = request
             .extensions()
             .get::<RequestInfo>()
@@ -400,6 +428,12 @@ impl Inner {
                 };
                 if let Err(error) = rule.cache.put(&target, &entry, keep).await {
                     inner.backend_error(&rule, "set", &error);
+                }
+                for tag in tags {
+                    let tag_key = super::Invalidator::tag_key(&inner.prefix, &tag);
+                    if let Err(error) = rule.cache.tag(&tag_key, &target, keep).await {
+                        inner.backend_error(&rule, "tag", &error);
+                    }
                 }
                 drop(flight);
             }
@@ -565,6 +599,7 @@ mod tests {
             max_entry_bytes: 1024,
             single_flight: true,
             lock_timeout: Duration::from_secs(1),
+            tags: vec![umw_crds::template::parse("product:{{ path.1 }}").unwrap()],
             cache: Arc::new(super::super::memory::MemoryCache::new(1 << 20)),
         }
     }
@@ -609,6 +644,14 @@ mod tests {
         assert_eq!(a, b, "ignored parameters and order do not split the key");
         assert_eq!(a, "umw:ns/shop:GET:shop.example/products?page=2&sort=asc|accept-language=en");
         assert_ne!(a, inner.key(&r, &request("/products?page=2&sort=asc", "de")));
+    }
+
+    #[test]
+    fn tags_render_from_the_request() {
+        let request = Request::get("/products/42?x=1").body(Body::empty()).unwrap();
+        assert_eq!(render_tags(&rule(), &request), ["product:42"]);
+        let short = Request::get("/products").body(Body::empty()).unwrap();
+        assert_eq!(render_tags(&rule(), &short), ["product:"], "a missing value renders empty");
     }
 
     #[test]
