@@ -231,8 +231,11 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
         let mut rx = accepting_rx;
         let _ = rx.wait_for(|accepting| !*accepting).await;
     };
-    let traffic =
-        tokio::spawn(server::serve(http, chain::build(runtime.clone()), metrics, stop_accepting, cli.drain_timeout));
+    let chain = chain::build(runtime.clone());
+    // Warm-up fetches through the chain; readiness waits for its first round.
+    umw_dataplane::cache::warmup::announce(&runtime);
+    let warmup = tokio::spawn(umw_dataplane::cache::warmup::run(runtime.clone(), chain.clone()));
+    let traffic = tokio::spawn(server::serve(http, chain, metrics, stop_accepting, cli.drain_timeout));
 
     shutdown_signal().await;
     tracing::info!(delay = ?cli.shutdown_delay, "shutting down: readiness is now false");
@@ -241,6 +244,7 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
     let _ = accepting_tx.send(false);
     let _ = traffic.await;
     watcher.abort();
+    warmup.abort();
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     if let Some(traces) = traces {

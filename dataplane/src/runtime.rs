@@ -100,6 +100,8 @@ pub struct Snapshot {
     pub metrics: Metrics,
     /// Invalidation of this configuration's caches (admin API, events); `None` without CachePolicies.
     pub invalidator: Option<Arc<crate::cache::Invalidator>>,
+    /// Paths to fetch into the cache.
+    pub warmup: crate::cache::warmup::Plan,
 }
 
 impl Snapshot {
@@ -230,6 +232,7 @@ impl Runtime {
                 policies: current.policies.clone(),
                 metrics: current.metrics.clone(),
                 invalidator: current.invalidator.clone(),
+                warmup: current.warmup.clone(),
             })
         });
     }
@@ -362,6 +365,7 @@ fn build(
         policies: policy_states(bundle),
         metrics: metrics.clone(),
         invalidator,
+        warmup: warmup_plan(bundle),
         bundle: bundle.clone(),
     })
 }
@@ -427,6 +431,19 @@ fn route(
 
 /// The cache stage for the configuration's CachePolicies, with their backends (reused from `caches` when
 /// the settings did not change). `None` without CachePolicies.
+/// The warm-up of every CachePolicy, together; the shortest interval wins.
+fn warmup_plan(bundle: &Bundle) -> crate::cache::warmup::Plan {
+    let mut plan = crate::cache::warmup::Plan::default();
+    for warmup in bundle.cache_policies.iter().filter_map(|p| p.spec.warmup.as_ref()) {
+        plan.paths.extend(warmup.paths.iter().cloned());
+        if let Some(interval) = &warmup.interval {
+            let interval = duration_or(Some(interval), Duration::from_secs(300));
+            plan.interval = Some(plan.interval.map_or(interval, |i| i.min(interval)));
+        }
+    }
+    plan
+}
+
 type CacheParts = (Option<Arc<dyn Stage>>, Option<Arc<crate::cache::Invalidator>>);
 
 fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Result<CacheParts, Vec<String>> {

@@ -243,14 +243,14 @@ async fn a_cache_policy_becomes_enforced_and_the_running_pods_answer_from_redis(
     let keys: Vec<String> = redis::cmd("KEYS").arg("umw:*").query(&mut redis.connection()).unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
 
-    // What this version does not do is said, not guessed: a policy asking for warm-up is not enforced.
+    // What this version does not do is said, not guessed: single-flight across pods is not enforced.
     ns.must_apply(
-        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: products\nspec:\n  targetRefs:\n  - name: shop\n    sectionName: products\n  rules:\n  - ttl: 60s\n  warmup:\n    paths: [/products/1]\n",
+        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: products\nspec:\n  targetRefs:\n  - name: shop\n    sectionName: products\n  rules:\n  - ttl: 60s\n    singleFlight: {distributed: true}\n",
     );
-    eventually("Enforced=False naming spec.warmup", WAIT, || async {
+    eventually("Enforced=False naming singleFlight.distributed", WAIT, || async {
         let policy = policies.get_opt("products").await.ok().flatten()?;
         let enforced = conditions::find(&policy.policy_status()?.conditions, types::ENFORCED)?.clone();
-        (enforced.status == "False" && enforced.message.contains("spec.warmup")).then_some(())
+        (enforced.status == "False" && enforced.message.contains("singleFlight.distributed")).then_some(())
     })
     .await;
 }

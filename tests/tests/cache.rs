@@ -317,3 +317,27 @@ async fn entries_are_invalidated_by_key_prefix_and_tag_through_the_authenticated
     }
     assert!(gw.metric("umw_cache_invalidations_total", &["by=\"tag\""]).await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_fills_the_cache_before_the_pod_is_ready_and_refreshes_it_on_its_interval() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let yaml = format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cache}}\nspec:\n  routes:\n    - name: all\n      match: {{pathPrefix: /}}\n      upstream: {{url: '{}'}}\n  connections:\n    redis:\n      url: {{value: '{}'}}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: products, namespace: cache}}\nspec:\n  targetRefs: [{{name: shop}}]\n  rules:\n  - ttl: 60s\n  warmup:\n    paths: ['/respond?sleep=700&w=1', 'http://shop.example/respond?w=2']\n    interval: 2s\n",
+        up.url(),
+        redis.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    let early = get(&format!("http://{}/readyz", gw.admin)).await;
+    assert_eq!(early.status, 503, "not ready while warming: {}", early.text());
+    assert!(early.text().contains("cache warm-up"), "{}", early.text());
+    eventually("ready after the warm-up", Duration::from_secs(10), || async {
+        get(&format!("http://{}/readyz", gw.admin)).await.status == 200
+    })
+    .await;
+    assert_eq!(up.hits(), 2, "both paths fetched once");
+    let warmed = send(Method::GET, &gw.url("/respond?w=2"), &[("host", "shop.example")], Bytes::new()).await;
+    assert!(cache_status(&warmed).contains("hit"), "served from the warm-up: {}", cache_status(&warmed));
+    eventually("a refresh on the interval", Duration::from_secs(10), || async { up.hits() >= 4 }).await;
+    assert_eq!(gw.metric("umw_cache_warmups_total", &["outcome=\"error\""]).await, 0.0);
+}

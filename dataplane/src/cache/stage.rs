@@ -254,8 +254,10 @@ impl Inner {
                     return self.fetch(&rule, key, request, next, stale, None).await;
                 }
                 Flight::Leader(guard) => {
-                    // Another flight may have stored the key between this request's lookup and now.
-                    if let Some(entry) = self.lookup(&rule, &key, request.headers()).await
+                    // Another flight may have stored the key between this request's lookup and now (unless the
+                    // request asked to go upstream anyway).
+                    if !revalidate
+                        && let Some(entry) = self.lookup(&rule, &key, request.headers()).await
                         && now_ms() < entry.fresh_until_ms
                     {
                         count("hit");

@@ -239,13 +239,10 @@ impl Gateway {
             reload::Watcher::new(config_file.clone(), files, runtime.clone()),
             Duration::from_millis(100),
         )));
-        tasks.push(tokio::spawn(server::serve(
-            http,
-            chain::build(runtime.clone()),
-            metrics,
-            stopped(),
-            Duration::from_secs(5),
-        )));
+        let chain = chain::build(runtime.clone());
+        umw_dataplane::cache::warmup::announce(&runtime);
+        tasks.push(tokio::spawn(umw_dataplane::cache::warmup::run(runtime.clone(), chain.clone())));
+        tasks.push(tokio::spawn(server::serve(http, chain, metrics, stopped(), Duration::from_secs(5))));
         Self { address, admin: admin_address, config_file, runtime, dir, stop, tasks }
     }
 
