@@ -2,7 +2,7 @@
 SHELL := bash
 CARGO ?= cargo
 
-.PHONY: help run dev test testenv build lint crds bench bench-gateway clean-testenv
+.PHONY: help run dev test testenv build lint crds bench bench-gateway bench-cache clean-testenv
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ bench: build testenv ## Operator benchmark: 200 Middlewares (see docs/benchmarks
 
 bench-gateway: ## Data plane vs nginx as a reverse proxy (see docs/benchmarks.md; needs nginx and wrk)
 	bash e2e/bench/gateway.sh
+
+bench-cache: ## Cache hits vs nginx proxy_cache, and the thundering herd (see docs/benchmarks.md)
+	bash e2e/bench/cache.sh
 
 clean-testenv: ## Remove the cached test tools
 	rm -rf "$${XDG_CACHE_HOME:-$$HOME/.cache}/umw-testenv"

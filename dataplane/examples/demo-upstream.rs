@@ -5,7 +5,8 @@
 //! ```
 //!
 //! `GET /products`, `GET /products/{id}`, `POST /orders` (echoes the order with an id), and for poking at
-//! the gateway: `/echo` (what arrived: method, path, headers), `/status/{code}` and `/slow/{ms}`.
+//! the gateway: `/echo` (what arrived: method, path, headers), `/status/{code}`, `/slow/{ms}`, and `/hits`
+//! (requests served so far, for counting what got past a cache).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,7 @@ use serde_json::{Value, json};
 #[derive(Default)]
 struct Shop {
     orders: AtomicU64,
+    hits: AtomicU64,
 }
 
 #[tokio::main]
@@ -34,7 +36,20 @@ async fn main() -> std::io::Result<()> {
         .route("/echo/{*rest}", any(echo))
         .route("/status/{code}", any(status))
         .route("/slow/{ms}", any(slow))
-        .with_state(Arc::new(Shop::default()));
+        .route("/hits", get(hits));
+    let shop = Arc::new(Shop::default());
+    let counter = shop.clone();
+    let app = app
+        .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let counter = counter.clone();
+            async move {
+                if request.uri().path() != "/hits" {
+                    counter.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                next.run(request).await
+            }
+        }))
+        .with_state(shop);
     let listener = tokio::net::TcpListener::bind(&address).await?;
     eprintln!("demo upstream listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app)
@@ -71,6 +86,10 @@ async fn echo(method: Method, uri: Uri, headers: HeaderMap) -> Json<Value> {
         .map(|(k, v)| (k.to_string(), Value::String(v.to_str().unwrap_or("<binary>").to_string())))
         .collect();
     Json(json!({"method": method.as_str(), "uri": uri.to_string(), "headers": headers}))
+}
+
+async fn hits(State(shop): State<Arc<Shop>>) -> String {
+    shop.hits.load(Ordering::Relaxed).to_string()
 }
 
 async fn status(Path(code): Path<u16>) -> StatusCode {

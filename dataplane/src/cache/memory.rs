@@ -48,8 +48,8 @@ impl Cache for MemoryCache {
         "memory"
     }
 
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, CacheError>> {
-        async move { Ok(self.entries.get(key).await.map(|e| e.as_ref().clone())) }.boxed()
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Arc<Entry>>, CacheError>> {
+        async move { Ok(self.entries.get(key).await) }.boxed()
     }
 
     fn put<'a>(&'a self, key: &'a str, entry: &'a Entry, _keep: Duration) -> BoxFuture<'a, Result<(), CacheError>> {

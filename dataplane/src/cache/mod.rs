@@ -44,7 +44,7 @@ impl CacheError {
 pub trait Cache: Send + Sync + 'static {
     /// `memory` or `redis`: the metric label.
     fn backend(&self) -> &'static str;
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, CacheError>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<std::sync::Arc<Entry>>, CacheError>>;
     /// Stores `entry` for `keep` (its freshness plus the stale windows).
     fn put<'a>(&'a self, key: &'a str, entry: &'a Entry, keep: Duration) -> BoxFuture<'a, Result<(), CacheError>>;
     /// Deletes one key; returns how many entries went (0 or 1).

@@ -185,12 +185,12 @@ impl Cache for RedisCache {
         "redis"
     }
 
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, CacheError>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Arc<Entry>>, CacheError>> {
         async move {
             let value: Option<Vec<u8>> = self.run("get", redis::cmd("GET").arg(key).clone()).await?;
             match value {
                 None => Ok(None),
-                Some(bytes) => Entry::decode(Bytes::from(bytes)).map(Some).ok_or(CacheError::Corrupt),
+                Some(bytes) => Entry::decode(Bytes::from(bytes)).map(|e| Some(Arc::new(e))).ok_or(CacheError::Corrupt),
             }
         }
         .boxed()

@@ -262,7 +262,7 @@ impl Inner {
                     {
                         count("hit");
                         let response = respond(&entry, request.method(), "umw; hit");
-                        guard.finish(Some(Arc::new(entry)));
+                        guard.finish(Some(entry));
                         return response;
                     }
                     count("miss");
@@ -310,7 +310,7 @@ impl Inner {
     }
 
     /// Looks the key up, following a `Vary` marker to the variant; failures are misses, and counted.
-    async fn lookup(&self, rule: &Rule, key: &str, headers: &HeaderMap) -> Option<Entry> {
+    async fn lookup(&self, rule: &Rule, key: &str, headers: &HeaderMap) -> Option<Arc<Entry>> {
         let entry = self.get(rule, key).await?;
         if entry.status != 0 {
             return Some(entry);
@@ -320,7 +320,7 @@ impl Inner {
         self.get(rule, &variant).await
     }
 
-    async fn get(&self, rule: &Rule, key: &str) -> Option<Entry> {
+    async fn get(&self, rule: &Rule, key: &str) -> Option<Arc<Entry>> {
         match rule.cache.get(key).await {
             Ok(entry) => entry,
             Err(error) => {
@@ -342,7 +342,7 @@ impl Inner {
         key: String,
         request: Request<Body>,
         next: Next,
-        stale: Option<Entry>,
+        stale: Option<Arc<Entry>>,
         flight: Option<FlightGuard>,
     ) -> Response {
         let method = request.method().clone();
