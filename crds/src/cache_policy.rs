@@ -289,9 +289,6 @@ impl Policy for CachePolicy {
         if spec.backend == Some(CacheBackend::Tiered) {
             fields.push("spec.backend (tiered)");
         }
-        if spec.rules.iter().any(|r| r.single_flight.distributed) {
-            fields.push("spec.rules[].singleFlight.distributed");
-        }
         fields
     }
 }

@@ -341,3 +341,42 @@ async fn warm_up_fills_the_cache_before_the_pod_is_ready_and_refreshes_it_on_its
     eventually("a refresh on the interval", Duration::from_secs(10), || async { up.hits() >= 4 }).await;
     assert_eq!(gw.metric("umw_cache_warmups_total", &["outcome=\"error\""]).await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_single_flight_makes_one_upstream_request_across_replicas() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let rule = "{ttl: 60s, singleFlight: {distributed: true, lockTimeout: 5s}}";
+    let a = Gateway::start(&config(&up, &redis, rule)).await;
+    let b = Gateway::start(&config(&up, &redis, rule)).await;
+    redis_ready(&a).await;
+    redis_ready(&b).await;
+    let client = support::client();
+    let requests = (0..200).map(|i| {
+        let client = client.clone();
+        let url = if i % 2 == 0 { a.url("/respond?sleep=500&d=1") } else { b.url("/respond?sleep=500&d=1") };
+        tokio::spawn(async move { support::send_with(&client, Method::GET, &url, &[], Bytes::new()).await })
+    });
+    let replies = futures::future::join_all(requests).await;
+    assert!(replies.iter().all(|r| r.as_ref().unwrap().status == 200));
+    assert_eq!(up.hits(), 1, "one upstream request for both replicas");
+    let locks: Vec<String> = redis::cmd("KEYS").arg("*|lock").query(&mut redis.connection()).unwrap();
+    assert!(locks.is_empty(), "the lock is released: {locks:?}");
+
+    // A holder that dies cannot stall the others longer than lockTimeout: a lock nobody releases.
+    let _: () = redis::cmd("SET")
+        .arg("umw:cache/shop:GET:127.0.0.1/respond?d=2|lock")
+        .arg("dead")
+        .arg("PX")
+        .arg(1000)
+        .query(&mut redis.connection())
+        .unwrap();
+    let started = std::time::Instant::now();
+    let reply = get(&a.url("/respond?d=2")).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "waited at most for the lock's expiry: {:?}",
+        started.elapsed()
+    );
+}

@@ -55,6 +55,11 @@ pub trait Cache: Send + Sync + 'static {
     fn delete_tag<'a>(&'a self, tag_key: &'a str) -> BoxFuture<'a, Result<usize, CacheError>>;
     /// Deletes every entry whose key starts with `prefix`; returns how many.
     fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<usize, CacheError>>;
+    /// Takes a lock shared by every replica for `ttl` (so that a holder that dies cannot block the others
+    /// longer); `Some(token)` when taken. The in-process backend has no other replicas: always taken.
+    fn lock<'a>(&'a self, key: &'a str, ttl: Duration) -> BoxFuture<'a, Result<Option<String>, CacheError>>;
+    /// Releases a lock taken with `token` (and only if still held with it).
+    fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> BoxFuture<'a, Result<(), CacheError>>;
 }
 
 /// What to invalidate: keys and key prefixes (after the Middleware's own prefix, e.g.

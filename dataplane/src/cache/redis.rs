@@ -235,6 +235,30 @@ impl Cache for RedisCache {
         .boxed()
     }
 
+    fn lock<'a>(&'a self, key: &'a str, ttl: Duration) -> BoxFuture<'a, Result<Option<String>, CacheError>> {
+        async move {
+            let token = format!("{:032x}", fastrand::u128(..));
+            let millis = ttl.as_millis().max(1) as u64;
+            let set: Option<String> = self
+                .run("lock", redis::cmd("SET").arg(key).arg(&token).arg("NX").arg("PX").arg(millis).clone())
+                .await?;
+            Ok(set.map(|_| token))
+        }
+        .boxed()
+    }
+
+    fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
+        // Compare and delete in one step: a lock that expired and was taken by another replica stays theirs.
+        const SCRIPT: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+        async move {
+            self.run::<i64>("unlock", redis::cmd("EVAL").arg(SCRIPT).arg(1).arg(key).arg(token).clone())
+                .await
+                .map(|_| ())
+        }
+        .boxed()
+    }
+
     fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
         async move {
             let Some(connection) = self.connection.load_full() else { return Err(CacheError::Unavailable) };

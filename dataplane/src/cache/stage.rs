@@ -45,6 +45,8 @@ pub struct Rule {
     pub key_headers: Vec<HeaderName>,
     pub max_entry_bytes: usize,
     pub single_flight: bool,
+    /// Single-flight across replicas, through a lock in the cache backend.
+    pub distributed: bool,
     pub lock_timeout: Duration,
     /// Tags of each stored entry, templates over the request.
     pub tags: Vec<Vec<umw_crds::template::Part>>,
@@ -136,6 +138,8 @@ struct FlightGuard {
     flights: Flights,
     key: String,
     sender: tokio::sync::watch::Sender<Option<Option<Arc<Entry>>>>,
+    /// The lock shared with other replicas, when single-flight is distributed: released with the flight.
+    remote: Option<(Arc<dyn Cache>, String, String)>,
 }
 
 impl FlightGuard {
@@ -149,6 +153,14 @@ impl Drop for FlightGuard {
         if let Ok(mut flights) = self.flights.0.lock() {
             flights.remove(&self.key);
         }
+        if let Some((cache, lock, token)) = self.remote.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move {
+                // A lock that cannot be released expires by itself after lockTimeout.
+                let _ = cache.unlock(&lock, &token).await;
+            });
+        }
     }
 }
 
@@ -157,15 +169,24 @@ impl Flights {
         let Ok(mut flights) = self.0.lock() else {
             // A poisoned lock only loses coalescing: go upstream.
             let (sender, _) = tokio::sync::watch::channel(None);
-            return Flight::Leader(FlightGuard { flights: self.clone(), key: String::new(), sender });
+            return Flight::Leader(FlightGuard { flights: self.clone(), key: String::new(), sender, remote: None });
         };
         if let Some(receiver) = flights.get(key) {
             return Flight::Follower(receiver.clone());
         }
         let (sender, receiver) = tokio::sync::watch::channel(None);
         flights.insert(key.to_string(), receiver);
-        Flight::Leader(FlightGuard { flights: self.clone(), key: key.to_string(), sender })
+        Flight::Leader(FlightGuard { flights: self.clone(), key: key.to_string(), sender, remote: None })
     }
+}
+
+/// What came of asking for the lock shared with other replicas.
+enum Lock {
+    Taken,
+    /// Another replica stored the entry while this one waited.
+    Served(Arc<Entry>),
+    /// Not taken (backend down, or the holder took too long): go upstream.
+    Unavailable,
 }
 
 /// Cache-Control directives, lower-case names.
@@ -253,7 +274,7 @@ impl Inner {
                     count("miss");
                     return self.fetch(&rule, key, request, next, stale, None).await;
                 }
-                Flight::Leader(guard) => {
+                Flight::Leader(mut guard) => {
                     // Another flight may have stored the key between this request's lookup and now (unless the
                     // request asked to go upstream anyway).
                     if !revalidate
@@ -265,6 +286,17 @@ impl Inner {
                         guard.finish(Some(entry));
                         return response;
                     }
+                    if rule.distributed && !revalidate {
+                        match self.lock_across_replicas(&rule, &key, &mut guard, request.headers()).await {
+                            Lock::Taken | Lock::Unavailable => {}
+                            Lock::Served(entry) => {
+                                count("coalesced");
+                                let response = respond(&entry, request.method(), "umw; fwd=miss; collapsed");
+                                guard.finish(Some(entry));
+                                return response;
+                            }
+                        }
+                    }
                     count("miss");
                     return self.fetch(&rule, key, request, next, stale, Some(guard)).await;
                 }
@@ -272,6 +304,43 @@ impl Inner {
         }
         count("miss");
         self.fetch(&rule, key, request, next, stale, None).await
+    }
+
+    /// Takes the key's lock shared with the other replicas; when another replica holds it, waits for its
+    /// entry to appear (up to `lockTimeout`, then goes upstream anyway).
+    async fn lock_across_replicas(&self, rule: &Rule, key: &str, guard: &mut FlightGuard, headers: &HeaderMap) -> Lock {
+        let lock = format!("{key}|lock");
+        match rule.cache.lock(&lock, rule.lock_timeout).await {
+            Ok(Some(token)) => {
+                guard.remote = Some((rule.cache.clone(), lock, token));
+                Lock::Taken
+            }
+            Ok(None) => {
+                let deadline = tokio::time::Instant::now() + rule.lock_timeout;
+                let mut round = 0u32;
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if let Some(entry) = self.lookup(rule, key, headers).await
+                        && now_ms() < entry.fresh_until_ms
+                    {
+                        return Lock::Served(entry);
+                    }
+                    // A holder that died leaves its lock to expire: take it then rather than wait it out.
+                    round += 1;
+                    if round % 5 == 0
+                        && let Ok(Some(token)) = rule.cache.lock(&lock, rule.lock_timeout).await
+                    {
+                        guard.remote = Some((rule.cache.clone(), lock, token));
+                        return Lock::Taken;
+                    }
+                }
+                Lock::Unavailable
+            }
+            Err(error) => {
+                self.backend_error(rule, "lock", &error);
+                Lock::Unavailable
+            }
+        }
     }
 
     /// The key: prefix, method (HEAD shares GET's), host, path, the selected query and headers.
@@ -600,6 +669,7 @@ mod tests {
             key_headers: vec![HeaderName::from_static("accept-language")],
             max_entry_bytes: 1024,
             single_flight: true,
+            distributed: false,
             lock_timeout: Duration::from_secs(1),
             tags: vec![umw_crds::template::parse("product:{{ path.1 }}").unwrap()],
             cache: Arc::new(super::super::memory::MemoryCache::new(1 << 20)),
