@@ -286,9 +286,6 @@ impl Policy for CachePolicy {
         if spec.invalidation.as_ref().is_some_and(|i| !i.events.is_empty()) {
             fields.push("spec.invalidation.events");
         }
-        if spec.backend == Some(CacheBackend::Tiered) {
-            fields.push("spec.backend (tiered)");
-        }
         fields
     }
 }

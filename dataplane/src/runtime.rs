@@ -140,6 +140,7 @@ pub struct Runtime {
 enum CacheBackendKey {
     Memory,
     Redis(crate::cache::redis::RedisSettings),
+    Tiered(crate::cache::redis::RedisSettings),
 }
 
 #[derive(Default)]
@@ -263,7 +264,7 @@ impl Runtime {
             let built = build(loaded, &mut next, &mut next_caches, &parts);
             if built.is_ok() {
                 *caches = next_caches;
-                if !caches.0.keys().any(|k| matches!(k, CacheBackendKey::Redis(_))) {
+                if !caches.0.keys().any(|k| matches!(k, CacheBackendKey::Redis(_) | CacheBackendKey::Tiered(_))) {
                     self.health.retain(|name| name != crate::cache::redis::COMPONENT);
                 }
             }
@@ -464,12 +465,19 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
                 let url = umw_crds::config::resolve(&redis.url);
                 let password = redis.password.as_ref().map(umw_crds::config::resolve).transpose();
                 match (url, password) {
-                    (Ok(url), Ok(password)) => CacheBackendKey::Redis(crate::cache::redis::RedisSettings {
-                        url,
-                        password,
-                        cluster: redis.mode == umw_crds::middleware::RedisMode::Cluster,
-                        timeout: duration_or(redis.timeout.as_ref(), crate::cache::redis::OPERATION_TIMEOUT),
-                    }),
+                    (Ok(url), Ok(password)) => {
+                        let settings = crate::cache::redis::RedisSettings {
+                            url,
+                            password,
+                            cluster: redis.mode == umw_crds::middleware::RedisMode::Cluster,
+                            timeout: duration_or(redis.timeout.as_ref(), crate::cache::redis::OPERATION_TIMEOUT),
+                        };
+                        if spec.backend == Some(CacheBackend::Tiered) {
+                            CacheBackendKey::Tiered(settings)
+                        } else {
+                            CacheBackendKey::Redis(settings)
+                        }
+                    }
                     (Err(e), _) | (_, Err(e)) => {
                         problems.push(format!("{at}: spec.connections.redis of Middleware {mw_name}: {e}"));
                         continue;
@@ -494,6 +502,23 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
                             parts.health.clone(),
                             parts.metrics.clone(),
                         ) {
+                            Ok(cache) => Arc::new(cache),
+                            Err(error) => {
+                                problems.push(format!("{at}: spec.connections.redis: {error}"));
+                                continue;
+                            }
+                        }
+                    }
+                    CacheBackendKey::Tiered(settings) => {
+                        let channel = format!("umw:{}:l1", loaded.middleware());
+                        let tiered =
+                            crate::cache::redis::RedisCache::new(settings, parts.health.clone(), parts.metrics.clone())
+                                .map_err(|e| e.to_string())
+                                .and_then(|redis| {
+                                    crate::cache::tiered::TieredCache::new(Arc::new(redis), channel)
+                                        .map_err(|e| e.to_string())
+                                });
+                        match tiered {
                             Ok(cache) => Arc::new(cache),
                             Err(error) => {
                                 problems.push(format!("{at}: spec.connections.redis: {error}"));

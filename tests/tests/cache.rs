@@ -380,3 +380,50 @@ async fn distributed_single_flight_makes_one_upstream_request_across_replicas() 
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_tier_stays_coherent_across_replicas_through_redis_pub_sub() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let yaml = format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cache}}\nspec:\n  routes:\n    - name: all\n      match: {{pathPrefix: /}}\n      upstream: {{url: '{}'}}\n  connections:\n    redis:\n      url: {{value: '{}'}}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: products, namespace: cache}}\nspec:\n  targetRefs: [{{name: shop}}]\n  backend: tiered\n  rules:\n  - ttl: 60s\n  invalidation:\n    adminApi: true\n    adminToken: {{value: t}}\n",
+        up.url(),
+        redis.url()
+    );
+    let a = Gateway::start(&yaml).await;
+    let b = Gateway::start(&yaml).await;
+    redis_ready(&a).await;
+    redis_ready(&b).await;
+    // Give both subscriptions a moment to be up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = get(&a.url("/respond?t=1")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let from_b = get(&b.url("/respond?t=1")).await;
+    assert!(cache_status(&from_b).contains("hit"), "B reads A's entry from Redis: {}", cache_status(&from_b));
+    assert_eq!(from_b.body, first.body);
+    assert_eq!(up.hits(), 1);
+
+    // Now B holds it in its in-process tier. Invalidate through A: B must drop its copy too.
+    let auth = "Bearer t";
+    let reply = send(
+        Method::POST,
+        &format!("http://{}/cache/invalidate", a.admin),
+        &[("authorization", auth)],
+        Bytes::from_static(br#"{"keys": ["GET:127.0.0.1/respond?t=1"]}"#),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    eventually("B's copy dropped", Duration::from_secs(5), || async {
+        cache_status(&get(&b.url("/respond?t=1")).await).contains("miss")
+    })
+    .await;
+    assert_eq!(up.hits(), 2, "B went upstream once after the invalidation");
+
+    // A refresh on one replica replaces the others' copies (they drop theirs and read the new one).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let newest = send(Method::GET, &a.url("/respond?t=1"), &[("cache-control", "no-cache")], Bytes::new()).await;
+    eventually("B serves the refreshed entry", Duration::from_secs(5), || async {
+        get(&b.url("/respond?t=1")).await.body == newest.body
+    })
+    .await;
+}

@@ -43,6 +43,16 @@ impl MemoryCache {
     }
 }
 
+impl MemoryCache {
+    /// Drops every entry and tag.
+    pub fn clear(&self) {
+        self.entries.invalidate_all();
+        if let Ok(mut tags) = self.tags.lock() {
+            tags.clear();
+        }
+    }
+}
+
 impl Cache for MemoryCache {
     fn backend(&self) -> &'static str {
         "memory"

@@ -8,6 +8,7 @@ pub mod entry;
 pub mod memory;
 pub mod redis;
 pub mod stage;
+pub mod tiered;
 pub mod warmup;
 
 use std::time::Duration;

@@ -38,6 +38,9 @@ enum Connection {
 
 pub struct RedisCache {
     connection: Arc<arc_swap::ArcSwapOption<Connection>>,
+    /// A client for pub/sub: the standalone server, or the given node of a Cluster (PUBLISH reaches every
+    /// node of a Cluster).
+    pubsub: Option<redis::Client>,
     breaker: Breaker,
     timeout: Duration,
     health: Health,
@@ -63,6 +66,16 @@ impl RedisCache {
         let settings_ = settings.clone();
         let slot = connection.clone();
         let health_ = health.clone();
+        let pubsub = {
+            let mut info: redis::ConnectionInfo =
+                redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
+                    .map_err(|e| SettingsError(e.to_string()))?;
+            if let Some(password) = &settings.password {
+                let with = info.redis_settings().clone().set_password(password.clone());
+                info = info.set_redis_settings(with);
+            }
+            redis::Client::open(info).ok()
+        };
         let (standalone, cluster) = if settings.cluster {
             let mut builder = redis::cluster::ClusterClient::builder(vec![settings.url.clone()])
                 .connection_timeout(Duration::from_secs(2))
@@ -123,6 +136,7 @@ impl RedisCache {
         });
         Ok(Self {
             connection,
+            pubsub,
             breaker: Breaker::new(5, Duration::from_secs(5)),
             timeout: settings.timeout,
             health,
@@ -169,6 +183,24 @@ impl RedisCache {
             _ => {}
         }
         outcome
+    }
+}
+
+impl RedisCache {
+    /// Publishes a message on a channel.
+    pub async fn publish(&self, channel: &str, message: &str) -> Result<(), CacheError> {
+        self.run::<i64>("publish", redis::cmd("PUBLISH").arg(channel).arg(message).clone()).await.map(|_| ())
+    }
+
+    /// A fresh pub/sub connection.
+    pub async fn subscriber(&self, channel: &str) -> Result<redis::aio::PubSub, CacheError> {
+        let client = self.pubsub.as_ref().ok_or(CacheError::Unavailable)?;
+        let mut pubsub = tokio::time::timeout(Duration::from_secs(3), client.get_async_pubsub())
+            .await
+            .map_err(|_| CacheError::Timeout(Duration::from_secs(3)))?
+            .map_err(|e| CacheError::Backend(e.to_string()))?;
+        pubsub.subscribe(channel).await.map_err(|e| CacheError::Backend(e.to_string()))?;
+        Ok(pubsub)
     }
 }
 

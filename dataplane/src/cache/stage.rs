@@ -180,6 +180,24 @@ impl Flights {
     }
 }
 
+/// A client span for a cache operation of a sampled request (exported when traces are).
+fn span(info: &RequestInfo, rule: &Rule, op: &str, started: std::time::SystemTime, result: &str) {
+    let Some(traces) = info.snapshot.traces.as_ref() else { return };
+    if !info.trace.sampled {
+        return;
+    }
+    let attributes = vec![
+        opentelemetry::KeyValue::new(
+            "db.system.name",
+            if rule.cache.backend() == "memory" { "memory" } else { "redis" },
+        ),
+        opentelemetry::KeyValue::new("db.operation.name", op.to_string()),
+        opentelemetry::KeyValue::new("umw.cache.backend", rule.cache.backend()),
+        opentelemetry::KeyValue::new("umw.cache.result", result.to_string()),
+    ];
+    traces.client_span(&info.trace, crate::trace::new_span_id(), format!("cache {op}"), started, attributes, false);
+}
+
 /// What came of asking for the lock shared with other replicas.
 enum Lock {
     Taken,
@@ -235,7 +253,11 @@ impl Inner {
         let revalidate =
             asked.contains_key("no-cache") || asked.get("max-age").is_some_and(|v| v.as_deref() == Some("0"));
         let now = now_ms();
+        let started = std::time::SystemTime::now();
         let found = if revalidate { None } else { self.lookup(&rule, &key, request.headers()).await };
+        if !revalidate {
+            span(&info, &rule, "get", started, found.as_ref().map_or("miss", |_| "found"));
+        }
         if let Some(entry) = &found {
             if now < entry.fresh_until_ms {
                 count("hit");
@@ -327,7 +349,7 @@ impl Inner {
                     }
                     // A holder that died leaves its lock to expire: take it then rather than wait it out.
                     round += 1;
-                    if round % 5 == 0
+                    if round.is_multiple_of(5)
                         && let Ok(Some(token)) = rule.cache.lock(&lock, rule.lock_timeout).await
                     {
                         guard.remote = Some((rule.cache.clone(), lock, token));
@@ -417,6 +439,7 @@ impl Inner {
         let method = request.method().clone();
         let vary_source = request.headers().clone();
         let tags = render_tags(rule, &request);
+        let info = request.extensions().get::<RequestInfo>().cloned();
         let route = request
             .extensions()
             .get::<RequestInfo>()
@@ -497,7 +520,12 @@ impl Inner {
                     }
                     variant_key(&key, &entry.vary, &vary_source)
                 };
-                if let Err(error) = rule.cache.put(&target, &entry, keep).await {
+                let started = std::time::SystemTime::now();
+                let stored = rule.cache.put(&target, &entry, keep).await;
+                if let Some(info) = &info {
+                    span(info, &rule, "set", started, if stored.is_ok() { "stored" } else { "failed" });
+                }
+                if let Err(error) = stored {
                     inner.backend_error(&rule, "set", &error);
                 }
                 for tag in tags {
