@@ -402,6 +402,9 @@ impl Connections {
             if let Some(password) = &redis.password {
                 out.push(("spec.connections.redis.password", password));
             }
+            if let Some(ca) = &redis.ca_cert {
+                out.push(("spec.connections.redis.caCert", ca));
+            }
         }
         if let Some(kafka) = &self.kafka {
             out.push(("spec.connections.kafka.bootstrapServers", &kafka.bootstrap_servers));
@@ -435,6 +438,10 @@ pub struct RedisConnection {
     /// Password, when not in the URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<ValueSource>,
+    /// PEM certificate(s) of the authority that signed the server's certificate, for `rediss://` to a
+    /// Redis whose certificate is not signed by a public authority (the system's roots are used otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<ValueSource>,
     /// `standalone` (default) or `cluster`.
     #[serde(default)]
     pub mode: RedisMode,

@@ -464,11 +464,13 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
             (_, Some(redis), false) => {
                 let url = umw_crds::config::resolve(&redis.url);
                 let password = redis.password.as_ref().map(umw_crds::config::resolve).transpose();
-                match (url, password) {
-                    (Ok(url), Ok(password)) => {
+                let ca_cert = redis.ca_cert.as_ref().map(umw_crds::config::resolve).transpose();
+                match (url, password, ca_cert) {
+                    (Ok(url), Ok(password), Ok(ca_cert)) => {
                         let settings = crate::cache::redis::RedisSettings {
                             url,
                             password,
+                            ca_cert,
                             cluster: redis.mode == umw_crds::middleware::RedisMode::Cluster,
                             timeout: duration_or(redis.timeout.as_ref(), crate::cache::redis::OPERATION_TIMEOUT),
                         };
@@ -478,7 +480,7 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
                             CacheBackendKey::Redis(settings)
                         }
                     }
-                    (Err(e), _) | (_, Err(e)) => {
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                         problems.push(format!("{at}: spec.connections.redis of Middleware {mw_name}: {e}"));
                         continue;
                     }

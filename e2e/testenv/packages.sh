@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests run for real, when they are missing: redis-server (the cache's
+# Installs the Debian packages the tests run for real, when they are missing: redis-server and openssl (the cache's
 # integration tests start private instances of it). Run as root (or with passwordless sudo); otherwise it
 # names the command to run and fails.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v openssl >/dev/null || missing+=(openssl)
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "[packages] installing ${missing[*]} from Debian" >&2
 if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else

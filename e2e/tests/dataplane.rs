@@ -201,11 +201,19 @@ async fn an_upstream_that_is_down_gets_problems_fast_opens_the_breaker_and_degra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_policy_becomes_enforced_and_the_running_pods_answer_from_redis() {
     let ns = TestNamespace::new("dp-cache");
-    let redis = umw_tests::RedisServer::start();
+    // Redis over TLS (a private authority) with a password; both come from a Secret.
+    let redis = umw_tests::RedisServer::start_tls("e2e-redis-password");
     let upstream = TestUpstream::start("up").await;
     let _kubelet = kubelet(&ns.name).await;
     let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
-    let connections = format!("  connections:\n    redis:\n      url: {{value: '{}'}}\n", redis.url());
+    let ca: String = redis.ca_cert.as_deref().unwrap().lines().map(|l| format!("    {l}\n")).collect();
+    ns.must_apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: redis}}\nstringData:\n  password: e2e-redis-password\n  ca: |\n{ca}"
+    ));
+    let connections = format!(
+        "  connections:\n    redis:\n      url: {{value: '{}'}}\n      password: {{secretKeyRef: {{name: redis, key: password}}}}\n      caCert: {{secretKeyRef: {{name: redis, key: ca}}}}\n",
+        redis.url()
+    );
     ns.must_apply(&format!("{}{connections}", middleware_yaml(2, &route("products", "/products", &upstream.url()))));
     let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
     ready_and_applied(&api).await;

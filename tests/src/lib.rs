@@ -11,6 +11,11 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     dir: std::path::PathBuf,
+    /// Extra server arguments, kept for restarts (TLS, password).
+    extra: Vec<String>,
+    /// With TLS: the authority's certificate (PEM) that signed the server's.
+    pub ca_cert: Option<String>,
+    pub password: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -24,18 +29,110 @@ impl RedisServer {
     pub fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("umw-redis-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
-        let mut server = Self { port: free_port(), child: None, dir };
+        let mut server = Self { port: free_port(), child: None, dir, extra: Vec::new(), ca_cert: None, password: None };
+        server.spawn();
+        server
+    }
+
+    /// A server that only speaks TLS (a certificate for 127.0.0.1 signed by a private authority made with
+    /// `openssl`) and requires this password.
+    pub fn start_tls(password: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("umw-redis-{}-{}", std::process::id(), fastrand::u32(..)));
+        std::fs::create_dir_all(&dir).expect("a temp directory");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(&dir).output().unwrap_or_else(|e| {
+                panic!("cannot run openssl ({e}): install it with `apt-get install openssl` (make test does)")
+            });
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=umw test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("the extension file");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ]);
+        let ca_cert = std::fs::read_to_string(dir.join("ca.crt")).expect("the CA certificate");
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let extra = vec![
+            "--tls-port".into(),
+            String::new(), // the port, set below
+            "--tls-cert-file".into(),
+            path("server.crt"),
+            "--tls-key-file".into(),
+            path("server.key"),
+            "--tls-ca-cert-file".into(),
+            path("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--requirepass".into(),
+            password.into(),
+        ];
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            dir,
+            extra,
+            ca_cert: Some(ca_cert),
+            password: Some(password.into()),
+        };
+        server.extra[1] = server.port.to_string();
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        self.spawn_with(&[]);
+        let extra: Vec<String> = self.extra.clone();
+        self.spawn_with(&extra.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
     fn spawn_with(&mut self, extra: &[&str]) {
+        // With TLS, the plain port is off and the TLS port is the server's port.
+        let plain = if self.ca_cert.is_some() { "0".to_string() } else { self.port.to_string() };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &plain, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", &self.dir.to_string_lossy()])
             .args(extra)
             .stdout(Stdio::null())
@@ -49,7 +146,7 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(client) = redis::Client::open(self.url())
+            if let Ok(client) = self.client()
                 && let Ok(mut connection) = client.get_connection_with_timeout(Duration::from_millis(200))
                 && redis::cmd("PING").query::<String>(&mut connection).is_ok()
             {
@@ -61,7 +158,25 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.ca_cert {
+            Some(_) => format!("rediss://127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(self.url())?;
+        if let Some(password) = &self.password {
+            let settings = info.redis_settings().clone().set_password(password.clone());
+            info = info.set_redis_settings(settings);
+        }
+        match &self.ca_cert {
+            Some(ca) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates { client_tls: None, root_cert: Some(ca.as_bytes().to_vec()) },
+            ),
+            None => redis::Client::open(info),
+        }
     }
 
     /// Kills the server (SIGKILL, as a crash would).
@@ -80,7 +195,7 @@ impl RedisServer {
 
     /// A synchronous connection for looking at what the data plane stored.
     pub fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url()).and_then(|c| c.get_connection()).expect("a connection to the test Redis")
+        self.client().and_then(|c| c.get_connection()).expect("a connection to the test Redis")
     }
 }
 
@@ -102,7 +217,14 @@ impl RedisCluster {
             .map(|_| {
                 let dir = std::env::temp_dir().join(format!("umw-redis-{}-{}", std::process::id(), fastrand::u32(..)));
                 std::fs::create_dir_all(&dir).expect("a temp directory");
-                let mut node = RedisServer { port: free_port(), child: None, dir };
+                let mut node = RedisServer {
+                    port: free_port(),
+                    child: None,
+                    dir,
+                    extra: Vec::new(),
+                    ca_cert: None,
+                    password: None,
+                };
                 node.spawn_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]);
                 node
             })

@@ -223,6 +223,9 @@ async fn with_redis_down_requests_go_to_the_upstream_and_caching_resumes_when_it
         status["components"].as_array().unwrap().iter().any(|c| c["name"] == "redis" && c["state"] != "Up")
     })
     .await;
+    // With the breaker open, responses say that nothing was stored.
+    let reply = get(&gw.url("/respond?down=x")).await;
+    assert_eq!(cache_status(&reply), "umw; fwd=miss; detail=cache-unavailable");
 
     redis.restart();
     eventually("caching again", Duration::from_secs(30), || async {
@@ -263,6 +266,45 @@ async fn a_redis_cluster_holds_the_entries_across_its_masters() {
         assert!(cache_status(&get(&gw.url(&format!("/respond?c={i}"))).await).contains("hit"));
     }
     assert_eq!(up.hits(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_behind_tls_with_a_password_and_a_private_authority_holds_the_entries() {
+    let redis = RedisServer::start_tls("s3cret");
+    let up = Upstream::start("up").await;
+    let ca: String = redis.ca_cert.as_deref().unwrap().lines().map(|l| format!("          {l}\n")).collect();
+    let ca = format!("      caCert:\n        value: |\n{ca}");
+    let connection = |password: &str, ca: &str| {
+        format!(
+            "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cache}}\nspec:\n  routes:\n    - name: products\n      match: {{pathPrefix: /}}\n      upstream: {{url: '{}'}}\n  connections:\n    redis:\n      url: {{value: '{}'}}\n      password: {{value: {password}}}\n{ca}---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: products, namespace: cache}}\nspec:\n  targetRefs: [{{name: shop}}]\n  rules:\n  - {{ttl: 60s}}\n",
+            up.url(),
+            redis.url()
+        )
+    };
+    // A wrong password, or no trust in the private authority: no connection, the component says why, and
+    // requests still succeed from the upstream.
+    for (password, ca) in [("wrong", ca.as_str()), ("s3cret", "")] {
+        let gw = Gateway::start(&connection(password, ca)).await;
+        eventually("the redis component down, saying why", Duration::from_secs(10), || async {
+            let status = gw.status().await;
+            status["components"].as_array().unwrap().iter().any(|c| {
+                c["name"] == "redis"
+                    && c["state"] == "Down"
+                    && c["message"].as_str().unwrap_or("").contains("cannot connect")
+            })
+        })
+        .await;
+        let reply = get(&gw.url("/respond?t=1")).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(cache_status(&reply), "umw; fwd=miss; detail=cache-unavailable");
+    }
+
+    let gw = Gateway::start(&connection("s3cret", &ca)).await;
+    redis_ready(&gw).await;
+    assert_eq!(cache_status(&get(&gw.url("/respond?t=1")).await), "umw; fwd=miss; stored");
+    assert!(cache_status(&get(&gw.url("/respond?t=1")).await).starts_with("umw; hit"));
+    let keys: Vec<String> = redis::cmd("KEYS").arg("umw:*").query(&mut redis.connection()).unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,6 +45,11 @@ impl CacheError {
 pub trait Cache: Send + Sync + 'static {
     /// `memory` or `redis`: the metric label.
     fn backend(&self) -> &'static str;
+    /// False while the backend is known not to answer (not connected, circuit open): writes are not tried
+    /// and responses do not claim to be stored.
+    fn available(&self) -> bool {
+        true
+    }
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<std::sync::Arc<Entry>>, CacheError>>;
     /// Stores `entry` for `keep` (its freshness plus the stale windows).
     fn put<'a>(&'a self, key: &'a str, entry: &'a Entry, keep: Duration) -> BoxFuture<'a, Result<(), CacheError>>;

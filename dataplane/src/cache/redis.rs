@@ -25,6 +25,8 @@ pub const COMPONENT: &str = "redis";
 pub struct RedisSettings {
     pub url: String,
     pub password: Option<String>,
+    /// PEM roots for `rediss://` instead of the system's.
+    pub ca_cert: Option<String>,
     pub cluster: bool,
     /// Deadline of one operation.
     pub timeout: Duration,
@@ -74,7 +76,7 @@ impl RedisCache {
                 let with = info.redis_settings().clone().set_password(password.clone());
                 info = info.set_redis_settings(with);
             }
-            redis::Client::open(info).ok()
+            client(info, settings).ok()
         };
         let (standalone, cluster) = if settings.cluster {
             let mut builder = redis::cluster::ClusterClient::builder(vec![settings.url.clone()])
@@ -82,6 +84,9 @@ impl RedisCache {
                 .response_timeout(settings.timeout * 5);
             if let Some(password) = &settings.password {
                 builder = builder.password(password.clone());
+            }
+            if let Some(ca) = &settings.ca_cert {
+                builder = builder.certs(certificates(ca));
             }
             (None, Some(builder.build().map_err(|e| SettingsError(e.to_string()))?))
         } else {
@@ -92,7 +97,7 @@ impl RedisCache {
                 let settings = info.redis_settings().clone().set_password(password.clone());
                 info = info.set_redis_settings(settings);
             }
-            (Some(redis::Client::open(info).map_err(|e| SettingsError(e.to_string()))?), None)
+            (Some(client(info, settings)?), None)
         };
         let handle = tokio::runtime::Handle::try_current().map_err(|_| SettingsError("no async runtime".into()))?;
         let task = handle.spawn(async move {
@@ -217,6 +222,10 @@ impl Cache for RedisCache {
         "redis"
     }
 
+    fn available(&self) -> bool {
+        self.connection.load().is_some() && self.breaker.state() != BreakerState::Open
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Arc<Entry>>, CacheError>> {
         async move {
             let value: Option<Vec<u8>> = self.run("get", redis::cmd("GET").arg(key).clone()).await?;
@@ -332,6 +341,19 @@ fn glob_escape(text: &str) -> String {
         out.push(c);
     }
     out
+}
+
+fn certificates(ca: &str) -> redis::TlsCertificates {
+    redis::TlsCertificates { client_tls: None, root_cert: Some(ca.as_bytes().to_vec()) }
+}
+
+/// A client for one server, verifying TLS against the given roots when there are any.
+fn client(info: redis::ConnectionInfo, settings: &RedisSettings) -> Result<redis::Client, SettingsError> {
+    match &settings.ca_cert {
+        Some(ca) => redis::Client::build_with_tls(info, certificates(ca)),
+        None => redis::Client::open(info),
+    }
+    .map_err(|e| SettingsError(e.to_string()))
 }
 
 /// A URL without its password.

@@ -463,6 +463,13 @@ impl Inner {
             }
             return with_status(response, "umw; fwd=miss; detail=not-cacheable");
         };
+        if !rule.cache.available() {
+            self.metrics.cache_stores.with_label_values(&[&route, "unavailable"]).inc();
+            if let Some(flight) = flight {
+                flight.finish(None);
+            }
+            return with_status(response, "umw; fwd=miss; detail=cache-unavailable");
+        }
         let (parts, body) = response.into_parts();
         let (body, complete) = read_up_to(body, rule.max_entry_bytes).await;
         let Some(bytes) = complete else {

@@ -108,6 +108,10 @@ impl Cache for TieredCache {
         "tiered"
     }
 
+    fn available(&self) -> bool {
+        self.l2.available()
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Arc<Entry>>, CacheError>> {
         async move {
             if let Some(l1) = self.l1()
