@@ -17,9 +17,10 @@ dev: build ## Local control plane, process kubelet, operator and data-plane pods
 test: testenv lint build ## Everything: formatting, lints, unit tests, CRD drift, e2e against a real control plane
 	bash e2e/testenv/cargo-test.sh
 
-testenv: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kubectl and helm; install redis-server
+testenv: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kubectl and helm; fetch Apache Kafka from Maven Central; install redis-server
 	bash e2e/testenv/packages.sh
 	bash e2e/testenv/build-tools.sh
+	bash e2e/testenv/kafka.sh fetch
 
 build: ## Build the binaries (and the demo upstream)
 	$(CARGO) build --workspace --bins --examples

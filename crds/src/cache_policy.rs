@@ -21,7 +21,7 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     status = "PolicyStatus",
     derive = "PartialEq",
     derive = "Default",
-    doc = "Response caching for routes of a Middleware: TTL with jitter, negative caching, stale-while-revalidate, cache keys, single-flight, invalidation and warm-up. Not enforced yet: accepted and rendered into the data-plane configuration; the data plane acts on it from the cache release on, and the Enforced condition says so.",
+    doc = "Response caching for routes of a Middleware: TTL with jitter, negative caching, stale-while-revalidate, cache keys, single-flight, invalidation and warm-up. Invalidation by Kafka events is accepted but not enforced yet; the Enforced condition says so.",
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
     printcolumn(
@@ -279,8 +279,7 @@ impl Policy for CachePolicy {
     }
 
     fn not_enforced_fields(&self) -> Vec<&'static str> {
-        // What the data plane does not do yet: invalidation, warm-up, the two-tier backend, tags and
-        // single-flight across pods. Everything else of a rule is enforced.
+        // What the data plane does not do yet: invalidation by Kafka events. Everything else is enforced.
         let spec = &self.spec;
         let mut fields = Vec::new();
         if spec.invalidation.as_ref().is_some_and(|i| !i.events.is_empty()) {

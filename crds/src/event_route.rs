@@ -23,7 +23,7 @@ use crate::policy::{Policy, PolicyStatus};
     status = "PolicyStatus",
     derive = "PartialEq",
     derive = "Default",
-    doc = "Routes events through a Middleware: from one source (HTTP ingest, a Kafka topic, an outbox table) to one destination (a Kafka topic, an HTTP webhook, a WebSocket room), with filters, retries and a dead-letter topic. Not enforced yet: accepted and rendered into the data-plane configuration; the data plane acts on it from the events release on, and the Enforced condition says so.",
+    doc = "Routes events through a Middleware: from one source (HTTP ingest, a Kafka topic, an outbox table) to one destination (a Kafka topic, an HTTP webhook, a WebSocket room), with filters, retries and a dead-letter topic. WebSocket rooms and outbox sources are accepted but not enforced yet; the Enforced condition says so.",
     printcolumn(name = "Source", type_ = "string", json_path = ".spec.source", priority = 1),
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
@@ -283,8 +283,15 @@ impl Policy for EventRoute {
     }
 
     fn not_enforced_fields(&self) -> Vec<&'static str> {
-        // Events land with the events issue; until then nothing of an EventRoute is enforced.
-        vec!["spec.source", "spec.destination"]
+        // WebSocket rooms land with the hub, outbox sources with commands.
+        let mut fields = Vec::new();
+        if self.spec.destination.websocket.is_some() {
+            fields.push("spec.destination.websocket");
+        }
+        if self.spec.source.outbox.is_some() {
+            fields.push("spec.source.outbox");
+        }
+        fields
     }
 
     fn validate_against(&self, middleware: &crate::Middleware) -> Result<(), String> {
@@ -305,10 +312,37 @@ impl Policy for EventRoute {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if let Some(section) = self.spec.target_refs.iter().find_map(|t| t.section_name.as_ref()) {
+        let spec = &self.spec;
+        if let Some(section) = spec.target_refs.iter().find_map(|t| t.section_name.as_ref()) {
             return Err(format!(
                 "targetRefs[].sectionName ({section:?}) does not apply to an EventRoute: event routes attach to a whole Middleware; remove it"
             ));
+        }
+        if let Some(key) = spec.destination.kafka.as_ref().and_then(|k| k.key_template.as_deref()) {
+            crate::template::check(key, &["data", "id", "type", "source", "subject", "ext"])
+                .map_err(|e| format!("spec.destination.kafka.keyTemplate: {e}"))?;
+        }
+        for (field, value) in [
+            ("spec.retry.initialBackoff", spec.retry.initial_backoff.as_ref()),
+            ("spec.retry.maxBackoff", spec.retry.max_backoff.as_ref()),
+            ("spec.destination.http.timeout", spec.destination.http.as_ref().and_then(|h| h.timeout.as_ref())),
+        ] {
+            if let Some(value) = value {
+                value.parse().map_err(|e| format!("{field}: {e}"))?;
+            }
+        }
+        if spec.dead_letter.is_some() && spec.source.http.is_some() && spec.destination.kafka.is_some() {
+            return Err("spec.deadLetter: events ingested over HTTP into Kafka are acknowledged by the broker or refused to the caller (503), never dead-lettered; remove deadLetter (it applies to Kafka sources and to webhook destinations)".into());
+        }
+        if let Some(filter) = &spec.filter {
+            for (i, m) in filter.data.iter().enumerate() {
+                serde_json::from_str::<serde_json::Value>(&m.equals).map_err(|e| {
+                    format!(
+                        "spec.filter.data[{i}].equals: {:?} is not JSON text (write strings quoted: '\"paid\"'): {e}",
+                        m.equals
+                    )
+                })?;
+            }
         }
         Ok(())
     }

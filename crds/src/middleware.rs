@@ -74,13 +74,12 @@ pub struct MiddlewareSpec {
     pub listeners: Listeners,
 
     /// Routes to upstream services, matched in order; the first match wins.
-    /// Not enforced yet: the data plane proxies routes from the data-plane core release on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub routes: Vec<Route>,
 
-    /// Connections to the backends that policies and commands use. Referenced Secrets are checked now;
-    /// the connections themselves are not enforced yet (they arrive with the cache, events and commands).
+    /// Connections to the backends that policies and commands use: Redis (caching), Kafka (events),
+    /// PostgreSQL (commands, not used yet). Referenced Secrets must exist.
     #[serde(default)]
     pub connections: Connections,
 
@@ -90,7 +89,7 @@ pub struct MiddlewareSpec {
     #[schemars(length(max = 256))]
     pub commands: Vec<Command>,
 
-    /// Traces, logs and metrics. Not enforced yet: arrives with the data-plane core release.
+    /// Traces, logs and metrics.
     #[serde(default)]
     pub observability: Observability,
 
@@ -412,6 +411,9 @@ impl Connections {
                 out.push(("spec.connections.kafka.sasl.username", &sasl.username));
                 out.push(("spec.connections.kafka.sasl.password", &sasl.password));
             }
+            if let Some(ca) = &kafka.ca_cert {
+                out.push(("spec.connections.kafka.caCert", ca));
+            }
         }
         if let Some(postgres) = &self.postgres {
             out.push(("spec.connections.postgres.url", &postgres.url));
@@ -463,6 +465,70 @@ pub struct KafkaConnection {
     /// Use TLS to the brokers.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls: bool,
+    /// PEM certificate(s) of the authority that signed the brokers' certificates, when it is not a public
+    /// one (the system's roots are used otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<ValueSource>,
+    /// How events are produced.
+    #[serde(default, skip_serializing_if = "KafkaProducer::is_default")]
+    pub producer: KafkaProducer,
+}
+
+/// Producer settings. The producer is idempotent (no duplicates or reordering from its own retries) unless
+/// `acks` is weakened.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaProducer {
+    /// `all` (default: every in-sync replica has the event before it counts as delivered), `leader`, or
+    /// `none`. Anything but `all` turns idempotence off.
+    #[serde(default)]
+    pub acks: KafkaAcks,
+    /// How long the producer waits to fill a batch. Defaults to 5ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linger: Option<Duration>,
+    /// Largest batch per partition, in bytes. Defaults to 1000000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub batch_bytes: Option<u32>,
+    /// `none` (default), `gzip`, `snappy` or `lz4`.
+    #[serde(default)]
+    pub compression: KafkaCompression,
+    /// Events a pod may have waiting for the broker's acknowledgement; beyond it, ingest answers `503` with
+    /// `Retry-After`. Defaults to 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_in_flight: Option<u32>,
+    /// How long an event may wait for the broker's acknowledgement (retries included) before it counts as
+    /// failed. Defaults to 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_timeout: Option<Duration>,
+}
+
+impl KafkaProducer {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Acknowledgements the producer waits for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum KafkaAcks {
+    #[default]
+    All,
+    Leader,
+    None,
+}
+
+/// Compression of produced batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum KafkaCompression {
+    #[default]
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
 }
 
 /// SASL mechanism.

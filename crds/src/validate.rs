@@ -91,6 +91,10 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
     if let Some(redis) = &spec.connections.redis {
         c.duration("spec.connections.redis.timeout".into(), redis.timeout.as_ref());
     }
+    if let Some(kafka) = &spec.connections.kafka {
+        c.duration("spec.connections.kafka.producer.linger".into(), kafka.producer.linger.as_ref());
+        c.duration("spec.connections.kafka.producer.deliveryTimeout".into(), kafka.producer.delivery_timeout.as_ref());
+    }
     if let Some(ratio) = spec.observability.sampling_ratio
         && !(0.0..=1.0).contains(&ratio)
     {

@@ -67,7 +67,10 @@ impl Admin {
             routes: snapshot
                 .routes
                 .iter()
-                .map(|r| RouteStatus { name: r.name.clone(), upstream: r.upstream.label.clone() })
+                .map(|r| RouteStatus {
+                    name: r.name.clone(),
+                    upstream: r.upstream.as_ref().map_or_else(|| "events".to_string(), |u| u.label.clone()),
+                })
                 .collect(),
         }
     }

@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod cache;
 pub mod chain;
 pub mod config;
+pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod problem;

@@ -139,7 +139,8 @@ fn main() -> ExitCode {
 
 async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("registering metrics")?;
-    // Building the runtime compiles every route, schema and upstream, as a start would.
+    // Building the runtime compiles every route, schema, template and upstream, as a start would; with
+    // the in-process backends, so that checking neither needs the Secrets nor contacts Redis or Kafka.
     let runtime = Runtime::with_options(
         loaded,
         metrics,
@@ -147,7 +148,7 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
         cli.resolve.clone(),
         None,
         LogControl::disabled(),
-        cli.in_process_backends,
+        true,
     )
     .map_err(|invalid| anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  ")))?;
     let snapshot = runtime.snapshot();
@@ -156,15 +157,18 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
         "{}: Middleware {} with {} route(s), {} CachePolicy, {} EventRoute, {} AuthPolicy; configuration hash {} (as /status reports it)",
         path.display(),
         loaded.middleware(),
-        snapshot.routes.len(),
+        snapshot.routes.iter().filter(|r| r.ingest.is_none()).count(),
         b.cache_policies.len(),
         b.event_routes.len(),
         b.auth_policies.len(),
         loaded.hash
     );
     let connections = &b.middleware.spec.connections;
-    if connections.redis.is_some() || connections.kafka.is_some() || connections.postgres.is_some() {
-        println!("  note: spec.connections is accepted but not used by this version (no component needs it yet)");
+    if connections.redis.is_some() || connections.kafka.is_some() {
+        println!("  note: spec.connections (Redis, Kafka) are not contacted by check; their Secrets are read at start");
+    }
+    if connections.postgres.is_some() {
+        println!("  note: spec.connections.postgres is accepted but not used by this version (commands land later)");
     }
     for policy in snapshot.policies.iter().filter(|p| !p.enforced) {
         println!("  note: {} {} is accepted but not enforced: {}", policy.kind, policy.name, policy.message);
@@ -245,6 +249,9 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
     let _ = traffic.await;
     watcher.abort();
     warmup.abort();
+    // Consumers finish the messages in hand and commit; producers wait for their acknowledgements.
+    let events = runtime.clone();
+    tokio::task::spawn_blocking(move || events.stop_events()).await.ok();
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     if let Some(traces) = traces {

@@ -48,6 +48,21 @@ pub struct Metrics {
     pub cache_invalidations: IntCounterVec,
     /// Warm-up fetches, by outcome (`ok`, `error`).
     pub cache_warmups: IntCounterVec,
+    /// Events published to Kafka, by topic and outcome (`ok`, `error`, `full`, `unavailable`).
+    pub events_published: IntCounterVec,
+    /// Time from handing an event to the producer to the broker's acknowledgement, by topic.
+    pub events_publish_duration: HistogramVec,
+    /// Events handed to the producer and not yet acknowledged.
+    pub events_in_flight: IntGauge,
+    /// Events received by ingest or consumers, by event route and outcome (`delivered`, `filtered`,
+    /// `dead_lettered`, `invalid`, `failed`).
+    pub events_handled: IntCounterVec,
+    /// Delivery attempts to a destination, by event route and outcome (`ok`, `error`).
+    pub events_deliveries: IntCounterVec,
+    /// Consumer lag (messages behind the partitions' ends), by event route.
+    pub events_consumer_lag: IntGaugeVec,
+    /// Consumer group rebalances seen, by event route and kind (`assign`, `revoke`).
+    pub events_rebalances: IntCounterVec,
     /// Connections accepted on the traffic listener.
     pub connections_accepted: IntCounter,
     /// Open connections on the traffic listener.
@@ -157,6 +172,40 @@ impl Metrics {
                 "umw_cache_warmups_total",
                 "Warm-up fetches by outcome (ok, error)",
                 &["outcome"],
+            )?,
+            events_published: counter_vec(
+                "umw_events_published_total",
+                "Events published to Kafka, by topic and outcome (ok, error, full, unavailable)",
+                &["topic", "outcome"],
+            )?,
+            events_publish_duration: histogram_vec(
+                "umw_events_publish_duration_seconds",
+                "Time from handing an event to the producer to the broker's acknowledgement, by topic",
+                &["topic"],
+            )?,
+            events_in_flight: gauge("umw_events_in_flight", "Events handed to the producer and not yet acknowledged")?,
+            events_handled: counter_vec(
+                "umw_events_handled_total",
+                "Events received by ingest or consumers, by event route and outcome",
+                &["event_route", "outcome"],
+            )?,
+            events_deliveries: counter_vec(
+                "umw_events_deliveries_total",
+                "Delivery attempts to a destination, by event route and outcome (ok, error)",
+                &["event_route", "outcome"],
+            )?,
+            events_consumer_lag: {
+                let metric = IntGaugeVec::new(
+                    Opts::new("umw_events_consumer_lag", "Messages behind the partitions' ends, by event route"),
+                    &["event_route"],
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
+            events_rebalances: counter_vec(
+                "umw_events_rebalances_total",
+                "Consumer group rebalances seen, by event route and kind (assign, revoke)",
+                &["event_route", "kind"],
             )?,
             connections_accepted: {
                 let metric =

@@ -64,7 +64,10 @@ pub struct Retry {
 pub struct Route {
     pub name: String,
     pub matcher: Matcher,
-    pub upstream: Arc<Upstream>,
+    /// Where the proxy sends requests; `None` for event ingest routes.
+    pub upstream: Option<Arc<Upstream>>,
+    /// Event ingest: the handler publishes instead of proxying.
+    pub ingest: Option<Arc<crate::events::Ingest>>,
     pub timeout: Duration,
     pub retry: Option<Retry>,
     pub max_body: u64,
@@ -102,6 +105,8 @@ pub struct Snapshot {
     pub invalidator: Option<Arc<crate::cache::Invalidator>>,
     /// Paths to fetch into the cache.
     pub warmup: crate::cache::warmup::Plan,
+    /// The Kafka consumers this configuration runs.
+    pub consumers: Vec<crate::events::build::ConsumerPlan>,
 }
 
 impl Snapshot {
@@ -124,6 +129,7 @@ pub struct Runtime {
     current: ArcSwap<Snapshot>,
     upstreams: Mutex<Upstreams>,
     caches: Mutex<Caches>,
+    events: Mutex<EventsState>,
     clients: Clients,
     pub health: Health,
     pub metrics: Metrics,
@@ -131,6 +137,7 @@ pub struct Runtime {
     traces: Option<Arc<Traces>>,
     log: LogControl,
     flights: crate::cache::stage::Flights,
+    bus: Arc<crate::events::bus::InProcessBus>,
     in_process: bool,
 }
 
@@ -141,6 +148,18 @@ enum CacheBackendKey {
     Memory,
     Redis(crate::cache::redis::RedisSettings),
     Tiered(crate::cache::redis::RedisSettings),
+}
+
+/// Kafka clients, kept across reloads.
+#[derive(Default)]
+struct EventsState {
+    producers: crate::events::build::Producers,
+    consumers: std::collections::HashMap<String, RunningConsumer>,
+}
+
+enum RunningConsumer {
+    Kafka(crate::events::kafka::Consumer),
+    Bus(#[allow(dead_code)] crate::events::bus::BusConsumer),
 }
 
 #[derive(Default)]
@@ -154,6 +173,7 @@ struct Parts<'a> {
     overrides: &'a Overrides,
     traces: &'a Option<Arc<Traces>>,
     flights: &'a crate::cache::stage::Flights,
+    bus: &'a Arc<crate::events::bus::InProcessBus>,
     in_process: bool,
 }
 
@@ -184,8 +204,10 @@ impl Runtime {
     ) -> Result<Self, Invalid> {
         let clients = Clients::new();
         let flights = crate::cache::stage::Flights::default();
+        let bus = Arc::new(crate::events::bus::InProcessBus::default());
         let mut upstreams = Upstreams::default();
         let mut caches = Caches::default();
+        let mut events = EventsState::default();
         let parts = Parts {
             clients: &clients,
             health: &health,
@@ -193,17 +215,20 @@ impl Runtime {
             overrides: &overrides,
             traces: &traces,
             flights: &flights,
+            bus: &bus,
             in_process,
         };
-        let snapshot = build(loaded, &mut upstreams, &mut caches, &parts)?;
+        let snapshot = build(loaded, &mut upstreams, &mut caches, &mut events.producers, &parts)?;
         for upstream in upstreams.0.values() {
             upstream.activate();
         }
+        reconcile_consumers(&mut events, &snapshot.consumers, &bus, &health, &metrics);
         health.set("config", State::Up, format!("configuration {} applied", loaded.hash), true);
         Ok(Self {
             current: ArcSwap::from_pointee(snapshot),
             upstreams: Mutex::new(upstreams),
             caches: Mutex::new(caches),
+            events: Mutex::new(events),
             clients,
             health,
             metrics,
@@ -211,6 +236,7 @@ impl Runtime {
             traces,
             log,
             flights,
+            bus,
             in_process,
         })
     }
@@ -234,6 +260,7 @@ impl Runtime {
                 metrics: current.metrics.clone(),
                 invalidator: current.invalidator.clone(),
                 warmup: current.warmup.clone(),
+                consumers: current.consumers.clone(),
             })
         });
     }
@@ -250,8 +277,12 @@ impl Runtime {
             let Ok(mut caches) = self.caches.lock() else {
                 return Outcome::Rejected("internal state poisoned".into());
             };
+            let Ok(mut events) = self.events.lock() else {
+                return Outcome::Rejected("internal state poisoned".into());
+            };
             let mut next = Upstreams(upstreams.0.clone());
             let mut next_caches = Caches(caches.0.clone());
+            let mut next_producers = events.producers.clone();
             let parts = Parts {
                 clients: &self.clients,
                 health: &self.health,
@@ -259,9 +290,17 @@ impl Runtime {
                 overrides: &self.overrides,
                 traces: &self.traces,
                 flights: &self.flights,
+                bus: &self.bus,
                 in_process: self.in_process,
             };
-            let built = build(loaded, &mut next, &mut next_caches, &parts);
+            let built = build(loaded, &mut next, &mut next_caches, &mut next_producers, &parts);
+            if let Ok(snapshot) = &built {
+                events.producers = next_producers;
+                reconcile_consumers(&mut events, &snapshot.consumers, &self.bus, &self.health, &self.metrics);
+                if events.producers.is_empty() && events.consumers.is_empty() {
+                    self.health.retain(|name| name != crate::events::kafka::COMPONENT);
+                }
+            }
             if built.is_ok() {
                 *caches = next_caches;
                 if !caches.0.keys().any(|k| matches!(k, CacheBackendKey::Redis(_) | CacheBackendKey::Tiered(_))) {
@@ -273,7 +312,7 @@ impl Runtime {
                 // label may belong to a new upstream), then show the new ones.
                 let wanted: Vec<Target> = built
                     .as_ref()
-                    .map(|s| s.routes.iter().map(|r| r.upstream.target.clone()).collect())
+                    .map(|s| s.routes.iter().filter_map(|r| r.upstream.as_ref()).map(|u| u.target.clone()).collect())
                     .unwrap_or_default();
                 next.0.retain(|target, _| wanted.contains(target));
                 for (target, upstream) in &upstreams.0 {
@@ -295,13 +334,34 @@ impl Runtime {
                 if let Err(message) = self.log.apply(loaded.bundle.middleware.spec.observability.log_level.as_deref()) {
                     tracing::warn!(%message, "the log level of the new configuration is not valid; keeping the old one");
                 }
-                let labels: Vec<String> = snapshot.routes.iter().map(|r| component_name(&r.upstream.label)).collect();
+                let labels: Vec<String> = snapshot
+                    .routes
+                    .iter()
+                    .filter_map(|r| r.upstream.as_ref())
+                    .map(|u| component_name(&u.label))
+                    .collect();
                 self.health.retain(|name| !name.starts_with("upstream ") || labels.iter().any(|l| l == name));
                 self.current.store(Arc::new(snapshot));
                 self.health.set("config", State::Up, format!("configuration {} applied", loaded.hash), true);
                 Outcome::Applied { hash: loaded.hash.clone() }
             }
             Err(invalid) => Outcome::Rejected(invalid.to_string()),
+        }
+    }
+
+    /// Graceful stop of the event clients: consumers finish the messages in hand and commit, producers
+    /// wait (up to a few seconds) for their events' acknowledgements. Blocks; call it off the async threads.
+    pub fn stop_events(&self) {
+        let Ok(mut events) = self.events.lock() else { return };
+        for (_, consumer) in events.consumers.drain() {
+            if let RunningConsumer::Kafka(consumer) = consumer {
+                consumer.stop();
+            }
+        }
+        for producer in events.producers.values() {
+            if let Err(error) = producer.flush(crate::events::build::FLUSH_TIMEOUT) {
+                tracing::warn!(%error, "events still unacknowledged at shutdown");
+            }
         }
     }
 
@@ -328,6 +388,7 @@ fn build(
     loaded: &Loaded,
     upstreams: &mut Upstreams,
     caches: &mut Caches,
+    producers: &mut crate::events::build::Producers,
     parts: &Parts<'_>,
 ) -> Result<Snapshot, Invalid> {
     let Parts { clients, health, metrics, overrides, traces, .. } = *parts;
@@ -353,9 +414,44 @@ fn build(
             (None, None)
         }
     };
+    let events =
+        match crate::events::build::build(loaded, producers, parts.bus, clients, health, metrics, parts.in_process) {
+            Ok(events) => events,
+            Err(more) => {
+                problems.extend(more);
+                crate::events::build::Built::default()
+            }
+        };
+    // Ingest routes come first: their exact POST paths win over the proxy routes' prefixes.
+    let mut ingest_routes = Vec::new();
+    for (name, path, ingest) in events.ingests {
+        match crate::events::build::ingest_matcher(&path) {
+            Ok(matcher) => ingest_routes.push(Arc::new(Route {
+                name: format!("events-{name}"),
+                matcher,
+                upstream: None,
+                ingest: Some(ingest),
+                timeout: DEFAULT_TIMEOUT,
+                retry: None,
+                max_body: DEFAULT_MAX_BODY,
+                schema: None,
+                clients: clients.clone(),
+                traces: traces.clone(),
+                request_duration: metrics.request_duration.with_label_values(&[&format!("events-{name}")]),
+                requests: crate::metrics::RouteCounters::new(&format!("events-{name}")),
+                metrics: metrics.clone(),
+            })),
+            Err(e) => {
+                problems.push(format!("{}: spec.source.http.path: {e}", loaded.origin(&format!("EventRoute/{name}"))))
+            }
+        }
+    }
+    ingest_routes.extend(routes);
+    let routes = ingest_routes;
     if !problems.is_empty() {
         return Err(Invalid { problems });
     }
+    let policies = policy_states(bundle);
     Ok(Snapshot {
         hash: loaded.hash.clone(),
         middleware: loaded.middleware(),
@@ -363,10 +459,11 @@ fn build(
         stages: Stages { cache, ..Stages::default() },
         sampling_ratio: telemetry::sampling_ratio(&bundle.middleware.spec.observability),
         traces: traces.clone(),
-        policies: policy_states(bundle),
+        policies,
         metrics: metrics.clone(),
         invalidator,
         warmup: warmup_plan(bundle),
+        consumers: events.consumers,
         bundle: bundle.clone(),
     })
 }
@@ -417,7 +514,8 @@ fn route(
     Ok(Route {
         name: spec.name.clone(),
         matcher,
-        upstream,
+        upstream: Some(upstream),
+        ingest: None,
         timeout: duration_or(spec.timeout.as_ref(), DEFAULT_TIMEOUT),
         retry,
         max_body: spec.max_body_bytes.map_or(DEFAULT_MAX_BODY, |n| u64::try_from(n).unwrap_or(0)),
@@ -428,6 +526,47 @@ fn route(
         requests: crate::metrics::RouteCounters::new(&spec.name),
         metrics: metrics.clone(),
     })
+}
+
+/// Starts the consumers the snapshot asks for and stops the others; unchanged ones keep running.
+fn reconcile_consumers(
+    events: &mut EventsState,
+    plans: &[crate::events::build::ConsumerPlan],
+    bus: &crate::events::bus::InProcessBus,
+    health: &Health,
+    metrics: &Metrics,
+) {
+    use crate::events::build::PlanSource;
+    events.consumers.retain(|key, _| plans.iter().any(|p| &p.key == key));
+    for plan in plans {
+        if events.consumers.contains_key(&plan.key) {
+            continue;
+        }
+        let started = match &plan.source {
+            PlanSource::Bus(topic) => {
+                Ok(RunningConsumer::Bus(crate::events::bus::BusConsumer::start(bus, topic, plan.handler.clone())))
+            }
+            PlanSource::Kafka(settings) => {
+                crate::events::kafka::Consumer::start(settings, plan.handler.clone(), health.clone(), metrics.clone())
+                    .map(RunningConsumer::Kafka)
+            }
+        };
+        match started {
+            Ok(consumer) => {
+                tracing::info!(route = %plan.route, "consumer started");
+                events.consumers.insert(plan.key.clone(), consumer);
+            }
+            Err(error) => {
+                tracing::error!(route = %plan.route, %error, "cannot start the consumer");
+                health.set(
+                    crate::events::kafka::COMPONENT,
+                    State::Down,
+                    format!("consumer of event route {}: {error}", plan.route),
+                    false,
+                );
+            }
+        }
+    }
 }
 
 /// The cache stage for the configuration's CachePolicies, with their backends (reused from `caches` when
@@ -637,5 +776,9 @@ pub fn policy_states(bundle: &Bundle) -> Vec<PolicyState> {
 
 /// Routes by name, for tests and `/status`.
 pub fn route_names(snapshot: &Snapshot) -> BTreeMap<String, String> {
-    snapshot.routes.iter().map(|r| (r.name.clone(), r.upstream.label.clone())).collect()
+    snapshot
+        .routes
+        .iter()
+        .map(|r| (r.name.clone(), r.upstream.as_ref().map_or_else(|| "events".to_string(), |u| u.label.clone())))
+        .collect()
 }

@@ -100,7 +100,8 @@ fn check_accepts_the_examples_and_reports_every_problem_of_a_broken_configuratio
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("Middleware default/shop with 2 route(s)"), "{stdout}");
-    assert!(stdout.contains("note: EventRoute shop-orders is accepted but not enforced"), "{stdout}");
+    assert!(stdout.contains("note: AuthPolicy shop-auth is accepted but not enforced"), "{stdout}");
+    assert!(!stdout.contains("EventRoute shop-orders"), "the example's event route is enforced: {stdout}");
     assert!(!stdout.contains("CachePolicy shop-cache"), "the example's cache policy is enforced: {stdout}");
 
     let dir = temp_dir("check");

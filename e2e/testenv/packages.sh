@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests run for real, when they are missing: redis-server and openssl (the cache's
-# integration tests start private instances of it). Run as root (or with passwordless sudo); otherwise it
-# names the command to run and fails.
+# Installs the Debian packages the tests run for real, when they are missing: redis-server and openssl (the
+# cache's integration tests start private instances of it), Java and Maven (the Kafka broker of the event
+# tests). Run as root (or with passwordless sudo); otherwise it names the command to run and fails.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v openssl >/dev/null || missing+=(openssl)
+# Apache Kafka for the event tests runs on Java 17 and comes from Maven Central through Maven.
+command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "[packages] installing ${missing[*]} from Debian" >&2
 if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else

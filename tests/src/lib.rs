@@ -1,10 +1,14 @@
 #![forbid(unsafe_code)]
 //! Data-plane integration tests against real backends. This library starts them: a private
 //! `redis-server` per test on a free loopback port (Debian's `redis-server`; `make test` installs it when
-//! missing). A test that needs a server it cannot start fails, naming the command to run.
+//! missing), and a private Apache Kafka broker ([`KafkaBroker`]). A test that needs a server it cannot
+//! start fails, naming the command to run.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod kafka;
+pub use kafka::KafkaBroker;
 
 /// A private Redis on loopback; stopped when dropped.
 pub struct RedisServer {
@@ -18,7 +22,7 @@ pub struct RedisServer {
     pub password: Option<String>,
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

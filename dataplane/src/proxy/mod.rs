@@ -92,7 +92,9 @@ fn idempotent(method: &Method) -> bool {
 
 /// Sends `request` to the route's upstream and returns its response, or the error to answer with.
 pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) -> Result<Response, ProxyError> {
-    let upstream = &route.upstream;
+    let Some(upstream) = route.upstream.as_ref() else {
+        return Err(ProxyError::BadRequest(format!("route {} has no upstream", route.name)));
+    };
     let (mut parts, body) = request.into_parts();
     let deadline = info.deadline.unwrap_or_else(|| Instant::now() + route.timeout);
     let retry = route.retry.as_ref().filter(|_| idempotent(&parts.method));

@@ -201,6 +201,16 @@ impl Gateway {
     }
 
     pub async fn start_with(yaml: &str, overrides: Overrides) -> Self {
+        Self::start_inner(yaml, overrides, false).await
+    }
+
+    /// With the in-process backends (memory cache, in-process event bus), as `--in-process-backends`.
+    #[allow(dead_code)]
+    pub async fn start_in_process(yaml: &str) -> Self {
+        Self::start_inner(yaml, Overrides::default(), true).await
+    }
+
+    async fn start_inner(yaml: &str, overrides: Overrides, in_process: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("umw-gw-{}-{}", std::process::id(), fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let config_file = dir.join("config.yaml");
@@ -211,7 +221,16 @@ impl Gateway {
         let traces =
             Traces::from_config(&loaded.bundle.middleware.spec.observability, "gw/test").unwrap().map(Arc::new);
         let runtime = Arc::new(
-            Runtime::new(&loaded, metrics.clone(), health.clone(), overrides, traces, LogControl::disabled()).unwrap(),
+            Runtime::with_options(
+                &loaded,
+                metrics.clone(),
+                health.clone(),
+                overrides,
+                traces,
+                LogControl::disabled(),
+                in_process,
+            )
+            .unwrap(),
         );
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

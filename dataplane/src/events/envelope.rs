@@ -1,0 +1,313 @@
+//! CloudEvents 1.0 on the wire, through the `cloudevents-sdk` crate's message traits: Kafka records in
+//! binary mode (`ce_*` headers, `content-type` for `datacontenttype`) or structured mode (a JSON envelope
+//! with `content-type: application/cloudevents+json`), and HTTP requests in binary mode (`ce-*` headers).
+//! The W3C trace context travels as the `traceparent` extension (the CloudEvents distributed tracing
+//! extension), so a trace continues across Kafka.
+
+use cloudevents::event::{AttributesReader, Data, SpecVersion};
+use cloudevents::message::{
+    BinaryDeserializer, BinarySerializer, Encoding, MessageAttributeValue, MessageDeserializer, StructuredDeserializer,
+    StructuredSerializer,
+};
+use cloudevents::{Event, EventBuilder, EventBuilderV10};
+
+/// `content-type` of a structured event.
+pub const STRUCTURED: &str = "application/cloudevents+json";
+
+/// The trace context extension attribute.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// How events are written to Kafka.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Binary,
+    Structured,
+}
+
+/// An event ready for a transport: headers and a body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wire {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Wire {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Collects an event's attributes as headers with a prefix (`ce_` for Kafka, `ce-` for HTTP).
+struct Collector {
+    prefix: &'static str,
+    wire: Wire,
+}
+
+impl Collector {
+    fn name(&self, attribute: &str) -> String {
+        if attribute == "datacontenttype" { "content-type".to_string() } else { format!("{}{attribute}", self.prefix) }
+    }
+}
+
+impl BinarySerializer<Wire> for Collector {
+    fn set_spec_version(mut self, version: SpecVersion) -> cloudevents::message::Result<Self> {
+        let name = format!("{}specversion", self.prefix);
+        self.wire.headers.push((name, version.to_string()));
+        Ok(self)
+    }
+
+    fn set_attribute(mut self, name: &str, value: MessageAttributeValue) -> cloudevents::message::Result<Self> {
+        let name = self.name(name);
+        self.wire.headers.push((name, value.to_string()));
+        Ok(self)
+    }
+
+    fn set_extension(self, name: &str, value: MessageAttributeValue) -> cloudevents::message::Result<Self> {
+        self.set_attribute(name, value)
+    }
+
+    fn end_with_data(mut self, bytes: Vec<u8>) -> cloudevents::message::Result<Wire> {
+        self.wire.body = bytes;
+        Ok(self.wire)
+    }
+
+    fn end(self) -> cloudevents::message::Result<Wire> {
+        Ok(self.wire)
+    }
+}
+
+impl StructuredSerializer<Wire> for Collector {
+    fn set_structured_event(mut self, bytes: Vec<u8>) -> cloudevents::message::Result<Wire> {
+        self.wire.headers.push(("content-type".into(), STRUCTURED.into()));
+        self.wire.body = bytes;
+        Ok(self.wire)
+    }
+}
+
+/// The event as a Kafka record's headers and value.
+pub fn to_kafka(event: &Event, format: Format) -> Result<Wire, String> {
+    let collector = Collector { prefix: "ce_", wire: Wire::default() };
+    match format {
+        Format::Binary => BinaryDeserializer::deserialize_binary(event.clone(), collector),
+        Format::Structured => StructuredDeserializer::deserialize_structured(event.clone(), collector),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// The event as an HTTP request's `ce-*` headers and body (binary content mode).
+pub fn to_http(event: &Event) -> Result<Wire, String> {
+    BinaryDeserializer::deserialize_binary(event.clone(), Collector { prefix: "ce-", wire: Wire::default() })
+        .map_err(|e| e.to_string())
+}
+
+/// Reads an event from a Kafka record's headers and value, in either mode.
+pub fn from_kafka(headers: Vec<(String, Vec<u8>)>, body: Option<Vec<u8>>) -> Result<Event, String> {
+    MessageDeserializer::into_event(Record { headers, body }).map_err(|e| e.to_string())
+}
+
+struct Record {
+    headers: Vec<(String, Vec<u8>)>,
+    body: Option<Vec<u8>>,
+}
+
+impl Record {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+    }
+}
+
+fn text(bytes: Vec<u8>) -> cloudevents::message::Result<String> {
+    String::from_utf8(bytes).map_err(|e| cloudevents::message::Error::Other { source: Box::new(e) })
+}
+
+impl BinaryDeserializer for Record {
+    fn deserialize_binary<R: Sized, V: BinarySerializer<R>>(self, visitor: V) -> cloudevents::message::Result<R> {
+        let version = self.get("ce_specversion").map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+        let version = SpecVersion::try_from(version.as_str())?;
+        let attributes = version.attribute_names();
+        let mut visitor = visitor.set_spec_version(version)?;
+        for (name, value) in self.headers {
+            let lower = name.to_ascii_lowercase();
+            if lower == "content-type" {
+                visitor = visitor.set_attribute("datacontenttype", MessageAttributeValue::String(text(value)?))?;
+                continue;
+            }
+            let Some(attribute) = lower.strip_prefix("ce_") else { continue };
+            if attribute == "specversion" {
+                continue;
+            }
+            let value = MessageAttributeValue::String(text(value)?);
+            visitor = if attributes.contains(&attribute) {
+                visitor.set_attribute(attribute, value)?
+            } else {
+                visitor.set_extension(attribute, value)?
+            };
+        }
+        match self.body {
+            Some(body) => visitor.end_with_data(body),
+            None => visitor.end(),
+        }
+    }
+}
+
+impl StructuredDeserializer for Record {
+    fn deserialize_structured<R: Sized, V: StructuredSerializer<R>>(
+        self,
+        visitor: V,
+    ) -> cloudevents::message::Result<R> {
+        visitor.set_structured_event(self.body.unwrap_or_default())
+    }
+}
+
+impl MessageDeserializer for Record {
+    fn encoding(&self) -> Encoding {
+        if self.get("content-type").is_some_and(|v| v.starts_with(STRUCTURED.as_bytes())) {
+            Encoding::STRUCTURED
+        } else if self.get("ce_specversion").is_some() {
+            Encoding::BINARY
+        } else {
+            Encoding::UNKNOWN
+        }
+    }
+}
+
+/// Reads an event from an HTTP request: structured (`application/cloudevents+json`), binary (`ce-*`
+/// headers), or, for a plain body, a new event around it with the given defaults.
+pub fn from_http(headers: &http::HeaderMap, body: Vec<u8>, defaults: &Defaults) -> Result<Event, String> {
+    let structured = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(STRUCTURED));
+    if structured || headers.contains_key("ce-specversion") {
+        return cloudevents::binding::http::to_event(headers, body).map_err(|e| e.to_string());
+    }
+    let content_type =
+        headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let mut builder = EventBuilderV10::new()
+        .id(new_id())
+        .ty(header("ce-type").unwrap_or_else(|| defaults.ty.clone()))
+        .source(header("ce-source").unwrap_or_else(|| defaults.source.clone()))
+        .time(chrono::Utc::now());
+    if let Some(subject) = header("ce-subject") {
+        builder = builder.subject(subject);
+    }
+    let data = if content_type.starts_with("application/json") || content_type.ends_with("+json") {
+        let json: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| format!("the body is not JSON ({e})"))?;
+        Data::Json(json)
+    } else {
+        Data::Binary(body)
+    };
+    builder.data(content_type, data).build().map_err(|e| e.to_string())
+}
+
+/// `type` and `source` of events made from plain HTTP bodies.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub ty: String,
+    pub source: String,
+}
+
+/// A new event id: 128 random bits as a UUID (version 4).
+pub fn new_id() -> String {
+    let n = fastrand::u128(..);
+    let n = (n & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let hex = format!("{n:032x}");
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// The event's data as JSON, when it is JSON (for filters, templates and schemas).
+pub fn json_data(event: &Event) -> Option<serde_json::Value> {
+    match event.data()? {
+        Data::Json(value) => Some(value.clone()),
+        Data::String(s) => serde_json::from_str(s).ok(),
+        Data::Binary(bytes) => {
+            let json_type =
+                event.datacontenttype().is_none_or(|t| t.starts_with("application/json") || t.ends_with("+json"));
+            if json_type { serde_json::from_slice(bytes).ok() } else { None }
+        }
+    }
+}
+
+/// A string attribute or extension of the event, by name (`id`, `type`, `source`, `subject`, or an
+/// extension).
+pub fn attribute(event: &Event, name: &str) -> Option<String> {
+    match name {
+        "id" => Some(event.id().to_string()),
+        "type" => Some(event.ty().to_string()),
+        "source" => Some(event.source().to_string()),
+        "subject" => event.subject().map(str::to_string),
+        other => event.extension(other).map(ToString::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> Event {
+        EventBuilderV10::new()
+            .id("e-1")
+            .ty("order.paid")
+            .source("/shop")
+            .extension(TRACEPARENT, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .data("application/json", serde_json::json!({"id": 42, "status": "paid"}))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn binary_mode_puts_attributes_in_ce_headers_and_data_in_the_value() {
+        let wire = to_kafka(&event(), Format::Binary).unwrap();
+        assert_eq!(wire.header("ce_specversion"), Some("1.0"));
+        assert_eq!(wire.header("ce_id"), Some("e-1"));
+        assert_eq!(wire.header("ce_type"), Some("order.paid"));
+        assert_eq!(wire.header("content-type"), Some("application/json"));
+        assert_eq!(wire.header("ce_traceparent"), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        let data: serde_json::Value = serde_json::from_slice(&wire.body).unwrap();
+        assert_eq!(data["id"], 42);
+    }
+
+    #[test]
+    fn both_modes_read_back_to_the_same_event() {
+        for format in [Format::Binary, Format::Structured] {
+            let wire = to_kafka(&event(), format).unwrap();
+            let headers = wire.headers.iter().map(|(n, v)| (n.clone(), v.clone().into_bytes())).collect();
+            let back = from_kafka(headers, Some(wire.body)).unwrap();
+            assert_eq!(back.id(), "e-1", "{format:?}");
+            assert_eq!(back.ty(), "order.paid");
+            assert_eq!(
+                attribute(&back, TRACEPARENT).as_deref(),
+                Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            );
+            assert_eq!(json_data(&back).unwrap()["status"], "paid", "{format:?}");
+        }
+    }
+
+    #[test]
+    fn a_record_that_is_no_cloudevent_is_refused_with_a_reason() {
+        let error = from_kafka(vec![], Some(b"{}".to_vec())).unwrap_err();
+        assert!(!error.is_empty());
+    }
+
+    #[test]
+    fn a_plain_json_body_becomes_an_event_with_the_defaults() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        let defaults = Defaults { ty: "orders".into(), source: "/ns/shop".into() };
+        let event = from_http(&headers, br#"{"id":7}"#.to_vec(), &defaults).unwrap();
+        assert_eq!(event.ty(), "orders");
+        assert_eq!(event.source().to_string(), "/ns/shop");
+        assert_eq!(event.id().len(), 36);
+        assert_eq!(json_data(&event).unwrap()["id"], 7);
+        assert!(from_http(&headers, b"not json".to_vec(), &defaults).unwrap_err().contains("not JSON"));
+    }
+
+    #[test]
+    fn ids_are_version_4_uuids() {
+        let id = new_id();
+        assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+    }
+}

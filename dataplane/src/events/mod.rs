@@ -1,0 +1,563 @@
+//! Events: `EventRoute`s take CloudEvents from a source (HTTP ingest, a Kafka topic) to a destination (a
+//! Kafka topic, an HTTP webhook), with filters, retries with backoff and jitter, and a dead-letter topic.
+//!
+//! Ingest answers `202` only once the broker acknowledged the event; consumers commit an offset only
+//! once its message was delivered, dead-lettered, or filtered out, so nothing acknowledged is lost and a
+//! crash replays at most what was in hand.
+
+pub mod build;
+pub mod bus;
+pub mod envelope;
+pub mod kafka;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse as _, Response};
+use cloudevents::Event;
+use cloudevents::event::AttributesReader as _;
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::BodyExt as _;
+use umw_crds::event_route::{EventFormat, EventRoute};
+use umw_crds::template::{self, Part};
+
+use self::bus::Publisher;
+use self::envelope::{Defaults, Format, Wire};
+use self::kafka::{Incoming, PublishError};
+use crate::metrics::Metrics;
+use crate::problem::{FieldProblem, Kind, Problem};
+use crate::proxy::upstream::Clients;
+
+/// Problems of event ingest.
+pub mod kinds {
+    use super::Kind;
+    use http::StatusCode;
+
+    pub const EVENTS_UNAVAILABLE: Kind = Kind {
+        slug: "events-unavailable",
+        title: "The event could not be published now",
+        status: StatusCode::SERVICE_UNAVAILABLE,
+    };
+    pub const EVENT_NOT_DELIVERED: Kind =
+        Kind { slug: "event-not-delivered", title: "The event was not delivered", status: StatusCode::BAD_GATEWAY };
+    pub const INVALID_EVENT: Kind =
+        Kind { slug: "invalid-event", title: "The request is not a valid event", status: StatusCode::BAD_REQUEST };
+    pub const EVENT_SCHEMA: Kind = Kind {
+        slug: "invalid-event-data",
+        title: "The event data does not satisfy the event route's schema",
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+    };
+}
+
+/// Default webhook attempt deadline, as documented on `timeout`.
+pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default retry backoffs, as documented on `retry`.
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Where a route's events go.
+pub enum Destination {
+    Kafka { producer: Arc<dyn Publisher>, topic: String, key: Option<Vec<Part>>, format: Format },
+    Webhook { url: http::Uri, timeout: Duration, headers: Vec<(http::HeaderName, HeaderValue)>, clients: Box<Clients> },
+}
+
+/// A dead-letter topic.
+pub struct DeadLetter {
+    pub producer: Arc<dyn Publisher>,
+    pub topic: String,
+}
+
+/// One EventRoute, compiled.
+pub struct EventRouteRuntime {
+    pub name: String,
+    pub destination: Destination,
+    pub types: Vec<String>,
+    pub sources: Vec<String>,
+    /// JSON pointer and the JSON value it must equal.
+    pub data: Vec<(String, serde_json::Value)>,
+    pub schema: Option<Arc<jsonschema::Validator>>,
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub dead_letter: Option<DeadLetter>,
+    pub defaults: Defaults,
+    pub metrics: Metrics,
+}
+
+/// Why one delivery attempt failed.
+#[derive(Debug)]
+pub struct DeliveryError {
+    pub message: String,
+    /// Worth another attempt (a timeout, a 5xx, an unavailable broker), or not (a 4xx).
+    pub retryable: bool,
+}
+
+impl EventRouteRuntime {
+    /// Compiles an EventRoute; the caller has checked it against the Middleware.
+    pub fn new(
+        route: &EventRoute,
+        destination: Destination,
+        dead_letter: Option<DeadLetter>,
+        metrics: Metrics,
+    ) -> Result<Self, String> {
+        use kube::ResourceExt as _;
+        let spec = &route.spec;
+        let filter = spec.filter.clone().unwrap_or_default();
+        let data = filter
+            .data
+            .iter()
+            .map(|m| {
+                serde_json::from_str(&m.equals)
+                    .map(|v| (m.pointer.clone(), v))
+                    .map_err(|e| format!("spec.filter.data: {:?} is not a JSON value ({e})", m.equals))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let schema = match &spec.schema {
+            Some(schema) => Some(Arc::new(
+                jsonschema::validator_for(&serde_json::Value::Object(schema.0.clone()))
+                    .map_err(|e| format!("spec.schema: not a valid JSON Schema: {e}"))?,
+            )),
+            None => None,
+        };
+        let duration = |d: Option<&umw_crds::Duration>, default| umw_crds::validate::duration_or(d, default);
+        Ok(Self {
+            name: route.name_any(),
+            destination,
+            types: filter.types,
+            sources: filter.sources,
+            data,
+            schema,
+            max_attempts: spec.retry.max_attempts.max(1),
+            initial_backoff: duration(spec.retry.initial_backoff.as_ref(), DEFAULT_INITIAL_BACKOFF),
+            max_backoff: duration(spec.retry.max_backoff.as_ref(), DEFAULT_MAX_BACKOFF),
+            dead_letter,
+            defaults: Defaults {
+                ty: route.name_any(),
+                source: format!("/{}/{}", route.namespace().unwrap_or_default(), route.name_any()),
+            },
+            metrics,
+        })
+    }
+
+    fn count(&self, outcome: &str) {
+        self.metrics.events_handled.with_label_values(&[&self.name, outcome]).inc();
+    }
+
+    /// Whether the event passes the filter.
+    pub fn passes(&self, event: &Event) -> bool {
+        if !self.types.is_empty() && !self.types.iter().any(|t| t == event.ty()) {
+            return false;
+        }
+        if !self.sources.is_empty() && !self.sources.iter().any(|s| s == event.source()) {
+            return false;
+        }
+        if self.data.is_empty() {
+            return true;
+        }
+        let Some(data) = envelope::json_data(event) else { return false };
+        self.data.iter().all(|(pointer, value)| data.pointer(pointer) == Some(value))
+    }
+
+    /// Schema violations of the event's data (none without a schema).
+    pub fn violations(&self, event: &Event) -> Vec<FieldProblem> {
+        let Some(schema) = &self.schema else { return Vec::new() };
+        let Some(data) = envelope::json_data(event) else {
+            return vec![FieldProblem { pointer: String::new(), detail: "the event data is not JSON".into() }];
+        };
+        schema
+            .iter_errors(&data)
+            .take(20)
+            .map(|e| FieldProblem { pointer: e.instance_path().to_string(), detail: e.to_string() })
+            .collect()
+    }
+
+    /// One delivery attempt.
+    pub async fn deliver_once(&self, event: &Event) -> Result<(), DeliveryError> {
+        match &self.destination {
+            Destination::Kafka { producer, topic, key, format } => {
+                let wire = envelope::to_kafka(event, *format)
+                    .map_err(|message| DeliveryError { message, retryable: false })?;
+                let key = match key {
+                    Some(parts) => render_event(parts, event),
+                    None => event.id().to_string(),
+                };
+                producer
+                    .publish(topic, Some(key.as_bytes()), &wire)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| DeliveryError { retryable: e.retryable(), message: e.to_string() })
+            }
+            Destination::Webhook { url, timeout, headers, clients } => {
+                let wire = envelope::to_http(event).map_err(|message| DeliveryError { message, retryable: false })?;
+                let mut request = Request::post(url.clone());
+                for (name, value) in &wire.headers {
+                    request = request.header(name.as_str(), value.as_str());
+                }
+                for (name, value) in headers {
+                    request = request.header(name, value);
+                }
+                let request = request
+                    .body(Body::from(wire.body))
+                    .map_err(|e| DeliveryError { message: e.to_string(), retryable: false })?;
+                let attempt = async {
+                    let response = clients
+                        .http1
+                        .request(request)
+                        .await
+                        .map_err(|e| DeliveryError { message: format!("{url}: {}", chain(&e)), retryable: true })?;
+                    let status = response.status();
+                    // Read the (small) answer so that the connection goes back to the pool.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), response.into_body().collect()).await;
+                    if status.is_success() {
+                        Ok(())
+                    } else {
+                        let retryable = status.is_server_error()
+                            || status == StatusCode::TOO_MANY_REQUESTS
+                            || status == StatusCode::REQUEST_TIMEOUT;
+                        Err(DeliveryError { message: format!("{url} answered {status}"), retryable })
+                    }
+                };
+                match tokio::time::timeout(*timeout, attempt).await {
+                    Ok(result) => result,
+                    Err(_) => Err(DeliveryError {
+                        message: format!("{url} did not answer within {timeout:?}"),
+                        retryable: true,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Delivers with retries (exponential backoff, full jitter). Gives up early when `stopping` is set.
+    pub async fn deliver(&self, event: &Event, stopping: &AtomicBool) -> Result<u32, (DeliveryError, u32)> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.deliver_once(event).await {
+                Ok(()) => {
+                    self.metrics.events_deliveries.with_label_values(&[&self.name, "ok"]).inc();
+                    return Ok(attempt);
+                }
+                Err(error) => {
+                    self.metrics.events_deliveries.with_label_values(&[&self.name, "error"]).inc();
+                    if !error.retryable || attempt >= self.max_attempts || stopping.load(Ordering::Relaxed) {
+                        return Err((error, attempt));
+                    }
+                    tracing::debug!(route = %self.name, attempt, error = %error.message, "delivery failed; retrying");
+                    let ceiling =
+                        self.initial_backoff.saturating_mul(2u32.saturating_pow(attempt - 1)).min(self.max_backoff);
+                    let pause = ceiling.mul_f64(fastrand::f64());
+                    let deadline = tokio::time::Instant::now() + pause;
+                    while tokio::time::Instant::now() < deadline {
+                        if stopping.load(Ordering::Relaxed) {
+                            return Err((error, attempt));
+                        }
+                        tokio::time::sleep(Duration::from_millis(50).min(pause)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Renders a key or room template over an event (`data.<field>`, `id`, `type`, `source`, `subject`, or an
+/// extension as `ext.<name>`).
+pub fn render_event(parts: &[Part], event: &Event) -> String {
+    let data = envelope::json_data(event);
+    template::render(parts, |source, name| match (source, name) {
+        ("data", Some(path)) => {
+            let pointer = format!("/{}", path.replace('.', "/"));
+            data.as_ref().and_then(|d| d.pointer(&pointer)).map(|v| match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+        }
+        ("ext", Some(name)) => envelope::attribute(event, name),
+        (attribute, None) => envelope::attribute(event, attribute),
+        _ => None,
+    })
+}
+
+/// The sources a key template may use.
+pub const TEMPLATE_SOURCES: &[&str] = &["data", "id", "type", "source", "subject", "ext"];
+
+/// The event format of a route.
+pub fn format_of(format: EventFormat) -> Format {
+    match format {
+        EventFormat::Binary => Format::Binary,
+        EventFormat::Structured => Format::Structured,
+    }
+}
+
+/// HTTP ingest of one event route: `POST` its path with an event (structured, binary, or a plain JSON
+/// body) → `202` once delivered.
+pub struct Ingest {
+    pub route: Arc<EventRouteRuntime>,
+}
+
+impl Ingest {
+    pub async fn handle(&self, request: Request<Body>, trace: Option<String>) -> Response {
+        let route = &self.route;
+        let (parts, body) = request.into_parts();
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) => {
+                return Problem::new(crate::problem::kinds::BODY_UNREADABLE, format!("reading the body: {error}"))
+                    .into_response();
+            }
+        };
+        let mut event = match envelope::from_http(&parts.headers, bytes.to_vec(), &route.defaults) {
+            Ok(event) => event,
+            Err(error) => {
+                route.count("invalid");
+                return Problem::new(kinds::INVALID_EVENT, error).into_response();
+            }
+        };
+        if event.extension(envelope::TRACEPARENT).is_none()
+            && let Some(traceparent) = trace
+        {
+            event.set_extension(envelope::TRACEPARENT, traceparent);
+        }
+        let violations = route.violations(&event);
+        if !violations.is_empty() {
+            route.count("invalid");
+            return Problem::new(
+                kinds::EVENT_SCHEMA,
+                format!("{} violation(s) of the schema of event route {}", violations.len(), route.name),
+            )
+            .with_errors(violations)
+            .into_response();
+        }
+        let id = event.id().to_string();
+        if !route.passes(&event) {
+            route.count("filtered");
+            return accepted(serde_json::json!({"id": id, "delivered": false, "reason": "filtered out"}));
+        }
+        match &route.destination {
+            Destination::Kafka { producer, topic, key, format } => {
+                let wire: Wire = match envelope::to_kafka(&event, *format) {
+                    Ok(wire) => wire,
+                    Err(error) => return Problem::new(kinds::INVALID_EVENT, error).into_response(),
+                };
+                let key = match key {
+                    Some(parts) => render_event(parts, &event),
+                    None => id.clone(),
+                };
+                match producer.publish(topic, Some(key.as_bytes()), &wire).await {
+                    Ok(delivered) => {
+                        route.count("delivered");
+                        accepted(serde_json::json!({
+                            "id": id, "topic": topic, "partition": delivered.partition, "offset": delivered.offset
+                        }))
+                    }
+                    Err(error) => {
+                        route.count("failed");
+                        let problem = match &error {
+                            PublishError::Full(_) => Problem::new(kinds::EVENTS_UNAVAILABLE, error.to_string()).retry_after(1),
+                            PublishError::Unavailable(_) => Problem::new(
+                                kinds::EVENTS_UNAVAILABLE,
+                                format!("{error}; the event may have been written if the broker went away after receiving it: send it again with the same id (ce-id {id})"),
+                            )
+                            .retry_after(5),
+                            PublishError::Failed(_) => Problem::new(kinds::EVENTS_UNAVAILABLE, error.to_string()).retry_after(5),
+                            PublishError::Refused(_) => Problem::new(kinds::INVALID_EVENT, error.to_string()),
+                        };
+                        problem.into_response()
+                    }
+                }
+            }
+            Destination::Webhook { .. } => {
+                let stopping = AtomicBool::new(false);
+                match route.deliver(&event, &stopping).await {
+                    Ok(_) => {
+                        route.count("delivered");
+                        accepted(serde_json::json!({"id": id, "delivered": true}))
+                    }
+                    Err((error, attempts)) if route.dead_letter.is_some() => {
+                        let message = ingested(&event, &route.name);
+                        if dead_letter(route, &message, &error.message, attempts, &stopping, true).await {
+                            accepted(serde_json::json!({"id": id, "delivered": false, "deadLettered": true}))
+                        } else {
+                            Problem::new(
+                                kinds::EVENTS_UNAVAILABLE,
+                                "the event was not delivered and could not be dead-lettered",
+                            )
+                            .retry_after(5)
+                            .into_response()
+                        }
+                    }
+                    Err((error, attempts)) => {
+                        route.count("failed");
+                        Problem::new(
+                            kinds::EVENT_NOT_DELIVERED,
+                            format!("after {attempts} attempt(s): {}", error.message),
+                        )
+                        .into_response()
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An ingested event as the record a dead-letter topic gets (binary mode; no original topic).
+fn ingested(event: &Event, route: &str) -> Incoming {
+    let wire = envelope::to_kafka(event, Format::Binary).unwrap_or_default();
+    Incoming {
+        topic: format!("http:{route}"),
+        partition: -1,
+        offset: -1,
+        key: Some(event.id().as_bytes().to_vec()),
+        headers: wire.headers.into_iter().map(|(n, v)| (n, v.into_bytes())).collect(),
+        payload: Some(wire.body),
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut current = error.source();
+    while let Some(e) = current {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        current = e.source();
+    }
+    out
+}
+
+fn accepted(body: serde_json::Value) -> Response {
+    let mut response = axum::Json(body).into_response();
+    *response.status_mut() = StatusCode::ACCEPTED;
+    response
+}
+
+/// Handles the messages of a Kafka source.
+pub struct KafkaSourceHandler {
+    pub route: Arc<EventRouteRuntime>,
+}
+
+impl kafka::Handler for KafkaSourceHandler {
+    fn handle(&self, message: Incoming, stopping: Arc<AtomicBool>) -> BoxFuture<'static, bool> {
+        let route = self.route.clone();
+        async move { handle_message(&route, message, &stopping).await }.boxed()
+    }
+}
+
+async fn handle_message(route: &EventRouteRuntime, message: Incoming, stopping: &AtomicBool) -> bool {
+    let event = match envelope::from_kafka(message.headers.clone(), message.payload.clone()) {
+        Ok(event) => Ok(event),
+        // A plain record (no CloudEvent): an event around it, with an id stable across redeliveries.
+        Err(_) if !message.headers.iter().any(|(n, _)| n.starts_with("ce_")) => wrap_plain(route, &message),
+        Err(error) => Err(format!("not a CloudEvent: {error}")),
+    };
+    let event = match event {
+        Ok(event) => event,
+        Err(error) => {
+            route.count("invalid");
+            return dead_letter(route, &message, &error, 0, stopping, false).await;
+        }
+    };
+    let violations = route.violations(&event);
+    if !violations.is_empty() {
+        route.count("invalid");
+        let error = format!(
+            "schema: {}",
+            violations.iter().map(|v| format!("{} {}", v.pointer, v.detail)).collect::<Vec<_>>().join("; ")
+        );
+        return dead_letter(route, &message, &error, 0, stopping, false).await;
+    }
+    if !route.passes(&event) {
+        route.count("filtered");
+        return true;
+    }
+    match route.deliver(&event, stopping).await {
+        Ok(_) => {
+            route.count("delivered");
+            true
+        }
+        Err(_) if stopping.load(Ordering::Relaxed) => false,
+        Err((error, attempts)) => dead_letter(route, &message, &error.message, attempts, stopping, false).await,
+    }
+}
+
+fn wrap_plain(route: &EventRouteRuntime, message: &Incoming) -> Result<Event, String> {
+    use cloudevents::EventBuilder as _;
+    let payload = message.payload.clone().unwrap_or_default();
+    let mut builder = cloudevents::EventBuilderV10::new()
+        .id(format!("{}-{}-{}", message.topic, message.partition, message.offset))
+        .ty(route.defaults.ty.clone())
+        .source(format!("kafka:{}", message.topic));
+    builder = match serde_json::from_slice::<serde_json::Value>(&payload) {
+        Ok(json) => builder.data("application/json", json),
+        Err(_) => builder.data("application/octet-stream", payload),
+    };
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// Headers of a dead-lettered message, next to the original ones.
+pub mod dead_letter_headers {
+    pub const TOPIC: &str = "umw_original_topic";
+    pub const PARTITION: &str = "umw_original_partition";
+    pub const OFFSET: &str = "umw_original_offset";
+    pub const ERROR: &str = "umw_error";
+    pub const ATTEMPTS: &str = "umw_attempts";
+    pub const ROUTE: &str = "umw_event_route";
+}
+
+/// Sends the original record to the dead-letter topic, retrying until it is there (or, with `once`,
+/// trying once; or the consumer stops); without a dead-letter topic, the message is dropped with an
+/// error log.
+async fn dead_letter(
+    route: &EventRouteRuntime,
+    message: &Incoming,
+    error: &str,
+    attempts: u32,
+    stopping: &AtomicBool,
+    once: bool,
+) -> bool {
+    let Some(dead_letter) = &route.dead_letter else {
+        route.count("dropped");
+        tracing::error!(
+            route = %route.name, topic = %message.topic, partition = message.partition, offset = message.offset, %error,
+            "event not delivered and no dead-letter topic: dropped"
+        );
+        return true;
+    };
+    use dead_letter_headers as h;
+    let mut headers: Vec<(String, String)> = message
+        .headers
+        .iter()
+        .filter(|(n, _)| !n.starts_with("umw_"))
+        .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
+        .collect();
+    headers.push((h::TOPIC.into(), message.topic.clone()));
+    headers.push((h::PARTITION.into(), message.partition.to_string()));
+    headers.push((h::OFFSET.into(), message.offset.to_string()));
+    headers.push((h::ERROR.into(), error.chars().take(1000).collect()));
+    headers.push((h::ATTEMPTS.into(), attempts.to_string()));
+    headers.push((h::ROUTE.into(), route.name.clone()));
+    let wire = Wire { headers, body: message.payload.clone().unwrap_or_default() };
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match dead_letter.producer.publish(&dead_letter.topic, message.key.as_deref(), &wire).await {
+            Ok(_) => {
+                route.count("dead_lettered");
+                tracing::warn!(route = %route.name, topic = %message.topic, partition = message.partition, offset = message.offset, %error, attempts, "event dead-lettered");
+                return true;
+            }
+            Err(publish) => {
+                if once || stopping.load(Ordering::Relaxed) {
+                    tracing::warn!(route = %route.name, error = %publish, "cannot write to the dead-letter topic");
+                    return false;
+                }
+                tracing::warn!(route = %route.name, error = %publish, "cannot write to the dead-letter topic; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

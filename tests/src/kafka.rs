@@ -1,0 +1,172 @@
+//! A private Apache Kafka broker (KRaft, one node) on loopback, started through
+//! `e2e/testenv/kafka.sh start` (jars from Maven Central, cached by `make testenv`); stopped when dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Headers as _, Message as _};
+
+use crate::free_port;
+
+pub struct KafkaBroker {
+    pub port: u16,
+    controller_port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    /// Times the broker started (its log keeps the lines of earlier runs).
+    started: usize,
+}
+
+/// A record read back from a topic.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub value: Vec<u8>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/testenv/kafka.sh")
+}
+
+impl KafkaBroker {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
+        std::fs::create_dir_all(&dir).expect("a temp directory");
+        let mut broker = Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0 };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("broker.out")).expect("the broker's output file");
+        let child = Command::new("bash")
+            .arg(script())
+            .args([
+                "start",
+                &self.dir.join("broker").to_string_lossy(),
+                &self.port.to_string(),
+                &self.controller_port.to_string(),
+            ])
+            .stdout(Stdio::from(log.try_clone().expect("a second handle")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run e2e/testenv/kafka.sh ({e})"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let ready = self.dir.join("broker/kafka.log");
+        loop {
+            if std::fs::read_to_string(&ready).is_ok_and(|l| l.matches("Kafka Server started").count() > self.starts())
+            {
+                break;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let out = std::fs::read_to_string(self.dir.join("broker.out")).unwrap_or_default();
+                panic!("the Kafka broker exited ({status}); install Java 17 and Maven, and run `make testenv`:\n{out}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Kafka broker did not start within 120 s (log: {})",
+                ready.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.started += 1;
+    }
+
+    fn starts(&self) -> usize {
+        self.started
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a topic (one replica). Blocks; runs its own client on a thread of its own.
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        let bootstrap = self.bootstrap();
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let admin: AdminClient<DefaultClientContext> =
+                ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("an admin client");
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+            let results = runtime.block_on(admin.create_topics([&topic], &options)).expect("create_topics");
+            for result in results {
+                if let Err((topic, error)) = result {
+                    panic!("creating topic {topic}: {error}");
+                }
+            }
+        })
+        .join()
+        .expect("creating the topic");
+    }
+
+    /// Every record of the topic, reading until `count` are in or `timeout` passes.
+    pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("group.id", format!("umw-test-reader-{}", fastrand::u64(..)))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("a reader");
+        consumer.subscribe(&[topic]).expect("subscribing");
+        let deadline = Instant::now() + timeout;
+        let mut records = Vec::new();
+        while records.len() < count && Instant::now() < deadline {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+                records.push(Record {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    headers: message
+                        .headers()
+                        .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+                        .unwrap_or_default(),
+                    value: message.payload().unwrap_or_default().to_vec(),
+                });
+            }
+        }
+        records
+    }
+
+    /// Kills the broker (SIGKILL, as a crash would); its data stays for [`KafkaBroker::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Events against a real Apache Kafka broker: HTTP ingest → Kafka, Kafka → webhook with retries and a
+//! dead-letter topic, the broker going away and coming back.
+
+#[path = "../../dataplane/tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::post;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use support::{Gateway, eventually, send};
+use umw_tests::KafkaBroker;
+
+/// A webhook that records what it gets and fails the first `fail_first` attempts of each event id (and
+/// every attempt of events whose data says `"poison": true`).
+#[derive(Clone, Default)]
+struct Webhook {
+    received: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
+    attempts: Arc<Mutex<HashMap<String, u32>>>,
+    fail_first: u32,
+}
+
+impl Webhook {
+    async fn start(fail_first: u32) -> (Self, String) {
+        let hook = Webhook { fail_first, ..Webhook::default() };
+        let app = Router::new().route("/hook", post(receive)).with_state(hook.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (hook, url)
+    }
+
+    fn delivered(&self) -> Vec<(HeaderMap, Bytes)> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+async fn receive(State(hook): State<Webhook>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let id = headers.get("ce-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let attempt = {
+        let mut attempts = hook.attempts.lock().unwrap();
+        let n = attempts.entry(id).or_default();
+        *n += 1;
+        *n
+    };
+    let poison = serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v["poison"] == true);
+    if poison || attempt <= hook.fail_first {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    hook.received.lock().unwrap().push((headers, body));
+    StatusCode::NO_CONTENT
+}
+
+fn middleware(kafka: &KafkaBroker, extra: &str) -> String {
+    format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: ev}}\nspec:\n  connections:\n    kafka:\n      bootstrapServers: {{value: '{}'}}\n{extra}",
+        kafka.bootstrap()
+    )
+}
+
+fn event_route(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {{name: {name}, namespace: ev}}\nspec:\n  targetRefs: [{{name: shop}}]\n{spec}"
+    )
+}
+
+async fn kafka_up(gw: &Gateway) {
+    eventually("the kafka component up", Duration::from_secs(30), || async {
+        let status = gw.status().await;
+        status["components"].as_array().unwrap().iter().any(|c| c["name"] == "kafka" && c["state"] == "Up")
+    })
+    .await;
+}
+
+async fn post_json(url: &str, headers: &[(&str, &str)], body: &str) -> support::Reply {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    send(Method::POST, url, &all, Bytes::from(body.to_string())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_ingest_answers_202_once_the_broker_has_the_event() {
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
+    kafka.create_topic("orders", 3);
+    let yaml = format!(
+        "{}{}",
+        middleware(&kafka, ""),
+        event_route(
+            "orders-in",
+            "  source: {http: {path: /events/orders}}\n  destination: {kafka: {topic: orders, keyTemplate: '{{ data.customer }}'}}\n  schema: {type: object, required: [customer], properties: {customer: {type: string}}}\n"
+        )
+    );
+    let gw = Gateway::start(&yaml).await;
+    kafka_up(&gw).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let reply = post_json(
+        &gw.url("/events/orders"),
+        &[("traceparent", traceparent), ("ce-type", "order.placed")],
+        r#"{"customer": "c-17", "total": 12}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let answer = reply.json();
+    let id = answer["id"].as_str().unwrap().to_string();
+    assert_eq!(answer["topic"], "orders");
+    let records = kafka.read("orders", 1, Duration::from_secs(20));
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    assert_eq!(record.partition, answer["partition"].as_i64().unwrap() as i32);
+    assert_eq!(record.offset, answer["offset"].as_i64().unwrap());
+    assert_eq!(record.header("ce_id").as_deref(), Some(id.as_str()));
+    assert_eq!(record.header("ce_specversion").as_deref(), Some("1.0"));
+    assert_eq!(record.header("ce_type").as_deref(), Some("order.placed"));
+    assert_eq!(record.header("ce_source").as_deref(), Some("/ev/orders-in"));
+    assert_eq!(record.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(record.key.as_deref(), Some(&b"c-17"[..]), "the key template");
+    let continued = record.header("ce_traceparent").unwrap();
+    assert!(continued.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "the trace continues: {continued}");
+    assert_ne!(continued, traceparent, "from the gateway's span");
+    let data: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+    assert_eq!(data["total"], 12);
+
+    // Bad input: a clear problem and nothing published.
+    let not_json = post_json(&gw.url("/events/orders"), &[], "{nope").await;
+    assert_eq!(not_json.status, StatusCode::BAD_REQUEST, "{}", not_json.text());
+    assert!(not_json.text().contains("not JSON"), "{}", not_json.text());
+    let invalid = post_json(&gw.url("/events/orders"), &[], r#"{"customer": 5}"#).await;
+    assert_eq!(invalid.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(invalid.json()["errors"][0]["pointer"], "/customer");
+    // A structured CloudEvent keeps its own id.
+    let structured = send(
+        Method::POST,
+        &gw.url("/events/orders"),
+        &[("content-type", "application/cloudevents+json")],
+        Bytes::from(r#"{"specversion":"1.0","id":"own-id-1","type":"order.placed","source":"/client","data":{"customer":"c-2"}}"#),
+    )
+    .await;
+    assert_eq!(structured.status, StatusCode::ACCEPTED, "{}", structured.text());
+    assert_eq!(structured.json()["id"], "own-id-1");
+    assert_eq!(kafka.read("orders", 2, Duration::from_secs(20)).len(), 2, "two events in all");
+    assert_eq!(gw.metric("umw_events_published_total", &["topic=\"orders\"", "outcome=\"ok\""]).await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_delivers_to_the_webhook_with_retries_and_dead_letters_what_keeps_failing() {
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
+    kafka.create_topic("payments", 2);
+    kafka.create_topic("payments-dlq", 1);
+    let (hook, url) = Webhook::start(2).await;
+    let yaml = format!(
+        "{}{}{}",
+        middleware(&kafka, ""),
+        event_route(
+            "pay-in",
+            "  source: {http: {path: /events/payments}}\n  destination: {kafka: {topic: payments}}\n"
+        ),
+        event_route(
+            "pay-out",
+            &format!(
+                "  source: {{kafka: {{topic: payments}}}}\n  destination: {{http: {{url: '{url}', timeout: 2s}}}}\n  filter: {{types: [payment.done]}}\n  retry: {{maxAttempts: 4, initialBackoff: 10ms, maxBackoff: 50ms}}\n  deadLetter: {{topic: payments-dlq}}\n"
+            )
+        )
+    );
+    let gw = Gateway::start(&yaml).await;
+    kafka_up(&gw).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let reply =
+            post_json(&gw.url("/events/payments"), &[("ce-type", "payment.done")], &format!(r#"{{"n": {i}}}"#)).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+        ids.push(reply.json()["id"].as_str().unwrap().to_string());
+    }
+    // Filtered out: acknowledged, never delivered.
+    let other = post_json(&gw.url("/events/payments"), &[("ce-type", "payment.started")], r#"{"n": 99}"#).await;
+    assert_eq!(other.status, StatusCode::ACCEPTED);
+    // Poison: fails every attempt, goes to the dead-letter topic, does not block the partition.
+    let poison = post_json(&gw.url("/events/payments"), &[("ce-type", "payment.done")], r#"{"poison": true}"#).await;
+    let poison_id = poison.json()["id"].as_str().unwrap().to_string();
+    let after = post_json(&gw.url("/events/payments"), &[("ce-type", "payment.done")], r#"{"n": 100}"#).await;
+    ids.push(after.json()["id"].as_str().unwrap().to_string());
+
+    eventually("21 events delivered", Duration::from_secs(30), || async { hook.delivered().len() >= 21 }).await;
+    let delivered = hook.delivered();
+    let mut got: Vec<String> =
+        delivered.iter().map(|(h, _)| h.get("ce-id").unwrap().to_str().unwrap().to_string()).collect();
+    got.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(got, want, "every event once, the filtered one not");
+    let (headers, _) = &delivered[0];
+    assert_eq!(headers.get("ce-specversion").unwrap(), "1.0");
+    assert_eq!(headers.get("ce-type").unwrap(), "payment.done");
+    assert_eq!(headers.get("content-type").unwrap(), "application/json");
+    // Each took three attempts (two failures first).
+    assert!(hook.attempts.lock().unwrap().values().all(|n| *n >= 3));
+
+    let dead = kafka.read("payments-dlq", 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1, "the poison event is dead-lettered");
+    let dead = &dead[0];
+    assert_eq!(dead.header("ce_id").as_deref(), Some(poison_id.as_str()));
+    assert_eq!(dead.header("umw_original_topic").as_deref(), Some("payments"));
+    assert!(dead.header("umw_original_partition").is_some_and(|p| p == "0" || p == "1"));
+    assert!(dead.header("umw_original_offset").is_some_and(|o| o.parse::<i64>().is_ok()));
+    assert_eq!(dead.header("umw_attempts").as_deref(), Some("4"));
+    assert!(dead.header("umw_error").unwrap().contains("503"), "{:?}", dead.header("umw_error"));
+    assert_eq!(
+        gw.metric("umw_events_handled_total", &["event_route=\"pay-out\"", "outcome=\"dead_lettered\""]).await,
+        1.0
+    );
+    assert_eq!(gw.metric("umw_events_handled_total", &["event_route=\"pay-out\"", "outcome=\"filtered\""]).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_down_ingest_answers_503_and_every_acknowledged_event_is_kept() {
+    let mut kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
+    kafka.create_topic("audit", 1);
+    let yaml = format!(
+        "{}{}",
+        middleware(&kafka, "      producer: {deliveryTimeout: 3s}\n"),
+        event_route("audit-in", "  source: {http: {path: /events/audit}}\n  destination: {kafka: {topic: audit}}\n")
+    );
+    let gw = Gateway::start(&yaml).await;
+    kafka_up(&gw).await;
+    let mut acknowledged = Vec::new();
+    for i in 0..10 {
+        let reply = post_json(&gw.url("/events/audit"), &[], &format!(r#"{{"n": {i}}}"#)).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        acknowledged.push(reply.json()["id"].as_str().unwrap().to_string());
+    }
+    kafka.kill();
+    // Until the client notices, a request waits at most the delivery timeout; then every answer is a 503
+    // with Retry-After, at once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = post_json(&gw.url("/events/audit"), &[], r#"{"n": -1}"#).await;
+        if reply.status == StatusCode::ACCEPTED {
+            acknowledged.push(reply.json()["id"].as_str().unwrap().to_string());
+        } else if reply.status == StatusCode::SERVICE_UNAVAILABLE && reply.headers.contains_key("retry-after") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no 503 with Retry-After: {} {}", reply.status, reply.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = std::time::Instant::now();
+    let reply = post_json(&gw.url("/events/audit"), &[], r#"{"n": -2}"#).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < Duration::from_secs(1), "answered at once: {:?}", started.elapsed());
+    assert_eq!(reply.json()["type"].as_str().unwrap().rsplit('/').next(), Some("events-unavailable"));
+    eventually("kafka Down in /status", Duration::from_secs(10), || async {
+        let status = gw.status().await;
+        status["components"].as_array().unwrap().iter().any(|c| c["name"] == "kafka" && c["state"] == "Down")
+    })
+    .await;
+
+    kafka = tokio::task::spawn_blocking(move || {
+        kafka.restart();
+        kafka
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = post_json(&gw.url("/events/audit"), &[], r#"{"n": 1000}"#).await;
+        if reply.status == StatusCode::ACCEPTED {
+            acknowledged.push(reply.json()["id"].as_str().unwrap().to_string());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ingest did not recover: {} {}", reply.status, reply.text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records = kafka.read("audit", acknowledged.len(), Duration::from_secs(30));
+    let present: Vec<String> = records.iter().filter_map(|r| r.header("ce_id")).collect();
+    let missing: Vec<&String> = acknowledged.iter().filter(|id| !present.contains(id)).collect();
+    assert!(missing.is_empty(), "acknowledged events missing after the restart: {missing:?}");
+}
