@@ -84,8 +84,9 @@ pub struct CacheRule {
     /// TTL of cached negative responses (see `negativeStatuses`). Without it they are not cached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_ttl: Option<Duration>,
-    /// Statuses cached as negative responses. Defaults to 404 and 410.
+    /// Statuses cached as negative responses (400 to 599). Defaults to 404 and 410.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 400, max = 599)))]
     pub negative_statuses: Vec<u16>,
     /// After expiry, serve the stale entry for this long while one request refreshes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -263,10 +264,45 @@ impl Policy for CachePolicy {
         {
             out.push(("spec.invalidation".to_string(), "adminApi needs an adminToken".to_string()));
         }
+        if self.spec.rules.is_empty() {
+            out.push(("spec.rules".to_string(), "needs at least one rule".to_string()));
+        }
+        let mut duration = |field: String, value: Option<&crate::Duration>| {
+            if let Some(value) = value
+                && let Err(error) = value.parse()
+            {
+                out.push((field, error.to_string()));
+            }
+        };
+        if let Some(warmup) = &self.spec.warmup {
+            duration("spec.warmup.interval".into(), warmup.interval.as_ref());
+        }
         for (i, rule) in self.spec.rules.iter().enumerate() {
+            duration(format!("spec.rules[{i}].ttl"), Some(&rule.ttl));
+            duration(format!("spec.rules[{i}].negativeTtl"), rule.negative_ttl.as_ref());
+            duration(format!("spec.rules[{i}].staleWhileRevalidate"), rule.stale_while_revalidate.as_ref());
+            duration(format!("spec.rules[{i}].staleIfError"), rule.stale_if_error.as_ref());
+            duration(format!("spec.rules[{i}].singleFlight.lockTimeout"), rule.single_flight.lock_timeout.as_ref());
+        }
+        for (i, rule) in self.spec.rules.iter().enumerate() {
+            if rule.jitter_percent.is_some_and(|j| j > 100) {
+                out.push((format!("spec.rules[{i}].jitterPercent"), "must be 0 to 100".to_string()));
+            }
+            if rule.max_entry_bytes.is_some_and(|n| n < 1) {
+                out.push((format!("spec.rules[{i}].maxEntryBytes"), "must be at least 1".to_string()));
+            }
             for (j, tag) in rule.tags.iter().enumerate() {
                 if let Err(message) = crate::template::check(tag, &["path", "query", "header", "host"]) {
                     out.push((format!("spec.rules[{i}].tags[{j}]"), message));
+                } else if let Ok(parts) = crate::template::parse(tag)
+                    && parts.iter().any(|p| {
+                        matches!(p, crate::template::Part::Value { source, name } if source == "path" && name.as_deref().is_none_or(|n| n.parse::<usize>().is_err()))
+                    })
+                {
+                    out.push((
+                        format!("spec.rules[{i}].tags[{j}]"),
+                        format!("{tag:?}: path takes a segment number, e.g. {{{{ path.1 }}}} for 42 in /products/42"),
+                    ));
                 }
             }
         }

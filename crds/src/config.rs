@@ -171,6 +171,62 @@ impl Bundle {
     }
 }
 
+/// The CRD's OpenAPI schema of each kind, compiled once.
+fn schema(kind: &str) -> Option<&'static jsonschema::Validator> {
+    use kube::CustomResourceExt as _;
+    use std::sync::OnceLock;
+    static SCHEMAS: OnceLock<std::collections::HashMap<&'static str, jsonschema::Validator>> = OnceLock::new();
+    let schemas = SCHEMAS.get_or_init(|| {
+        let crds = [
+            ("Middleware", Middleware::crd()),
+            ("CachePolicy", CachePolicy::crd()),
+            ("EventRoute", EventRoute::crd()),
+            ("AuthPolicy", AuthPolicy::crd()),
+        ];
+        crds.into_iter()
+            .filter_map(|(kind, crd)| {
+                let schema = crd.spec.versions.first()?.schema.as_ref()?.open_api_v3_schema.as_ref()?;
+                let schema = serde_json::to_value(schema).ok()?;
+                Some((kind, jsonschema::validator_for(&schema).ok()?))
+            })
+            .collect()
+    });
+    schemas.get(kind)
+}
+
+/// The document's violations of its kind's schema (what the API server checks besides the CEL rules:
+/// patterns, ranges, sizes, enums), as field paths (`spec.rules[0].ttl`) and messages.
+pub fn schema_violations(kind: &str, document: &serde_json::Value) -> Vec<(String, String)> {
+    let Some(schema) = schema(kind) else { return Vec::new() };
+    schema
+        .iter_errors(document)
+        .take(20)
+        .map(|error| {
+            let pointer = error.instance_path().to_string();
+            let mut path = String::new();
+            for segment in pointer.split('/').skip(1) {
+                let segment = segment.replace("~1", "/").replace("~0", "~");
+                if segment.parse::<usize>().is_ok() {
+                    path.push_str(&format!("[{segment}]"));
+                } else {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(&segment);
+                }
+            }
+            let mut message = error.to_string();
+            if message.contains(crate::common::DURATION_PATTERN) {
+                message = format!(
+                    "{} is not a duration (a positive number with unit ms, s, m or h, e.g. 30s or 1m30s)",
+                    error.instance()
+                );
+            }
+            (path, message)
+        })
+        .collect()
+}
+
 /// Deserialises one document, refusing fields the types do not know, and naming the field of every
 /// problem. The types themselves accept unknown fields, so that a watch never fails on an object written
 /// against a newer CRD; files are held to the stricter standard, since an unknown field there is almost

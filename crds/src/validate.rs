@@ -112,6 +112,17 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
     policies(&bundle.cache_policies, mw, &routes, &mut out);
     policies(&bundle.event_routes, mw, &routes, &mut out);
     policies(&bundle.auth_policies, mw, &routes, &mut out);
+    // What the API server's schema checks, for a configuration that comes from files.
+    schema(&mut out, "Middleware", &resource, mw);
+    for p in &bundle.cache_policies {
+        schema(&mut out, "CachePolicy", &format!("CachePolicy/{}", p.name_any()), p);
+    }
+    for p in &bundle.event_routes {
+        schema(&mut out, "EventRoute", &format!("EventRoute/{}", p.name_any()), p);
+    }
+    for p in &bundle.auth_policies {
+        schema(&mut out, "AuthPolicy", &format!("AuthPolicy/{}", p.name_any()), p);
+    }
     out
 }
 
@@ -225,6 +236,17 @@ fn policies<P: Policy>(policies: &[P], mw: &crate::Middleware, routes: &BTreeSet
             c.push("spec", message);
         }
         out.extend(c.out);
+    }
+}
+
+fn schema<T: serde::Serialize>(out: &mut Vec<Violation>, kind: &str, resource: &str, object: &T) {
+    let Ok(document) = serde_json::to_value(object) else { return };
+    for (path, message) in crate::config::schema_violations(kind, &document) {
+        // Fields the rules above check with a clearer message.
+        if out.iter().any(|v| v.resource == resource && v.path == path) {
+            continue;
+        }
+        out.push(Violation { resource: resource.to_string(), path, message });
     }
 }
 

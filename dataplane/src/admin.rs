@@ -120,8 +120,9 @@ async fn invalidate(
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     if !invalidator.accepts(token) {
         admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "unauthorized"]).inc();
         return Problem::new(UNAUTHORIZED, "present the CachePolicy's adminToken as a bearer token").into_response();
@@ -136,6 +137,16 @@ async fn invalidate(
             .into_response();
         }
     };
+    if what.keys.is_empty() && what.prefixes.is_empty() && what.tags.is_empty() {
+        return Problem::new(kinds::BAD_REQUEST, "name at least one of keys, prefixes and tags").into_response();
+    }
+    if what.prefixes.iter().any(String::is_empty) {
+        return Problem::new(
+            kinds::BAD_REQUEST,
+            "an empty prefix would delete every entry; name a prefix (every entry of a path: \"GET:host/path\")",
+        )
+        .into_response();
+    }
     match invalidator.invalidate(&what).await {
         Ok(deleted) => {
             tracing::info!(

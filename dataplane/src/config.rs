@@ -147,4 +147,35 @@ mod tests {
         assert!(error.contains("a.yaml, document 1 (Middleware/a): spec.routes[0].timeout:"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn policy_values_are_held_to_the_schema_and_rules_the_api_server_enforces() {
+        let dir = std::env::temp_dir().join(format!("umw-dataplane-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mw = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: a}\nspec:\n  routes: [{name: r, upstream: {url: 'http://x'}}]\n";
+        let policy = |rules: &str| {
+            format!(
+                "---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: c}}\nspec: {{targetRefs: [{{name: a}}], rules: {rules}}}\n"
+            )
+        };
+        for (rules, expected) in [
+            ("[{ttl: banana}]", "spec.rules[0].ttl: duration \"banana\" is not"),
+            ("[{ttl: 30 seconds}]", "spec.rules[0].ttl: duration \"30 seconds\" is not"),
+            ("[{ttl: -30s}]", "spec.rules[0].ttl: duration \"-30s\" is not"),
+            ("[{ttl: 0s}]", "spec.rules[0].ttl:"),
+            ("[{ttl: 1s, negativeTtl: 0s}]", "spec.rules[0].negativeTtl:"),
+            ("[{ttl: 1s, jitterPercent: 150}]", "spec.rules[0].jitterPercent:"),
+            ("[{ttl: 1s, maxEntryBytes: -1}]", "spec.rules[0].maxEntryBytes:"),
+            ("[]", "spec.rules: needs at least one rule"),
+            ("[{ttl: 1s, negativeStatuses: [99]}]", "spec.rules[0].negativeStatuses[0]:"),
+            ("[{ttl: 1s, singleFlight: {lockTimeout: 0s}}]", "spec.rules[0].singleFlight.lockTimeout:"),
+            ("[{ttl: 1s, tags: ['product:{{ path.x }}']}]", "path takes a segment number"),
+        ] {
+            std::fs::write(dir.join("a.yaml"), format!("{mw}{}", policy(rules))).unwrap();
+            let error = load(&dir).map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains(expected), "{rules}: {error}");
+            assert!(error.contains("(CachePolicy/c)"), "{rules}: names the document: {error}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -150,7 +150,7 @@ impl Metrics {
             )?,
             cache_stores: counter_vec(
                 "umw_cache_stores_total",
-                "Responses stored or not, by route and outcome (stored, too_large, not_cacheable)",
+                "Responses stored or not, by route and outcome (stored, too_large, not_cacheable, unavailable)",
                 &["route", "outcome"],
             )?,
             cache_backend_duration: histogram_vec(

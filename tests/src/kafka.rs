@@ -118,6 +118,11 @@ impl KafkaBroker {
         .expect("creating the topic");
     }
 
+    /// Produces `count` records (`value(i)`, keyed `k<i % keys>`), waiting for every acknowledgement.
+    pub fn produce(&self, topic: &str, count: usize, keys: usize, value: impl Fn(usize) -> String) {
+        produce(&self.bootstrap(), topic, count, keys, value);
+    }
+
     /// Every record of the topic, reading until `count` are in or `timeout` passes.
     pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
         let consumer: BaseConsumer = ClientConfig::new()
@@ -169,4 +174,31 @@ impl Drop for KafkaBroker {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Produces `count` records to the broker at `bootstrap` (`value(i)`, keyed `k<i % keys>`), waiting for
+/// every acknowledgement.
+pub fn produce(bootstrap: &str, topic: &str, count: usize, keys: usize, value: impl Fn(usize) -> String) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("a producer");
+    for i in 0..count {
+        let key = format!("k{}", i % keys.max(1));
+        let payload = value(i);
+        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).expect("every record acknowledged");
 }

@@ -330,7 +330,7 @@ async fn entries_are_invalidated_by_key_prefix_and_tag_through_the_authenticated
     let invalidate = |token: &'static str, body: &'static str| {
         let admin = admin.clone();
         async move {
-            let auth = format!("Bearer {token}");
+            let auth = format!("bearer {token}"); // the scheme is case-insensitive
             send(
                 Method::POST,
                 &admin,
@@ -344,6 +344,9 @@ async fn entries_are_invalidated_by_key_prefix_and_tag_through_the_authenticated
     assert_eq!(refused.status, 401);
     assert_eq!(refused.json()["type"], "https://umw.dev/problems/unauthorized");
     assert_eq!(invalidate("s3cret", r#"{"tagz": []}"#).await.status, 400, "unknown fields are refused");
+    assert_eq!(invalidate("s3cret", r#"{}"#).await.status, 400, "nothing named");
+    let everything = invalidate("s3cret", r#"{"prefixes": [""]}"#).await;
+    assert_eq!(everything.status, 400, "an empty prefix would delete every entry");
 
     let by_tag = invalidate("s3cret", r#"{"tags": ["product:1"]}"#).await;
     assert_eq!(by_tag.json()["deleted"], 1, "{}", by_tag.text());

@@ -278,3 +278,104 @@ async fn with_the_broker_down_ingest_answers_503_and_every_acknowledged_event_is
     let missing: Vec<&String> = acknowledged.iter().filter(|id| !present.contains(id)).collect();
     assert!(missing.is_empty(), "acknowledged events missing after the restart: {missing:?}");
 }
+
+/// A webhook that counts deliveries per event id.
+#[derive(Clone, Default)]
+struct Counter {
+    seen: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Counter {
+    async fn start() -> (Self, String) {
+        let counter = Counter::default();
+        let app = Router::new()
+            .route(
+                "/count",
+                post(|State(counter): State<Counter>, headers: HeaderMap| async move {
+                    let id = headers.get("ce-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    *counter.seen.lock().unwrap().entry(id).or_default() += 1;
+                    StatusCode::NO_CONTENT
+                }),
+            )
+            .with_state(counter.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/count", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (counter, url)
+    }
+
+    /// (distinct events, deliveries)
+    fn figures(&self) -> (usize, u64) {
+        let seen = self.seen.lock().unwrap();
+        (seen.len(), seen.values().map(|n| u64::from(*n)).sum())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_group_growing_and_shrinking_while_50k_events_flow_loses_none() {
+    const EVENTS: usize = 50_000;
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
+    kafka.create_topic("stream", 6);
+    let (counter, url) = Counter::start().await;
+    let yaml = format!(
+        "{}{}",
+        middleware(&kafka, ""),
+        event_route(
+            "stream-out",
+            &format!(
+                "  source: {{kafka: {{topic: stream, group: stream-group}}}}\n  destination: {{http: {{url: '{url}'}}}}\n"
+            )
+        )
+    );
+    // The events are in the topic before the first member joins, and more arrive while members come and go.
+    let producer = {
+        let bootstrap = kafka.bootstrap();
+        std::thread::spawn(move || {
+            let kafka = KafkaBrokerAt(bootstrap);
+            kafka.produce("stream", EVENTS / 2, 500, |i| format!(r#"{{"n": {i}}}"#));
+            std::thread::sleep(Duration::from_secs(3));
+            kafka.produce("stream", EVENTS / 2, 500, |i| format!(r#"{{"n": {}}}"#, EVENTS / 2 + i));
+        })
+    };
+    let progress = |at: usize| {
+        let counter = counter.clone();
+        async move {
+            eventually(&format!("{at} events handled"), Duration::from_secs(120), || async {
+                counter.figures().0 >= at
+            })
+            .await
+        }
+    };
+    let first = Gateway::start(&yaml).await;
+    progress(5_000).await;
+    let second = Gateway::start(&yaml).await;
+    progress(15_000).await;
+    let third = Gateway::start(&yaml).await;
+    progress(25_000).await;
+    drop(third);
+    progress(35_000).await;
+    drop(second);
+    producer.join().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while counter.figures().0 < EVENTS {
+        assert!(std::time::Instant::now() < deadline, "not every event handled: {:?}", counter.figures());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Redeliveries, if any, come right after a rebalance: give them a moment to show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (distinct, deliveries) = counter.figures();
+    let duplicates = deliveries - distinct as u64;
+    println!("consumer group 1→2→3→2→1 over {EVENTS} events: {distinct} handled, {duplicates} delivered twice or more");
+    assert_eq!(distinct, EVENTS, "no event lost");
+    let rebalances = first.metric("umw_events_rebalances_total", &["kind=\"revoke\""]).await;
+    assert!(rebalances >= 2.0, "the first member saw its partitions move: {rebalances}");
+}
+
+/// The same broker, from its address only (for a producer thread).
+struct KafkaBrokerAt(String);
+
+impl KafkaBrokerAt {
+    fn produce(&self, topic: &str, count: usize, keys: usize, value: impl Fn(usize) -> String) {
+        umw_tests::kafka::produce(&self.0, topic, count, keys, value);
+    }
+}

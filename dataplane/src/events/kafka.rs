@@ -187,6 +187,27 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Some(group) = &self.group {
+            group.commits.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = result {
+                tracing::warn!(route = %group.route, %error, "an offset commit failed; the messages after the last committed offset are consumed again by the next owner");
+                // Ask again at the next round.
+                group.committed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // A partition paused for backpressure, revoked and assigned back would stay paused: partitions
+        // start resumed (their backlog went with the revocation).
+        if let Rebalance::Assign(partitions) = rebalance
+            && let Err(error) = consumer.resume(partitions)
+        {
+            tracing::debug!(%error, "resuming newly assigned partitions failed");
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Some(group) = &self.group else { return };
         match rebalance {
@@ -392,8 +413,11 @@ struct Group {
     workers: Mutex<HashMap<i32, Worker>>,
     /// Next offset to commit per partition (the last handled message's offset + 1).
     done: Arc<Mutex<HashMap<i32, i64>>>,
-    /// Last committed per partition.
+    /// Last committed per partition (asked for; a commit that fails is not retried for the same offset, and
+    /// the next handled message moves it on anyway).
     committed: Mutex<HashMap<i32, i64>>,
+    /// Commit results received.
+    commits: std::sync::atomic::AtomicU64,
     topic: String,
     metrics: Metrics,
 }
@@ -440,7 +464,9 @@ impl Group {
         self.metrics.events_rebalances.with_label_values(&[&self.route, "revoke"]).inc();
         let revoked: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
         self.stop_workers(&revoked);
-        self.commit(consumer, Some(&revoked), CommitMode::Sync);
+        // Asynchronous: the commit request is queued to the group coordinator ahead of the rebalance that
+        // follows, and a synchronous one would wait without bound for a broker that went away.
+        self.commit(consumer, Some(&revoked), CommitMode::Async);
         let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
         let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
         for partition in &revoked {
@@ -472,8 +498,9 @@ impl Group {
         }
     }
 
-    /// Commits the handled offsets that moved since the last commit (of `only` these partitions).
-    fn commit(&self, consumer: &BaseConsumer<Context>, only: Option<&[i32]>, mode: CommitMode) {
+    /// Commits the handled offsets that moved since the last commit (of `only` these partitions); false
+    /// when there was nothing to commit.
+    fn commit(&self, consumer: &BaseConsumer<Context>, only: Option<&[i32]>, mode: CommitMode) -> bool {
         let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = TopicPartitionList::new();
@@ -486,7 +513,7 @@ impl Group {
             }
         }
         if list.count() == 0 {
-            return;
+            return false;
         }
         match consumer.commit(&list, mode) {
             Ok(()) => {
@@ -495,9 +522,11 @@ impl Group {
                         committed.insert(element.partition(), offset);
                     }
                 }
+                true
             }
             Err(error) => {
-                tracing::warn!(route = %self.route, %error, "committing offsets failed; they are committed again later")
+                tracing::warn!(route = %self.route, %error, "committing offsets failed; they are committed again later");
+                false
             }
         }
     }
@@ -507,8 +536,13 @@ impl Group {
 /// [`Consumer::stop`]ped.
 pub struct Consumer {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Disconnects when the poll thread ends.
+    ended: std::sync::mpsc::Receiver<()>,
 }
+
+/// How long [`Consumer::stop`] waits for the poll thread: leaving the group waits for the brokers, and a
+/// broker that went away must not hold a shutdown.
+const STOP_WAIT: Duration = Duration::from_secs(15);
 
 impl Consumer {
     /// Joins the group and starts consuming; needs a Tokio runtime (the workers run on it).
@@ -535,6 +569,7 @@ impl Consumer {
             workers: Mutex::default(),
             done: Arc::default(),
             committed: Mutex::default(),
+            commits: std::sync::atomic::AtomicU64::new(0),
             topic: settings.topic.clone(),
             metrics: metrics.clone(),
         });
@@ -550,43 +585,31 @@ impl Consumer {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_ = stop.clone();
         let name = format!("umw-consumer-{}", settings.route);
-        let thread = std::thread::Builder::new()
+        let (end, ended) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
             .name(name.chars().take(15).collect())
-            .spawn(move || poll_loop(consumer, group, stop_))
+            .spawn(move || {
+                let _end = end;
+                poll_loop(consumer, group, stop_);
+            })
             .map_err(|e| format!("starting the consumer thread: {e}"))?;
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self { stop, ended })
     }
 
     /// Stops consuming: the workers finish the message in hand, their offsets are committed, the member
-    /// leaves the group. Blocks up to about 10 s; call it off the async threads.
-    pub fn stop(mut self) {
-        self.halt();
-    }
-
-    fn halt(&mut self) {
+    /// leaves the group. Blocks up to 15 s; call it off the async threads.
+    pub fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if matches!(self.ended.recv_timeout(STOP_WAIT), Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
+            tracing::warn!("a consumer did not leave its group in time (brokers unreachable?); going on without it");
         }
     }
 }
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        // Stopping blocks; from an async thread, leave the joining to a blocking thread.
+        // The poll thread stops on its own (committing what was handled); nothing waits for it here.
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    handle.spawn_blocking(move || {
-                        let _ = thread.join();
-                    });
-                }
-                Err(_) => {
-                    let _ = thread.join();
-                }
-            }
-        }
     }
 }
 
@@ -670,10 +693,17 @@ fn poll_loop(consumer: BaseConsumer<Context>, group: Arc<Group>, stop: Arc<Atomi
     // Stopping: finish the messages in hand, commit, leave the group.
     let partitions: Vec<i32> = group.workers.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
     group.stop_workers(&partitions);
-    // A synchronous commit to an unreachable broker would wait for it; what is not committed is consumed
-    // again by the next member.
-    let reachable = consumer.context().state.load(Ordering::Relaxed) != DOWN;
-    group.commit(&consumer, None, if reachable { CommitMode::Sync } else { CommitMode::Async });
+    // Commit and wait (a bounded while, polling for the result: librdkafka's synchronous commit waits
+    // without bound for a broker that went away); what is not committed is consumed again by the next
+    // member.
+    let before = group.commits.load(Ordering::Relaxed);
+    if group.commit(&consumer, None, CommitMode::Async) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while group.commits.load(Ordering::Relaxed) == before && Instant::now() < deadline {
+            // Messages polled now are not handled, so not committed: the next owner gets them.
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+    }
     consumer.unsubscribe();
     tracing::info!(route = %group.route, "consumer stopped; handled offsets committed");
 }
