@@ -2,7 +2,7 @@
 SHELL := bash
 CARGO ?= cargo
 
-.PHONY: help run dev test testenv build lint crds bench bench-gateway bench-cache clean-testenv
+.PHONY: help run dev test testenv build lint crds bench bench-gateway bench-cache bench-events clean-testenv
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ bench-gateway: ## Data plane vs nginx as a reverse proxy (see docs/benchmarks.md
 
 bench-cache: ## Cache hits vs nginx proxy_cache, and the thundering herd (see docs/benchmarks.md)
 	bash e2e/bench/cache.sh
+
+bench-events: ## HTTP ingest into Kafka vs Kafka's producer perf tool, and consumer → webhook (see docs/benchmarks.md)
+	bash e2e/bench/events.sh
 
 clean-testenv: ## Remove the cached test tools
 	rm -rf "$${XDG_CACHE_HOME:-$$HOME/.cache}/umw-testenv"

@@ -321,6 +321,25 @@ pub async fn http_host(method: &str, address: &str, host: &str, path: &str) -> O
     tokio::time::timeout(Duration::from_secs(10), attempt).await.ok().flatten()
 }
 
+/// `POST path` with a JSON body; the status and the body of the answer.
+pub async fn post_json(address: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8_lossy(&response).to_string();
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        Some((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    };
+    tokio::time::timeout(Duration::from_secs(20), attempt).await.ok().flatten()
+}
+
 /// The operator binary next to the test binary (`cargo build -p umw-operator` puts it there).
 pub fn operator_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary has a path");

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make dev`: a whole working system on one machine: a local control plane with the CRDs, the process
 # kubelet (which runs data-plane pods as local processes), the demo shop API, the operator in the foreground,
-# and examples/shop/ applied. Ctrl-C stops everything.
+# a Kafka broker, and examples/shop/ applied. Ctrl-C stops everything.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -26,17 +26,29 @@ demo=$!
 "$BIN/umw-kubelet" --dataplane "$BIN/umw-dataplane" --work-dir "$DIR/pods" \
   --env "UMW_RESOLVE=shop-api:8080=$DEMO" --env UMW_LOG_FORMAT=text > "$DIR/kubelet.log" 2>&1 &
 kubelet=$!
-# Both go when this process (the operator, after the exec below) ends, however it ends.
-(while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -INT $kubelet $demo 2>/dev/null) &
+# A Kafka broker for the example's EventRoute (Java 17 and the jars of `make testenv`).
+KAFKA_PORT="${UMW_DEV_KAFKA_PORT:-19092}"
+rm -f "$DIR/kafka/kafka.log"   # the topics stay; the log tells when this start is done
+bash "$HERE/kafka.sh" start "$DIR/kafka" "$KAFKA_PORT" "$((KAFKA_PORT + 1))" > "$DIR/kafka.out" 2>&1 &
+kafka=$!
+# All go when this process (the operator, after the exec below) ends, however it ends.
+(while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -INT $kubelet $demo 2>/dev/null; kill $kafka 2>/dev/null) &
+for _ in $(seq 1 600); do grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null && break; sleep 0.1; done
+grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null || { echo "Kafka did not start: $DIR/kafka.out" >&2; exit 1; }
+bash "$HERE/kafka.sh" topics "127.0.0.1:$KAFKA_PORT" --create --if-not-exists --topic shop.orders --partitions 3 >/dev/null
 
 "$K" apply --server-side -f "$ROOT/crds/manifests/crds.yaml" >/dev/null
 "$K" wait --for=condition=Established crd --all --timeout=60s >/dev/null
 "$K" apply -f "$ROOT/examples/shop/"
+# The example's Secret names a Kafka in a cluster; here it is the local broker (before any pod starts).
+"$K" create secret generic shop-kafka --from-literal=bootstrap="127.0.0.1:$KAFKA_PORT" --dry-run=client -o yaml \
+  | "$K" apply -f - >/dev/null
 
 cat <<MSG
 
   Universal Middleware is running against a local control plane. Data-plane pods run as local
-  processes (logs in $DIR/pods/), in front of the demo shop API on $DEMO.
+  processes (logs in $DIR/pods/), in front of the demo shop API on $DEMO, with a Kafka broker
+  on 127.0.0.1:$KAFKA_PORT for the example's EventRoute.
   In another shell:
 
     export KUBECONFIG=$DIR/kubeconfig PATH=$UMW_TESTENV_BIN:\$PATH
@@ -44,6 +56,8 @@ cat <<MSG
     kubectl get umw
     kubectl get pods -o wide
     curl -i http://\$(kubectl get pod -l app.kubernetes.io/instance=shop -o jsonpath='{.items[0].status.podIP}'):8080/products
+    curl -i -X POST -H 'content-type: application/json' -d '{"orderId": "o-1"}' \
+      http://\$(kubectl get pod -l app.kubernetes.io/instance=shop -o jsonpath='{.items[0].status.podIP}'):8080/events/orders
 
   Edit a route with kubectl edit middleware shop: the pods reload it in place.
   Ctrl-C stops the operator, the pods and the control plane.

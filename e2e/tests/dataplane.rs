@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use umw_crds::conditions::{self, types};
-use umw_crds::{CachePolicy, Middleware, Policy};
-use umw_e2e::{Operator, TestNamespace, TestUpstream, control_plane, eventually, http, http_host, kubelet};
+use umw_crds::{CachePolicy, EventRoute, Middleware, Policy};
+use umw_e2e::{Operator, TestNamespace, TestUpstream, control_plane, eventually, http, http_host, kubelet, post_json};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -261,4 +261,51 @@ async fn a_cache_policy_becomes_enforced_and_the_running_pods_answer_from_redis(
         (enforced.status == "False" && enforced.message.contains("spec.invalidation.events")).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_route_becomes_enforced_and_the_running_pods_publish_to_kafka() {
+    let ns = TestNamespace::new("dp-events");
+    let kafka = tokio::task::spawn_blocking(umw_tests::KafkaBroker::start).await.unwrap();
+    kafka.create_topic("orders", 3);
+    let upstream = TestUpstream::start("up").await;
+    let _kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    // The broker's address comes from a Secret, as it would in a cluster.
+    ns.must_apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: kafka}}\nstringData:\n  bootstrap: '{}'\n",
+        kafka.bootstrap()
+    ));
+    let connections =
+        "  connections:\n    kafka:\n      bootstrapServers: {secretKeyRef: {name: kafka, key: bootstrap}}\n";
+    ns.must_apply(&format!("{}{connections}", middleware_yaml(2, &route("products", "/products", &upstream.url()))));
+    let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    ready_and_applied(&api).await;
+
+    ns.must_apply(
+        "apiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata:\n  name: orders-in\nspec:\n  targetRefs:\n  - name: shop\n  source: {http: {path: /events/orders}}\n  destination: {kafka: {topic: orders, keyTemplate: '{{ data.customer }}'}}\n",
+    );
+    let out = ns.kubectl(&["wait", "--for=condition=Enforced", "eventroute/orders-in", "--timeout=90s"]);
+    assert!(out.status.success(), "kubectl wait Enforced: {}", String::from_utf8_lossy(&out.stderr));
+    let routes: Api<EventRoute> = Api::namespaced(client().await, &ns.name);
+    let route = routes.get("orders-in").await.unwrap();
+    let enforced = conditions::find(&route.policy_status().unwrap().conditions, types::ENFORCED).unwrap().clone();
+    assert_eq!(enforced.reason, "Enforced", "{}", enforced.message);
+
+    // Every pod publishes: one event through each.
+    let mut ids = Vec::new();
+    for (pod, address, _) in pods(&ns.name).await {
+        let (status, body) = post_json(&address, "/events/orders", &format!(r#"{{"customer": "{pod}"}}"#))
+            .await
+            .unwrap_or_else(|| panic!("{pod} answers"));
+        assert_eq!(status, 202, "{pod}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        ids.push(answer["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 2);
+    let records = tokio::task::spawn_blocking(move || kafka.read("orders", 2, Duration::from_secs(30))).await.unwrap();
+    let mut found: Vec<String> = records.iter().filter_map(|r| r.header("ce_id")).collect();
+    found.sort();
+    ids.sort();
+    assert_eq!(found, ids, "both events in the topic");
 }

@@ -1,8 +1,10 @@
 //! `umw-load`: an open-loop HTTP load generator for latency at a fixed request rate (what `wrk` cannot do).
 //!
 //! ```text
-//! umw-load --url http://127.0.0.1:8080/x --rate 1000 --duration 10s [--connections 16]
+//! umw-load --url http://127.0.0.1:8080/x --rate 1000 --duration 10s [--connections 16] [--body '{"a":1}']
 //! ```
+//!
+//! With `--body`, each request is a `POST` of that JSON body; otherwise a `GET`.
 //!
 //! Requests are scheduled at fixed intervals and each latency is measured from its scheduled time, so a
 //! stall is counted against every request it delays (no coordinated omission). Prints one JSON line:
@@ -29,9 +31,10 @@ async fn main() -> anyhow::Result<()> {
     let rate: f64 = arg(&args, "--rate").unwrap_or_else(|| "1000".into()).parse()?;
     let length = duration(&arg(&args, "--duration").unwrap_or_else(|| "10s".into()))?;
     let connections: usize = arg(&args, "--connections").unwrap_or_else(|| "16".into()).parse()?;
+    let body: Option<bytes::Bytes> = arg(&args, "--body").map(bytes::Bytes::from);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(connections)
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
     let limit = Arc::new(tokio::sync::Semaphore::new(connections * 4));
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
@@ -44,8 +47,14 @@ async fn main() -> anyhow::Result<()> {
         let url = url.clone();
         let tx = tx.clone();
         let permit = limit.clone().acquire_owned().await?;
+        let request = match &body {
+            Some(body) => hyper::Request::post(url)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(body.clone()))?,
+            None => hyper::Request::get(url).body(http_body_util::Full::new(bytes::Bytes::new()))?,
+        };
         tokio::spawn(async move {
-            let ok = match client.get(url).await {
+            let ok = match client.request(request).await {
                 Ok(response) => {
                     use http_body_util::BodyExt as _;
                     let good = response.status().is_success();

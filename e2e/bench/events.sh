@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Benchmark: events into and out of a real Apache Kafka broker (KRaft, one node), same broker, same run.
+#
+#   make bench-events                      # DURATION=15 RATE=2000 RECORDS=300000 CONSUME=100000
+#
+# 1. Kafka's own producer perf tool (ProducerPerformance, acks=all, linger 5 ms, 200-byte records, 3
+#    partitions): records/s at full speed, and latency percentiles at RATE records/s.
+# 2. HTTP ingest through the data plane (POST /events/bench → the same kind of topic, acks=all, linger 5 ms,
+#    a 200-byte JSON body): requests/s with wrk (every 202 means the broker acknowledged the event), and
+#    acknowledgement latency at RATE requests/s with umw-load (open loop, no coordinated omission).
+# 3. Consumer → webhook: CONSUME records already in a topic, delivered by one data plane to an nginx webhook
+#    answering 204; events/s from first to last delivery.
+# The data plane runs on CPU 1; the broker, the load generators and the webhook share CPU 0 and 1 as the
+# kernel schedules them (a 2-core machine cannot isolate a JVM broker). Needs Java 17 and Maven (Kafka is
+# fetched by e2e/testenv/kafka.sh), nginx and wrk.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+DURATION="${DURATION:-15}"
+RATE="${RATE:-2000}"
+RECORDS="${RECORDS:-300000}"
+CONSUME="${CONSUME:-100000}"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+for tool in nginx wrk taskset python3 java; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx wrk util-linux python3 openjdk-17-jre-headless maven" >&2; exit 1; }
+done
+KAFKA="$ROOT/e2e/testenv/kafka.sh"
+bash "$KAFKA" fetch
+cargo build -q --release -p umw-dataplane --bin umw-dataplane
+cargo build -q --release -p umw-e2e --bin umw-load
+DP="$TARGET/release/umw-dataplane"
+LOAD="$TARGET/release/umw-load"
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_for() { # FILE PATTERN SECONDS
+  for _ in $(seq 1 $(($3 * 10))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "timed out waiting for '$2' in $1" >&2; exit 1
+}
+wait_http() { # URL
+  for _ in $(seq 1 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "timed out waiting for $1" >&2; exit 1
+}
+
+BROKER=$(free_port); CONTROLLER=$(free_port); HOOK=$(free_port)
+BOOT="127.0.0.1:$BROKER"
+bash "$KAFKA" start "$WORK/kafka" "$BROKER" "$CONTROLLER" > "$WORK/kafka.out" 2>&1 & PIDS+=($!)
+wait_for "$WORK/kafka/kafka.log" "Kafka Server started" 60
+for topic in perf ingest consume; do
+  bash "$KAFKA" topics "$BOOT" --create --topic "$topic" --partitions 3 > /dev/null
+done
+PAYLOAD=$(python3 -c 'print("{\"orderId\":\"o-12345\",\"customer\":\"c-987\",\"status\":\"paid\",\"note\":\"" + "x"*128 + "\"}")')
+echo "payload: ${#PAYLOAD} bytes"
+
+echo "== Kafka ProducerPerformance, full speed ($RECORDS records)"
+PERF=$(bash "$KAFKA" perf-producer "$BOOT" --topic perf --num-records "$RECORDS" --record-size ${#PAYLOAD} \
+  --throughput -1 --producer-props acks=all linger.ms=5 enable.idempotence=true | tail -1)
+echo "$PERF"
+PERF_RPS=$(echo "$PERF" | sed -E 's/.* records sent, ([0-9.]+) records\/sec.*/\1/')
+echo "== Kafka ProducerPerformance at $RATE records/s"
+PERF_MOD=$(bash "$KAFKA" perf-producer "$BOOT" --topic perf --num-records $((RATE * 10)) --record-size ${#PAYLOAD} \
+  --throughput "$RATE" --producer-props acks=all linger.ms=5 enable.idempotence=true | tail -1)
+echo "$PERF_MOD"
+PERF_P99=$(echo "$PERF_MOD" | sed -E 's/.* ([0-9]+) ms 99th.*/\1/')
+
+cat > "$WORK/ingest.yaml" <<YAML
+apiVersion: umw.dev/v1alpha1
+kind: Middleware
+metadata: {name: bench, namespace: bench}
+spec:
+  connections:
+    kafka:
+      bootstrapServers: {value: '$BOOT'}
+      producer: {linger: 5ms, maxInFlight: 100000}
+---
+apiVersion: umw.dev/v1alpha1
+kind: EventRoute
+metadata: {name: ingest, namespace: bench}
+spec:
+  targetRefs: [{name: bench}]
+  source: {http: {path: /events/bench}}
+  destination: {kafka: {topic: ingest}}
+YAML
+IN=$(free_port); IN_ADMIN=$(free_port)
+taskset -c 1 "$DP" --config "$WORK/ingest.yaml" --http-address "127.0.0.1:$IN" --admin-address "127.0.0.1:$IN_ADMIN" \
+  > "$WORK/ingest.log" 2>&1 & PIDS+=($!)
+wait_http "http://127.0.0.1:$IN_ADMIN/readyz"
+for _ in $(seq 1 100); do
+  [ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'content-type: application/json' -d "$PAYLOAD" "http://127.0.0.1:$IN/events/bench")" = 202 ] && break
+  sleep 0.1
+done
+cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '$PAYLOAD'
+LUA
+echo "== HTTP ingest through the data plane, wrk ${DURATION}s, 256 connections"
+WRK=$(taskset -c 0 wrk -t2 -c256 -d"${DURATION}s" -s "$WORK/post.lua" "http://127.0.0.1:$IN/events/bench")
+echo "$WRK" | grep -E "Requests/sec|Non-2xx|Latency|errors" || true
+INGEST_RPS=$(echo "$WRK" | awk '/Requests\/sec/ {print $2}')
+NON2XX=$(echo "$WRK" | awk '/Non-2xx/ {print $5}')
+echo "== HTTP ingest at $RATE requests/s (umw-load, 10 s)"
+MOD=$(taskset -c 0 "$LOAD" --url "http://127.0.0.1:$IN/events/bench" --rate "$RATE" --duration 10s --connections 64 --body "$PAYLOAD")
+echo "$MOD"
+INGEST_P99=$(echo "$MOD" | python3 -c 'import json,sys; print(json.load(sys.stdin)["p99_us"] / 1000)')
+
+echo "== consumer → webhook: $CONSUME records"
+mkdir -p "$WORK/hook/logs"
+cat > "$WORK/hook/nginx.conf" <<CONF
+daemon off; user root; worker_processes 1; pid $WORK/hook/nginx.pid; error_log $WORK/hook/logs/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $WORK/hook/b; proxy_temp_path $WORK/hook/p; fastcgi_temp_path $WORK/hook/f;
+  uwsgi_temp_path $WORK/hook/u; scgi_temp_path $WORK/hook/s; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$HOOK; location / { return 204; } } }
+CONF
+nginx -c "$WORK/hook/nginx.conf" -p "$WORK/hook" & PIDS+=($!)
+bash "$KAFKA" perf-producer "$BOOT" --topic consume --num-records "$CONSUME" --record-size ${#PAYLOAD} \
+  --throughput -1 --producer-props acks=all linger.ms=5 > /dev/null
+cat > "$WORK/consume.yaml" <<YAML
+apiVersion: umw.dev/v1alpha1
+kind: Middleware
+metadata: {name: bench, namespace: bench}
+spec:
+  connections:
+    kafka: {bootstrapServers: {value: '$BOOT'}}
+---
+apiVersion: umw.dev/v1alpha1
+kind: EventRoute
+metadata: {name: consume, namespace: bench}
+spec:
+  targetRefs: [{name: bench}]
+  source: {kafka: {topic: consume, group: bench}}
+  destination: {http: {url: 'http://127.0.0.1:$HOOK/hook'}}
+YAML
+OUT=$(free_port); OUT_ADMIN=$(free_port)
+START=$(date +%s.%N)
+taskset -c 1 "$DP" --config "$WORK/consume.yaml" --http-address "127.0.0.1:$OUT" --admin-address "127.0.0.1:$OUT_ADMIN" \
+  > "$WORK/consume.log" 2>&1 & PIDS+=($!)
+delivered() { curl -s "http://127.0.0.1:$OUT_ADMIN/metrics" | awk '/^umw_events_handled_total/ && /outcome="delivered"/ {s+=$2} END {print s+0}'; }
+FIRST=""
+for _ in $(seq 1 3000); do
+  n=$(delivered 2>/dev/null || echo 0)
+  if [ -z "$FIRST" ] && [ "${n%.*}" -gt 0 ]; then FIRST=$(date +%s.%N); FIRST_N=${n%.*}; fi
+  [ "${n%.*}" -ge "$CONSUME" ] && break
+  sleep 0.1
+done
+END=$(date +%s.%N)
+CONSUME_RPS=$(python3 -c "print(round(($CONSUME - $FIRST_N) / ($END - $FIRST)))")
+echo "delivered $(delivered) in $(python3 -c "print(round($END - $FIRST, 1))") s after the first (joined the group $(python3 -c "print(round($FIRST - $START, 1))") s after the start)"
+
+echo
+echo "== results ($(nproc) cores, $(date -u +%Y-%m-%d))"
+printf "Kafka ProducerPerformance, full speed:  %s records/s\n" "$PERF_RPS"
+printf "HTTP ingest (wrk, 256 connections):     %s events/s (non-2xx: %s)  ratio %.2f\n" "$INGEST_RPS" "${NON2XX:-0}" "$(python3 -c "print($INGEST_RPS / $PERF_RPS)")"
+printf "p99 at %s/s: ProducerPerformance %s ms, HTTP ingest (202 = acknowledged) %s ms\n" "$RATE" "$PERF_P99" "$INGEST_P99"
+printf "consumer → webhook: %s events/s\n" "$CONSUME_RPS"
