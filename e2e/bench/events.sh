@@ -6,8 +6,9 @@
 # 1. Kafka's own producer perf tool (ProducerPerformance, acks=all, linger 5 ms, 200-byte records, 3
 #    partitions): records/s at full speed, and latency percentiles at RATE records/s.
 # 2. HTTP ingest through the data plane (POST /events/bench → the same kind of topic, acks=all, linger 5 ms,
-#    a 200-byte JSON body): requests/s with wrk (every 202 means the broker acknowledged the event), and
-#    acknowledgement latency at RATE requests/s with umw-load (open loop, no coordinated omission).
+#    a 200-byte JSON body): requests/s with wrk (every 202 means the broker acknowledged the event), the
+#    same with batches of 100 events per request (application/cloudevents-batch+json), and acknowledgement
+#    latency at RATE requests/s with umw-load (open loop, no coordinated omission).
 # 3. Consumer → webhook: CONSUME records already in a topic, delivered by one data plane to an nginx webhook
 #    answering 204; events/s from first to last delivery.
 # The data plane runs on CPU 1; the broker, the load generators and the webhook share CPU 0 and 1 as the
@@ -59,11 +60,6 @@ PERF=$(bash "$KAFKA" perf-producer "$BOOT" --topic perf --num-records "$RECORDS"
   --throughput -1 --producer-props acks=all linger.ms=5 enable.idempotence=true | tail -1)
 echo "$PERF"
 PERF_RPS=$(echo "$PERF" | sed -E 's/.* records sent, ([0-9.]+) records\/sec.*/\1/')
-echo "== Kafka ProducerPerformance at $RATE records/s"
-PERF_MOD=$(bash "$KAFKA" perf-producer "$BOOT" --topic perf --num-records $((RATE * 10)) --record-size ${#PAYLOAD} \
-  --throughput "$RATE" --producer-props acks=all linger.ms=5 enable.idempotence=true | tail -1)
-echo "$PERF_MOD"
-PERF_P99=$(echo "$PERF_MOD" | sed -E 's/.* ([0-9]+) ms 99th.*/\1/')
 
 cat > "$WORK/ingest.yaml" <<YAML
 apiVersion: umw.dev/v1alpha1
@@ -101,6 +97,28 @@ WRK=$(taskset -c 0 wrk -t2 -c256 -d"${DURATION}s" -s "$WORK/post.lua" "http://12
 echo "$WRK" | grep -E "Requests/sec|Non-2xx|Latency|errors" || true
 INGEST_RPS=$(echo "$WRK" | awk '/Requests\/sec/ {print $2}')
 NON2XX=$(echo "$WRK" | awk '/Non-2xx/ {print $5}')
+BATCH=$(python3 -c '
+import json
+data = {"orderId": "o-12345", "customer": "c-987", "status": "paid", "note": "x" * 128}
+print(json.dumps([{"specversion": "1.0", "id": "b-%d" % i, "type": "order.placed", "source": "/bench", "data": data} for i in range(100)], separators=(",", ":")))')
+cat > "$WORK/batch.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/cloudevents-batch+json"
+wrk.body = '$BATCH'
+LUA
+echo "== HTTP ingest, batches of 100 events, wrk ${DURATION}s, 64 connections"
+WRKB=$(taskset -c 0 wrk -t2 -c64 -d"${DURATION}s" -s "$WORK/batch.lua" "http://127.0.0.1:$IN/events/bench")
+echo "$WRKB" | grep -E "Requests/sec|Non-2xx|Latency|errors" || true
+BATCH_EPS=$(echo "$WRKB" | awk '/Requests\/sec/ {print $2 * 100}')
+NON2XXB=$(echo "$WRKB" | awk '/Non-2xx/ {print $5}')
+# Latency at a moderate rate, each after a pause so that the broker has caught up with the runs above.
+sleep 10
+echo "== Kafka ProducerPerformance at $RATE records/s"
+PERF_MOD=$(bash "$KAFKA" perf-producer "$BOOT" --topic perf --num-records $((RATE * 10)) --record-size ${#PAYLOAD} \
+  --throughput "$RATE" --producer-props acks=all linger.ms=5 enable.idempotence=true | tail -1)
+echo "$PERF_MOD"
+PERF_P99=$(echo "$PERF_MOD" | sed -E 's/.* ([0-9]+) ms 99th.*/\1/')
+sleep 5
 echo "== HTTP ingest at $RATE requests/s (umw-load, 10 s)"
 MOD=$(taskset -c 0 "$LOAD" --url "http://127.0.0.1:$IN/events/bench" --rate "$RATE" --duration 10s --connections 64 --body "$PAYLOAD")
 echo "$MOD"
@@ -141,7 +159,7 @@ taskset -c 1 "$DP" --config "$WORK/consume.yaml" --http-address "127.0.0.1:$OUT"
 delivered() { curl -s "http://127.0.0.1:$OUT_ADMIN/metrics" | awk '/^umw_events_handled_total/ && /outcome="delivered"/ {s+=$2} END {print s+0}'; }
 FIRST=""
 for _ in $(seq 1 3000); do
-  n=$(delivered 2>/dev/null || echo 0)
+  n=$(delivered 2>/dev/null || true); n=${n:-0}
   if [ -z "$FIRST" ] && [ "${n%.*}" -gt 0 ]; then FIRST=$(date +%s.%N); FIRST_N=${n%.*}; fi
   [ "${n%.*}" -ge "$CONSUME" ] && break
   sleep 0.1
@@ -154,5 +172,6 @@ echo
 echo "== results ($(nproc) cores, $(date -u +%Y-%m-%d))"
 printf "Kafka ProducerPerformance, full speed:  %s records/s\n" "$PERF_RPS"
 printf "HTTP ingest (wrk, 256 connections):     %s events/s (non-2xx: %s)  ratio %.2f\n" "$INGEST_RPS" "${NON2XX:-0}" "$(python3 -c "print($INGEST_RPS / $PERF_RPS)")"
+printf "HTTP ingest, batches of 100 (wrk, 64):  %s events/s (non-2xx: %s)  ratio %.2f\n" "$BATCH_EPS" "${NON2XXB:-0}" "$(python3 -c "print($BATCH_EPS / $PERF_RPS)")"
 printf "p99 at %s/s: ProducerPerformance %s ms, HTTP ingest (202 = acknowledged) %s ms\n" "$RATE" "$PERF_P99" "$INGEST_P99"
 printf "consumer → webhook: %s events/s\n" "$CONSUME_RPS"

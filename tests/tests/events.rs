@@ -144,6 +144,37 @@ async fn http_ingest_answers_202_once_the_broker_has_the_event() {
     assert_eq!(structured.json()["id"], "own-id-1");
     assert_eq!(kafka.read("orders", 2, Duration::from_secs(20)).len(), 2, "two events in all");
     assert_eq!(gw.metric("umw_events_published_total", &["topic=\"orders\"", "outcome=\"ok\""]).await, 2.0);
+
+    // A batch: all or nothing on validation, published together.
+    let event = |id: &str, customer: &str| {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","type":"order.placed","source":"/batch","data":{{"customer":{customer}}}}}"#
+        )
+    };
+    let url = gw.url("/events/orders");
+    let batch = |events: Vec<String>| {
+        let url = url.clone();
+        async move {
+            send(
+                Method::POST,
+                &url,
+                &[("content-type", "application/cloudevents-batch+json")],
+                Bytes::from(format!("[{}]", events.join(","))),
+            )
+            .await
+        }
+    };
+    let refused = batch(vec![event("b-1", r#""c-1""#), event("b-2", "7")]).await;
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", refused.text());
+    assert_eq!(refused.json()["errors"][0]["pointer"], "/1/data/customer");
+    let published = batch((0..3).map(|i| event(&format!("b-{i}"), &format!(r#""c-{i}""#))).collect()).await;
+    assert_eq!(published.status, StatusCode::ACCEPTED, "{}", published.text());
+    let answered = published.json();
+    assert_eq!(answered["events"].as_array().unwrap().len(), 3);
+    assert!(answered["events"][2]["offset"].is_i64());
+    let records = kafka.read("orders", 5, Duration::from_secs(20));
+    let ids: Vec<String> = records.iter().filter_map(|r| r.header("ce_id")).filter(|id| id.starts_with("b-")).collect();
+    assert_eq!(ids.len(), 3, "the batch's events, and only the valid batch's: {ids:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,9 @@ use cloudevents::{Event, EventBuilder, EventBuilderV10};
 /// `content-type` of a structured event.
 pub const STRUCTURED: &str = "application/cloudevents+json";
 
+/// `content-type` of a batch of structured events (a JSON array).
+pub const BATCH: &str = "application/cloudevents-batch+json";
+
 /// The trace context extension attribute.
 pub const TRACEPARENT: &str = "traceparent";
 

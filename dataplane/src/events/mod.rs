@@ -310,6 +310,14 @@ impl Ingest {
                     .into_response();
             }
         };
+        let batch = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(envelope::BATCH));
+        if batch {
+            return self.handle_batch(&bytes, trace).await;
+        }
         let mut event = match envelope::from_http(&parts.headers, bytes.to_vec(), &route.defaults) {
             Ok(event) => event,
             Err(error) => {
@@ -427,6 +435,125 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
         current = e.source();
     }
     out
+}
+
+/// Events one batch request may carry.
+pub const MAX_BATCH: usize = 1000;
+
+impl Ingest {
+    /// `application/cloudevents-batch+json`: a JSON array of structured events, published together (to
+    /// Kafka concurrently, so that they share the producer's batches). `202` with each event's partition
+    /// and offset when every one was acknowledged; otherwise a `503` naming the events to send again (the
+    /// others are in Kafka).
+    async fn handle_batch(&self, body: &[u8], trace: Option<String>) -> Response {
+        let route = &self.route;
+        let events: Vec<Event> = match serde_json::from_slice::<Vec<serde_json::Value>>(body) {
+            Ok(values) if values.len() > MAX_BATCH => {
+                route.count("invalid");
+                return Problem::new(
+                    kinds::INVALID_EVENT,
+                    format!("{} events in one batch; at most {MAX_BATCH}", values.len()),
+                )
+                .into_response();
+            }
+            Ok(values) => {
+                let mut events = Vec::with_capacity(values.len());
+                let mut problems = Vec::new();
+                for (i, value) in values.into_iter().enumerate() {
+                    match serde_json::from_value::<Event>(value) {
+                        Ok(mut event) => {
+                            if event.extension(envelope::TRACEPARENT).is_none()
+                                && let Some(traceparent) = &trace
+                            {
+                                event.set_extension(envelope::TRACEPARENT, traceparent.clone());
+                            }
+                            for mut violation in route.violations(&event) {
+                                violation.pointer = format!("/{i}/data{}", violation.pointer);
+                                problems.push(violation);
+                            }
+                            events.push(event);
+                        }
+                        Err(error) => problems.push(FieldProblem {
+                            pointer: format!("/{i}"),
+                            detail: format!("not a CloudEvent: {error}"),
+                        }),
+                    }
+                }
+                if !problems.is_empty() {
+                    route.count("invalid");
+                    return Problem::new(
+                        kinds::EVENT_SCHEMA,
+                        format!("{} problem(s) in the batch; nothing was published", problems.len()),
+                    )
+                    .with_errors(problems)
+                    .into_response();
+                }
+                events
+            }
+            Err(error) => {
+                route.count("invalid");
+                return Problem::new(kinds::INVALID_EVENT, format!("a batch is a JSON array of CloudEvents: {error}"))
+                    .into_response();
+            }
+        };
+        let results = futures::future::join_all(events.iter().map(|event| async move {
+            if !route.passes(event) {
+                route.count("filtered");
+                return Ok(serde_json::json!({"id": event.id(), "delivered": false, "reason": "filtered out"}));
+            }
+            let stopping = AtomicBool::new(false);
+            match &route.destination {
+                Destination::Kafka { producer, topic, key, format } => {
+                    let wire = envelope::to_kafka(event, *format).map_err(|e| (event.id().to_string(), e))?;
+                    let key = match key {
+                        Some(parts) => render_event(parts, event),
+                        None => event.id().to_string(),
+                    };
+                    producer
+                        .publish(topic, Some(key.as_bytes()), &wire)
+                        .await
+                        .map(|d| serde_json::json!({"id": event.id(), "partition": d.partition, "offset": d.offset}))
+                        .map_err(|e| (event.id().to_string(), e.to_string()))
+                }
+                Destination::Webhook { .. } => route
+                    .deliver(event, &stopping)
+                    .await
+                    .map(|_| serde_json::json!({"id": event.id(), "delivered": true}))
+                    .map_err(|(e, _)| (event.id().to_string(), e.message)),
+            }
+        }))
+        .await;
+        let mut accepted_events = Vec::new();
+        let mut failed = Vec::new();
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(value) => {
+                    if value.get("delivered") != Some(&serde_json::Value::Bool(false)) {
+                        route.count("delivered");
+                    }
+                    accepted_events.push(value);
+                }
+                Err((id, error)) => {
+                    route.count("failed");
+                    failed.push(FieldProblem { pointer: format!("/{i}"), detail: format!("event {id}: {error}") });
+                }
+            }
+        }
+        if failed.is_empty() {
+            return accepted(serde_json::json!({"events": accepted_events}));
+        }
+        Problem::new(
+            kinds::EVENTS_UNAVAILABLE,
+            format!(
+                "{} of {} events were not acknowledged; send those again with the same ids",
+                failed.len(),
+                failed.len() + accepted_events.len()
+            ),
+        )
+        .with_errors(failed)
+        .retry_after(1)
+        .into_response()
+    }
 }
 
 fn accepted(body: serde_json::Value) -> Response {
