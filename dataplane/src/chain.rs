@@ -474,9 +474,7 @@ async fn handler(request: Request<Body>) -> Response {
         .into_response();
     };
     if let Some(ingest) = &route.ingest {
-        // The event continues the trace from the gateway's server span.
-        let traceparent = info.trace.traceparent(info.trace.span_id).to_str().ok().map(str::to_string);
-        return ingest.handle(request, traceparent).await;
+        return ingest.handle(request, &info.trace).await;
     }
     match proxy::forward(request, &info, &route).await {
         Ok(response) => response,

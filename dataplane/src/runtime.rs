@@ -414,14 +414,22 @@ fn build(
             (None, None)
         }
     };
-    let events =
-        match crate::events::build::build(loaded, producers, parts.bus, clients, health, metrics, parts.in_process) {
-            Ok(events) => events,
-            Err(more) => {
-                problems.extend(more);
-                crate::events::build::Built::default()
-            }
-        };
+    let events = match crate::events::build::build(
+        loaded,
+        producers,
+        parts.bus,
+        clients,
+        health,
+        metrics,
+        traces,
+        parts.in_process,
+    ) {
+        Ok(events) => events,
+        Err(more) => {
+            problems.extend(more);
+            crate::events::build::Built::default()
+        }
+    };
     // Ingest routes come first: their exact POST paths win over the proxy routes' prefixes.
     let mut ingest_routes = Vec::new();
     for (name, path, ingest) in events.ingests {

@@ -174,6 +174,23 @@ impl Traces {
         self.export(trace.trace_id, span_id, &parent, name, SpanKind::Client, start, attributes, error);
     }
 
+    /// Exports a span of another kind (a producer's publish, a consumer's processing) with this parent.
+    #[allow(clippy::too_many_arguments)]
+    pub fn child_span(
+        &self,
+        trace_id: [u8; 16],
+        parent_span_id: [u8; 8],
+        span_id: [u8; 8],
+        name: String,
+        kind: SpanKind,
+        start: SystemTime,
+        attributes: Vec<KeyValue>,
+        error: bool,
+    ) {
+        let parent = remote_parent(trace_id, parent_span_id);
+        self.export(trace_id, span_id, &parent, name, kind, start, attributes, error);
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn export(
         &self,

@@ -81,7 +81,8 @@ pub fn new_trace_id() -> [u8; 16] {
 }
 
 /// `version-traceid-parentid-flags`; version 00 exactly, later versions by their first four fields.
-fn parse(text: &str) -> Option<([u8; 16], [u8; 8], u8)> {
+/// A `traceparent` value: trace id, parent span id, flags.
+pub fn parse(text: &str) -> Option<([u8; 16], [u8; 8], u8)> {
     let mut parts = text.trim().split('-');
     let version = parts.next()?;
     let trace = parts.next()?;

@@ -227,6 +227,11 @@ async fn a_consumer_delivers_to_the_webhook_with_retries_and_dead_letters_what_k
     assert_eq!(headers.get("ce-specversion").unwrap(), "1.0");
     assert_eq!(headers.get("ce-type").unwrap(), "payment.done");
     assert_eq!(headers.get("content-type").unwrap(), "application/json");
+    // The delivery continues the event's trace: same trace id, a span of its own.
+    let event_trace = headers.get("ce-traceparent").unwrap().to_str().unwrap();
+    let delivery_trace = headers.get("traceparent").unwrap().to_str().unwrap();
+    assert_eq!(event_trace[3..35], delivery_trace[3..35], "{event_trace} / {delivery_trace}");
+    assert_ne!(event_trace[36..52], delivery_trace[36..52]);
     // Each took three attempts (two failures first).
     assert!(hook.attempts.lock().unwrap().values().all(|n| *n >= 3));
 

@@ -108,6 +108,7 @@ pub fn build(
     clients: &Clients,
     health: &Health,
     metrics: &Metrics,
+    traces: &Option<Arc<crate::telemetry::Traces>>,
     in_process: bool,
 ) -> Result<Built, Vec<String>> {
     let bundle = &loaded.bundle;
@@ -191,7 +192,7 @@ pub fn build(
             },
             None => None,
         };
-        let runtime = match EventRouteRuntime::new(route, destination, dead_letter, metrics.clone()) {
+        let runtime = match EventRouteRuntime::new(route, destination, dead_letter, metrics.clone(), traces.clone()) {
             Ok(runtime) => Arc::new(runtime),
             Err(e) => {
                 problems.push(format!("{at}: {e}"));

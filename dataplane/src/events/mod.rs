@@ -86,6 +86,8 @@ pub struct EventRouteRuntime {
     pub dead_letter: Option<DeadLetter>,
     pub defaults: Defaults,
     pub metrics: Metrics,
+    /// Where spans go (when the Middleware has an OTLP endpoint).
+    pub traces: Option<Arc<crate::telemetry::Traces>>,
 }
 
 /// Why one delivery attempt failed.
@@ -103,6 +105,7 @@ impl EventRouteRuntime {
         destination: Destination,
         dead_letter: Option<DeadLetter>,
         metrics: Metrics,
+        traces: Option<Arc<crate::telemetry::Traces>>,
     ) -> Result<Self, String> {
         use kube::ResourceExt as _;
         let spec = &route.spec;
@@ -140,6 +143,7 @@ impl EventRouteRuntime {
                 source: format!("/{}/{}", route.namespace().unwrap_or_default(), route.name_any()),
             },
             metrics,
+            traces,
         })
     }
 
@@ -175,8 +179,9 @@ impl EventRouteRuntime {
             .collect()
     }
 
-    /// One delivery attempt.
-    pub async fn deliver_once(&self, event: &Event) -> Result<(), DeliveryError> {
+    /// One delivery attempt; `traceparent` is the W3C trace context to send with it (a webhook gets it as
+    /// the `traceparent` header besides the event's own `ce-traceparent`).
+    pub async fn deliver_once(&self, event: &Event, traceparent: Option<&str>) -> Result<(), DeliveryError> {
         match &self.destination {
             Destination::Kafka { producer, topic, key, format } => {
                 let wire = envelope::to_kafka(event, *format)
@@ -199,6 +204,9 @@ impl EventRouteRuntime {
                 }
                 for (name, value) in headers {
                     request = request.header(name, value);
+                }
+                if let Some(traceparent) = traceparent {
+                    request = request.header(crate::trace::TRACEPARENT, traceparent);
                 }
                 let request = request
                     .body(Body::from(wire.body))
@@ -233,11 +241,53 @@ impl EventRouteRuntime {
     }
 
     /// Delivers with retries (exponential backoff, full jitter). Gives up early when `stopping` is set.
+    /// The whole delivery is a span continuing the event's trace (`traceparent` extension), when sampled.
     pub async fn deliver(&self, event: &Event, stopping: &AtomicBool) -> Result<u32, (DeliveryError, u32)> {
+        let started = std::time::SystemTime::now();
+        let parent = envelope::attribute(event, envelope::TRACEPARENT).and_then(|t| crate::trace::parse(&t));
+        let span_id = crate::trace::new_span_id();
+        let traceparent = parent.map(|(trace_id, _, flags)| {
+            let context =
+                crate::trace::TraceContext { trace_id, span_id, parent_span_id: None, sampled: flags & 1 == 1 };
+            context.traceparent(span_id).to_str().unwrap_or_default().to_string()
+        });
+        let result = self.deliver_attempts(event, stopping, traceparent.as_deref()).await;
+        if let (Some(traces), Some((trace_id, parent_span, flags))) = (&self.traces, parent)
+            && flags & 1 == 1
+        {
+            let (kind, name) = match &self.destination {
+                Destination::Kafka { topic, .. } => {
+                    (opentelemetry::trace::SpanKind::Producer, format!("publish {topic}"))
+                }
+                Destination::Webhook { url, .. } => {
+                    (opentelemetry::trace::SpanKind::Client, format!("deliver {}", url.host().unwrap_or("")))
+                }
+            };
+            let attributes = vec![
+                opentelemetry::KeyValue::new("umw.event_route", self.name.clone()),
+                opentelemetry::KeyValue::new("messaging.message.id", event.id().to_string()),
+                opentelemetry::KeyValue::new(
+                    "umw.attempts",
+                    i64::from(match &result {
+                        Ok(n) | Err((_, n)) => *n,
+                    }),
+                ),
+            ];
+            traces.child_span(trace_id, parent_span, span_id, name, kind, started, attributes, result.is_err());
+        }
+        result
+    }
+
+    async fn deliver_attempts(
+        &self,
+        event: &Event,
+        stopping: &AtomicBool,
+        traceparent: Option<&str>,
+    ) -> Result<u32, (DeliveryError, u32)> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.deliver_once(event).await {
+            match self.deliver_once(event, traceparent).await {
                 Ok(()) => {
                     self.metrics.events_deliveries.with_label_values(&[&self.name, "ok"]).inc();
                     return Ok(attempt);
@@ -300,7 +350,40 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub async fn handle(&self, request: Request<Body>, trace: Option<String>) -> Response {
+    /// Publishes the request's event(s). The events continue the request's trace from a producer span
+    /// (exported when the request is sampled), so that consumers continue it in turn.
+    pub async fn handle(&self, request: Request<Body>, trace: &crate::trace::TraceContext) -> Response {
+        let route = &self.route;
+        let started = std::time::SystemTime::now();
+        let producer_span = crate::trace::new_span_id();
+        let traceparent = trace.traceparent(producer_span).to_str().ok().map(str::to_string);
+        let response = self.handle_inner(request, traceparent).await;
+        if let Some(traces) = &route.traces
+            && trace.sampled
+        {
+            let name = match &route.destination {
+                Destination::Kafka { topic, .. } => format!("publish {topic}"),
+                Destination::Webhook { url, .. } => format!("deliver {}", url.host().unwrap_or("")),
+            };
+            let attributes = vec![
+                opentelemetry::KeyValue::new("umw.event_route", route.name.clone()),
+                opentelemetry::KeyValue::new("http.response.status_code", i64::from(response.status().as_u16())),
+            ];
+            traces.child_span(
+                trace.trace_id,
+                trace.span_id,
+                producer_span,
+                name,
+                opentelemetry::trace::SpanKind::Producer,
+                started,
+                attributes,
+                !response.status().is_success(),
+            );
+        }
+        response
+    }
+
+    async fn handle_inner(&self, request: Request<Body>, trace: Option<String>) -> Response {
         let route = &self.route;
         let (parts, body) = request.into_parts();
         let bytes = match body.collect().await {
