@@ -509,3 +509,57 @@ async fn a_consuming_data_plane_killed_mid_batch_redelivers_after_restart_and_lo
     let _ = second.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_is_routed_to_another_and_a_reload_moves_the_route_without_losing_events() {
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
+    for topic in ["raw", "clean", "audit"] {
+        kafka.create_topic(topic, 2);
+    }
+    let config = |to: &str| {
+        format!(
+            "{}{}",
+            middleware(&kafka, ""),
+            event_route(
+                "raw-to",
+                &format!("  source: {{kafka: {{topic: raw, group: router}}}}\n  destination: {{kafka: {{topic: {to}, keyTemplate: '{{{{ data.k }}}}'}}}}\n  format: structured\n  filter: {{data: [{{pointer: /keep, equals: 'true'}}]}}\n")
+            )
+        )
+    };
+    let gw = Gateway::start(&config("clean")).await;
+    kafka_up(&gw).await;
+    let bootstrap = kafka.bootstrap();
+    let produce = move |from: usize| {
+        let bootstrap = bootstrap.clone();
+        tokio::task::spawn_blocking(move || {
+            umw_tests::kafka::produce(&bootstrap, "raw", 100, 10, |i| {
+                format!(r#"{{"k": "key-{}", "keep": {}, "n": {}}}"#, i % 10, i % 2 == 0, from + i)
+            })
+        })
+    };
+    produce(0).await.unwrap();
+    let clean = kafka.read("clean", 50, Duration::from_secs(30));
+    assert_eq!(clean.len(), 50, "the kept half");
+    let record = &clean[0];
+    assert_eq!(record.header("content-type").as_deref(), Some("application/cloudevents+json"), "structured mode");
+    let envelope: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+    assert_eq!(envelope["specversion"], "1.0");
+    assert_eq!(envelope["source"], "kafka:raw");
+    assert!(record.key.as_deref().unwrap().starts_with(b"key-"), "the key template");
+
+    // A reload moves the route to another topic; the group goes on from its committed offsets.
+    gw.write_config(&config("audit"));
+    eventually("the new configuration applied", Duration::from_secs(10), || async {
+        gw.metric("umw_config_reloads_total", &["outcome=\"applied\""]).await >= 1.0
+    })
+    .await;
+    produce(100).await.unwrap();
+    let audit = kafka.read("audit", 50, Duration::from_secs(30));
+    assert_eq!(audit.len(), 50, "the next kept half, in the new topic");
+    let numbers: Vec<i64> = audit
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.value).unwrap()["data"]["n"].as_i64().unwrap())
+        .collect();
+    assert!(numbers.iter().all(|n| *n >= 100), "nothing routed twice after the reload: {numbers:?}");
+    assert_eq!(kafka.read("clean", 51, Duration::from_secs(3)).len(), 50, "nothing more in the old topic");
+}
