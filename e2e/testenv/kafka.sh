@@ -6,6 +6,7 @@
 #   kafka.sh fetch                                   # copy the jars into the cache, once
 #   kafka.sh --print-lib                             # print the lib directory (fetching it if missing)
 #   kafka.sh start DIR PORT CONTROLLER_PORT          # run a broker on 127.0.0.1:PORT in the foreground
+#                                                    # (KAFKA_SASL_PLAIN_USERS="u:p ..." for SASL/PLAIN)
 #   kafka.sh topics BOOTSTRAP ARGS...                # org.apache.kafka.tools.TopicCommand
 #   kafka.sh perf-producer BOOTSTRAP ARGS...         # org.apache.kafka.tools.ProducerPerformance
 #
@@ -85,6 +86,22 @@ log.cleaner.dedupe.buffer.size=16777216
 broker.heartbeat.interval.ms=500
 broker.session.timeout.ms=3000
 PROPS
+  # With KAFKA_SASL_PLAIN_USERS="user:password ...", clients authenticate with SASL/PLAIN as those users
+  # (the broker talks to itself as an internal admin user).
+  if [ -n "${KAFKA_SASL_PLAIN_USERS:-}" ]; then
+    local users="user_umw-internal=\"internal-secret\"" pair
+    for pair in $KAFKA_SASL_PLAIN_USERS; do users="$users user_${pair%%:*}=\"${pair#*:}\""; done
+    sed -i -e "s|^listeners=PLAINTEXT://|listeners=SASL_PLAINTEXT://|" \
+      -e "s|^advertised.listeners=PLAINTEXT://|advertised.listeners=SASL_PLAINTEXT://|" \
+      -e "s|^inter.broker.listener.name=PLAINTEXT|inter.broker.listener.name=SASL_PLAINTEXT|" \
+      -e "s|^listener.security.protocol.map=.*|listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT|" \
+      "$dir/server.properties"
+    cat >> "$dir/server.properties" <<PROPS
+sasl.enabled.mechanisms=PLAIN
+sasl.mechanism.inter.broker.protocol=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="umw-internal" password="internal-secret" $users;
+PROPS
+  fi
   cat > "$dir/log4j.properties" <<L4J
 log4j.rootLogger=WARN, file
 log4j.appender.file=org.apache.log4j.FileAppender

@@ -20,6 +20,8 @@ pub struct KafkaBroker {
     child: Option<Child>,
     /// Times the broker started (its log keeps the lines of earlier runs).
     started: usize,
+    /// SASL/PLAIN user and password clients use, when the broker requires them.
+    pub sasl: Option<(String, String)>,
 }
 
 /// A record read back from a topic.
@@ -46,14 +48,43 @@ impl KafkaBroker {
     pub fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
-        let mut broker = Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0 };
+        let mut broker =
+            Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0, sasl: None };
         broker.spawn();
         broker
     }
 
+    /// A broker whose clients must authenticate with SASL/PLAIN as `user`.
+    pub fn start_sasl(user: &str, password: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
+        std::fs::create_dir_all(&dir).expect("a temp directory");
+        let sasl = Some((user.to_string(), password.to_string()));
+        let mut broker = Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0, sasl };
+        broker.spawn();
+        broker
+    }
+
+    /// A client configuration for this broker (with its credentials).
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", self.bootstrap());
+        if let Some((user, password)) = &self.sasl {
+            config
+                .set("security.protocol", "sasl_plaintext")
+                .set("sasl.mechanism", "PLAIN")
+                .set("sasl.username", user)
+                .set("sasl.password", password);
+        }
+        config
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.join("broker.out")).expect("the broker's output file");
-        let child = Command::new("bash")
+        let mut command = Command::new("bash");
+        if let Some((user, password)) = &self.sasl {
+            command.env("KAFKA_SASL_PLAIN_USERS", format!("{user}:{password}"));
+        }
+        let child = command
             .arg(script())
             .args([
                 "start",
@@ -99,11 +130,10 @@ impl KafkaBroker {
 
     /// Creates a topic (one replica). Blocks; runs its own client on a thread of its own.
     pub fn create_topic(&self, name: &str, partitions: i32) {
-        let bootstrap = self.bootstrap();
+        let config = self.client_config();
         let name = name.to_string();
         std::thread::spawn(move || {
-            let admin: AdminClient<DefaultClientContext> =
-                ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("an admin client");
+            let admin: AdminClient<DefaultClientContext> = config.create().expect("an admin client");
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
             let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
             let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -125,8 +155,8 @@ impl KafkaBroker {
 
     /// Every record of the topic, reading until `count` are in or `timeout` passes.
     pub fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
+        let consumer: BaseConsumer = self
+            .client_config()
             .set("group.id", format!("umw-test-reader-{}", fastrand::u64(..)))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")

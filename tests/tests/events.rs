@@ -522,7 +522,9 @@ async fn a_topic_is_routed_to_another_and_a_reload_moves_the_route_without_losin
             middleware(&kafka, ""),
             event_route(
                 "raw-to",
-                &format!("  source: {{kafka: {{topic: raw, group: router}}}}\n  destination: {{kafka: {{topic: {to}, keyTemplate: '{{{{ data.k }}}}'}}}}\n  format: structured\n  filter: {{data: [{{pointer: /keep, equals: 'true'}}]}}\n")
+                &format!(
+                    "  source: {{kafka: {{topic: raw, group: router}}}}\n  destination: {{kafka: {{topic: {to}, keyTemplate: '{{{{ data.k }}}}'}}}}\n  format: structured\n  filter: {{data: [{{pointer: /keep, equals: 'true'}}]}}\n"
+                )
             )
         )
     };
@@ -562,4 +564,46 @@ async fn a_topic_is_routed_to_another_and_a_reload_moves_the_route_without_losin
         .collect();
     assert!(numbers.iter().all(|n| *n >= 100), "nothing routed twice after the reload: {numbers:?}");
     assert_eq!(kafka.read("clean", 51, Duration::from_secs(3)).len(), 50, "nothing more in the old topic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_requiring_sasl_gets_the_credentials_and_refuses_wrong_ones() {
+    let kafka = tokio::task::spawn_blocking(|| KafkaBroker::start_sasl("shop", "shop-secret")).await.unwrap();
+    kafka.create_topic("secured", 1);
+    let config = |password: &str| {
+        format!(
+            "{}{}",
+            middleware(
+                &kafka,
+                &format!(
+                    "      sasl: {{mechanism: PLAIN, username: {{value: shop}}, password: {{value: '{password}'}}}}\n"
+                )
+            ),
+            event_route(
+                "secured-in",
+                "  source: {http: {path: /events/secured}}\n  destination: {kafka: {topic: secured}}\n"
+            )
+        )
+    };
+    let wrong = Gateway::start(&config("wrong-secret")).await;
+    eventually("kafka Down with an authentication error", Duration::from_secs(30), || async {
+        let status = wrong.status().await;
+        status["components"].as_array().unwrap().iter().any(|c| {
+            c["name"] == "kafka"
+                && c["state"] == "Down"
+                && c["message"].as_str().unwrap_or("").contains("authentication")
+        })
+    })
+    .await;
+    let refused = post_json(&wrong.url("/events/secured"), &[], r#"{"n": 1}"#).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.text());
+    drop(wrong);
+
+    let gw = Gateway::start(&config("shop-secret")).await;
+    kafka_up(&gw).await;
+    let reply = post_json(&gw.url("/events/secured"), &[], r#"{"n": 2}"#).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let records = kafka.read("secured", 1, Duration::from_secs(20));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].header("ce_id").as_deref(), reply.json()["id"].as_str());
 }

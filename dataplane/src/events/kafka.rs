@@ -170,7 +170,11 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+            // Overrides whatever the statistics said: the brokers are there, they refuse us.
+            self.state.store(UNKNOWN, Ordering::Relaxed);
+            self.set(false, format!("authentication failed: {reason}"));
+        } else if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.set(false, format!("all brokers down: {reason}"));
         } else {
             tracing::debug!(%error, reason, "Kafka client error");
