@@ -75,9 +75,20 @@ fn start_control_plane() -> anyhow::Result<ControlPlane> {
     if !out.status.success() {
         bail!("installing the CRDs failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = cp.kubectl(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"]);
-    if !out.status.success() {
-        bail!("the CRDs were not established: {}", String::from_utf8_lossy(&out.stderr));
+    // `kubectl wait` fails at once ("accessor error: <nil>") on a CRD whose status is not written yet:
+    // ask again until every CRD has one.
+    let mut attempts = 0;
+    loop {
+        let out = cp.kubectl(&["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"]);
+        if out.status.success() {
+            break;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        attempts += 1;
+        if !stderr.contains("accessor error") || attempts >= 30 {
+            bail!("the CRDs were not established: {stderr}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
     Ok(cp)
 }

@@ -38,7 +38,8 @@ grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null || { echo "Kaf
 bash "$HERE/kafka.sh" topics "127.0.0.1:$KAFKA_PORT" --create --if-not-exists --topic shop.orders --partitions 3 >/dev/null
 
 "$K" apply --server-side -f "$ROOT/crds/manifests/crds.yaml" >/dev/null
-"$K" wait --for=condition=Established crd --all --timeout=60s >/dev/null
+# (Asked again while a CRD has no status yet: kubectl wait fails at once on those.)
+for _ in $(seq 1 30); do "$K" wait --for=condition=Established crd --all --timeout=60s >/dev/null 2>&1 && break; sleep 0.5; done
 "$K" apply -f "$ROOT/examples/shop/"
 # The example's Secret names a Kafka in a cluster; here it is the local broker (before any pod starts).
 "$K" create secret generic shop-kafka --from-literal=bootstrap="127.0.0.1:$KAFKA_PORT" --dry-run=client -o yaml \
