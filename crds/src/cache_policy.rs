@@ -21,7 +21,7 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     status = "PolicyStatus",
     derive = "PartialEq",
     derive = "Default",
-    doc = "Response caching for routes of a Middleware: TTL with jitter, negative caching, stale-while-revalidate, cache keys, single-flight, invalidation and warm-up. Invalidation by Kafka events is accepted but not enforced yet; the Enforced condition says so.",
+    doc = "Response caching for routes of a Middleware: TTL with jitter, negative caching, stale-while-revalidate, cache keys, single-flight, invalidation and warm-up.",
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
     printcolumn(
@@ -244,6 +244,11 @@ impl Policy for CachePolicy {
     }
 
     fn validate_against(&self, middleware: &crate::Middleware) -> Result<(), String> {
+        if self.spec.invalidation.as_ref().is_some_and(|i| !i.events.is_empty())
+            && middleware.spec.connections.kafka.is_none()
+        {
+            return Err(crate::policy::needs_connection("invalidation by events", "kafka", middleware));
+        }
         if middleware.spec.connections.redis.is_some() {
             return Ok(());
         }
@@ -266,6 +271,22 @@ impl Policy for CachePolicy {
         }
         if self.spec.rules.is_empty() {
             out.push(("spec.rules".to_string(), "needs at least one rule".to_string()));
+        }
+        if let Some(invalidation) = &self.spec.invalidation {
+            for (i, event) in invalidation.events.iter().enumerate() {
+                for (name, template) in [
+                    ("keyTemplate", &event.key_template),
+                    ("prefixTemplate", &event.prefix_template),
+                    ("tagTemplate", &event.tag_template),
+                ] {
+                    if let Some(template) = template
+                        && let Err(message) =
+                            crate::template::check(template, &["data", "id", "type", "source", "subject", "ext"])
+                    {
+                        out.push((format!("spec.invalidation.events[{i}].{name}"), message));
+                    }
+                }
+            }
         }
         let mut duration = |field: String, value: Option<&crate::Duration>| {
             if let Some(value) = value
@@ -315,12 +336,6 @@ impl Policy for CachePolicy {
     }
 
     fn not_enforced_fields(&self) -> Vec<&'static str> {
-        // What the data plane does not do yet: invalidation by Kafka events. Everything else is enforced.
-        let spec = &self.spec;
-        let mut fields = Vec::new();
-        if spec.invalidation.as_ref().is_some_and(|i| !i.events.is_empty()) {
-            fields.push("spec.invalidation.events");
-        }
-        fields
+        Vec::new()
     }
 }

@@ -430,6 +430,10 @@ fn build(
             crate::events::build::Built::default()
         }
     };
+    let mut events = events;
+    if let Some(invalidator) = &invalidator {
+        events.consumers.extend(invalidation_consumers(loaded, invalidator, events.kafka.as_ref(), parts.in_process));
+    }
     // Ingest routes come first: their exact POST paths win over the proxy routes' prefixes.
     let mut ingest_routes = Vec::new();
     for (name, path, ingest) in events.ingests {
@@ -534,6 +538,126 @@ fn route(
         requests: crate::metrics::RouteCounters::new(&spec.name),
         metrics: metrics.clone(),
     })
+}
+
+/// One consumer per CachePolicy topic of `spec.invalidation.events`. Every pod reads every event (a group
+/// of its own, from the topic's end, nothing committed that matters later): an in-process cache is the
+/// pod's own, and deleting from a shared Redis twice is harmless.
+fn invalidation_consumers(
+    loaded: &Loaded,
+    invalidator: &Arc<crate::cache::Invalidator>,
+    kafka: Option<&crate::events::kafka::KafkaSettings>,
+    in_process: bool,
+) -> Vec<crate::events::build::ConsumerPlan> {
+    use crate::events::build::{ConsumerPlan, PlanSource};
+    let mut plans = Vec::new();
+    let pod = std::env::var("UMW_POD_NAME").unwrap_or_else(|_| format!("{:08x}", fastrand::u32(..)));
+    for policy in &loaded.bundle.cache_policies {
+        let Some(invalidation) = &policy.spec.invalidation else { continue };
+        let mut topics: Vec<&str> = invalidation.events.iter().map(|e| e.topic.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        for topic in topics {
+            let rules: Vec<InvalidationRule> = invalidation
+                .events
+                .iter()
+                .filter(|e| e.topic == topic)
+                .map(|e| {
+                    let parse = |t: &Option<String>| t.as_deref().and_then(|t| umw_crds::template::parse(t).ok());
+                    InvalidationRule {
+                        event_type: e.event_type.clone(),
+                        key: parse(&e.key_template),
+                        prefix: parse(&e.prefix_template),
+                        tag: parse(&e.tag_template),
+                    }
+                })
+                .collect();
+            let name = format!("cache-{}", policy.name_any());
+            let handler: Arc<dyn crate::events::kafka::Handler> =
+                Arc::new(InvalidationHandler { policy: name.clone(), rules, invalidator: invalidator.clone() });
+            let spec = serde_json::to_string(&invalidation.events).unwrap_or_default();
+            let plan = if in_process {
+                ConsumerPlan {
+                    key: format!("bus|{name}|{topic}|{spec}|{}", invalidator.prefix),
+                    route: name,
+                    source: PlanSource::Bus(topic.to_string()),
+                    handler,
+                }
+            } else {
+                let Some(connection) = kafka else { continue };
+                let group = format!("umw.{}.{}.invalidation.{pod}", loaded.namespace(), policy.name_any());
+                ConsumerPlan {
+                    key: format!("{name}|{topic}|{group}|{spec}|{connection:?}|{}", invalidator.prefix),
+                    route: name.clone(),
+                    source: PlanSource::Kafka(Box::new(crate::events::kafka::ConsumerSettings {
+                        connection: connection.clone(),
+                        topic: topic.to_string(),
+                        group,
+                        route: name,
+                        from_latest: true,
+                    })),
+                    handler,
+                }
+            };
+            plans.push(plan);
+        }
+    }
+    plans
+}
+
+struct InvalidationRule {
+    event_type: Option<String>,
+    key: Option<Vec<umw_crds::template::Part>>,
+    prefix: Option<Vec<umw_crds::template::Part>>,
+    tag: Option<Vec<umw_crds::template::Part>>,
+}
+
+/// Turns events into cache invalidations (the glue between the event consumer and the cache).
+struct InvalidationHandler {
+    policy: String,
+    rules: Vec<InvalidationRule>,
+    invalidator: Arc<crate::cache::Invalidator>,
+}
+
+impl crate::events::kafka::Handler for InvalidationHandler {
+    fn handle(
+        &self,
+        message: crate::events::kafka::Incoming,
+        _stopping: Arc<std::sync::atomic::AtomicBool>,
+    ) -> BoxFuture<'static, bool> {
+        use cloudevents::AttributesReader as _;
+        let event = crate::events::envelope::from_kafka(message.headers.clone(), message.payload.clone())
+            .or_else(|_| crate::events::envelope::plain(&message, "invalidation"));
+        let mut what = crate::cache::Invalidation::default();
+        if let Ok(event) = &event {
+            for rule in &self.rules {
+                if rule.event_type.as_deref().is_some_and(|t| t != event.ty()) {
+                    continue;
+                }
+                let render = |parts: &Option<Vec<umw_crds::template::Part>>| {
+                    parts.as_ref().map(|p| crate::events::render_event(p, event)).filter(|v| !v.is_empty())
+                };
+                what.keys.extend(render(&rule.key));
+                what.prefixes.extend(render(&rule.prefix));
+                what.tags.extend(render(&rule.tag));
+            }
+        } else {
+            tracing::warn!(policy = %self.policy, topic = %message.topic, offset = message.offset, "an invalidation event could not be read; skipped");
+        }
+        let invalidator = self.invalidator.clone();
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            if what.keys.is_empty() && what.prefixes.is_empty() && what.tags.is_empty() {
+                return true;
+            }
+            // A cache that cannot be reached now keeps the entries until their TTL: logged, not retried.
+            match invalidator.invalidate(&what).await {
+                Ok(deleted) => tracing::debug!(%policy, deleted, "cache invalidated by an event"),
+                Err(error) => tracing::warn!(%policy, %error, "cache invalidation by an event failed"),
+            }
+            true
+        })
+    }
 }
 
 /// Starts the consumers the snapshot asks for and stops the others; unchanged ones keep running.

@@ -251,14 +251,15 @@ async fn a_cache_policy_becomes_enforced_and_the_running_pods_answer_from_redis(
     let keys: Vec<String> = redis::cmd("KEYS").arg("umw:*").query(&mut redis.connection()).unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
 
-    // What this version does not do is said, not guessed: invalidation by Kafka events is not enforced yet.
+    // A policy that needs what the Middleware lacks is refused, saying what to add: invalidation by events
+    // needs the Kafka connection.
     ns.must_apply(
         "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: products\nspec:\n  targetRefs:\n  - name: shop\n    sectionName: products\n  rules:\n  - ttl: 60s\n  invalidation:\n    events:\n    - {topic: products, keyTemplate: 'GET:/products/{{ data.id }}'}\n",
     );
-    eventually("Enforced=False naming spec.invalidation.events", WAIT, || async {
+    eventually("Accepted=False naming the missing Kafka connection", WAIT, || async {
         let policy = policies.get_opt("products").await.ok().flatten()?;
-        let enforced = conditions::find(&policy.policy_status()?.conditions, types::ENFORCED)?.clone();
-        (enforced.status == "False" && enforced.message.contains("spec.invalidation.events")).then_some(())
+        let accepted = conditions::find(&policy.policy_status()?.conditions, types::ACCEPTED)?.clone();
+        (accepted.status == "False" && accepted.message.contains("spec.connections.kafka")).then_some(())
     })
     .await;
 }

@@ -472,3 +472,61 @@ async fn the_in_process_tier_stays_coherent_across_replicas_through_redis_pub_su
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_on_a_kafka_topic_invalidate_entries_by_tag_and_key() {
+    let redis = RedisServer::start();
+    let kafka = tokio::task::spawn_blocking(umw_tests::KafkaBroker::start).await.unwrap();
+    kafka.create_topic("catalog", 2);
+    let up = Upstream::start("up").await;
+    let yaml = format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cache}}\nspec:\n  routes:\n    - name: products\n      match: {{pathPrefix: /}}\n      upstream: {{url: '{}'}}\n  connections:\n    redis:\n      url: {{value: '{}'}}\n    kafka:\n      bootstrapServers: {{value: '{}'}}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: products, namespace: cache}}\nspec:\n  targetRefs: [{{name: shop}}]\n  rules:\n  - {{ttl: 5m, tags: ['product:{{{{ path.1 }}}}']}}\n  invalidation:\n    events:\n    - {{topic: catalog, eventType: product.changed, tagTemplate: 'product:{{{{ data.id }}}}'}}\n    - {{topic: catalog, eventType: page.changed, keyTemplate: 'GET:127.0.0.1{{{{ data.path }}}}'}}\n",
+        up.url(),
+        redis.url(),
+        kafka.bootstrap()
+    );
+    let gw = Gateway::start(&yaml).await;
+    redis_ready(&gw).await;
+    eventually("the invalidation consumer has its partitions", Duration::from_secs(30), || async {
+        gw.metric("umw_events_rebalances_total", &["event_route=\"cache-products\"", "kind=\"assign\""]).await >= 1.0
+    })
+    .await;
+    for path in ["/products/42", "/products/7", "/about"] {
+        get(&gw.url(path)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for path in ["/products/42", "/products/7", "/about"] {
+        assert!(cache_status(&get(&gw.url(path)).await).contains("hit"), "{path} is cached");
+    }
+    // Events as another service would publish them: CloudEvents in binary mode.
+    let bootstrap = kafka.bootstrap();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+        let producer: BaseProducer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("a producer");
+        for (id, ty, data) in
+            [("e-1", "product.changed", r#"{"id": "42"}"#), ("e-2", "page.changed", r#"{"path": "/about"}"#)]
+        {
+            let headers = rdkafka::message::OwnedHeaders::new()
+                .insert(rdkafka::message::Header { key: "ce_specversion", value: Some("1.0") })
+                .insert(rdkafka::message::Header { key: "ce_id", value: Some(id) })
+                .insert(rdkafka::message::Header { key: "ce_type", value: Some(ty) })
+                .insert(rdkafka::message::Header { key: "ce_source", value: Some("/catalog") })
+                .insert(rdkafka::message::Header { key: "content-type", value: Some("application/json") });
+            producer.send(BaseRecord::to("catalog").key(id).payload(data).headers(headers)).expect("queued");
+        }
+        producer.flush(Duration::from_secs(10)).expect("acknowledged");
+    })
+    .await
+    .unwrap();
+    // A refetched entry is stored again: each path needs to show its miss once.
+    for path in ["/products/42", "/about"] {
+        eventually(&format!("{path} invalidated"), Duration::from_secs(20), || async {
+            cache_status(&get(&gw.url(path)).await).contains("fwd=miss")
+        })
+        .await;
+    }
+    assert!(cache_status(&get(&gw.url("/products/7")).await).contains("hit"), "other entries stay");
+    assert!(gw.metric("umw_cache_invalidations_total", &["by=\"tag\""]).await >= 1.0);
+    assert!(gw.metric("umw_cache_invalidations_total", &["by=\"key\""]).await >= 1.0);
+}

@@ -46,6 +46,8 @@ pub struct Built {
     /// `(event route name, ingest path, ingest)`.
     pub ingests: Vec<(String, String, Arc<Ingest>)>,
     pub consumers: Vec<ConsumerPlan>,
+    /// The Middleware's Kafka connection, resolved (for other consumers, e.g. cache invalidation).
+    pub kafka: Option<KafkaSettings>,
 }
 
 /// The connection settings of the Middleware's Kafka, with its Secrets resolved.
@@ -222,6 +224,7 @@ pub fn build(
                         topic: source.topic.clone(),
                         group,
                         route: route.name_any(),
+                        from_latest: false,
                     })),
                     handler,
                 }
@@ -233,6 +236,7 @@ pub fn build(
         return Err(problems);
     }
     *producers = used;
+    built.kafka = settings;
     Ok(built)
 }
 

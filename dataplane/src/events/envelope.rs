@@ -205,6 +205,21 @@ pub fn from_http(headers: &http::HeaderMap, body: Vec<u8>, defaults: &Defaults) 
     builder.data(content_type, data).build().map_err(|e| e.to_string())
 }
 
+/// An event around a Kafka record that is not a CloudEvent: id `<topic>-<partition>-<offset>` (stable
+/// across redeliveries), the given type, source `kafka:<topic>`, the value as data (JSON when it is).
+pub fn plain(message: &super::kafka::Incoming, ty: &str) -> Result<Event, String> {
+    let payload = message.payload.clone().unwrap_or_default();
+    let builder = EventBuilderV10::new()
+        .id(format!("{}-{}-{}", message.topic, message.partition, message.offset))
+        .ty(ty.to_string())
+        .source(format!("kafka:{}", message.topic));
+    let builder = match serde_json::from_slice::<serde_json::Value>(&payload) {
+        Ok(json) => builder.data("application/json", json),
+        Err(_) => builder.data("application/octet-stream", payload),
+    };
+    builder.build().map_err(|e| e.to_string())
+}
+
 /// `type` and `source` of events made from plain HTTP bodies.
 #[derive(Clone, Debug)]
 pub struct Defaults {

@@ -393,6 +393,9 @@ pub struct ConsumerSettings {
     pub group: String,
     /// The event route, for logs and metrics.
     pub route: String,
+    /// A new group starts at the topic's end instead of its beginning (for cache invalidation: what was
+    /// published before the pod started cannot be in its cache).
+    pub from_latest: bool,
 }
 
 /// Messages a partition's worker may have queued before its partition is paused.
@@ -562,7 +565,7 @@ impl Consumer {
             .set("group.id", &settings.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            .set("auto.offset.reset", if settings.from_latest { "latest" } else { "earliest" })
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000");

@@ -695,17 +695,7 @@ async fn handle_message(route: &EventRouteRuntime, message: Incoming, stopping: 
 }
 
 fn wrap_plain(route: &EventRouteRuntime, message: &Incoming) -> Result<Event, String> {
-    use cloudevents::EventBuilder as _;
-    let payload = message.payload.clone().unwrap_or_default();
-    let mut builder = cloudevents::EventBuilderV10::new()
-        .id(format!("{}-{}-{}", message.topic, message.partition, message.offset))
-        .ty(route.defaults.ty.clone())
-        .source(format!("kafka:{}", message.topic));
-    builder = match serde_json::from_slice::<serde_json::Value>(&payload) {
-        Ok(json) => builder.data("application/json", json),
-        Err(_) => builder.data("application/octet-stream", payload),
-    };
-    builder.build().map_err(|e| e.to_string())
+    envelope::plain(message, &route.defaults.ty)
 }
 
 /// Headers of a dead-lettered message, next to the original ones.
