@@ -383,6 +383,11 @@ async fn a_consumer_group_growing_and_shrinking_while_50k_events_flow_loses_none
         }
     };
     let first = Gateway::start(&yaml).await;
+    // Thousands of events wait: the lag gauge says so within a statistics interval.
+    eventually("consumer lag reported", Duration::from_secs(20), || async {
+        first.metric("umw_events_consumer_lag", &["event_route=\"stream-out\""]).await > 100.0
+    })
+    .await;
     progress(5_000).await;
     let second = Gateway::start(&yaml).await;
     progress(15_000).await;
@@ -405,6 +410,12 @@ async fn a_consumer_group_growing_and_shrinking_while_50k_events_flow_loses_none
     assert_eq!(distinct, EVENTS, "no event lost");
     let rebalances = first.metric("umw_events_rebalances_total", &["kind=\"revoke\""]).await;
     assert!(rebalances >= 2.0, "the first member saw its partitions move: {rebalances}");
+    // The lag gauge (from the client's statistics) comes down to zero once everything is handled.
+    eventually("consumer lag 0", Duration::from_secs(20), || async {
+        let text = first.metrics().await;
+        text.lines().any(|l| l.starts_with("umw_events_consumer_lag{event_route=\"stream-out\"} 0"))
+    })
+    .await;
 }
 
 /// The same broker, from its address only (for a producer thread).
