@@ -63,6 +63,8 @@ pub struct Metrics {
     pub events_consumer_lag: IntGaugeVec,
     /// Consumer group rebalances seen, by event route and kind (`assign`, `revoke`).
     pub events_rebalances: IntCounterVec,
+    /// Partitions paused because their worker fell behind, by event route.
+    pub events_paused: IntCounterVec,
     /// Connections accepted on the traffic listener.
     pub connections_accepted: IntCounter,
     /// Open connections on the traffic listener.
@@ -206,6 +208,11 @@ impl Metrics {
                 "umw_events_rebalances_total",
                 "Consumer group rebalances seen, by event route and kind (assign, revoke)",
                 &["event_route", "kind"],
+            )?,
+            events_paused: counter_vec(
+                "umw_events_partitions_paused_total",
+                "Partitions paused because their worker fell behind (resumed when it catches up), by event route",
+                &["event_route"],
             )?,
             connections_accepted: {
                 let metric =

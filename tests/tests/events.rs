@@ -618,3 +618,51 @@ async fn a_broker_requiring_sasl_gets_the_credentials_and_refuses_wrong_ones() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].header("ce_id").as_deref(), reply.json()["id"].as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_webhook_pauses_its_partition_and_gets_every_event_in_order() {
+    const EVENTS: usize = 1_500;
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
+    kafka.create_topic("slow", 1);
+    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let app = Router::new()
+        .route(
+            "/slow",
+            post(|State(seen): State<Arc<Mutex<Vec<i64>>>>, body: Bytes| async move {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                let n = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["n"].as_i64().unwrap();
+                seen.lock().unwrap().push(n);
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/slow", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let bootstrap = kafka.bootstrap();
+    tokio::task::spawn_blocking(move || {
+        umw_tests::kafka::produce(&bootstrap, "slow", EVENTS, 1, |i| format!(r#"{{"n": {i}}}"#))
+    })
+    .await
+    .unwrap();
+    let yaml = format!(
+        "{}{}",
+        middleware(&kafka, ""),
+        event_route(
+            "slow-out",
+            &format!("  source: {{kafka: {{topic: slow}}}}\n  destination: {{http: {{url: '{url}'}}}}\n")
+        )
+    );
+    let gw = Gateway::start(&yaml).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while seen.lock().unwrap().len() < EVENTS {
+        assert!(std::time::Instant::now() < deadline, "{} of {EVENTS} delivered", seen.lock().unwrap().len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "in the partition's order, each once");
+    assert!(
+        gw.metric("umw_events_partitions_paused_total", &["event_route=\"slow-out\""]).await >= 1.0,
+        "the partition was paused while its worker was behind"
+    );
+}

@@ -679,8 +679,9 @@ fn poll_loop(consumer: BaseConsumer<Context>, group: Arc<Group>, stop: Arc<Atomi
                     pending.entry(partition).or_default().push_back(incoming);
                     let mut list = TopicPartitionList::new();
                     list.add_partition(&group.topic, partition);
-                    if let Err(error) = consumer.pause(&list) {
-                        tracing::debug!(%error, partition, "pausing a partition failed");
+                    match consumer.pause(&list) {
+                        Ok(()) => group.metrics.events_paused.with_label_values(&[&group.route]).inc(),
+                        Err(error) => tracing::debug!(%error, partition, "pausing a partition failed"),
                     }
                 }
             }
