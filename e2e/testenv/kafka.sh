@@ -6,7 +6,8 @@
 #   kafka.sh fetch                                   # copy the jars into the cache, once
 #   kafka.sh --print-lib                             # print the lib directory (fetching it if missing)
 #   kafka.sh start DIR PORT CONTROLLER_PORT          # run a broker on 127.0.0.1:PORT in the foreground
-#                                                    # (KAFKA_SASL_PLAIN_USERS="u:p ..." for SASL/PLAIN)
+#                                                    # (KAFKA_SASL_PLAIN_USERS="u:p ..." for SASL/PLAIN,
+#                                                    # KAFKA_TLS_DIR=dir with server.pem and ca.crt for TLS)
 #   kafka.sh topics BOOTSTRAP ARGS...                # org.apache.kafka.tools.TopicCommand
 #   kafka.sh perf-producer BOOTSTRAP ARGS...         # org.apache.kafka.tools.ProducerPerformance
 #
@@ -100,6 +101,22 @@ PROPS
 sasl.enabled.mechanisms=PLAIN
 sasl.mechanism.inter.broker.protocol=PLAIN
 listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="umw-internal" password="internal-secret" $users;
+PROPS
+  fi
+  # With KAFKA_TLS_DIR (server.pem: private key and certificate chain; ca.crt: the authority), clients
+  # and the broker itself speak TLS only.
+  if [ -n "${KAFKA_TLS_DIR:-}" ]; then
+    sed -i -e "s|^listeners=PLAINTEXT://|listeners=SSL://|" \
+      -e "s|^advertised.listeners=PLAINTEXT://|advertised.listeners=SSL://|" \
+      -e "s|^inter.broker.listener.name=PLAINTEXT|inter.broker.listener.name=SSL|" \
+      -e "s|^listener.security.protocol.map=.*|listener.security.protocol.map=CONTROLLER:PLAINTEXT,SSL:SSL|" \
+      "$dir/server.properties"
+    cat >> "$dir/server.properties" <<PROPS
+ssl.keystore.type=PEM
+ssl.keystore.location=$KAFKA_TLS_DIR/server.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$KAFKA_TLS_DIR/ca.crt
+ssl.endpoint.identification.algorithm=https
 PROPS
   fi
   cat > "$dir/log4j.properties" <<L4J

@@ -22,6 +22,8 @@ pub struct KafkaBroker {
     started: usize,
     /// SASL/PLAIN user and password clients use, when the broker requires them.
     pub sasl: Option<(String, String)>,
+    /// With TLS only: the authority's certificate (PEM) that signed the broker's.
+    pub ca_cert: Option<String>,
 }
 
 /// A record read back from a topic.
@@ -48,8 +50,15 @@ impl KafkaBroker {
     pub fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
-        let mut broker =
-            Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0, sasl: None };
+        let mut broker = Self {
+            port: free_port(),
+            controller_port: free_port(),
+            dir,
+            child: None,
+            started: 0,
+            sasl: None,
+            ca_cert: None,
+        };
         broker.spawn();
         broker
     }
@@ -59,7 +68,24 @@ impl KafkaBroker {
         let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
         let sasl = Some((user.to_string(), password.to_string()));
-        let mut broker = Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0, sasl };
+        let mut broker =
+            Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0, sasl, ca_cert: None };
+        broker.spawn();
+        broker
+    }
+
+    /// A broker that speaks TLS only, with a certificate for 127.0.0.1 from a private authority.
+    pub fn start_tls() -> Self {
+        let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).expect("a temp directory");
+        crate::make_certificates(&certs);
+        let read = |name: &str| std::fs::read_to_string(certs.join(name)).expect("a certificate file");
+        // Kafka's PEM key store: the private key and the certificate chain in one file.
+        std::fs::write(certs.join("server.pem"), format!("{}{}", read("server.key"), read("server.crt"))).unwrap();
+        let ca_cert = Some(read("ca.crt"));
+        let mut broker =
+            Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0, sasl: None, ca_cert };
         broker.spawn();
         broker
     }
@@ -68,6 +94,9 @@ impl KafkaBroker {
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", self.bootstrap());
+        if let Some(ca) = &self.ca_cert {
+            config.set("security.protocol", "ssl").set("ssl.ca.pem", ca);
+        }
         if let Some((user, password)) = &self.sasl {
             config
                 .set("security.protocol", "sasl_plaintext")
@@ -83,6 +112,9 @@ impl KafkaBroker {
         let mut command = Command::new("bash");
         if let Some((user, password)) = &self.sasl {
             command.env("KAFKA_SASL_PLAIN_USERS", format!("{user}:{password}"));
+        }
+        if self.ca_cert.is_some() {
+            command.env("KAFKA_TLS_DIR", self.dir.join("certs"));
         }
         let child = command
             .arg(script())

@@ -666,3 +666,35 @@ async fn a_slow_webhook_pauses_its_partition_and_gets_every_event_in_order() {
         "the partition was paused while its worker was behind"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_behind_tls_with_a_private_authority_is_reached_with_its_ca_certificate() {
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start_tls).await.unwrap();
+    kafka.create_topic("private", 1);
+    let ca: String = kafka.ca_cert.as_deref().unwrap().lines().map(|l| format!("          {l}\n")).collect();
+    let config = |ca: &str| {
+        format!(
+            "{}{}",
+            middleware(&kafka, &format!("      tls: true\n{ca}")),
+            event_route(
+                "private-in",
+                "  source: {http: {path: /events/private}}\n  destination: {kafka: {topic: private}}\n"
+            )
+        )
+    };
+    // Without the authority, the broker's certificate is not trusted: Down, and ingest answers 503.
+    let untrusting = Gateway::start(&config("")).await;
+    eventually("kafka Down without the authority", Duration::from_secs(30), || async {
+        let status = untrusting.status().await;
+        status["components"].as_array().unwrap().iter().any(|c| c["name"] == "kafka" && c["state"] == "Down")
+    })
+    .await;
+    assert_eq!(post_json(&untrusting.url("/events/private"), &[], "{}").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    drop(untrusting);
+
+    let gw = Gateway::start(&config(&format!("      caCert:\n        value: |\n{ca}"))).await;
+    kafka_up(&gw).await;
+    let reply = post_json(&gw.url("/events/private"), &[], r#"{"n": 1}"#).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    assert_eq!(kafka.read("private", 1, Duration::from_secs(20)).len(), 1);
+}
