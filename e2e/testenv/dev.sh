@@ -32,9 +32,13 @@ rm -f "$DIR/kafka/kafka.log"   # the topics stay; the log tells when this start 
 bash "$HERE/kafka.sh" start "$DIR/kafka" "$KAFKA_PORT" "$((KAFKA_PORT + 1))" > "$DIR/kafka.out" 2>&1 &
 kafka=$!
 # All go when this process (the operator, after the exec below) ends, however it ends.
-(while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -INT $kubelet $demo 2>/dev/null; kill $kafka 2>/dev/null) &
+# (The watcher ignores Ctrl-C so that it outlives it; the broker, started in the background, ignores SIGINT
+# and gets SIGTERM.)
+(trap '' INT; while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -INT $kubelet $demo 2>/dev/null; kill -TERM $kafka 2>/dev/null) &
 for _ in $(seq 1 600); do grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null && break; sleep 0.1; done
-grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null || { echo "Kafka did not start: $DIR/kafka.out" >&2; exit 1; }
+grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null || {
+  echo "Kafka did not start (a broker of an earlier run still on port $KAFKA_PORT? set UMW_DEV_KAFKA_PORT):" >&2
+  tail -5 "$DIR/kafka.out" "$DIR/kafka/kafka.log" >&2 2>/dev/null; exit 1; }
 bash "$HERE/kafka.sh" topics "127.0.0.1:$KAFKA_PORT" --create --if-not-exists --topic shop.orders --partitions 3 >/dev/null
 
 "$K" apply --server-side -f "$ROOT/crds/manifests/crds.yaml" >/dev/null

@@ -698,3 +698,30 @@ async fn a_broker_behind_tls_with_a_private_authority_is_reached_with_its_ca_cer
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
     assert_eq!(kafka.read("private", 1, Duration::from_secs(20)).len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_is_named_and_a_client_id_is_kept() {
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
+    kafka.create_topic("present", 1);
+    let yaml = format!(
+        "{}{}{}",
+        middleware(&kafka, "      producer: {deliveryTimeout: 2s}\n"),
+        event_route(
+            "to-present",
+            "  source: {http: {path: /events/present}}\n  destination: {kafka: {topic: present}}\n"
+        ),
+        event_route(
+            "to-missing",
+            "  source: {http: {path: /events/missing}}\n  destination: {kafka: {topic: missing}}\n"
+        )
+    );
+    let gw = Gateway::start(&yaml).await;
+    kafka_up(&gw).await;
+    // A plain JSON body keeps the client's ce-id, so that a retry can be recognized downstream.
+    let reply = post_json(&gw.url("/events/present"), &[("ce-id", "client-id-1")], r#"{"n": 1}"#).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    assert_eq!(reply.json()["id"], "client-id-1");
+    let missing = post_json(&gw.url("/events/missing"), &[], r#"{"n": 1}"#).await;
+    assert_eq!(missing.status, StatusCode::SERVICE_UNAVAILABLE, "{}", missing.text());
+    assert!(missing.text().contains("topic missing does not exist"), "{}", missing.text());
+}

@@ -175,7 +175,9 @@ impl MessageDeserializer for Record {
 }
 
 /// Reads an event from an HTTP request: structured (`application/cloudevents+json`), binary (`ce-*`
-/// headers), or, for a plain body, a new event around it with the given defaults.
+/// headers), or, for a plain body, a new event around it with the given defaults (`ce-id`, `ce-type`,
+/// `ce-source`, `ce-subject` headers taken when present, so that a client retrying with the same `ce-id`
+/// lets consumers drop the duplicate).
 pub fn from_http(headers: &http::HeaderMap, body: Vec<u8>, defaults: &Defaults) -> Result<Event, String> {
     let structured = headers
         .get(http::header::CONTENT_TYPE)
@@ -188,7 +190,7 @@ pub fn from_http(headers: &http::HeaderMap, body: Vec<u8>, defaults: &Defaults) 
         headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let mut builder = EventBuilderV10::new()
-        .id(new_id())
+        .id(header("ce-id").unwrap_or_else(new_id))
         .ty(header("ce-type").unwrap_or_else(|| defaults.ty.clone()))
         .source(header("ce-source").unwrap_or_else(|| defaults.source.clone()))
         .time(chrono::Utc::now());

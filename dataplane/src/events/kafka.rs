@@ -322,6 +322,12 @@ impl Producer {
                 Ok(Delivered { partition: delivery.partition, offset: delivery.offset })
             }
             Ok(Err((error, _))) => Err(match error.rdkafka_error_code() {
+                // Brokers that answer but time the event out: a topic that does not exist looks like
+                // this (the producer waits for it to appear); say so rather than "unavailable".
+                Some(RDKafkaErrorCode::MessageTimedOut) if self.topic_missing(topic).await => {
+                    tracing::warn!(%topic, "publishing to a topic that does not exist; create it (brokers here do not create topics on their own)");
+                    PublishError::Failed(format!("topic {topic} does not exist"))
+                }
                 Some(RDKafkaErrorCode::MessageTimedOut) | Some(RDKafkaErrorCode::AllBrokersDown) => {
                     PublishError::Unavailable(error.to_string())
                 }
@@ -334,6 +340,23 @@ impl Producer {
             }),
             Err(_) => Err(PublishError::Failed("the producer went away".into())),
         }
+    }
+
+    /// Whether the brokers say the topic does not exist (false when they cannot be asked).
+    async fn topic_missing(&self, topic: &str) -> bool {
+        let producer = self.inner.clone();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)).is_ok_and(|metadata| {
+                metadata.topics().iter().any(|t| {
+                    t.name() == topic
+                        && t.error()
+                            .is_some_and(|e| RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition)
+                })
+            })
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Waits up to `timeout` for every event handed over to be acknowledged (graceful shutdown).

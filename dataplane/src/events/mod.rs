@@ -140,7 +140,7 @@ impl EventRouteRuntime {
             dead_letter,
             defaults: Defaults {
                 ty: route.name_any(),
-                source: format!("/{}/{}", route.namespace().unwrap_or_default(), route.name_any()),
+                source: format!("/{}/{}", route.namespace().unwrap_or_else(|| "default".into()), route.name_any()),
             },
             metrics,
             traces,
@@ -188,8 +188,9 @@ impl EventRouteRuntime {
                     .map_err(|message| DeliveryError { message, retryable: false })?;
                 let key = match key {
                     Some(parts) => render_event(parts, event),
-                    None => event.id().to_string(),
+                    None => String::new(),
                 };
+                let key = if key.is_empty() { event.id().to_string() } else { key };
                 producer
                     .publish(topic, Some(key.as_bytes()), &wire)
                     .await
@@ -436,8 +437,9 @@ impl Ingest {
                 };
                 let key = match key {
                     Some(parts) => render_event(parts, &event),
-                    None => id.clone(),
+                    None => String::new(),
                 };
+                let key = if key.is_empty() { id.clone() } else { key };
                 match producer.publish(topic, Some(key.as_bytes()), &wire).await {
                     Ok(delivered) => {
                         route.count("delivered");
@@ -449,11 +451,12 @@ impl Ingest {
                         route.count("failed");
                         let problem = match &error {
                             PublishError::Full(_) => Problem::new(kinds::EVENTS_UNAVAILABLE, error.to_string()).retry_after(1),
-                            PublishError::Unavailable(_) => Problem::new(
+                            PublishError::Unavailable(reason) if reason.contains("timed out") => Problem::new(
                                 kinds::EVENTS_UNAVAILABLE,
                                 format!("{error}; the event may have been written if the broker went away after receiving it: send it again with the same id (ce-id {id})"),
                             )
                             .retry_after(5),
+                            PublishError::Unavailable(_) => Problem::new(kinds::EVENTS_UNAVAILABLE, error.to_string()).retry_after(5),
                             PublishError::Failed(_) => Problem::new(kinds::EVENTS_UNAVAILABLE, error.to_string()).retry_after(5),
                             PublishError::Refused(_) => Problem::new(kinds::INVALID_EVENT, error.to_string()),
                         };
@@ -542,6 +545,7 @@ impl Ingest {
             Ok(values) => {
                 let mut events = Vec::with_capacity(values.len());
                 let mut problems = Vec::new();
+                let mut not_events = Vec::new();
                 for (i, value) in values.into_iter().enumerate() {
                     match serde_json::from_value::<Event>(value) {
                         Ok(mut event) => {
@@ -556,11 +560,23 @@ impl Ingest {
                             }
                             events.push(event);
                         }
-                        Err(error) => problems.push(FieldProblem {
+                        Err(error) => not_events.push(FieldProblem {
                             pointer: format!("/{i}"),
                             detail: format!("not a CloudEvent: {error}"),
                         }),
                     }
+                }
+                if !not_events.is_empty() {
+                    route.count("invalid");
+                    return Problem::new(
+                        kinds::INVALID_EVENT,
+                        format!(
+                            "{} element(s) of the batch are not CloudEvents; nothing was published",
+                            not_events.len()
+                        ),
+                    )
+                    .with_errors(not_events)
+                    .into_response();
                 }
                 if !problems.is_empty() {
                     route.count("invalid");
@@ -590,8 +606,9 @@ impl Ingest {
                     let wire = envelope::to_kafka(event, *format).map_err(|e| (event.id().to_string(), e))?;
                     let key = match key {
                         Some(parts) => render_event(parts, event),
-                        None => event.id().to_string(),
+                        None => String::new(),
                     };
+                    let key = if key.is_empty() { event.id().to_string() } else { key };
                     producer
                         .publish(topic, Some(key.as_bytes()), &wire)
                         .await

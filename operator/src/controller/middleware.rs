@@ -316,8 +316,8 @@ pub fn not_enforced(mw: &Middleware) -> Vec<&'static str> {
     let spec = &mw.spec;
     let mut fields = Vec::new();
     let connections = &spec.connections;
-    if connections.redis.is_some() || connections.kafka.is_some() || connections.postgres.is_some() {
-        fields.push("spec.connections");
+    if connections.postgres.is_some() {
+        fields.push("spec.connections.postgres");
     }
     if !spec.commands.is_empty() {
         fields.push("spec.commands");
