@@ -31,10 +31,17 @@ KAFKA_PORT="${UMW_DEV_KAFKA_PORT:-19092}"
 rm -f "$DIR/kafka/kafka.log"   # the topics stay; the log tells when this start is done
 bash "$HERE/kafka.sh" start "$DIR/kafka" "$KAFKA_PORT" "$((KAFKA_PORT + 1))" > "$DIR/kafka.out" 2>&1 &
 kafka=$!
+# A Redis for the example's CachePolicy, when redis-server is installed (make testenv installs it).
+REDIS_PORT="${UMW_DEV_REDIS_PORT:-16379}"
+redis=""
+if command -v redis-server >/dev/null; then
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$DIR/redis.log" 2>&1 &
+  redis=$!
+fi
 # All go when this process (the operator, after the exec below) ends, however it ends.
 # (The watcher ignores Ctrl-C so that it outlives it; the broker, started in the background, ignores SIGINT
 # and gets SIGTERM.)
-(trap '' INT; while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -INT $kubelet $demo 2>/dev/null; kill -TERM $kafka 2>/dev/null) &
+(trap '' INT; while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -INT $kubelet $demo 2>/dev/null; kill -TERM $kafka $redis 2>/dev/null) &
 for _ in $(seq 1 600); do grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null && break; sleep 0.1; done
 grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null || {
   echo "Kafka did not start (a broker of an earlier run still on port $KAFKA_PORT? set UMW_DEV_KAFKA_PORT):" >&2
@@ -45,6 +52,11 @@ bash "$HERE/kafka.sh" topics "127.0.0.1:$KAFKA_PORT" --create --if-not-exists --
 # (Asked again while a CRD has no status yet: kubectl wait fails at once on those.)
 for _ in $(seq 1 30); do "$K" wait --for=condition=Established crd --all --timeout=60s >/dev/null 2>&1 && break; sleep 0.5; done
 "$K" apply -f "$ROOT/examples/shop/"
+# The example names a Redis in a cluster; here it is the local one (before any pod starts).
+if [ -n "$redis" ]; then
+  "$K" patch middleware shop --type merge \
+    -p "{\"spec\":{\"connections\":{\"redis\":{\"url\":{\"value\":\"redis://127.0.0.1:$REDIS_PORT\"}}}}}" >/dev/null
+fi
 # The example's Secret names a Kafka in a cluster; here it is the local broker (before any pod starts).
 "$K" create secret generic shop-kafka --from-literal=bootstrap="127.0.0.1:$KAFKA_PORT" --dry-run=client -o yaml \
   | "$K" apply -f - >/dev/null
