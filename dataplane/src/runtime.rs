@@ -669,7 +669,17 @@ fn reconcile_consumers(
     metrics: &Metrics,
 ) {
     use crate::events::build::PlanSource;
-    events.consumers.retain(|key, _| plans.iter().any(|p| &p.key == key));
+    // Kafka consumers that go, by route: a replacement waits for its predecessor to leave the group.
+    let mut leaving: std::collections::HashMap<String, crate::events::kafka::Consumer> =
+        std::collections::HashMap::new();
+    let gone: Vec<String> =
+        events.consumers.keys().filter(|key| !plans.iter().any(|p| &p.key == *key)).cloned().collect();
+    for key in gone {
+        if let Some(RunningConsumer::Kafka(consumer)) = events.consumers.remove(&key) {
+            let route = key.split('|').next().unwrap_or_default().to_string();
+            leaving.insert(route, consumer);
+        }
+    }
     for plan in plans {
         if events.consumers.contains_key(&plan.key) {
             continue;
@@ -678,10 +688,14 @@ fn reconcile_consumers(
             PlanSource::Bus(topic) => {
                 Ok(RunningConsumer::Bus(crate::events::bus::BusConsumer::start(bus, topic, plan.handler.clone())))
             }
-            PlanSource::Kafka(settings) => {
-                crate::events::kafka::Consumer::start(settings, plan.handler.clone(), health.clone(), metrics.clone())
-                    .map(RunningConsumer::Kafka)
-            }
+            PlanSource::Kafka(settings) => crate::events::kafka::Consumer::start(
+                settings,
+                plan.handler.clone(),
+                health.clone(),
+                metrics.clone(),
+                leaving.remove(&plan.route),
+            )
+            .map(RunningConsumer::Kafka),
         };
         match started {
             Ok(consumer) => {

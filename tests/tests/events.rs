@@ -725,3 +725,38 @@ async fn a_missing_topic_is_named_and_a_client_id_is_kept() {
     assert_eq!(missing.status, StatusCode::SERVICE_UNAVAILABLE, "{}", missing.text());
     assert!(missing.text().contains("topic missing does not exist"), "{}", missing.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_in_flight_ingest_answers_503_with_retry_after_at_once() {
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
+    kafka.create_topic("bounded", 1);
+    let yaml = format!(
+        "{}{}",
+        middleware(&kafka, "      producer: {maxInFlight: 2, linger: 50ms}\n"),
+        event_route(
+            "bounded-in",
+            "  source: {http: {path: /events/bounded}}\n  destination: {kafka: {topic: bounded}}\n"
+        )
+    );
+    let gw = Gateway::start(&yaml).await;
+    kafka_up(&gw).await;
+    let url = gw.url("/events/bounded");
+    let replies = futures::future::join_all((0..40).map(|i| {
+        let url = url.clone();
+        async move { post_json(&url, &[], &format!(r#"{{"n": {i}}}"#)).await }
+    }))
+    .await;
+    let accepted = replies.iter().filter(|r| r.status == StatusCode::ACCEPTED).count();
+    let full: Vec<&support::Reply> = replies.iter().filter(|r| r.status == StatusCode::SERVICE_UNAVAILABLE).collect();
+    assert!(accepted >= 2, "some got through: {accepted}");
+    assert!(!full.is_empty(), "the bound pushed back");
+    assert_eq!(accepted + full.len(), 40);
+    assert_eq!(full[0].headers["retry-after"], "1");
+    assert!(full[0].text().contains("already wait for the broker's acknowledgement"), "{}", full[0].text());
+    assert!(gw.metric("umw_events_published_total", &["outcome=\"full\""]).await >= 1.0);
+    assert_eq!(
+        kafka.read("bounded", accepted + 1, Duration::from_secs(5)).len(),
+        accepted,
+        "exactly the accepted ones"
+    );
+}

@@ -575,12 +575,16 @@ pub struct Consumer {
 const STOP_WAIT: Duration = Duration::from_secs(15);
 
 impl Consumer {
-    /// Joins the group and starts consuming; needs a Tokio runtime (the workers run on it).
+    /// Joins the group and starts consuming; needs a Tokio runtime (the workers run on it). With
+    /// `previous` (the consumer this one replaces after a reload), it joins only once that one has left
+    /// the group (up to 15 s), so that the partitions move over with their committed offsets and no
+    /// event goes through the old route after the new one started.
     pub fn start(
         settings: &ConsumerSettings,
         handler: Arc<dyn Handler>,
         health: Health,
         metrics: Metrics,
+        previous: Option<Consumer>,
     ) -> Result<Self, String> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| "no async runtime".to_string())?;
         let mut config = settings.connection.client_config();
@@ -611,7 +615,7 @@ impl Consumer {
         };
         let consumer: BaseConsumer<Context> =
             config.create_with_context(context).map_err(|e| format!("Kafka consumer settings: {e}"))?;
-        consumer.subscribe(&[&settings.topic]).map_err(|e| format!("subscribing to {}: {e}", settings.topic))?;
+        let topic = settings.topic.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_ = stop.clone();
         let name = format!("umw-consumer-{}", settings.route);
@@ -620,6 +624,13 @@ impl Consumer {
             .name(name.chars().take(15).collect())
             .spawn(move || {
                 let _end = end;
+                if let Some(previous) = previous {
+                    previous.stop();
+                }
+                if let Err(error) = consumer.subscribe(&[&topic]) {
+                    tracing::error!(route = %group.route, %error, "subscribing to {topic} failed");
+                    return;
+                }
                 poll_loop(consumer, group, stop_);
             })
             .map_err(|e| format!("starting the consumer thread: {e}"))?;
@@ -675,6 +686,8 @@ fn poll_loop(consumer: BaseConsumer<Context>, group: Arc<Group>, stop: Arc<Atomi
             }
         }
         match consumer.poll(Duration::from_millis(100)) {
+            // Polled after the stop: not handled, not committed; the next owner gets it.
+            Some(Ok(_)) if stop.load(Ordering::Relaxed) => {}
             Some(Ok(message)) => {
                 let incoming = Incoming {
                     topic: message.topic().to_string(),
