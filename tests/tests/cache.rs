@@ -226,6 +226,25 @@ async fn with_redis_down_requests_go_to_the_upstream_and_caching_resumes_when_it
     // With the breaker open, responses say that nothing was stored.
     let reply = get(&gw.url("/respond?down=x")).await;
     assert_eq!(cache_status(&reply), "umw; fwd=miss; detail=cache-unavailable");
+    // Single-flight still protects the upstream while Redis is away.
+    let before = up.hits();
+    let client = support::client();
+    let url = gw.url("/respond?sleep=1000&down=herd");
+    let herd = (0..200).map(|_| {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move { support::send_with(&client, Method::GET, &url, &[], Bytes::new()).await })
+    });
+    for reply in futures::future::join_all(herd).await {
+        assert_eq!(reply.unwrap().status, 200);
+    }
+    // Without a cache to find the response in, only requests that arrive while the first is in flight
+    // share it: on a loaded machine one straggler may start a second flight (without single-flight: 200).
+    let upstream = up.hits() - before;
+    assert!(
+        (1..=2).contains(&upstream),
+        "200 concurrent requests for a cold key, Redis down: {upstream} upstream requests"
+    );
 
     redis.restart();
     eventually("caching again", Duration::from_secs(30), || async {

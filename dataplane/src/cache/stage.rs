@@ -463,13 +463,6 @@ impl Inner {
             }
             return with_status(response, "umw; fwd=miss; detail=not-cacheable");
         };
-        if !rule.cache.available() {
-            self.metrics.cache_stores.with_label_values(&[&route, "unavailable"]).inc();
-            if let Some(flight) = flight {
-                flight.finish(None);
-            }
-            return with_status(response, "umw; fwd=miss; detail=cache-unavailable");
-        }
         let (parts, body) = response.into_parts();
         let (body, complete) = read_up_to(body, rule.max_entry_bytes).await;
         let Some(bytes) = complete else {
@@ -498,13 +491,23 @@ impl Inner {
             vary: vary.clone(),
         };
         let entry = Arc::new(entry);
-        self.metrics.cache_stores.with_label_values(&[&route, "stored"]).inc();
         // Waiters get the entry now; the flight itself ends once the entry is stored, so that requests
         // arriving meanwhile wait for it rather than miss in the cache and go upstream again.
         if let Some(flight) = &flight {
             // Waiters with other Vary values than this request cannot use its response.
             let _ = flight.sender.send(Some(vary.is_empty().then(|| entry.clone())));
         }
+        // A backend known to be down is not written to (the waiters above still share the response).
+        if !rule.cache.available() {
+            self.metrics.cache_stores.with_label_values(&[&route, "unavailable"]).inc();
+            drop(flight);
+            let mut response = Response::from_parts(parts, Body::from(bytes));
+            response
+                .headers_mut()
+                .insert(CACHE_STATUS, HeaderValue::from_static("umw; fwd=miss; detail=cache-unavailable"));
+            return response;
+        }
+        self.metrics.cache_stores.with_label_values(&[&route, "stored"]).inc();
         // Stored in the background: the client does not wait for the cache.
         let store = {
             let inner = self.clone();
