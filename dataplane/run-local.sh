@@ -19,6 +19,8 @@ cat <<MSG
     curl -i http://$HTTP/products            # twice: the second is served from the cache (Cache-Status)
     curl -i -X POST http://$HTTP/orders -H 'content-type: application/json' -d '{"sku": "kettle", "quantity": 1}'
     curl -i -X POST http://$HTTP/orders -H 'content-type: application/json' -d '{"quantity": 0}'
+    curl -i -X POST http://$HTTP/events/orders -H 'content-type: application/json' -d '{"orderId": "o-1"}'
+                                             # an event, published to the in-process bus (Kafka in a cluster)
     curl -s http://$ADMIN/status
     curl -s http://$ADMIN/metrics | grep umw_
 
