@@ -127,9 +127,11 @@ async fn invalidate(
         admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "unauthorized"]).inc();
         return Problem::new(UNAUTHORIZED, "present the CachePolicy's adminToken as a bearer token").into_response();
     }
+    let bad_request = || admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "bad_request"]).inc();
     let what: crate::cache::Invalidation = match serde_json::from_slice(&body) {
         Ok(what) => what,
         Err(error) => {
+            bad_request();
             return Problem::new(
                 kinds::BAD_REQUEST,
                 format!("expected {{\"keys\": [], \"prefixes\": [], \"tags\": []}}: {error}"),
@@ -138,9 +140,11 @@ async fn invalidate(
         }
     };
     if what.keys.is_empty() && what.prefixes.is_empty() && what.tags.is_empty() {
+        bad_request();
         return Problem::new(kinds::BAD_REQUEST, "name at least one of keys, prefixes and tags").into_response();
     }
     if what.prefixes.iter().any(String::is_empty) {
+        bad_request();
         return Problem::new(
             kinds::BAD_REQUEST,
             "an empty prefix would delete every entry; name a prefix (every entry of a path: \"GET:host/path\")",
@@ -159,6 +163,7 @@ async fn invalidate(
             axum::Json(serde_json::json!({ "deleted": deleted })).into_response()
         }
         Err(error) => {
+            admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "cache_unavailable"]).inc();
             tracing::warn!(%error, "cache invalidation failed");
             Problem::new(kinds::UPSTREAM_UNAVAILABLE, format!("the cache could not be invalidated: {}", error.kind()))
                 .into_response()

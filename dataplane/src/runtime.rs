@@ -643,6 +643,7 @@ impl crate::events::kafka::Handler for InvalidationHandler {
             }
         } else {
             tracing::warn!(policy = %self.policy, topic = %message.topic, offset = message.offset, "an invalidation event could not be read; skipped");
+            self.invalidator.metrics.events_handled.with_label_values(&[&self.policy, "invalid"]).inc();
         }
         let invalidator = self.invalidator.clone();
         let policy = self.policy.clone();
@@ -651,10 +652,17 @@ impl crate::events::kafka::Handler for InvalidationHandler {
                 return true;
             }
             // A cache that cannot be reached now keeps the entries until their TTL: logged, not retried.
-            match invalidator.invalidate(&what).await {
-                Ok(deleted) => tracing::debug!(%policy, deleted, "cache invalidated by an event"),
-                Err(error) => tracing::warn!(%policy, %error, "cache invalidation by an event failed"),
-            }
+            let outcome = match invalidator.invalidate(&what).await {
+                Ok(deleted) => {
+                    tracing::debug!(%policy, deleted, "cache invalidated by an event");
+                    "delivered"
+                }
+                Err(error) => {
+                    tracing::warn!(%policy, %error, "cache invalidation by an event failed");
+                    "failed"
+                }
+            };
+            invalidator.metrics.events_handled.with_label_values(&[&policy, outcome]).inc();
             true
         })
     }

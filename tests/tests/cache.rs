@@ -366,6 +366,7 @@ async fn entries_are_invalidated_by_key_prefix_and_tag_through_the_authenticated
     assert_eq!(invalidate("s3cret", r#"{}"#).await.status, 400, "nothing named");
     let everything = invalidate("s3cret", r#"{"prefixes": [""]}"#).await;
     assert_eq!(everything.status, 400, "an empty prefix would delete every entry");
+    assert_eq!(gw.metric("umw_gateway_errors_total", &["route=\"admin\"", "kind=\"bad_request\""]).await, 3.0);
 
     let by_tag = invalidate("s3cret", r#"{"tags": ["product:1"]}"#).await;
     assert_eq!(by_tag.json()["deleted"], 1, "{}", by_tag.text());
@@ -548,4 +549,9 @@ async fn events_on_a_kafka_topic_invalidate_entries_by_tag_and_key() {
     assert!(cache_status(&get(&gw.url("/products/7")).await).contains("hit"), "other entries stay");
     assert!(gw.metric("umw_cache_invalidations_total", &["by=\"tag\""]).await >= 1.0);
     assert!(gw.metric("umw_cache_invalidations_total", &["by=\"key\""]).await >= 1.0);
+    assert_eq!(
+        gw.metric("umw_events_handled_total", &["event_route=\"cache-products\"", "outcome=\"delivered\""]).await,
+        2.0,
+        "each event counted"
+    );
 }

@@ -184,15 +184,7 @@ impl EventRouteRuntime {
     pub async fn deliver_once(&self, event: &Event, traceparent: Option<&str>) -> Result<(), DeliveryError> {
         match &self.destination {
             Destination::Kafka { producer, topic, key, format } => {
-                let wire = envelope::to_kafka(event, *format)
-                    .map_err(|message| DeliveryError { message, retryable: false })?;
-                let key = match key {
-                    Some(parts) => render_event(parts, event),
-                    None => String::new(),
-                };
-                let key = if key.is_empty() { event.id().to_string() } else { key };
-                producer
-                    .publish(topic, Some(key.as_bytes()), &wire)
+                publish_event(producer.as_ref(), topic, key.as_deref(), *format, event)
                     .await
                     .map(|_| ())
                     .map_err(|e| DeliveryError { retryable: e.retryable(), message: e.to_string() })
@@ -315,6 +307,21 @@ impl EventRouteRuntime {
     }
 }
 
+/// Writes the event to a Kafka destination: in the route's format, keyed by the key template (the event id
+/// without one, or when it renders empty), acknowledged by the broker.
+async fn publish_event(
+    producer: &dyn Publisher,
+    topic: &str,
+    key: Option<&[Part]>,
+    format: Format,
+    event: &Event,
+) -> Result<kafka::Delivered, PublishError> {
+    let wire = envelope::to_kafka(event, format).map_err(PublishError::Refused)?;
+    let key = key.map(|parts| render_event(parts, event)).filter(|k| !k.is_empty());
+    let key = key.unwrap_or_else(|| event.id().to_string());
+    producer.publish(topic, Some(key.as_bytes()), &wire).await
+}
+
 /// Renders a key or room template over an event (`data.<field>`, `id`, `type`, `source`, `subject`, or an
 /// extension as `ext.<name>`).
 pub fn render_event(parts: &[Part], event: &Event) -> String {
@@ -431,16 +438,7 @@ impl Ingest {
         }
         match &route.destination {
             Destination::Kafka { producer, topic, key, format } => {
-                let wire: Wire = match envelope::to_kafka(&event, *format) {
-                    Ok(wire) => wire,
-                    Err(error) => return Problem::new(kinds::INVALID_EVENT, error).into_response(),
-                };
-                let key = match key {
-                    Some(parts) => render_event(parts, &event),
-                    None => String::new(),
-                };
-                let key = if key.is_empty() { id.clone() } else { key };
-                match producer.publish(topic, Some(key.as_bytes()), &wire).await {
+                match publish_event(producer.as_ref(), topic, key.as_deref(), *format, &event).await {
                     Ok(delivered) => {
                         route.count("delivered");
                         accepted(serde_json::json!({
@@ -603,14 +601,7 @@ impl Ingest {
             let stopping = AtomicBool::new(false);
             match &route.destination {
                 Destination::Kafka { producer, topic, key, format } => {
-                    let wire = envelope::to_kafka(event, *format).map_err(|e| (event.id().to_string(), e))?;
-                    let key = match key {
-                        Some(parts) => render_event(parts, event),
-                        None => String::new(),
-                    };
-                    let key = if key.is_empty() { event.id().to_string() } else { key };
-                    producer
-                        .publish(topic, Some(key.as_bytes()), &wire)
+                    publish_event(producer.as_ref(), topic, key.as_deref(), *format, event)
                         .await
                         .map(|d| serde_json::json!({"id": event.id(), "partition": d.partition, "offset": d.offset}))
                         .map_err(|e| (event.id().to_string(), e.to_string()))
