@@ -23,7 +23,7 @@ use crate::policy::{Policy, PolicyStatus};
     status = "PolicyStatus",
     derive = "PartialEq",
     derive = "Default",
-    doc = "Routes events through a Middleware: from one source (HTTP ingest, a Kafka topic, an outbox table) to one destination (a Kafka topic, an HTTP webhook, a WebSocket room), with filters, retries and a dead-letter topic. WebSocket rooms and outbox sources are accepted but not enforced yet; the Enforced condition says so.",
+    doc = "Routes events through a Middleware: from one source (HTTP ingest, a Kafka topic, an outbox table) to one destination (a Kafka topic, an HTTP webhook, a WebSocket room), with filters, retries and a dead-letter topic. WebSocket rooms are accepted but not enforced yet; the Enforced condition says so.",
     printcolumn(name = "Source", type_ = "string", json_path = ".spec.source", priority = 1),
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
@@ -86,7 +86,7 @@ pub struct EventSource {
     /// A Kafka topic read by a consumer group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSource>,
-    /// Rows of the transactional outbox. Not enforced yet: lands with commands.
+    /// Rows of an application-owned outbox table, relayed to the Kafka destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbox: Option<OutboxSource>,
 }
@@ -112,14 +112,68 @@ pub struct KafkaSource {
     pub group: Option<String>,
 }
 
-/// An outbox table.
+/// An application-owned outbox table (Debezium's layout by default), in the database of the Middleware's
+/// `connections.postgres`. Each row becomes one event on the destination topic, keyed by the aggregate
+/// id; published rows are deleted (or marked, with `columns.publishedAt`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxSource {
-    /// Table name. Defaults to `umw_outbox`.
+    /// The connection the table is read through. Only `postgres` (the Middleware's
+    /// `connections.postgres`) exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
-    pub table: Option<String>,
+    #[schemars(extend("enum" = ["postgres"]))]
+    pub connection: Option<String>,
+    /// Schema of the table. Defaults to `public`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub schema: Option<String>,
+    /// Table name.
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub table: String,
+    /// Column names; the defaults are Debezium's outbox columns.
+    #[serde(default)]
+    pub columns: OutboxColumns,
+}
+
+/// Which column holds what. Names are lower-case SQL identifiers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxColumns {
+    /// Unique event id, the CloudEvents `id`. Defaults to `id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub id: Option<String>,
+    /// Aggregate type, the CloudEvents `source` (`/<aggregate type>`). Defaults to `aggregatetype`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub aggregate_type: Option<String>,
+    /// Aggregate id: the Kafka key and the CloudEvents `subject`. Defaults to `aggregateid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub aggregate_id: Option<String>,
+    /// Event type, the CloudEvents `type`. Defaults to `type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub type_: Option<String>,
+    /// Payload (`jsonb`, `json`, `text` or `bytea`), the event data. Defaults to `payload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub payload: Option<String>,
+    /// A `jsonb` object of extra Kafka headers. None by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub headers: Option<String>,
+    /// Column giving the insertion order (a `bigserial` or a timestamp); events of one aggregate are
+    /// published in this order. Defaults to the id column, which keeps order only if ids increase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub position: Option<String>,
+    /// A nullable timestamp column the relay sets when a row is published; published rows are then
+    /// deleted after `spec.outbox.retention` of the Middleware. Without it, rows are deleted once
+    /// published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = "^[a-z_][a-z0-9_]*$"))]
+    pub published_at: Option<String>,
 }
 
 /// Event destination: exactly one.
@@ -276,20 +330,17 @@ impl Policy for EventRoute {
             let group = kafka.group.clone().unwrap_or_else(|| default_group(self));
             format!("kafka:{}:{group}", kafka.topic)
         } else if let Some(outbox) = &source.outbox {
-            format!("outbox:{}", outbox.table.as_deref().unwrap_or("umw_outbox"))
+            format!("outbox:{}.{}", outbox.schema.as_deref().unwrap_or("public"), outbox.table)
         } else {
             String::new()
         }
     }
 
     fn not_enforced_fields(&self) -> Vec<&'static str> {
-        // WebSocket rooms land with the hub, outbox sources with commands.
+        // WebSocket rooms land with the hub.
         let mut fields = Vec::new();
         if self.spec.destination.websocket.is_some() {
             fields.push("spec.destination.websocket");
-        }
-        if self.spec.source.outbox.is_some() {
-            fields.push("spec.source.outbox");
         }
         fields
     }
@@ -333,6 +384,24 @@ impl Policy for EventRoute {
         }
         if spec.dead_letter.is_some() && spec.source.http.is_some() && spec.destination.kafka.is_some() {
             return Err("spec.deadLetter: events ingested over HTTP into Kafka are acknowledged by the broker or refused to the caller (503), never dead-lettered; remove deadLetter (it applies to Kafka sources and to webhook destinations)".into());
+        }
+        if spec.source.outbox.is_some() {
+            if spec.destination.kafka.is_none() {
+                return Err(
+                    "spec.destination: an outbox source is relayed to a Kafka topic; set destination.kafka".into()
+                );
+            }
+            for (field, set) in [
+                ("spec.filter", spec.filter.is_some()),
+                ("spec.schema", spec.schema.is_some()),
+                ("spec.deadLetter", spec.dead_letter.is_some()),
+            ] {
+                if set {
+                    return Err(format!(
+                        "{field} does not apply to an outbox source: every committed row is relayed, and rows that keep failing move to the table umw_outbox_dead; remove it"
+                    ));
+                }
+            }
         }
         if let Some(filter) = &spec.filter {
             for (i, m) in filter.data.iter().enumerate() {

@@ -79,15 +79,20 @@ pub struct MiddlewareSpec {
     pub routes: Vec<Route>,
 
     /// Connections to the backends that policies and commands use: Redis (caching), Kafka (events),
-    /// PostgreSQL (commands, not used yet). Referenced Secrets must exist.
+    /// PostgreSQL (commands and the outbox). Referenced Secrets must exist.
     #[serde(default)]
     pub connections: Connections,
 
-    /// Commands accepted over HTTP, validated and written to the transactional outbox.
-    /// Not enforced yet: the data plane does not serve commands in this version.
+    /// Commands accepted over HTTP (`POST /commands/<name>`), validated and recorded with their event in
+    /// one PostgreSQL transaction (the transactional outbox); a relay publishes the events to Kafka. Needs
+    /// `connections.postgres` and `connections.kafka`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub commands: Vec<Command>,
+
+    /// The outbox relay and cleanup.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub outbox: OutboxSettings,
 
     /// Traces, logs and metrics.
     #[serde(default)]
@@ -417,6 +422,9 @@ impl Connections {
         }
         if let Some(postgres) = &self.postgres {
             out.push(("spec.connections.postgres.url", &postgres.url));
+            if let Some(ca) = &postgres.ca_cert {
+                out.push(("spec.connections.postgres.caCert", ca));
+            }
         }
         out
     }
@@ -560,16 +568,49 @@ pub struct KafkaSasl {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PostgresConnection {
-    /// `postgres://` URL.
+    /// `postgres://user:password@host:port/database` URL; use a `secretKeyRef`. `sslmode` in the URL is
+    /// honoured (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`).
     pub url: ValueSource,
     /// Pool size per pod. Defaults to 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_connections: Option<u32>,
+    /// PEM certificate of a private authority that signed the server's certificate. With it the
+    /// connection requires TLS and verifies the server's name (`verify-full`) unless the URL's `sslmode`
+    /// says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<ValueSource>,
+    /// Longest a statement may run before the server cancels it (`statement_timeout`). Defaults to 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_timeout: Option<Duration>,
+    /// Longest a request waits for a connection from the pool, and a connection attempt may take.
+    /// Defaults to 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+}
+
+/// The transactional outbox: how committed events are relayed to Kafka and how long published rows stay.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxSettings {
+    /// Rows claimed per relay transaction. Defaults to 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch_size: Option<u32>,
+    /// Publish attempts before a row moves to the dead-letter table `umw_outbox_dead`. Defaults to 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_attempts: Option<u32>,
+    /// How often the relay looks for rows when no notification arrives (`LISTEN/NOTIFY` wakes it at
+    /// once). Defaults to 1s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval: Option<Duration>,
+    /// How long published rows (and command records) are kept before they are deleted. Defaults to 24h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Duration>,
 }
 
 /// A command: an HTTP request validated against a JSON Schema and recorded, with its event, in the outbox.
-/// Not enforced yet: commands land in a later version.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Command {
@@ -581,12 +622,18 @@ pub struct Command {
     pub schema: Option<JsonDocument>,
     /// The event recorded for an accepted command.
     pub event: CommandEvent,
-    /// Upstream called with the command before the event is recorded.
+    /// Upstream called with the command (`POST`, same body and headers) before the event is recorded: a
+    /// `2xx` answer accepts the command (a JSON answer becomes its `result`), a `4xx` rejects it (the
+    /// answer is returned and remembered for idempotent replays), anything else records nothing (`502`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handler: Option<Upstream>,
     /// Deduplication of retried commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
+    /// Largest accepted body in bytes. Defaults to 1 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub max_body_bytes: Option<u64>,
 }
 
 /// The event of a command.
@@ -600,9 +647,14 @@ pub struct CommandEvent {
     /// Kafka topic.
     #[schemars(length(min = 1, max = 249), extend("pattern" = "^[a-zA-Z0-9._-]+$"))]
     pub topic: String,
-    /// Message key, a template over the body, e.g. `{{ data.orderId }}`.
+    /// Message key, a template over the body, e.g. `{{ data.orderId }}`. Events of one key are published
+    /// in the order their commands were recorded. Defaults to the command id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_template: Option<String>,
+    /// CloudEvents `source`. Defaults to `/commands/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub source: Option<String>,
 }
 
 /// Idempotency of commands.
@@ -612,9 +664,12 @@ pub struct Idempotency {
     /// Request header that carries the key. Defaults to `Idempotency-Key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
-    /// How long a key is remembered. Defaults to 24h.
+    /// How long a key (and the command record) is remembered. Defaults to 24h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Duration>,
+    /// Refuse commands without the header (`400`). Defaults to false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub required: bool,
 }
 
 /// Log format of the data plane.

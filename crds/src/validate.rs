@@ -84,10 +84,44 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
         if !commands.insert(command.name.as_str()) {
             c.push(format!("spec.commands[{i}].name"), format!("command name {:?} is used twice", command.name));
         }
+        let at = format!("spec.commands[{i}]");
         if let Some(handler) = &command.handler {
-            upstream_rules(&mut c, &format!("spec.commands[{i}].handler"), handler);
+            upstream_rules(&mut c, &format!("{at}.handler"), handler);
+        }
+        if let Some(key) = &command.event.key_template
+            && let Err(e) = crate::template::check(key, &["data", "id"])
+        {
+            c.push(format!("{at}.event.keyTemplate"), e);
+        }
+        if let Some(idempotency) = &command.idempotency {
+            c.duration(format!("{at}.idempotency.ttl"), idempotency.ttl.as_ref());
+            if let Some(header) = &idempotency.header
+                && http_token(header).is_none()
+            {
+                c.push(format!("{at}.idempotency.header"), format!("{header:?} is not a valid header name"));
+            }
         }
     }
+    if !spec.commands.is_empty() {
+        for (connection, set) in
+            [("postgres", spec.connections.postgres.is_some()), ("kafka", spec.connections.kafka.is_some())]
+        {
+            if !set {
+                c.push(
+                    "spec.commands",
+                    format!(
+                        "commands are recorded in PostgreSQL and relayed to Kafka: set spec.connections.{connection}"
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(postgres) = &spec.connections.postgres {
+        c.duration("spec.connections.postgres.statementTimeout".into(), postgres.statement_timeout.as_ref());
+        c.duration("spec.connections.postgres.connectTimeout".into(), postgres.connect_timeout.as_ref());
+    }
+    c.duration("spec.outbox.pollInterval".into(), spec.outbox.poll_interval.as_ref());
+    c.duration("spec.outbox.retention".into(), spec.outbox.retention.as_ref());
     if let Some(redis) = &spec.connections.redis {
         c.duration("spec.connections.redis.timeout".into(), redis.timeout.as_ref());
     }

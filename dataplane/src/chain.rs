@@ -28,7 +28,7 @@ use tower::ServiceBuilder;
 use crate::metrics::{method_label, status_class};
 use crate::problem::{FieldProblem, Problem, kinds};
 use crate::proxy;
-use crate::runtime::{Route, Runtime, Snapshot, Stage};
+use crate::runtime::{Endpoint, Route, Runtime, Snapshot, Stage};
 use crate::trace::TraceContext;
 
 /// Request and response header carrying the request id.
@@ -473,8 +473,11 @@ async fn handler(request: Request<Body>) -> Response {
         )
         .into_response();
     };
-    if let Some(ingest) = &route.ingest {
-        return ingest.handle(request, &info.trace).await;
+    match &route.endpoint {
+        Some(Endpoint::Ingest(ingest)) => return ingest.handle(request, &info.trace).await,
+        Some(Endpoint::Command(command)) => return command.handle(request, info).await,
+        Some(Endpoint::CommandStatus(status)) => return status.handle(request).await,
+        None => {}
     }
     match proxy::forward(request, &info, &route).await {
         Ok(response) => response,

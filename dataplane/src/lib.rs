@@ -15,6 +15,7 @@ pub mod config;
 pub mod events;
 pub mod health;
 pub mod metrics;
+pub mod outbox;
 pub mod problem;
 pub mod proxy;
 pub mod reload;

@@ -157,7 +157,7 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
         "{}: Middleware {} with {} route(s), {} CachePolicy, {} EventRoute, {} AuthPolicy; configuration hash {} (as /status reports it)",
         path.display(),
         loaded.middleware(),
-        snapshot.routes.iter().filter(|r| r.ingest.is_none()).count(),
+        snapshot.routes.iter().filter(|r| r.endpoint.is_none()).count(),
         b.cache_policies.len(),
         b.event_routes.len(),
         b.auth_policies.len(),

@@ -65,6 +65,25 @@ pub struct Metrics {
     pub events_rebalances: IntCounterVec,
     /// Partitions paused because their worker fell behind, by event route.
     pub events_paused: IntCounterVec,
+    /// Commands by command and outcome (`accepted`, `rejected`, `replayed`, `conflict`, `invalid`,
+    /// `handler_failed`, `unavailable`).
+    pub commands: IntCounterVec,
+    /// Outbox rows published, by table.
+    pub outbox_published: IntCounterVec,
+    /// Failed publish attempts of outbox rows, by table and kind (`unavailable`, `failed`, `refused`).
+    pub outbox_failures: IntCounterVec,
+    /// Outbox rows moved to the dead-letter table, by table.
+    pub outbox_dead: IntCounterVec,
+    /// Unpublished outbox rows, by table.
+    pub outbox_depth: IntGaugeVec,
+    /// Age in seconds of the oldest unpublished outbox row, by table.
+    pub outbox_oldest_age: prometheus::GaugeVec,
+    /// Time from the commit of an outbox row to the broker's acknowledgement, by table.
+    pub outbox_latency: HistogramVec,
+    /// Published rows and expired commands deleted by cleanup, by table.
+    pub outbox_cleaned: IntCounterVec,
+    /// Failed PostgreSQL operations, by operation.
+    pub postgres_errors: IntCounterVec,
     /// Connections accepted on the traffic listener.
     pub connections_accepted: IntCounter,
     /// Open connections on the traffic listener.
@@ -174,6 +193,47 @@ impl Metrics {
                 "umw_cache_warmups_total",
                 "Warm-up fetches by outcome (ok, error)",
                 &["outcome"],
+            )?,
+            commands: counter_vec("umw_commands_total", "Commands by command and outcome", &["command", "outcome"])?,
+            outbox_published: counter_vec("umw_outbox_published_total", "Outbox rows published, by table", &["table"])?,
+            outbox_failures: counter_vec(
+                "umw_outbox_publish_failures_total",
+                "Failed publish attempts of outbox rows, by table and kind (unavailable, failed, refused)",
+                &["table", "kind"],
+            )?,
+            outbox_dead: counter_vec(
+                "umw_outbox_dead_lettered_total",
+                "Outbox rows moved to the dead-letter table umw_outbox_dead, by table",
+                &["table"],
+            )?,
+            outbox_depth: {
+                let metric =
+                    IntGaugeVec::new(Opts::new("umw_outbox_depth", "Unpublished outbox rows, by table"), &["table"])?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
+            outbox_oldest_age: {
+                let metric = prometheus::GaugeVec::new(
+                    Opts::new("umw_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row, by table"),
+                    &["table"],
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
+            outbox_latency: histogram_vec(
+                "umw_outbox_relay_latency_seconds",
+                "Time from the commit of an outbox row to the broker's acknowledgement, by table",
+                &["table"],
+            )?,
+            outbox_cleaned: counter_vec(
+                "umw_outbox_cleaned_total",
+                "Published outbox rows and expired command records deleted, by table",
+                &["table"],
+            )?,
+            postgres_errors: counter_vec(
+                "umw_postgres_errors_total",
+                "Failed PostgreSQL operations, by operation",
+                &["operation"],
             )?,
             events_published: counter_vec(
                 "umw_events_published_total",

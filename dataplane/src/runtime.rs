@@ -64,10 +64,10 @@ pub struct Retry {
 pub struct Route {
     pub name: String,
     pub matcher: Matcher,
-    /// Where the proxy sends requests; `None` for event ingest routes.
+    /// Where the proxy sends requests; `None` for routes an endpoint answers.
     pub upstream: Option<Arc<Upstream>>,
-    /// Event ingest: the handler publishes instead of proxying.
-    pub ingest: Option<Arc<crate::events::Ingest>>,
+    /// What answers instead of the proxy (event ingest, commands).
+    pub endpoint: Option<Endpoint>,
     pub timeout: Duration,
     pub retry: Option<Retry>,
     pub max_body: u64,
@@ -77,6 +77,17 @@ pub struct Route {
     pub metrics: Metrics,
     pub request_duration: prometheus::Histogram,
     pub requests: crate::metrics::RouteCounters,
+}
+
+/// What answers a route's requests instead of the proxy.
+#[derive(Clone)]
+pub enum Endpoint {
+    /// Event ingest: publishes the request's event(s).
+    Ingest(Arc<crate::events::Ingest>),
+    /// `POST /commands/{name}`.
+    Command(Arc<crate::outbox::commands::Command>),
+    /// `GET /commands/{id}`.
+    CommandStatus(Arc<crate::outbox::commands::Status>),
 }
 
 /// Whether this data plane enforces a policy, as `/status` reports it to the operator.
@@ -107,6 +118,20 @@ pub struct Snapshot {
     pub warmup: crate::cache::warmup::Plan,
     /// The Kafka consumers this configuration runs.
     pub consumers: Vec<crate::events::build::ConsumerPlan>,
+    /// The outbox relays this configuration runs.
+    pub relays: Vec<RelayPlan>,
+    /// Where commands are kept (for the admin view of dead-lettered rows); `None` without PostgreSQL
+    /// and commands.
+    pub outbox: Option<Arc<dyn crate::outbox::OutboxStore>>,
+}
+
+/// An outbox relay the configuration asks for; `key` changes whenever anything it depends on does.
+#[derive(Clone)]
+pub struct RelayPlan {
+    pub key: String,
+    pub source: Arc<dyn crate::outbox::relay::Source>,
+    pub sink: Arc<dyn crate::outbox::Sink>,
+    pub settings: crate::outbox::relay::Settings,
 }
 
 impl Snapshot {
@@ -130,6 +155,7 @@ pub struct Runtime {
     upstreams: Mutex<Upstreams>,
     caches: Mutex<Caches>,
     events: Mutex<EventsState>,
+    outbox: Mutex<OutboxState>,
     clients: Clients,
     pub health: Health,
     pub metrics: Metrics,
@@ -138,6 +164,7 @@ pub struct Runtime {
     log: LogControl,
     flights: crate::cache::stage::Flights,
     bus: Arc<crate::events::bus::InProcessBus>,
+    memory: Arc<crate::outbox::memory::MemoryStore>,
     in_process: bool,
 }
 
@@ -157,6 +184,15 @@ struct EventsState {
     consumers: std::collections::HashMap<String, RunningConsumer>,
 }
 
+/// PostgreSQL pools and outbox relays, kept across reloads; the in-process store for standalone use.
+#[derive(Default)]
+struct OutboxState {
+    databases: Databases,
+    relays: std::collections::HashMap<String, crate::outbox::relay::Relay>,
+}
+
+type Databases = std::collections::HashMap<crate::outbox::postgres::PgSettings, Arc<crate::outbox::postgres::Database>>;
+
 enum RunningConsumer {
     Kafka(crate::events::kafka::Consumer),
     Bus(#[allow(dead_code)] crate::events::bus::BusConsumer),
@@ -174,6 +210,7 @@ struct Parts<'a> {
     traces: &'a Option<Arc<Traces>>,
     flights: &'a crate::cache::stage::Flights,
     bus: &'a Arc<crate::events::bus::InProcessBus>,
+    memory: &'a Arc<crate::outbox::memory::MemoryStore>,
     in_process: bool,
 }
 
@@ -205,9 +242,11 @@ impl Runtime {
         let clients = Clients::new();
         let flights = crate::cache::stage::Flights::default();
         let bus = Arc::new(crate::events::bus::InProcessBus::default());
+        let memory = Arc::new(crate::outbox::memory::MemoryStore::default());
         let mut upstreams = Upstreams::default();
         let mut caches = Caches::default();
         let mut events = EventsState::default();
+        let mut outbox = OutboxState::default();
         let parts = Parts {
             clients: &clients,
             health: &health,
@@ -216,19 +255,23 @@ impl Runtime {
             traces: &traces,
             flights: &flights,
             bus: &bus,
+            memory: &memory,
             in_process,
         };
-        let snapshot = build(loaded, &mut upstreams, &mut caches, &mut events.producers, &parts)?;
+        let snapshot =
+            build(loaded, &mut upstreams, &mut caches, &mut events.producers, &mut outbox.databases, &parts)?;
         for upstream in upstreams.0.values() {
             upstream.activate();
         }
         reconcile_consumers(&mut events, &snapshot.consumers, &bus, &health, &metrics);
+        reconcile_relays(&mut outbox, &snapshot.relays, &health, &metrics);
         health.set("config", State::Up, format!("configuration {} applied", loaded.hash), true);
         Ok(Self {
             current: ArcSwap::from_pointee(snapshot),
             upstreams: Mutex::new(upstreams),
             caches: Mutex::new(caches),
             events: Mutex::new(events),
+            outbox: Mutex::new(outbox),
             clients,
             health,
             metrics,
@@ -237,6 +280,7 @@ impl Runtime {
             log,
             flights,
             bus,
+            memory,
             in_process,
         })
     }
@@ -261,6 +305,8 @@ impl Runtime {
                 invalidator: current.invalidator.clone(),
                 warmup: current.warmup.clone(),
                 consumers: current.consumers.clone(),
+                relays: current.relays.clone(),
+                outbox: current.outbox.clone(),
             })
         });
     }
@@ -280,9 +326,13 @@ impl Runtime {
             let Ok(mut events) = self.events.lock() else {
                 return Outcome::Rejected("internal state poisoned".into());
             };
+            let Ok(mut outbox) = self.outbox.lock() else {
+                return Outcome::Rejected("internal state poisoned".into());
+            };
             let mut next = Upstreams(upstreams.0.clone());
             let mut next_caches = Caches(caches.0.clone());
             let mut next_producers = events.producers.clone();
+            let mut next_databases = outbox.databases.clone();
             let parts = Parts {
                 clients: &self.clients,
                 health: &self.health,
@@ -291,10 +341,16 @@ impl Runtime {
                 traces: &self.traces,
                 flights: &self.flights,
                 bus: &self.bus,
+                memory: &self.memory,
                 in_process: self.in_process,
             };
-            let built = build(loaded, &mut next, &mut next_caches, &mut next_producers, &parts);
+            let built = build(loaded, &mut next, &mut next_caches, &mut next_producers, &mut next_databases, &parts);
             if let Ok(snapshot) = &built {
+                outbox.databases = next_databases;
+                reconcile_relays(&mut outbox, &snapshot.relays, &self.health, &self.metrics);
+                if outbox.databases.is_empty() {
+                    self.health.retain(|name| name != crate::outbox::COMPONENT);
+                }
                 events.producers = next_producers;
                 reconcile_consumers(&mut events, &snapshot.consumers, &self.bus, &self.health, &self.metrics);
                 if events.producers.is_empty() && events.consumers.is_empty() {
@@ -352,6 +408,11 @@ impl Runtime {
     /// Graceful stop of the event clients: consumers finish the messages in hand and commit, producers
     /// wait (up to a few seconds) for their events' acknowledgements. Blocks; call it off the async threads.
     pub fn stop_events(&self) {
+        if let Ok(mut outbox) = self.outbox.lock() {
+            // Relays stop after the batch in hand; what they did not mark published is published again
+            // by the next relay.
+            outbox.relays.clear();
+        }
         let Ok(mut events) = self.events.lock() else { return };
         for (_, consumer) in events.consumers.drain() {
             if let RunningConsumer::Kafka(consumer) = consumer {
@@ -389,6 +450,7 @@ fn build(
     upstreams: &mut Upstreams,
     caches: &mut Caches,
     producers: &mut crate::events::build::Producers,
+    databases: &mut Databases,
     parts: &Parts<'_>,
 ) -> Result<Snapshot, Invalid> {
     let Parts { clients, health, metrics, overrides, traces, .. } = *parts;
@@ -414,6 +476,7 @@ fn build(
             (None, None)
         }
     };
+    let previous_producers = producers.clone();
     let events = match crate::events::build::build(
         loaded,
         producers,
@@ -435,14 +498,22 @@ fn build(
         events.consumers.extend(invalidation_consumers(loaded, invalidator, events.kafka.as_ref(), parts.in_process));
     }
     // Ingest routes come first: their exact POST paths win over the proxy routes' prefixes.
+    let outbox = match outbox_parts(loaded, &events, producers, &previous_producers, databases, upstreams, parts) {
+        Ok(outbox) => outbox,
+        Err(more) => {
+            problems.extend(more);
+            OutboxParts::default()
+        }
+    };
     let mut ingest_routes = Vec::new();
+    ingest_routes.extend(outbox.routes);
     for (name, path, ingest) in events.ingests {
         match crate::events::build::ingest_matcher(&path) {
             Ok(matcher) => ingest_routes.push(Arc::new(Route {
                 name: format!("events-{name}"),
                 matcher,
                 upstream: None,
-                ingest: Some(ingest),
+                endpoint: Some(Endpoint::Ingest(ingest)),
                 timeout: DEFAULT_TIMEOUT,
                 retry: None,
                 max_body: DEFAULT_MAX_BODY,
@@ -459,6 +530,7 @@ fn build(
         }
     }
     ingest_routes.extend(routes);
+    ingest_routes.extend(outbox.handlers);
     let routes = ingest_routes;
     if !problems.is_empty() {
         return Err(Invalid { problems });
@@ -476,6 +548,8 @@ fn build(
         invalidator,
         warmup: warmup_plan(bundle),
         consumers: events.consumers,
+        relays: outbox.relays,
+        outbox: outbox.store,
         bundle: bundle.clone(),
     })
 }
@@ -527,7 +601,7 @@ fn route(
         name: spec.name.clone(),
         matcher,
         upstream: Some(upstream),
-        ingest: None,
+        endpoint: None,
         timeout: duration_or(spec.timeout.as_ref(), DEFAULT_TIMEOUT),
         retry,
         max_body: spec.max_body_bytes.map_or(DEFAULT_MAX_BODY, |n| u64::try_from(n).unwrap_or(0)),
@@ -933,6 +1007,374 @@ pub fn route_names(snapshot: &Snapshot) -> BTreeMap<String, String> {
     snapshot
         .routes
         .iter()
-        .map(|r| (r.name.clone(), r.upstream.as_ref().map_or_else(|| "events".to_string(), |u| u.label.clone())))
+        .map(|r| {
+            let target = match (&r.upstream, &r.endpoint) {
+                (Some(upstream), _) => upstream.label.clone(),
+                (None, Some(Endpoint::Command(_) | Endpoint::CommandStatus(_))) => "commands".to_string(),
+                (None, _) => "events".to_string(),
+            };
+            (r.name.clone(), target)
+        })
         .collect()
+}
+
+/// What commands and outbox sources add to a snapshot.
+#[derive(Default)]
+struct OutboxParts {
+    /// `POST /commands/<name>` routes and `GET /commands/{id}`; they come before the proxy routes.
+    routes: Vec<Arc<Route>>,
+    /// The routes of command handlers (after every other route: reached only through their command).
+    handlers: Vec<Arc<Route>>,
+    relays: Vec<RelayPlan>,
+    store: Option<Arc<dyn crate::outbox::OutboxStore>>,
+}
+
+/// Where commands are kept and relayed to: the store, its database, the publisher, and a description of
+/// the connections (part of the relays' keys).
+type Backends = (
+    Arc<dyn crate::outbox::OutboxStore>,
+    Option<Arc<crate::outbox::postgres::Database>>,
+    Arc<dyn crate::events::bus::Publisher>,
+    String,
+);
+
+/// The outbox relay publishes through the event producer: this adapts one to the other.
+struct EventSink {
+    publisher: Arc<dyn crate::events::bus::Publisher>,
+    format: crate::events::envelope::Format,
+}
+
+impl crate::outbox::Sink for EventSink {
+    fn publish<'a>(&'a self, record: &'a crate::outbox::Record) -> BoxFuture<'a, Result<(), crate::outbox::SinkError>> {
+        use crate::events::kafka::PublishError;
+        use crate::outbox::SinkError;
+        use cloudevents::{EventBuilder as _, EventBuilderV10};
+        Box::pin(async move {
+            let mut builder = EventBuilderV10::new().id(&record.id).ty(&record.ty).source(record.source.as_str());
+            if let Some(subject) = &record.subject {
+                builder = builder.subject(subject.as_str());
+            }
+            if let Some(time) = record.time.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) {
+                builder = builder.time(time.with_timezone(&chrono::Utc));
+            }
+            for (name, value) in &record.extensions {
+                builder = builder.extension(name, value.as_str());
+            }
+            let content_type = record.content_type.as_deref().unwrap_or("application/octet-stream");
+            builder = builder.data(content_type, record.data.clone());
+            let event = builder.build().map_err(|e| SinkError::Refused(format!("not a valid CloudEvent: {e}")))?;
+            let mut wire = crate::events::envelope::to_kafka(&event, self.format).map_err(SinkError::Refused)?;
+            wire.headers.extend(record.headers.iter().cloned());
+            let key = record.key.as_deref().map(str::as_bytes);
+            match self.publisher.publish(&record.topic, key, &wire).await {
+                Ok(_) => Ok(()),
+                Err(PublishError::Refused(e)) => Err(SinkError::Refused(e)),
+                Err(PublishError::Failed(e)) if !e.contains("timed out") => Err(SinkError::Failed(e)),
+                // A timeout is the broker going away with the record in flight, not the record's fault.
+                Err(error) => Err(SinkError::Unavailable(error.to_string())),
+            }
+        })
+    }
+}
+
+/// The PostgreSQL connection of the Middleware, with its Secrets resolved.
+fn pg_settings(loaded: &Loaded) -> Result<Option<crate::outbox::postgres::PgSettings>, String> {
+    use crate::outbox::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_STATEMENT_TIMEOUT};
+    use umw_crds::config::resolve;
+    let Some(pg) = &loaded.bundle.middleware.spec.connections.postgres else { return Ok(None) };
+    let field = |name: &str, e: String| format!("spec.connections.postgres.{name}: {e}");
+    Ok(Some(crate::outbox::postgres::PgSettings {
+        url: resolve(&pg.url).map_err(|e| field("url", e))?,
+        ca_cert: pg.ca_cert.as_ref().map(resolve).transpose().map_err(|e| field("caCert", e))?,
+        max_connections: pg.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        statement_timeout: duration_or(pg.statement_timeout.as_ref(), DEFAULT_STATEMENT_TIMEOUT),
+        connect_timeout: duration_or(pg.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT),
+    }))
+}
+
+/// Builds the commands of the configuration (routes and their store) and the relays of the outbox tables:
+/// the commands' own, and every EventRoute with an `outbox` source. Pools are shared by equal settings
+/// and kept across reloads in `databases`; the relays publish through the Middleware's Kafka producer.
+#[allow(clippy::too_many_arguments)]
+fn outbox_parts(
+    loaded: &Loaded,
+    events: &crate::events::build::Built,
+    producers: &mut crate::events::build::Producers,
+    previous_producers: &crate::events::build::Producers,
+    databases: &mut Databases,
+    upstreams: &mut Upstreams,
+    parts: &Parts<'_>,
+) -> Result<OutboxParts, Vec<String>> {
+    use crate::outbox::{self, commands, postgres, relay};
+    let bundle = &loaded.bundle;
+    let spec = &bundle.middleware.spec;
+    let outbox_routes: Vec<_> = bundle.event_routes.iter().filter(|r| r.spec.source.outbox.is_some()).collect();
+    let mut built = OutboxParts::default();
+    if spec.commands.is_empty() && outbox_routes.is_empty() {
+        *databases = Databases::new();
+        return Ok(built);
+    }
+    let at = loaded.origin(&format!("Middleware/{}", bundle.middleware.name_any()));
+    let mut problems = Vec::new();
+    let settings = relay::Settings {
+        batch: spec.outbox.batch_size.unwrap_or(outbox::DEFAULT_BATCH),
+        max_attempts: spec.outbox.max_attempts.unwrap_or(outbox::DEFAULT_MAX_ATTEMPTS),
+        poll_interval: duration_or(spec.outbox.poll_interval.as_ref(), outbox::DEFAULT_POLL_INTERVAL),
+        retention: duration_or(spec.outbox.retention.as_ref(), outbox::DEFAULT_RETENTION),
+    };
+
+    // The store and the sink: in memory and the in-process bus, or PostgreSQL and Kafka.
+    let (store, database, publisher, connection): Backends = if parts.in_process {
+        *databases = Databases::new();
+        (parts.memory.clone(), None, parts.bus.clone(), "in-process".into())
+    } else {
+        let pg = match pg_settings(loaded) {
+            Ok(Some(pg)) => pg,
+            Ok(None) => return Err(vec![format!("{at}: commands and outbox sources need spec.connections.postgres")]),
+            Err(e) => return Err(vec![format!("{at}: {e}")]),
+        };
+        let database = match databases.get(&pg) {
+            Some(existing) => existing.clone(),
+            None => match postgres::Database::new(&pg, parts.health.clone(), parts.metrics.clone()) {
+                Ok(database) => database,
+                Err(e) => return Err(vec![format!("{at}: {e}")]),
+            },
+        };
+        *databases = Databases::from([(pg.clone(), database.clone())]);
+        let Some(kafka) = events.kafka.clone() else {
+            return Err(vec![format!(
+                "{at}: commands and outbox sources are relayed to Kafka: set spec.connections.kafka"
+            )]);
+        };
+        let producer = match producers.get(&kafka).or_else(|| previous_producers.get(&kafka)) {
+            Some(existing) => existing.clone(),
+            None => match crate::events::kafka::Producer::new(&kafka, parts.health.clone(), parts.metrics.clone()) {
+                Ok(producer) => Arc::new(producer),
+                Err(e) => return Err(vec![format!("{at}: {e}")]),
+            },
+        };
+        producers.insert(kafka.clone(), producer.clone());
+        let connection = format!("{}|{:?}", postgres::redact(&pg.url), kafka);
+        let store: Arc<dyn outbox::OutboxStore> = Arc::new(postgres::PgStore::new(database.clone()));
+        (store, Some(database), producer, connection)
+    };
+    let binary = |format| Arc::new(EventSink { publisher: publisher.clone(), format }) as Arc<dyn outbox::Sink>;
+
+    if !spec.commands.is_empty() {
+        built.relays.push(RelayPlan {
+            key: format!("commands|{connection}|{settings:?}"),
+            source: store.source(),
+            sink: binary(crate::events::envelope::Format::Binary),
+            settings: settings.clone(),
+        });
+        built.store = Some(store.clone());
+    }
+    for (i, command) in spec.commands.iter().enumerate() {
+        let field = format!("{at}: spec.commands[{i}]");
+        let name = format!("command-{}", command.name);
+        let path = format!("/commands/{}", command.name);
+        let key = match command.event.key_template.as_deref().map(umw_crds::template::parse).transpose() {
+            Ok(key) => key,
+            Err(e) => {
+                problems.push(format!("{field}.event.keyTemplate: {e}"));
+                continue;
+            }
+        };
+        let schema = match &command.schema {
+            Some(schema) => match jsonschema::validator_for(&serde_json::Value::Object(schema.0.clone())) {
+                Ok(validator) => Some(Arc::new(validator)),
+                Err(e) => {
+                    problems.push(format!("{field}.schema: not a valid JSON Schema: {e}"));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let idempotency = command.idempotency.clone().unwrap_or_default();
+        let header = idempotency.header.as_deref().unwrap_or("Idempotency-Key");
+        let Ok(idempotency_header) = http::HeaderName::try_from(header) else {
+            problems.push(format!("{field}.idempotency.header: {header:?} is not a header name"));
+            continue;
+        };
+        let max_body = command.max_body_bytes.unwrap_or(outbox::DEFAULT_MAX_BODY);
+        let matches = umw_crds::middleware::RouteMatch {
+            path: Some(path.clone()),
+            methods: vec![umw_crds::middleware::HttpMethod::Post],
+            ..Default::default()
+        };
+        let handler = match &command.handler {
+            Some(upstream) => {
+                let spec = RouteSpec {
+                    name: format!("{name}-handler"),
+                    matches: matches.clone(),
+                    upstream: upstream.clone(),
+                    max_body_bytes: i64::try_from(max_body).ok(),
+                    ..RouteSpec::default()
+                };
+                match route(
+                    &spec,
+                    loaded.namespace(),
+                    upstreams,
+                    parts.clients,
+                    parts.health,
+                    parts.metrics,
+                    parts.overrides,
+                    parts.traces,
+                ) {
+                    Ok(handler) => {
+                        let handler = Arc::new(handler);
+                        built.handlers.push(handler.clone());
+                        let call: commands::Handler = Arc::new(move |request, info| {
+                            let handler = handler.clone();
+                            Box::pin(async move {
+                                match crate::proxy::forward(request, &info, &handler).await {
+                                    Ok(response) => response,
+                                    Err(error) => crate::proxy::error_response(error, &info, &handler),
+                                }
+                            })
+                        });
+                        Some(call)
+                    }
+                    Err((sub, e)) => {
+                        problems.push(format!("{field}.handler{}: {e}", sub.trim_start_matches(".upstream")));
+                        continue;
+                    }
+                }
+            }
+            None => None,
+        };
+        let endpoint = commands::Command {
+            name: command.name.clone(),
+            event_type: command.event.type_.clone(),
+            topic: command.event.topic.clone(),
+            source: command.event.source.clone().unwrap_or_else(|| path.clone()),
+            key,
+            idempotency_header,
+            idempotency_required: idempotency.required,
+            ttl: duration_or(idempotency.ttl.as_ref(), outbox::DEFAULT_IDEMPOTENCY_TTL),
+            handler,
+            store: store.clone(),
+            metrics: parts.metrics.clone(),
+            traces: parts.traces.clone(),
+        };
+        let matcher = match Matcher::compile(&matches) {
+            Ok(matcher) => matcher,
+            Err(e) => {
+                problems.push(format!("{field}.name: {e}"));
+                continue;
+            }
+        };
+        built.routes.push(Arc::new(endpoint_route(
+            &name,
+            matcher,
+            Endpoint::Command(Arc::new(endpoint)),
+            max_body,
+            schema,
+            parts,
+        )));
+    }
+    if !spec.commands.is_empty() {
+        let matches = umw_crds::middleware::RouteMatch {
+            path_prefix: Some("/commands".into()),
+            methods: vec![umw_crds::middleware::HttpMethod::Get],
+            ..Default::default()
+        };
+        match Matcher::compile(&matches) {
+            Ok(matcher) => built.routes.push(Arc::new(endpoint_route(
+                "commands-status",
+                matcher,
+                Endpoint::CommandStatus(Arc::new(commands::Status { store, metrics: parts.metrics.clone() })),
+                0,
+                None,
+                parts,
+            ))),
+            Err(e) => problems.push(format!("{at}: spec.commands: {e}")),
+        }
+    }
+
+    for route in outbox_routes {
+        let route_at = loaded.origin(&format!("EventRoute/{}", route.name_any()));
+        let (Some(source), Some(destination)) = (&route.spec.source.outbox, &route.spec.destination.kafka) else {
+            continue;
+        };
+        let format = crate::events::format_of(route.spec.format);
+        let Some(database) = &database else {
+            // Application tables live in PostgreSQL; standalone, there is none.
+            problems.push(format!(
+                "{route_at}: spec.source.outbox: application outbox tables need PostgreSQL; the in-process backends have none"
+            ));
+            continue;
+        };
+        let c = &source.columns;
+        let columns = postgres::AppColumns {
+            id: c.id.clone().unwrap_or_else(|| "id".into()),
+            aggregate_type: c.aggregate_type.clone().unwrap_or_else(|| "aggregatetype".into()),
+            aggregate_id: c.aggregate_id.clone().unwrap_or_else(|| "aggregateid".into()),
+            ty: c.type_.clone().unwrap_or_else(|| "type".into()),
+            payload: c.payload.clone().unwrap_or_else(|| "payload".into()),
+            headers: c.headers.clone(),
+            position: c.position.clone().or_else(|| c.id.clone()).unwrap_or_else(|| "id".into()),
+            published_at: c.published_at.clone(),
+        };
+        let schema = source.schema.clone().unwrap_or_else(|| "public".into());
+        let table = postgres::AppTable::new(database.clone(), &schema, &source.table, &columns, &destination.topic);
+        built.relays.push(RelayPlan {
+            key: format!(
+                "table|{}|{schema}.{}|{columns:?}|{}|{format:?}|{connection}|{settings:?}",
+                route.name_any(),
+                source.table,
+                destination.topic
+            ),
+            source: Arc::new(postgres::AppSource(Arc::new(table))),
+            sink: binary(format),
+            settings: settings.clone(),
+        });
+    }
+    if problems.is_empty() { Ok(built) } else { Err(problems) }
+}
+
+/// A route answered by an endpoint rather than the proxy.
+fn endpoint_route(
+    name: &str,
+    matcher: Matcher,
+    endpoint: Endpoint,
+    max_body: u64,
+    schema: Option<Arc<jsonschema::Validator>>,
+    parts: &Parts<'_>,
+) -> Route {
+    Route {
+        name: name.to_string(),
+        matcher,
+        upstream: None,
+        endpoint: Some(endpoint),
+        timeout: DEFAULT_TIMEOUT,
+        retry: None,
+        max_body,
+        schema,
+        clients: parts.clients.clone(),
+        traces: parts.traces.clone(),
+        request_duration: parts.metrics.request_duration.with_label_values(&[name]),
+        requests: crate::metrics::RouteCounters::new(name),
+        metrics: parts.metrics.clone(),
+    }
+}
+
+/// Starts the relays the configuration asks for and stops the others; a relay whose plan did not change
+/// keeps running.
+fn reconcile_relays(outbox: &mut OutboxState, plans: &[RelayPlan], health: &Health, metrics: &Metrics) {
+    outbox.relays.retain(|key, _| plans.iter().any(|p| &p.key == key));
+    for plan in plans {
+        if outbox.relays.contains_key(&plan.key) {
+            continue;
+        }
+        tracing::info!(table = %plan.source.name(), "outbox relay started");
+        let relay = crate::outbox::relay::Relay::start(
+            plan.source.clone(),
+            plan.sink.clone(),
+            plan.settings.clone(),
+            metrics.clone(),
+            health.clone(),
+        );
+        outbox.relays.insert(plan.key.clone(), relay);
+    }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real, when they are missing: redis-server and openssl (the
 # cache's integration tests start private instances of it), Java and Maven (the Kafka broker of the event
-# tests). Run as root (or with passwordless sudo); otherwise it names the command to run and fails.
+# tests), PostgreSQL (commands and the outbox; the tests start private clusters with initdb). Run as root (or with passwordless sudo); otherwise it names the command to run and fails.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
@@ -10,6 +10,9 @@ command -v openssl >/dev/null || missing+=(openssl)
 # Apache Kafka for the event tests runs on Java 17 and comes from Maven Central through Maven.
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
+# PostgreSQL server binaries live under /usr/lib/postgresql/<version>/bin; psql is the client.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v psql >/dev/null || missing+=(postgresql-client)
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "[packages] installing ${missing[*]} from Debian" >&2
 if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
@@ -19,3 +22,4 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get install -y -q "${missing[@]}" >/dev/null || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "${missing[@]}" >/dev/null; }
 # The Debian package starts a system-wide instance; the tests start their own.
 $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || $SUDO service redis-server stop >/dev/null 2>&1 || true
+$SUDO systemctl disable --now postgresql >/dev/null 2>&1 || $SUDO service postgresql stop >/dev/null 2>&1 || true

@@ -1,14 +1,16 @@
 #![forbid(unsafe_code)]
 //! Data-plane integration tests against real backends. This library starts them: a private
 //! `redis-server` per test on a free loopback port (Debian's `redis-server`; `make test` installs it when
-//! missing), and a private Apache Kafka broker ([`KafkaBroker`]). A test that needs a server it cannot
+//! missing), a private Apache Kafka broker ([`KafkaBroker`]) and a private PostgreSQL ([`PostgresServer`]). A test that needs a server it cannot
 //! start fails, naming the command to run.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod kafka;
+pub mod postgres;
 pub use kafka::KafkaBroker;
+pub use postgres::PostgresServer;
 
 /// A private Redis on loopback; stopped when dropped.
 pub struct RedisServer {

@@ -315,13 +315,6 @@ fn attached(bundle: &Bundle, pods: &[PodHealth], desired_hash: &str) -> Vec<Atta
 pub fn not_enforced(mw: &Middleware) -> Vec<&'static str> {
     let spec = &mw.spec;
     let mut fields = Vec::new();
-    let connections = &spec.connections;
-    if connections.postgres.is_some() {
-        fields.push("spec.connections.postgres");
-    }
-    if !spec.commands.is_empty() {
-        fields.push("spec.commands");
-    }
     if spec.listeners.grpc.is_some() {
         fields.push("spec.listeners.grpc");
     }

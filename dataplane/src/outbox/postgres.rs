@@ -1,0 +1,956 @@
+//! PostgreSQL through `sqlx`: the pool, the embedded migrations, the command store, and the relay sources
+//! (the commands' table `umw_outbox` and application-owned outbox tables).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgSslMode};
+use sqlx::{Postgres, Row as _, Transaction};
+use tokio::sync::watch;
+
+use super::relay::{Claim, Outcome, Row, Source};
+use super::{
+    COMMANDS_TABLE, COMPONENT, CommandRecord, CommandState, DeadRow, EventState, NewCommand, OutboxStore, Record,
+    Recorded, StoreError,
+};
+use crate::health::{Health, State};
+use crate::metrics::Metrics;
+
+/// How to reach the database; equal settings share one pool across reloads.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PgSettings {
+    pub url: String,
+    pub ca_cert: Option<String>,
+    pub max_connections: u32,
+    pub statement_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// The migrations, in order; each runs once, in its own transaction, under an advisory lock so that
+/// replicas starting together do not race.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "commands and the outbox", include_str!("migrations/0001_outbox.sql"))];
+
+/// Key of the advisory lock held while migrating (`umw` + `mig` in ASCII).
+const MIGRATION_LOCK: i64 = 0x0075_6d77_5f6d_6967;
+
+/// The channel a commit to `umw_outbox` notifies.
+pub const CHANNEL: &str = "umw_outbox";
+
+/// Rows deleted per cleanup statement, so that no statement holds many locks for long.
+const CLEANUP_BATCH: i64 = 1000;
+
+/// A pool, and whether its schema is ready.
+pub struct Database {
+    pub pool: PgPool,
+    ready: watch::Receiver<bool>,
+    migrations: tokio::task::JoinHandle<()>,
+    pub metrics: Metrics,
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        self.migrations.abort();
+    }
+}
+
+/// A `postgres://` URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl Database {
+    /// A lazily connecting pool; the migrations run in the background until they succeed.
+    pub fn new(settings: &PgSettings, health: Health, metrics: Metrics) -> Result<Arc<Self>, String> {
+        let mut options: PgConnectOptions =
+            settings.url.parse().map_err(|e| format!("spec.connections.postgres.url is not a PostgreSQL URL: {e}"))?;
+        if let Some(ca) = &settings.ca_cert {
+            options = options.ssl_root_cert_from_pem(ca.as_bytes().to_vec());
+            if !settings.url.contains("sslmode=") {
+                options = options.ssl_mode(PgSslMode::VerifyFull);
+            }
+        }
+        let timeout_ms = settings.statement_timeout.as_millis().to_string();
+        options = options.application_name("umw-dataplane").options([("statement_timeout", timeout_ms.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(0)
+            .acquire_timeout(settings.connect_timeout)
+            .idle_timeout(Duration::from_secs(300))
+            .connect_lazy_with(options);
+        let (ready_tx, ready) = watch::channel(false);
+        health.set(COMPONENT, State::Starting, "connecting", false);
+        let migrations = tokio::spawn(migrate_until_done(pool.clone(), redact(&settings.url), health, ready_tx));
+        Ok(Arc::new(Self { pool, ready, migrations, metrics }))
+    }
+
+    /// Waits (at most `timeout`) for the schema; false when it is not there yet.
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let mut ready = self.ready.clone();
+        tokio::time::timeout(timeout, ready.wait_for(|r| *r)).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+async fn migrate_until_done(pool: PgPool, url: String, health: Health, ready: watch::Sender<bool>) {
+    let mut failures = 0u32;
+    loop {
+        match migrate(&pool).await {
+            Ok(version) => {
+                health.set(COMPONENT, State::Up, format!("connected to {url}, schema version {version}"), false);
+                let _ = ready.send(true);
+                return;
+            }
+            Err(error) => {
+                failures += 1;
+                health.set(COMPONENT, State::Down, format!("cannot prepare the schema in {url}: {error}"), false);
+                if failures == 1 || failures.is_multiple_of(30) {
+                    tracing::warn!(%url, %error, "cannot reach PostgreSQL or prepare its schema; retrying");
+                }
+                tokio::time::sleep(super::relay::backoff(failures, Duration::from_millis(200), Duration::from_secs(5)))
+                    .await;
+            }
+        }
+    }
+}
+
+/// Applies the migrations not applied yet; returns the schema version.
+pub async fn migrate(pool: &PgPool) -> Result<i32, StoreError> {
+    let mut connection = pool.acquire().await.map_err(store_error)?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *connection)
+        .await
+        .map_err(store_error)?;
+    let result = async {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS umw_schema_migrations (version integer PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .execute(&mut *connection)
+        .await?;
+        let applied: Vec<i32> =
+            sqlx::query_scalar("SELECT version FROM umw_schema_migrations").fetch_all(&mut *connection).await?;
+        for (version, description, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            let mut tx = sqlx::Connection::begin(&mut *connection).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO umw_schema_migrations (version, description) VALUES ($1, $2)")
+                .bind(version)
+                .bind(description)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(version, description, "database migration applied");
+        }
+        Ok::<_, sqlx::Error>(MIGRATIONS.last().map_or(0, |m| m.0))
+    }
+    .await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATION_LOCK).execute(&mut *connection).await;
+    if unlock.is_err() {
+        // The session ends with the connection, and its lock with it.
+        connection.close_on_drop();
+    }
+    result.map_err(store_error)
+}
+
+/// Maps a driver error: connection trouble and timeouts are `Unavailable`, the rest `Failed`.
+pub fn store_error(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+            StoreError::Unavailable(error.to_string())
+        }
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // 57014: statement timeout; 57P01..57P03: shutdown; 08xxx: connection; 53xxx: resources;
+            // 40001/40P01: serialization failure or deadlock.
+            if code == "57014"
+                || code.starts_with("57P")
+                || code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("40")
+            {
+                StoreError::Unavailable(db.message().to_string())
+            } else {
+                StoreError::Failed(db.message().to_string())
+            }
+        }
+        _ => StoreError::Failed(error.to_string()),
+    }
+}
+
+/// Commands and their events in PostgreSQL.
+pub struct PgStore {
+    db: Arc<Database>,
+    source: Arc<CommandsTable>,
+}
+
+impl PgStore {
+    pub fn new(db: Arc<Database>) -> Self {
+        let source = Arc::new(CommandsTable { db: db.clone(), listener: tokio::sync::Mutex::new(None) });
+        Self { db, source }
+    }
+
+    async fn schema(&self) -> Result<(), StoreError> {
+        if self.db.ready(Duration::from_millis(50)).await {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable("the database schema is not ready yet".into()))
+        }
+    }
+}
+
+const RFC3339: &str = r#"to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
+
+fn command_record(row: &PgRow) -> Result<CommandRecord, sqlx::Error> {
+    Ok(CommandRecord {
+        id: row.try_get("id")?,
+        command: row.try_get("command")?,
+        request_hash: row.try_get("request_hash")?,
+        state: row.try_get("state")?,
+        status: u16::try_from(row.try_get::<i16, _>("status")?).unwrap_or(500),
+        response: row.try_get("response")?,
+        created_at: row.try_get("created")?,
+    })
+}
+
+impl OutboxStore for PgStore {
+    fn find_by_key<'a>(
+        &'a self,
+        command: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CommandRecord>, StoreError>> {
+        async move {
+            self.schema().await?;
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT id, command, request_hash, state, status, response, {RFC3339} AS created FROM umw_commands WHERE command = $1 AND idempotency_key = $2"
+            )))
+            .bind(command)
+            .bind(key)
+            .fetch_optional(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+            row.as_ref().map(command_record).transpose().map_err(store_error)
+        }
+        .boxed()
+    }
+
+    fn record(&self, command: NewCommand) -> BoxFuture<'_, Result<Recorded, StoreError>> {
+        async move {
+            self.schema().await?;
+            let NewCommand { record, idempotency_key, ttl, events } = command;
+            let mut columns: EventColumns = EventColumns::default();
+            for event in &events {
+                columns.push(event);
+            }
+            // One statement, so one implicit transaction: the command and its events are committed together
+            // or not at all, in a single round trip. The count says whether the command row was written
+            // (0: its idempotency key was taken).
+            let written: i64 = sqlx::query_scalar(
+                "WITH c AS (
+                    INSERT INTO umw_commands (id, command, idempotency_key, request_hash, state, status, response, expires_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+                    ON CONFLICT (command, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                    RETURNING id
+                ), e AS (
+                    INSERT INTO umw_outbox (id, command_id, topic, key, type, source, subject, data, content_type, extensions)
+                    SELECT ev.id, c.id, ev.topic, ev.key, ev.type, ev.source, ev.subject, ev.data, ev.content_type, ev.extensions
+                    FROM c, unnest($9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bytea[], $16::text[], $17::jsonb[])
+                        AS ev(id, topic, key, type, source, subject, data, content_type, extensions)
+                )
+                SELECT count(*) FROM c",
+            )
+            .bind(record.id)
+            .bind(&record.command)
+            .bind(&idempotency_key)
+            .bind(&record.request_hash)
+            .bind(&record.state)
+            .bind(i16::try_from(record.status).unwrap_or(500))
+            .bind(&record.response)
+            .bind(ttl.as_secs_f64())
+            .bind(&columns.ids)
+            .bind(&columns.topics)
+            .bind(&columns.keys)
+            .bind(&columns.types)
+            .bind(&columns.sources)
+            .bind(&columns.subjects)
+            .bind(&columns.data)
+            .bind(&columns.content_types)
+            .bind(&columns.extensions)
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+            if written == 1 {
+                return Ok(Recorded::Done);
+            }
+            let key = idempotency_key.unwrap_or_default();
+            match self.find_by_key(&record.command, &key).await? {
+                Some(existing) => Ok(Recorded::KeyTaken(existing)),
+                // Taken and expired in between: rare enough to ask the client to retry.
+                None => Err(StoreError::Unavailable("the idempotency key changed hands; retry".into())),
+            }
+        }
+        .boxed()
+    }
+
+    fn get(&self, id: uuid::Uuid) -> BoxFuture<'_, Result<Option<CommandState>, StoreError>> {
+        async move {
+            self.schema().await?;
+            let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT id, command, request_hash, state, status, response, {RFC3339} AS created FROM umw_commands WHERE id = $1"
+            )))
+            .bind(id)
+            .fetch_optional(&self.db.pool)
+            .await
+            .map_err(store_error)?
+            else {
+                return Ok(None);
+            };
+            let record = command_record(&row).map_err(store_error)?;
+            let rows = sqlx::query(
+                "SELECT id::text AS id, topic, CASE WHEN published_at IS NULL THEN 'pending' ELSE 'published' END AS state, attempts, last_error, position
+                   FROM umw_outbox WHERE command_id = $1
+                 UNION ALL
+                 SELECT id, topic, 'failed', attempts, error, 0 FROM umw_outbox_dead WHERE command_id = $1
+                 ORDER BY position",
+            )
+            .bind(id)
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+            let mut events = Vec::new();
+            for row in rows {
+                events.push(EventState {
+                    id: row.try_get("id").map_err(store_error)?,
+                    topic: row.try_get("topic").map_err(store_error)?,
+                    state: row.try_get("state").map_err(store_error)?,
+                    attempts: u32::try_from(row.try_get::<i32, _>("attempts").map_err(store_error)?).unwrap_or(0),
+                    last_error: row.try_get("last_error").map_err(store_error)?,
+                });
+            }
+            Ok(Some((record, events)))
+        }
+        .boxed()
+    }
+
+    fn dead(&self, limit: u32) -> BoxFuture<'_, Result<Vec<DeadRow>, StoreError>> {
+        async move { dead_rows(&self.db, limit).await }.boxed()
+    }
+
+    fn source(&self) -> Arc<dyn Source> {
+        self.source.clone()
+    }
+}
+
+/// Rows of the dead-letter table, newest first.
+pub async fn dead_rows(db: &Database, limit: u32) -> Result<Vec<DeadRow>, StoreError> {
+    let rows = sqlx::query(
+        r#"SELECT source_table, id, topic, key, type, attempts, error,
+                  to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS failed
+           FROM umw_outbox_dead ORDER BY failed_at DESC LIMIT $1"#,
+    )
+    .bind(i64::from(limit))
+    .fetch_all(&db.pool)
+    .await
+    .map_err(store_error)?;
+    rows.iter()
+        .map(|row| {
+            Ok(DeadRow {
+                table: row.try_get("source_table")?,
+                id: row.try_get("id")?,
+                topic: row.try_get("topic")?,
+                key: row.try_get("key")?,
+                ty: row.try_get("type")?,
+                attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+                error: row.try_get("error")?,
+                failed_at: row.try_get("failed")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(store_error)
+}
+
+/// Events as column arrays, for one `unnest` insert.
+#[derive(Default)]
+struct EventColumns {
+    ids: Vec<uuid::Uuid>,
+    topics: Vec<String>,
+    keys: Vec<Option<String>>,
+    types: Vec<String>,
+    sources: Vec<String>,
+    subjects: Vec<Option<String>>,
+    data: Vec<Vec<u8>>,
+    content_types: Vec<Option<String>>,
+    extensions: Vec<serde_json::Value>,
+}
+
+impl EventColumns {
+    fn push(&mut self, event: &Record) {
+        self.ids.push(event.id.parse().unwrap_or_else(|_| uuid::Uuid::now_v7()));
+        self.topics.push(event.topic.clone());
+        self.keys.push(event.key.clone());
+        self.types.push(event.ty.clone());
+        self.sources.push(event.source.clone());
+        self.subjects.push(event.subject.clone());
+        self.data.push(event.data.clone());
+        self.content_types.push(event.content_type.clone());
+        let extensions: serde_json::Map<String, serde_json::Value> =
+            event.extensions.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+        self.extensions.push(serde_json::Value::Object(extensions));
+    }
+}
+
+fn string_pairs(value: Option<serde_json::Value>) -> Vec<(String, String)> {
+    match value {
+        Some(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (k, v)
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The commands' events: `umw_outbox`, woken by `LISTEN/NOTIFY`.
+pub struct CommandsTable {
+    db: Arc<Database>,
+    listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
+}
+
+struct CommandsClaim {
+    tx: Transaction<'static, Postgres>,
+    rows: Vec<Row>,
+    positions: Vec<i64>,
+}
+
+impl Source for CommandsTable {
+    fn name(&self) -> &str {
+        COMMANDS_TABLE
+    }
+
+    fn claim(&self, limit: u32) -> BoxFuture<'_, Result<Box<dyn Claim>, StoreError>> {
+        async move {
+            if !self.db.ready(Duration::from_secs(1)).await {
+                return Err(StoreError::Unavailable("the database schema is not ready yet".into()));
+            }
+            let mut tx = self.db.pool.begin().await.map_err(store_error)?;
+            let fetched = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH claimed AS (
+                    SELECT position FROM umw_outbox
+                    WHERE published_at IS NULL AND next_attempt_at <= now()
+                    ORDER BY position LIMIT $1
+                    FOR UPDATE SKIP LOCKED
+                 )
+                 SELECT o.position, o.id::text AS id, o.command_id, o.topic, o.key, o.type, o.source, o.subject, o.data,
+                        o.content_type, o.extensions, o.attempts, {RFC3339} AS created,
+                        extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age,
+                        o.key IS NOT NULL AND EXISTS (
+                            SELECT 1 FROM umw_outbox p
+                            WHERE p.key = o.key AND p.published_at IS NULL AND p.position < o.position
+                              AND p.position NOT IN (SELECT position FROM claimed)
+                        ) AS blocked
+                 FROM umw_outbox o JOIN claimed USING (position)
+                 ORDER BY o.position"
+            )))
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store_error)?;
+            let mut rows = Vec::with_capacity(fetched.len());
+            let mut positions = Vec::with_capacity(fetched.len());
+            for row in &fetched {
+                let (position, claimed) = commands_row(row).map_err(store_error)?;
+                positions.push(position);
+                rows.push(claimed);
+            }
+            Ok(Box::new(CommandsClaim { tx, rows, positions }) as Box<dyn Claim>)
+        }
+        .boxed()
+    }
+
+    fn wait(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        async move {
+            let mut listener = self.listener.lock().await;
+            if listener.is_none() {
+                match sqlx::postgres::PgListener::connect_with(&self.db.pool).await {
+                    Ok(mut l) => match l.listen(CHANNEL).await {
+                        Ok(()) => *listener = Some(l),
+                        Err(error) => tracing::debug!(%error, "LISTEN failed; polling"),
+                    },
+                    Err(error) => tracing::debug!(%error, "cannot open a listening connection; polling"),
+                }
+            }
+            match listener.as_mut() {
+                Some(l) => match tokio::time::timeout(timeout, l.recv()).await {
+                    Ok(Ok(_)) => {
+                        // Several commits may have notified: take them all in one wake-up.
+                        while let Ok(Some(_)) = l.try_recv().now_or_never().unwrap_or(Ok(None)) {}
+                    }
+                    Ok(Err(_)) => {
+                        *listener = None;
+                        drop(listener);
+                        tokio::time::sleep(timeout.min(Duration::from_millis(500))).await;
+                    }
+                    Err(_) => {}
+                },
+                None => {
+                    drop(listener);
+                    tokio::time::sleep(timeout).await;
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn cleanup(&self, retention: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
+        async move {
+            if !self.db.ready(Duration::from_millis(10)).await {
+                return Ok(0);
+            }
+            let mut deleted = 0;
+            for statement in [
+                "DELETE FROM umw_outbox WHERE position IN (SELECT position FROM umw_outbox WHERE published_at < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                "DELETE FROM umw_commands WHERE id IN (SELECT id FROM umw_commands WHERE expires_at < now() LIMIT $2 FOR UPDATE SKIP LOCKED) AND $1 >= 0",
+            ] {
+                loop {
+                    let done = sqlx::query(statement)
+                        .bind(retention.as_secs_f64())
+                        .bind(CLEANUP_BATCH)
+                        .execute(&self.db.pool)
+                        .await
+                        .map_err(store_error)?
+                        .rows_affected();
+                    deleted += done;
+                    if done < CLEANUP_BATCH as u64 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            Ok(deleted)
+        }
+        .boxed()
+    }
+
+    fn depth(&self) -> BoxFuture<'_, Result<(i64, f64), StoreError>> {
+        async move {
+            if !self.db.ready(Duration::from_millis(10)).await {
+                return Ok((0, 0.0));
+            }
+            let row = sqlx::query(
+                "SELECT count(*) AS depth, coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) AS age
+                 FROM umw_outbox WHERE published_at IS NULL",
+            )
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+            Ok((row.try_get("depth").map_err(store_error)?, row.try_get("age").map_err(store_error)?))
+        }
+        .boxed()
+    }
+}
+
+fn commands_row(row: &PgRow) -> Result<(i64, Row), sqlx::Error> {
+    let position: i64 = row.try_get("position")?;
+    let mut extensions = string_pairs(row.try_get("extensions")?);
+    if let Some(command) = row.try_get::<Option<uuid::Uuid>, _>("command_id")? {
+        extensions.push(("commandid".into(), command.to_string()));
+    }
+    let record = Record {
+        id: row.try_get("id")?,
+        topic: row.try_get("topic")?,
+        key: row.try_get("key")?,
+        ty: row.try_get("type")?,
+        source: row.try_get("source")?,
+        subject: row.try_get("subject")?,
+        time: row.try_get("created")?,
+        data: row.try_get("data")?,
+        content_type: row.try_get("content_type")?,
+        extensions,
+        headers: Vec::new(),
+    };
+    let row = Row {
+        record,
+        attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+        blocked: row.try_get("blocked")?,
+        age: row.try_get::<f64, _>("age")?.max(0.0),
+    };
+    Ok((position, row))
+}
+
+/// The rows of a claim, as the statements that record outcomes address them.
+enum Rows<'a> {
+    Commands(&'a [i64]),
+    App(&'a AppTable, &'a [String]),
+}
+
+/// Writes the outcomes of a claim: published rows marked, failing rows rescheduled, dead rows moved.
+async fn record_outcomes(
+    tx: &mut Transaction<'static, Postgres>,
+    table: &str,
+    target: Rows<'_>,
+    rows: &[Row],
+    outcomes: &[Outcome],
+) -> Result<(), sqlx::Error> {
+    let done: Vec<usize> =
+        outcomes.iter().enumerate().filter(|(_, o)| matches!(o, Outcome::Published)).map(|(i, _)| i).collect();
+    if !done.is_empty() {
+        match &target {
+            Rows::Commands(positions) => {
+                let done: Vec<i64> = done.iter().map(|&i| positions[i]).collect();
+                sqlx::query("UPDATE umw_outbox SET published_at = now() WHERE position = ANY($1)")
+                    .bind(&done)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Rows::App(app, refs) => {
+                let done: Vec<&str> = done.iter().map(|&i| refs[i].as_str()).collect();
+                sqlx::query(sqlx::AssertSqlSafe(app.publish_sql.as_str())).bind(&done).execute(&mut **tx).await?;
+            }
+        }
+    }
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match (outcome, &target) {
+            (Outcome::Retry { error, delay }, Rows::Commands(positions)) => {
+                sqlx::query(
+                    "UPDATE umw_outbox SET attempts = attempts + 1, last_error = $2,
+                        next_attempt_at = now() + make_interval(secs => $3) WHERE position = $1",
+                )
+                .bind(positions[i])
+                .bind(error)
+                .bind(delay.as_secs_f64())
+                .execute(&mut **tx)
+                .await?;
+            }
+            (Outcome::Dead { error }, _) => {
+                let row = &rows[i];
+                let record = &row.record;
+                let command_id = record
+                    .extensions
+                    .iter()
+                    .find(|(k, _)| k == "commandid")
+                    .and_then(|(_, v)| v.parse::<uuid::Uuid>().ok());
+                let extensions: serde_json::Map<String, serde_json::Value> = record
+                    .extensions
+                    .iter()
+                    .filter(|(k, _)| k != "commandid")
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect();
+                sqlx::query(
+                    "INSERT INTO umw_outbox_dead (source_table, id, command_id, topic, key, type, source, data, extensions, attempts, error)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (source_table, id) DO NOTHING",
+                )
+                .bind(table)
+                .bind(&record.id)
+                .bind(command_id)
+                .bind(&record.topic)
+                .bind(&record.key)
+                .bind(&record.ty)
+                .bind(&record.source)
+                .bind(&record.data)
+                .bind(serde_json::Value::Object(extensions))
+                .bind(i32::try_from(row.attempts + 1).unwrap_or(i32::MAX))
+                .bind(error)
+                .execute(&mut **tx)
+                .await?;
+                match &target {
+                    Rows::Commands(positions) => {
+                        sqlx::query("DELETE FROM umw_outbox WHERE position = $1")
+                            .bind(positions[i])
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                    Rows::App(app, refs) => {
+                        sqlx::query(sqlx::AssertSqlSafe(app.remove_sql.as_str()))
+                            .bind(&refs[i])
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                }
+            }
+            // Failing rows of application tables are rescheduled in memory (see AppTable::failing).
+            (Outcome::Retry { .. }, Rows::App(..)) | (Outcome::Published | Outcome::Skipped, _) => {}
+        }
+    }
+    Ok(())
+}
+
+impl Claim for CommandsClaim {
+    fn rows(&self) -> &[Row] {
+        &self.rows
+    }
+
+    fn finish(self: Box<Self>, outcomes: Vec<Outcome>) -> BoxFuture<'static, Result<(), StoreError>> {
+        async move {
+            let CommandsClaim { mut tx, rows, positions } = *self;
+            record_outcomes(&mut tx, COMMANDS_TABLE, Rows::Commands(&positions), &rows, &outcomes)
+                .await
+                .map_err(store_error)?;
+            tx.commit().await.map_err(store_error)
+        }
+        .boxed()
+    }
+}
+
+/// An application-owned outbox table (an `EventRoute` with an `outbox` source).
+pub struct AppTable {
+    db: Arc<Database>,
+    /// `schema.table`, for metrics, logs and the dead-letter table.
+    name: String,
+    topic: String,
+    claim_sql: String,
+    publish_sql: String,
+    remove_sql: String,
+    cleanup_sql: Option<String>,
+    depth_sql: String,
+    /// Attempts and next attempt of failing rows, by event id (kept in memory: a restart retries at once).
+    failing: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+/// Column names of an application's outbox table.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AppColumns {
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub ty: String,
+    pub payload: String,
+    pub headers: Option<String>,
+    pub position: String,
+    pub published_at: Option<String>,
+}
+
+fn quote(identifier: &str) -> String {
+    format!("\"{}\"", identifier.replace('"', "\"\""))
+}
+
+impl AppTable {
+    pub fn new(db: Arc<Database>, schema: &str, table: &str, columns: &AppColumns, topic: &str) -> Self {
+        let t = format!("{}.{}", quote(schema), quote(table));
+        let c = |name: &str| quote(name);
+        let pending = match &columns.published_at {
+            Some(published) => format!("{} IS NULL", c(published)),
+            None => "true".to_string(),
+        };
+        let pending_p = match &columns.published_at {
+            Some(published) => format!("p.{} IS NULL", c(published)),
+            None => "true".to_string(),
+        };
+        let headers = match &columns.headers {
+            Some(h) => format!("t.{}::jsonb", c(h)),
+            None => "NULL::jsonb".to_string(),
+        };
+        let claim_sql = format!(
+            "WITH claimed AS (
+                SELECT ctid AS row_ref FROM {t} WHERE {pending} ORDER BY {position} LIMIT $1 FOR UPDATE SKIP LOCKED
+             )
+             SELECT t.ctid::text AS row_ref, t.{id}::text AS id, t.{aggregate_type}::text AS aggregate_type,
+                    t.{aggregate_id}::text AS key, t.{ty}::text AS type, t.{payload} AS payload, {headers} AS headers,
+                    EXISTS (
+                        SELECT 1 FROM {t} p
+                        WHERE p.{aggregate_id} = t.{aggregate_id} AND {pending_p} AND p.{position} < t.{position}
+                          AND p.ctid NOT IN (SELECT row_ref FROM claimed)
+                    ) AS blocked
+             FROM {t} t JOIN claimed ON t.ctid = claimed.row_ref
+             ORDER BY t.{position}",
+            position = c(&columns.position),
+            id = c(&columns.id),
+            aggregate_type = c(&columns.aggregate_type),
+            aggregate_id = c(&columns.aggregate_id),
+            ty = c(&columns.ty),
+            payload = c(&columns.payload),
+        );
+        let publish_sql = match &columns.published_at {
+            Some(published) => format!("UPDATE {t} SET {} = now() WHERE ctid = ANY($1::text[]::tid[])", c(published)),
+            None => format!("DELETE FROM {t} WHERE ctid = ANY($1::text[]::tid[])"),
+        };
+        let remove_sql = format!("DELETE FROM {t} WHERE ctid = $1::text::tid");
+        let cleanup_sql = columns.published_at.as_ref().map(|published| {
+            format!(
+                "DELETE FROM {t} WHERE ctid IN (SELECT ctid FROM {t} WHERE {p} < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                p = c(published)
+            )
+        });
+        let depth_sql = format!("SELECT count(*) FROM {t} WHERE {pending}");
+        Self {
+            db,
+            name: format!("{schema}.{table}"),
+            topic: topic.to_string(),
+            claim_sql,
+            publish_sql,
+            remove_sql,
+            cleanup_sql,
+            depth_sql,
+            failing: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// A payload column as bytes: `bytea` as is, `jsonb`/`json`/`text` as UTF-8 text.
+fn payload_bytes(row: &PgRow) -> Result<(Vec<u8>, Option<String>), sqlx::Error> {
+    if let Ok(bytes) = row.try_get::<Option<Vec<u8>>, _>("payload") {
+        return Ok((bytes.unwrap_or_default(), None));
+    }
+    if let Ok(value) = row.try_get::<Option<serde_json::Value>, _>("payload") {
+        let bytes = value.map(|v| serde_json::to_vec(&v).unwrap_or_default()).unwrap_or_default();
+        return Ok((bytes, Some("application/json".into())));
+    }
+    let text: Option<String> = row.try_get("payload")?;
+    let text = text.unwrap_or_default();
+    let json = serde_json::from_str::<serde_json::Value>(&text).is_ok();
+    Ok((text.into_bytes(), json.then(|| "application/json".into())))
+}
+
+struct AppClaim {
+    tx: Transaction<'static, Postgres>,
+    rows: Vec<Row>,
+    refs: Vec<String>,
+    table: Arc<AppTable>,
+}
+
+impl AppTable {
+    fn claim_rows(self: Arc<Self>, limit: u32) -> BoxFuture<'static, Result<Box<dyn Claim>, StoreError>> {
+        async move {
+            if !self.db.ready(Duration::from_secs(1)).await {
+                return Err(StoreError::Unavailable("the database schema is not ready yet".into()));
+            }
+            let mut tx = self.db.pool.begin().await.map_err(store_error)?;
+            let fetched = sqlx::query(sqlx::AssertSqlSafe(self.claim_sql.as_str()))
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(store_error)?;
+            let now = Instant::now();
+            let failing = self.failing.lock().map(|f| f.clone()).unwrap_or_default();
+            let mut rows = Vec::with_capacity(fetched.len());
+            let mut refs = Vec::with_capacity(fetched.len());
+            for row in &fetched {
+                let parse = || -> Result<(String, Row), sqlx::Error> {
+                    let id: String = row.try_get("id")?;
+                    let aggregate_type: Option<String> = row.try_get("aggregate_type")?;
+                    let key: Option<String> = row.try_get("key")?;
+                    let (data, content_type) = payload_bytes(row)?;
+                    let (attempts, next) = failing.get(&id).copied().unwrap_or((0, now));
+                    let record = Record {
+                        id,
+                        topic: self.topic.clone(),
+                        key: key.clone(),
+                        ty: row.try_get::<Option<String>, _>("type")?.unwrap_or_default(),
+                        source: format!("/{}", aggregate_type.unwrap_or_else(|| self.name.clone())),
+                        subject: key,
+                        time: None,
+                        data,
+                        content_type,
+                        extensions: Vec::new(),
+                        headers: string_pairs(row.try_get("headers")?),
+                    };
+                    let blocked: bool = row.try_get("blocked")?;
+                    Ok((row.try_get("row_ref")?, Row { record, attempts, blocked: blocked || next > now, age: 0.0 }))
+                };
+                let (row_ref, row) = parse().map_err(store_error)?;
+                refs.push(row_ref);
+                rows.push(row);
+            }
+            Ok(Box::new(AppClaim { tx, rows, refs, table: self }) as Box<dyn Claim>)
+        }
+        .boxed()
+    }
+}
+
+/// A handle that lets [`Source::claim`] hand the claim an owned reference to the table.
+pub struct AppSource(pub Arc<AppTable>);
+
+impl Source for AppSource {
+    fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    fn claim(&self, limit: u32) -> BoxFuture<'_, Result<Box<dyn Claim>, StoreError>> {
+        self.0.clone().claim_rows(limit)
+    }
+
+    fn wait(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        tokio::time::sleep(timeout).boxed()
+    }
+
+    fn cleanup(&self, retention: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
+        async move {
+            let Some(sql) = &self.0.cleanup_sql else { return Ok(0) };
+            let mut deleted = 0;
+            loop {
+                let done = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                    .bind(retention.as_secs_f64())
+                    .bind(CLEANUP_BATCH)
+                    .execute(&self.0.db.pool)
+                    .await
+                    .map_err(store_error)?
+                    .rows_affected();
+                deleted += done;
+                if done < CLEANUP_BATCH as u64 {
+                    return Ok(deleted);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        .boxed()
+    }
+
+    fn depth(&self) -> BoxFuture<'_, Result<(i64, f64), StoreError>> {
+        async move {
+            let depth: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(self.0.depth_sql.as_str()))
+                .fetch_one(&self.0.db.pool)
+                .await
+                .map_err(store_error)?;
+            Ok((depth, 0.0))
+        }
+        .boxed()
+    }
+}
+
+impl Claim for AppClaim {
+    fn rows(&self) -> &[Row] {
+        &self.rows
+    }
+
+    fn finish(self: Box<Self>, outcomes: Vec<Outcome>) -> BoxFuture<'static, Result<(), StoreError>> {
+        async move {
+            let AppClaim { mut tx, rows, refs, table } = *self;
+            record_outcomes(&mut tx, &table.name, Rows::App(&table, &refs), &rows, &outcomes)
+                .await
+                .map_err(store_error)?;
+            tx.commit().await.map_err(store_error)?;
+            if let Ok(mut failing) = table.failing.lock() {
+                let now = Instant::now();
+                for (row, outcome) in rows.iter().zip(&outcomes) {
+                    match outcome {
+                        Outcome::Retry { delay, .. } => {
+                            failing.insert(row.record.id.clone(), (row.attempts + 1, now + *delay));
+                        }
+                        Outcome::Published | Outcome::Dead { .. } => {
+                            failing.remove(&row.record.id);
+                        }
+                        Outcome::Skipped => {}
+                    }
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
