@@ -257,3 +257,80 @@ impl RedisCluster {
             .collect()
     }
 }
+
+/// The data-plane binary, built next to the tests (`make test` builds it first).
+pub fn dataplane_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join("umw-dataplane")).expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p umw-dataplane`; make test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A data-plane process on loopback ports chosen once (a restart keeps them), logging to `log`.
+pub struct DataPlaneProcess {
+    pub http: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl DataPlaneProcess {
+    pub fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
+        let address = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut process = Self {
+            http: address(free_port()),
+            admin: address(free_port()),
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+            child: None,
+        };
+        process.spawn();
+        process
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("the log file");
+        let child = Command::new(dataplane_binary())
+            .args(["--config", &self.config.to_string_lossy()])
+            .args(["--http-address", &self.http.to_string(), "--admin-address", &self.admin.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting umw-dataplane");
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// SIGKILL, as a crash would: nothing is flushed or committed on the way out.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again with the same configuration and ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DataPlaneProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

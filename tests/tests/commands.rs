@@ -140,3 +140,266 @@ async fn a_command_is_recorded_with_its_event_and_relayed_to_kafka_with_idempote
     })
     .await;
 }
+
+/// What a stream of commands got.
+#[derive(Default)]
+struct Sent {
+    /// `(command id, key, sequence number within the key)` of every command answered 202.
+    accepted: std::sync::Mutex<Vec<(String, String, u64)>>,
+    attempts: std::sync::atomic::AtomicUsize,
+    /// Requests answered otherwise (503 while a server is down) or not answered (connection refused).
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+impl Sent {
+    fn accepted(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+}
+
+/// Sends `total` `place-order` commands from `keys` senders, round-robin over `urls`. Each sender sends
+/// its key's commands one after another, so the order of a key's accepted commands is the order they were
+/// recorded in.
+async fn stream(urls: Vec<String>, keys: usize, total: usize, sent: std::sync::Arc<Sent>) {
+    use std::sync::atomic::Ordering;
+    let urls = std::sync::Arc::new(urls);
+    let client = support::client();
+    let senders = (0..keys).map(|k| {
+        let (urls, sent, client) = (urls.clone(), sent.clone(), client.clone());
+        async move {
+            let key = format!("k{k}");
+            let mut seq = 0u64;
+            loop {
+                let n = sent.attempts.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return;
+                }
+                let body = format!(r#"{{"orderId": "{key}", "sku": "tea", "seq": {seq}}}"#);
+                let request = http::Request::builder()
+                    .method(Method::POST)
+                    .uri(format!("{}/commands/place-order", urls[n % urls.len()]))
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(Bytes::from(body)))
+                    .unwrap();
+                let answer = tokio::time::timeout(Duration::from_secs(30), client.request(request)).await;
+                match answer {
+                    Ok(Ok(response)) if response.status() == StatusCode::ACCEPTED => {
+                        use http_body_util::BodyExt as _;
+                        let body = response.into_body().collect().await.unwrap().to_bytes();
+                        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let id = json["id"].as_str().unwrap().to_string();
+                        sent.accepted.lock().unwrap().push((id, key.clone(), seq));
+                    }
+                    _ => {
+                        sent.failed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                seq += 1;
+            }
+        }
+    });
+    futures::future::join_all(senders).await;
+}
+
+/// Reads the whole topic once the outbox has drained and checks the accepted commands against it: every
+/// one present (returns the number of records and of duplicates), and per key in the order sent.
+async fn check_delivered(pg: &PostgresServer, kafka: &KafkaBroker, topic: &str, sent: &Sent) -> (usize, usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while pg.sql("SELECT count(*) FROM umw_outbox WHERE published_at IS NULL") != "0" {
+        assert!(std::time::Instant::now() < deadline, "the outbox did not drain");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records = kafka.read(topic, usize::MAX, Duration::from_secs(8));
+    let accepted = sent.accepted.lock().unwrap().clone();
+    let by_command: std::collections::HashMap<&str, (&str, u64)> =
+        accepted.iter().map(|(id, key, seq)| (id.as_str(), (key.as_str(), *seq))).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut last: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut duplicates = 0;
+    for record in &records {
+        let event = record.header("ce_id").unwrap();
+        if !seen.insert(event) {
+            duplicates += 1;
+            continue;
+        }
+        let command = record.header("ce_commandid").unwrap();
+        if let Some(&(key, seq)) = by_command.get(command.as_str()) {
+            assert_eq!(record.key.as_deref(), Some(key.as_bytes()));
+            if let Some(previous) = last.insert(key, seq) {
+                assert!(seq > previous, "key {key}: seq {seq} published after {previous}");
+            }
+        }
+    }
+    let published: std::collections::HashSet<String> =
+        records.iter().filter_map(|r| r.header("ce_commandid")).collect();
+    let lost: Vec<&String> = accepted.iter().map(|(id, _, _)| id).filter(|id| !published.contains(*id)).collect();
+    assert!(lost.is_empty(), "{} of {} accepted commands have no event in Kafka", lost.len(), accepted.len());
+    (records.len(), duplicates)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_killed_while_commands_stream_in_loses_no_accepted_command() {
+    use std::sync::atomic::Ordering;
+    const COMMANDS: usize = 10_000;
+    let (pg, kafka) = servers().await;
+    kafka.create_topic("orders", 3);
+    let dir = std::env::temp_dir().join(format!("umw-cmd-kill-{}-{}", std::process::id(), fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.yaml"), middleware(&pg, &kafka, PLACE_ORDER, "")).unwrap();
+    let mut dataplane = umw_tests::DataPlaneProcess::start(&dir.join("config.yaml"), &dir.join("dataplane.log"));
+    let status = format!("http://{}/status", dataplane.admin);
+    eventually("the data plane with postgres up", Duration::from_secs(60), || async {
+        let client = support::client();
+        let request = http::Request::get(&status).body(http_body_util::Full::new(Bytes::new())).unwrap();
+        match client.request(request).await {
+            Ok(response) => {
+                use http_body_util::BodyExt as _;
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                String::from_utf8_lossy(&body).contains(r#""name":"postgres","state":"Up""#)
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    let sent = std::sync::Arc::new(Sent::default());
+    let load = tokio::spawn(stream(vec![dataplane.url("")], 32, COMMANDS, sent.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while sent.accepted() < COMMANDS / 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "too few commands accepted: {}\n{}",
+            sent.accepted(),
+            dataplane.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // SIGKILL while commands stream in and the relay publishes.
+    dataplane.kill();
+    let at_kill = sent.accepted();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    dataplane.restart();
+    load.await.unwrap();
+    let (records, duplicates) = check_delivered(&pg, &kafka, "orders", &sent).await;
+    let committed: usize = pg.sql("SELECT count(*) FROM umw_outbox").parse().unwrap();
+    println!(
+        "kill -9 after {at_kill} accepted: {} commands sent, {} accepted (202), {} refused or unanswered, {committed} committed, {records} records in Kafka, lost 0, {duplicates} duplicates",
+        COMMANDS,
+        sent.accepted(),
+        sent.failed.load(Ordering::Relaxed)
+    );
+    assert!(sent.accepted() > at_kill, "commands were accepted after the restart");
+    assert!(committed >= sent.accepted(), "every accepted command was committed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_run_and_kafka_stopped_are_recovered_from_without_losing_commands() {
+    use std::sync::atomic::Ordering;
+    let (mut pg, mut kafka) = servers().await;
+    kafka.create_topic("orders", 3);
+    let gw = Gateway::start(&middleware(&pg, &kafka, PLACE_ORDER, "  outbox: {pollInterval: 200ms}\n")).await;
+    postgres_up(&gw).await;
+
+    // PostgreSQL crashes and comes back while commands stream in: refused meanwhile (503), then accepted
+    // again without a restart of the data plane.
+    let sent = std::sync::Arc::new(Sent::default());
+    let load = tokio::spawn(stream(vec![gw.url("")], 8, 3_000, sent.clone()));
+    while sent.accepted() < 500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pg.crash();
+    let refused = send(
+        Method::POST,
+        &gw.url("/commands/place-order"),
+        &[("content-type", "application/json")],
+        Bytes::from(r#"{"orderId": "x", "sku": "y"}"#),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.text());
+    assert!(refused.headers.contains_key("retry-after"));
+    eventually("postgres reported down", Duration::from_secs(20), || async {
+        let status = gw.status().await;
+        status["components"].as_array().unwrap().iter().any(|c| c["name"] == "postgres" && c["state"] == "Down")
+    })
+    .await;
+    pg = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        pg.restart();
+        pg
+    })
+    .await
+    .unwrap();
+    load.await.unwrap();
+    assert!(sent.failed.load(Ordering::Relaxed) > 0, "some commands were refused while PostgreSQL was down");
+    let (_, duplicates) = check_delivered(&pg, &kafka, "orders", &sent).await;
+    println!(
+        "postgres restarted: {} accepted, {} refused, {duplicates} duplicates",
+        sent.accepted(),
+        sent.failed.load(Ordering::Relaxed)
+    );
+    postgres_up(&gw).await;
+
+    // Kafka stops: commands are still accepted, the outbox grows; it drains once the broker is back.
+    kafka.kill();
+    let before: usize = pg.sql("SELECT count(*) FROM umw_outbox").parse().unwrap();
+    for i in 0..200 {
+        let reply =
+            post_command(&gw, "place-order", None, &format!(r#"{{"orderId": "kafka-down-{}", "sku": "tea"}}"#, i % 10))
+                .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    }
+    eventually("the outbox depth shows the backlog", Duration::from_secs(20), || async {
+        gw.metric("umw_outbox_depth", &["table=\"umw_outbox\""]).await >= 200.0
+    })
+    .await;
+    assert!(gw.metric("umw_outbox_oldest_age_seconds", &["table=\"umw_outbox\""]).await >= 0.0);
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_outbox WHERE published_at IS NULL"), "200");
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_outbox_dead"), "0", "an unavailable broker dead-letters nothing");
+    kafka = tokio::task::spawn_blocking(move || {
+        kafka.restart();
+        kafka
+    })
+    .await
+    .unwrap();
+    eventually("the outbox drained", Duration::from_secs(90), || async {
+        pg.sql("SELECT count(*) FROM umw_outbox WHERE published_at IS NULL") == "0"
+    })
+    .await;
+    let records = kafka.read("orders", usize::MAX, Duration::from_secs(8));
+    let after: std::collections::HashSet<String> = records
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.value).contains("kafka-down-"))
+        .filter_map(|r| r.header("ce_id"))
+        .collect();
+    assert_eq!(after.len(), 200, "every command accepted while Kafka was down is published ({before} before)");
+    eventually("depth back to 0", Duration::from_secs(10), || async {
+        gw.metric("umw_outbox_depth", &["table=\"umw_outbox\""]).await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_table_publish_each_event_once_and_keep_each_keys_order() {
+    let (pg, kafka) = servers().await;
+    kafka.create_topic("orders", 3);
+    let yaml = middleware(&pg, &kafka, PLACE_ORDER, "  outbox: {batchSize: 100}\n");
+    let a = Gateway::start(&yaml).await;
+    let b = Gateway::start(&yaml).await;
+    postgres_up(&a).await;
+    postgres_up(&b).await;
+    let sent = std::sync::Arc::new(Sent::default());
+    stream(vec![a.url(""), b.url("")], 16, 4_000, sent.clone()).await;
+    let (records, duplicates) = check_delivered(&pg, &kafka, "orders", &sent).await;
+    let by_a = a.metric("umw_outbox_published_total", &["table=\"umw_outbox\""]).await;
+    let by_b = b.metric("umw_outbox_published_total", &["table=\"umw_outbox\""]).await;
+    println!(
+        "two relays: {} accepted, {records} records, relayed {by_a} + {by_b}, {duplicates} duplicates",
+        sent.accepted()
+    );
+    assert_eq!(duplicates, 0, "no event published twice in normal operation");
+    assert_eq!(records, sent.accepted());
+    assert_eq!(by_a + by_b, sent.accepted() as f64);
+    assert!(by_a > 0.0 && by_b > 0.0, "both relays published: {by_a} + {by_b}");
+}

@@ -427,34 +427,6 @@ impl KafkaBrokerAt {
     }
 }
 
-/// The data-plane binary, built next to this test (`make test` builds it first).
-fn dataplane_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let bin = exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join("umw-dataplane")).expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build -p umw-dataplane`; make test does)",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn spawn_dataplane(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
-    let (http, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    std::process::Command::new(dataplane_binary())
-        .args(["--config", &config.to_string_lossy(), "--http-address", &http, "--admin-address", &admin])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("starting umw-dataplane")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consuming_data_plane_killed_mid_batch_redelivers_after_restart_and_loses_nothing() {
     const EVENTS: usize = 5_000;
@@ -482,23 +454,22 @@ async fn a_consuming_data_plane_killed_mid_batch_redelivers_after_restart_and_lo
     .await
     .unwrap();
     let log = dir.join("dataplane.log");
-    let mut first = spawn_dataplane(&dir.join("config.yaml"), &log);
+    let mut dataplane = umw_tests::DataPlaneProcess::start(&dir.join("config.yaml"), &log);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while counter.figures().0 < EVENTS / 3 {
         assert!(
             std::time::Instant::now() < deadline,
             "the data plane consumed too little: {:?}\n{}",
             counter.figures(),
-            std::fs::read_to_string(&log).unwrap_or_default()
+            dataplane.log()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // SIGKILL mid-stream: nothing is committed on the way out.
-    first.kill().unwrap();
-    first.wait().unwrap();
+    dataplane.kill();
     let at_kill = counter.figures();
     assert!(at_kill.0 < EVENTS, "killed before the end: {at_kill:?}");
-    let mut second = spawn_dataplane(&dir.join("config.yaml"), &log);
+    dataplane.restart();
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while counter.figures().0 < EVENTS {
         assert!(
@@ -516,8 +487,7 @@ async fn a_consuming_data_plane_killed_mid_batch_redelivers_after_restart_and_lo
         deliveries - distinct as u64
     );
     assert_eq!(distinct, EVENTS, "no event lost");
-    let _ = second.kill();
-    let _ = second.wait();
+    dataplane.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
