@@ -13,7 +13,7 @@ use axum::routing::get;
 use serde::Serialize;
 
 use crate::health::Component;
-use crate::runtime::{PolicyState, Runtime};
+use crate::runtime::{Endpoint, PolicyState, Runtime};
 
 pub struct Admin {
     pub runtime: Arc<Runtime>,
@@ -69,7 +69,11 @@ impl Admin {
                 .iter()
                 .map(|r| RouteStatus {
                     name: r.name.clone(),
-                    upstream: r.upstream.as_ref().map_or_else(|| "events".to_string(), |u| u.label.clone()),
+                    upstream: match (&r.upstream, &r.endpoint) {
+                        (Some(upstream), _) => upstream.label.clone(),
+                        (None, Some(Endpoint::Command(_) | Endpoint::CommandStatus(_))) => "commands".to_string(),
+                        (None, _) => "events".to_string(),
+                    },
                 })
                 .collect(),
         }
@@ -90,6 +94,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         )
         .route("/status", get(|State(admin): State<Arc<Admin>>| async move { axum::Json(admin.status()) }))
         .route("/cache/invalidate", axum::routing::post(invalidate))
+        .route("/outbox/dead", get(dead_letters))
         .route(
             "/metrics",
             get(|State(admin): State<Arc<Admin>>| async move {
@@ -167,6 +172,36 @@ async fn invalidate(
             tracing::warn!(%error, "cache invalidation failed");
             Problem::new(kinds::UPSTREAM_UNAVAILABLE, format!("the cache could not be invalidated: {}", error.kind()))
                 .into_response()
+        }
+    }
+}
+
+/// `GET /outbox/dead?limit=N`: the outbox rows that failed for good (newest first, at most 1000), with the
+/// table they came from and the last error.
+async fn dead_letters(
+    State(admin): State<Arc<Admin>>,
+    query: axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> axum::response::Response {
+    use crate::problem::{Kind, Problem, kinds};
+    const NO_OUTBOX: Kind =
+        Kind { slug: "no-outbox", title: "This Middleware defines no commands", status: StatusCode::NOT_FOUND };
+    let Some(store) = admin.runtime.snapshot().outbox.clone() else {
+        return Problem::new(NO_OUTBOX, "the outbox exists once spec.commands is set").into_response();
+    };
+    let limit = match query.get("limit").map(|l| l.parse::<u32>()) {
+        None => 100,
+        Some(Ok(limit)) if (1..=1000).contains(&limit) => limit,
+        Some(_) => {
+            admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "bad_request"]).inc();
+            return Problem::new(kinds::BAD_REQUEST, "limit must be a number from 1 to 1000").into_response();
+        }
+    };
+    match store.dead(limit).await {
+        Ok(rows) => axum::Json(serde_json::json!({ "rows": rows })).into_response(),
+        Err(error) => {
+            admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "outbox_unavailable"]).inc();
+            tracing::warn!(%error, "the dead-letter table could not be read");
+            Problem::new(kinds::UPSTREAM_UNAVAILABLE, "the outbox store is unavailable").into_response()
         }
     }
 }

@@ -125,3 +125,33 @@ async fn events_flow_through_the_in_process_bus_with_filters_retries_and_dead_le
     let policies = status["policies"].as_array().unwrap();
     assert!(policies.iter().filter(|p| p["kind"] == "EventRoute").all(|p| p["enforced"] == true), "{policies:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_run_on_the_in_process_store_and_bus() {
+    // The connections are named (a configuration for a cluster) but not contacted.
+    let yaml = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop, namespace: bus}\nspec:\n  connections:\n    postgres: {url: {value: 'postgres://nowhere.invalid/db'}}\n    kafka: {bootstrapServers: {value: 'nowhere.invalid:9092'}}\n  commands:\n    - name: place-order\n      schema: {type: object, required: [sku]}\n      event: {type: order.placed, topic: orders}\n";
+    let gw = Gateway::start_in_process(yaml).await;
+    let post = |key: &'static str, body: &'static str| {
+        let url = gw.url("/commands/place-order");
+        async move {
+            send(
+                Method::POST,
+                &url,
+                &[("content-type", "application/json"), ("idempotency-key", key)],
+                Bytes::from(body),
+            )
+            .await
+        }
+    };
+    let accepted = post("a", r#"{"sku": "tea"}"#).await;
+    assert_eq!(accepted.status, StatusCode::ACCEPTED, "{}", accepted.text());
+    let id = accepted.json()["id"].as_str().unwrap().to_string();
+    let replay = post("a", r#"{"sku": "tea"}"#).await;
+    assert_eq!(replay.json()["id"], id.as_str());
+    assert_eq!(post("a", r#"{"sku": "coffee"}"#).await.status, StatusCode::CONFLICT);
+    assert_eq!(post("b", r#"{}"#).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    eventually("published on the bus", Duration::from_secs(10), || async {
+        support::get(&gw.url(&format!("/commands/{id}"))).await.json()["state"] == "published"
+    })
+    .await;
+}

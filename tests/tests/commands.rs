@@ -403,3 +403,135 @@ async fn two_relays_on_one_table_publish_each_event_once_and_keep_each_keys_orde
     assert_eq!(by_a + by_b, sent.accepted() as f64);
     assert!(by_a > 0.0 && by_b > 0.0, "both relays published: {by_a} + {by_b}");
 }
+
+/// A command handler: refuses `sku: none` (409), fails on `sku: boom` (500), accepts the rest with a result.
+async fn start_handler() -> String {
+    use axum::routing::post;
+    async fn handle(body: Bytes) -> (StatusCode, String) {
+        let command: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        match command["sku"].as_str() {
+            Some("none") => (StatusCode::CONFLICT, r#"{"reason": "out of stock"}"#.into()),
+            Some("boom") => (StatusCode::INTERNAL_SERVER_ERROR, "broken".into()),
+            _ => (StatusCode::OK, format!(r#"{{"reserved": "{}"}}"#, command["orderId"].as_str().unwrap())),
+        }
+    }
+    let app = axum::Router::new().route("/commands/place-order", post(handle));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_accepts_or_rejects_commands_and_events_kafka_refuses_are_dead_lettered() {
+    let (pg, kafka) = servers().await;
+    kafka.create_topic("orders", 1);
+    let handler = start_handler().await;
+    let commands = format!(
+        "    - name: place-order\n      event: {{type: com.example.order.placed, topic: orders, keyTemplate: '{{{{ data.orderId }}}}'}}\n      handler: {{url: '{handler}'}}\n      maxBodyBytes: 3000000\n"
+    );
+    let gw = Gateway::start(&middleware(&pg, &kafka, &commands, "  outbox: {maxAttempts: 3}\n")).await;
+    postgres_up(&gw).await;
+
+    // Accepted by the handler: its answer is the command's result.
+    let ok = post_command(&gw, "place-order", None, r#"{"orderId": "o-1", "sku": "tea"}"#).await;
+    assert_eq!(ok.status, StatusCode::ACCEPTED, "{}", ok.text());
+    assert_eq!(ok.json()["result"]["reserved"], "o-1");
+    let id = ok.json()["id"].as_str().unwrap().to_string();
+    eventually("published", Duration::from_secs(10), || async {
+        get(&gw.url(&format!("/commands/{id}"))).await.json()["state"] == "published"
+    })
+    .await;
+    assert_eq!(get(&gw.url(&format!("/commands/{id}"))).await.json()["result"]["reserved"], "o-1");
+
+    // Refused by the handler: its answer, remembered for a replay, and no event.
+    let refused = post_command(&gw, "place-order", Some("r-1"), r#"{"orderId": "o-2", "sku": "none"}"#).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.text());
+    assert_eq!(refused.json()["reason"], "out of stock");
+    let again = post_command(&gw, "place-order", Some("r-1"), r#"{"orderId": "o-2", "sku": "none"}"#).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_commands WHERE state = 'rejected'"), "1");
+    // The handler fails: 502, nothing recorded, and the same key may be sent again.
+    let failed = post_command(&gw, "place-order", Some("f-1"), r#"{"orderId": "o-3", "sku": "boom"}"#).await;
+    assert_eq!(failed.status, StatusCode::BAD_GATEWAY, "{}", failed.text());
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_commands WHERE idempotency_key = 'f-1'"), "0");
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_outbox"), "1");
+
+    // An event larger than the producer takes: dead-lettered at once, the next event of its key goes on.
+    let big = format!(r#"{{"orderId": "o-9", "sku": "tea", "note": "{}"}}"#, "x".repeat(1_500_000));
+    let too_big = post_command(&gw, "place-order", None, &big).await;
+    assert_eq!(too_big.status, StatusCode::ACCEPTED, "{}", too_big.text());
+    let big_id = too_big.json()["id"].as_str().unwrap().to_string();
+    let next = post_command(&gw, "place-order", None, r#"{"orderId": "o-9", "sku": "tea", "n": 2}"#).await;
+    assert_eq!(next.status, StatusCode::ACCEPTED);
+    eventually("the large event dead-lettered", Duration::from_secs(20), || async {
+        get(&gw.url(&format!("/commands/{big_id}"))).await.json()["state"] == "failed"
+    })
+    .await;
+    let state = get(&gw.url(&format!("/commands/{big_id}"))).await.json();
+    assert!(state["events"][0]["lastError"].as_str().unwrap().contains("message.max.bytes"), "{state}");
+    let dead = send(Method::GET, &format!("http://{}/outbox/dead", gw.admin), &[], Bytes::new()).await.json();
+    assert_eq!(dead["rows"].as_array().unwrap().len(), 1, "{dead}");
+    assert_eq!(dead["rows"][0]["table"], "umw_outbox");
+    assert_eq!(dead["rows"][0]["key"], "o-9");
+    let bad_limit = send(Method::GET, &format!("http://{}/outbox/dead?limit=0", gw.admin), &[], Bytes::new()).await;
+    assert_eq!(bad_limit.status, StatusCode::BAD_REQUEST);
+    assert_eq!(gw.metric("umw_outbox_dead_lettered_total", &["table=\"umw_outbox\""]).await, 1.0);
+    let records = kafka.read("orders", 2, Duration::from_secs(20));
+    assert_eq!(records.len(), 2, "o-1 and the event after the dead-lettered one");
+    assert!(String::from_utf8_lossy(&records[1].value).contains(r#""n": 2"#), "the body as sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_outbox_table_is_relayed_in_order_per_aggregate() {
+    let (pg, kafka) = servers().await;
+    kafka.create_topic("shop-events", 3);
+    pg.sql(
+        "CREATE TABLE shop_outbox (seq bigserial, id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL, aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL, headers jsonb)",
+    );
+    pg.sql("CREATE INDEX ON shop_outbox (aggregateid, seq)");
+    let yaml = format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cmd}}\nspec:\n  connections:\n    postgres: {{url: {{value: '{}'}}}}\n    kafka: {{bootstrapServers: {{value: '{}'}}}}\n  outbox: {{pollInterval: 100ms}}\n---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {{name: shop-outbox, namespace: cmd}}\nspec:\n  targetRefs: [{{name: shop}}]\n  source: {{outbox: {{table: shop_outbox, columns: {{position: seq, headers: headers}}}}}}\n  destination: {{kafka: {{topic: shop-events}}}}\n",
+        pg.url(),
+        kafka.bootstrap()
+    );
+    let gw = Gateway::start(&yaml).await;
+    postgres_up(&gw).await;
+    let status = gw.status().await;
+    let policy = status["policies"].as_array().unwrap().iter().find(|p| p["name"] == "shop-outbox").unwrap().clone();
+    assert_eq!(policy["enforced"], true, "{policy}");
+    // The application writes its outbox rows in its own transactions.
+    for batch in 0..5 {
+        pg.sql(&format!(
+            "INSERT INTO shop_outbox (aggregatetype, aggregateid, type, payload, headers)
+             SELECT 'order', 'order-' || (n % 10), 'OrderUpdated', jsonb_build_object('n', n), jsonb_build_object('tenant', 'acme')
+             FROM generate_series({}, {}) AS n",
+            batch * 200,
+            batch * 200 + 199
+        ));
+    }
+    let records = kafka.read("shop-events", 1000, Duration::from_secs(30));
+    assert_eq!(records.len(), 1000);
+    let mut last: std::collections::HashMap<Vec<u8>, i64> = std::collections::HashMap::new();
+    for record in &records {
+        let data: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+        let n = data["n"].as_i64().unwrap();
+        let key = record.key.clone().unwrap();
+        assert_eq!(String::from_utf8_lossy(&key), format!("order-{}", n % 10));
+        if let Some(previous) = last.insert(key, n) {
+            assert!(n > previous, "per aggregate order: {n} after {previous}");
+        }
+        assert_eq!(record.header("ce_type").as_deref(), Some("OrderUpdated"));
+        assert_eq!(record.header("ce_source").as_deref(), Some("/order"));
+        assert_eq!(record.header("tenant").as_deref(), Some("acme"), "the headers column");
+    }
+    let first = &records[0];
+    let id = first.header("ce_id").unwrap();
+    assert_eq!(id.len(), 36, "the row's id is the event id: {id}");
+    eventually("published rows deleted", Duration::from_secs(10), || async {
+        pg.sql("SELECT count(*) FROM shop_outbox") == "0"
+    })
+    .await;
+    assert_eq!(gw.metric("umw_outbox_published_total", &["table=\"public.shop_outbox\""]).await, 1000.0);
+}
