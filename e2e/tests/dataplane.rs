@@ -310,3 +310,58 @@ async fn an_event_route_becomes_enforced_and_the_running_pods_publish_to_kafka()
     ids.sort();
     assert_eq!(found, ids, "both events in the topic");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_a_middleware_are_recorded_in_postgres_and_relayed_to_kafka_by_the_running_pods() {
+    let ns = TestNamespace::new("dp-commands");
+    let pg = tokio::task::spawn_blocking(umw_tests::PostgresServer::start);
+    let kafka = tokio::task::spawn_blocking(umw_tests::KafkaBroker::start);
+    let (pg, kafka) = (pg.await.unwrap(), kafka.await.unwrap());
+    kafka.create_topic("orders", 3);
+    let upstream = TestUpstream::start("up").await;
+    let _kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    // Credentials come from Secrets, as they would in a cluster.
+    ns.must_apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: backends}}\nstringData:\n  bootstrap: '{}'\n  postgres: '{}'\n",
+        kafka.bootstrap(),
+        pg.url()
+    ));
+    let spec = "  connections:\n    kafka:\n      bootstrapServers: {secretKeyRef: {name: backends, key: bootstrap}}\n    postgres:\n      url: {secretKeyRef: {name: backends, key: postgres}}\n  commands:\n  - name: place-order\n    schema: {type: object, required: [orderId]}\n    event: {type: com.example.order.placed, topic: orders, keyTemplate: '{{ data.orderId }}'}\n";
+    ns.must_apply(&format!("{}{spec}", middleware_yaml(2, &route("products", "/products", &upstream.url()))));
+    let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    let mw = ready_and_applied(&api).await;
+    let ready = conditions::find(&mw.status.as_ref().unwrap().conditions, types::READY).unwrap().clone();
+    assert!(!ready.message.contains("spec.commands"), "commands are not reported as not enforced: {}", ready.message);
+
+    // Every pod records commands in the shared database; the relays publish each event once.
+    let mut ids = Vec::new();
+    let pods = pods(&ns.name).await;
+    assert_eq!(pods.len(), 2);
+    for (pod, address, _) in &pods {
+        let (status, body) = post_json(address, "/commands/place-order", &format!(r#"{{"orderId": "{pod}"}}"#))
+            .await
+            .unwrap_or_else(|| panic!("{pod} answers"));
+        assert_eq!(status, 202, "{pod}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        ids.push(answer["id"].as_str().unwrap().to_string());
+        let (status, body) = post_json(address, "/commands/place-order", r#"{"no": "order id"}"#).await.unwrap();
+        assert_eq!(status, 422, "{pod}: {body}");
+    }
+    let records = tokio::task::spawn_blocking(move || kafka.read("orders", 3, Duration::from_secs(20))).await.unwrap();
+    let mut found: Vec<String> = records.iter().filter_map(|r| r.header("ce_commandid")).collect();
+    found.sort();
+    ids.sort();
+    assert_eq!(found, ids, "both commands' events in the topic, once each");
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_commands"), "2");
+    // Either pod answers for a command recorded through the other.
+    let (_, address, _) = &pods[0];
+    for id in &ids {
+        let state = eventually("the command published", WAIT, || async {
+            let (status, body) = http("GET", address, &format!("/commands/{id}")).await?;
+            (status == 200 && body.contains(r#""state":"published""#)).then_some(body)
+        })
+        .await;
+        assert!(state.contains(id.as_str()), "{state}");
+    }
+}
