@@ -21,6 +21,8 @@ pub struct PostgresServer {
     owner: Option<(u32, u32)>,
     /// Extra `-c name=value` settings, kept for restarts.
     settings: Vec<String>,
+    /// With TLS: the authority's certificate (PEM) that signed the server's.
+    pub ca_cert: Option<String>,
 }
 
 /// The directory of the PostgreSQL server binaries: `UMW_PG_BIN`, or the newest Debian installation.
@@ -54,8 +56,18 @@ impl PostgresServer {
         Self::start_with(&[])
     }
 
+    /// A server that accepts only TLS connections, with a certificate for 127.0.0.1 signed by a private
+    /// authority (made with `openssl`; its certificate is [`PostgresServer::ca_cert`]).
+    pub fn start_tls() -> Self {
+        Self::start_inner(&[], true)
+    }
+
     /// A server with extra settings (`name=value`, as for `postgres -c`).
     pub fn start_with(settings: &[&str]) -> Self {
+        Self::start_inner(settings, false)
+    }
+
+    fn start_inner(settings: &[&str], tls: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("umw-pg-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
         let owner = if is_root() {
@@ -73,8 +85,12 @@ impl PostgresServer {
             child: None,
             owner,
             settings: settings.iter().map(|s| s.to_string()).collect(),
+            ca_cert: None,
         };
         server.init();
+        if tls {
+            server.enable_tls();
+        }
         server.spawn();
         server.wait_ready();
         server.sql(&format!("CREATE DATABASE {USER} OWNER {USER}"));
@@ -115,6 +131,29 @@ impl PostgresServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Certificates in the cluster's directory, `ssl = on`, and a `pg_hba.conf` that refuses plain TCP.
+    fn enable_tls(&mut self) {
+        let certs = self.dir.join("certs");
+        std::fs::create_dir_all(&certs).expect("a certificate directory");
+        crate::make_certificates(&certs);
+        let data = self.data();
+        for file in ["server.crt", "server.key"] {
+            std::fs::copy(certs.join(file), data.join(file)).expect("copying the certificate");
+            if let Some((uid, gid)) = self.owner {
+                chown(&data.join(file), uid, gid);
+            }
+        }
+        let status = Command::new("chmod").arg("600").arg(data.join("server.key")).status().expect("chmod");
+        assert!(status.success());
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all scram-sha-256\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .expect("pg_hba.conf");
+        self.settings.extend(["ssl=on".into(), "ssl_cert_file=server.crt".into(), "ssl_key_file=server.key".into()]);
+        self.ca_cert = Some(std::fs::read_to_string(certs.join("ca.crt")).expect("the authority's certificate"));
     }
 
     fn spawn(&mut self) {

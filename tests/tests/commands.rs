@@ -535,3 +535,36 @@ async fn an_application_outbox_table_is_relayed_in_order_per_aggregate() {
     .await;
     assert_eq!(gw.metric("umw_outbox_published_total", &["table=\"public.shop_outbox\""]).await, 1000.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_is_trusted_through_the_private_authority_only() {
+    let pg = tokio::task::spawn_blocking(PostgresServer::start_tls);
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start);
+    let (pg, kafka) = (pg.await.unwrap(), kafka.await.unwrap());
+    kafka.create_topic("orders", 1);
+    let ca = pg.ca_cert.clone().unwrap().replace('\n', "\\n");
+    let with_ca = middleware(&pg, &kafka, PLACE_ORDER, "").replace(
+        "      url: {value: '",
+        &format!("      caCert: {{value: \"{ca}\"}}\n      url: {{value: '"),
+    );
+    let gw = Gateway::start(&with_ca).await;
+    postgres_up(&gw).await;
+    let reply = post_command(&gw, "place-order", None, r#"{"orderId": "o-1", "sku": "tea"}"#).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    assert_eq!(kafka.read("orders", 1, Duration::from_secs(20)).len(), 1);
+
+    // Verifying the server without the authority fails, and says why.
+    let url = format!("{}?sslmode=verify-full", pg.url());
+    let without = middleware(&pg, &kafka, PLACE_ORDER, "").replace(&pg.url(), &url);
+    let untrusted = Gateway::start(&without).await;
+    eventually("postgres down, naming the certificate", Duration::from_secs(30), || async {
+        let status = untrusted.status().await;
+        status["components"].as_array().unwrap().iter().any(|c| {
+            c["name"] == "postgres" && c["state"] == "Down" && c["message"].as_str().unwrap_or("").contains("certificate")
+        })
+    })
+    .await;
+    let refused = post_command(&untrusted, "place-order", None, r#"{"orderId": "o-2", "sku": "tea"}"#).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.text());
+    assert!(!refused.text().contains(umw_tests::postgres::PASSWORD), "no credentials in answers");
+}
