@@ -2,7 +2,7 @@
 SHELL := bash
 CARGO ?= cargo
 
-.PHONY: help run dev test testenv build lint crds bench bench-gateway bench-cache bench-events clean-testenv
+.PHONY: help run dev test testenv build lint crds bench bench-gateway bench-cache bench-events bench-commands clean-testenv
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench-cache: ## Cache hits vs nginx proxy_cache, and the thundering herd (see do
 
 bench-events: ## HTTP ingest into Kafka vs Kafka's producer perf tool, and consumer → webhook (see docs/benchmarks.md)
 	bash e2e/bench/events.sh
+
+bench-commands: ## Commands through the outbox vs plain inserts of the same rows, and commit-to-Kafka latency (see docs/benchmarks.md)
+	bash e2e/bench/commands.sh
 
 clean-testenv: ## Remove the cached test tools
 	rm -rf "$${XDG_CACHE_HOME:-$$HOME/.cache}/umw-testenv"

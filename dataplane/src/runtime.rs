@@ -1155,7 +1155,8 @@ fn outbox_parts(
         };
         producers.insert(kafka.clone(), producer.clone());
         let connection = format!("{}|{:?}", postgres::redact(&pg.url), kafka);
-        let store: Arc<dyn outbox::OutboxStore> = Arc::new(postgres::PgStore::new(database.clone()));
+        let writers = postgres::writers(pg.max_connections);
+        let store: Arc<dyn outbox::OutboxStore> = Arc::new(postgres::PgStore::new(database.clone(), writers));
         (store, Some(database), producer, connection)
     };
     let binary = |format| Arc::new(EventSink { publisher: publisher.clone(), format }) as Arc<dyn outbox::Sink>;

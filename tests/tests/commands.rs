@@ -147,6 +147,8 @@ struct Sent {
     /// `(command id, key, sequence number within the key)` of every command answered 202.
     accepted: std::sync::Mutex<Vec<(String, String, u64)>>,
     attempts: std::sync::atomic::AtomicUsize,
+    /// The first few answers other than 202, for the test's output.
+    answers: std::sync::Mutex<Vec<String>>,
     /// Requests answered otherwise (503 while a server is down) or not answered (connection refused).
     failed: std::sync::atomic::AtomicUsize,
 }
@@ -190,7 +192,24 @@ async fn stream(urls: Vec<String>, keys: usize, total: usize, sent: std::sync::A
                         let id = json["id"].as_str().unwrap().to_string();
                         sent.accepted.lock().unwrap().push((id, key.clone(), seq));
                     }
-                    _ => {
+                    other => {
+                        let answer = match other {
+                            Ok(Ok(response)) => {
+                                use http_body_util::BodyExt as _;
+                                let status = response.status();
+                                let body =
+                                    response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                format!("{status} {}", String::from_utf8_lossy(&body))
+                            }
+                            Ok(Err(error)) => format!("error: {error}"),
+                            Err(_) => "no answer within 30 s".into(),
+                        };
+                        {
+                            let mut answers = sent.answers.lock().unwrap();
+                            if answers.len() < 5 {
+                                answers.push(answer);
+                            }
+                        }
                         sent.failed.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -395,9 +414,11 @@ async fn two_relays_on_one_table_publish_each_event_once_and_keep_each_keys_orde
     let by_a = a.metric("umw_outbox_published_total", &["table=\"umw_outbox\""]).await;
     let by_b = b.metric("umw_outbox_published_total", &["table=\"umw_outbox\""]).await;
     println!(
-        "two relays: {} accepted, {records} records, relayed {by_a} + {by_b}, {duplicates} duplicates",
-        sent.accepted()
+        "two relays: {} accepted, {records} records, relayed {by_a} + {by_b}, {duplicates} duplicates; other answers: {:?}",
+        sent.accepted(),
+        sent.answers.lock().unwrap()
     );
+    assert_eq!(sent.accepted(), 4_000, "every command accepted: {:?}", sent.answers.lock().unwrap());
     assert_eq!(duplicates, 0, "no event published twice in normal operation");
     assert_eq!(records, sent.accepted());
     assert_eq!(by_a + by_b, sent.accepted() as f64);
@@ -543,10 +564,8 @@ async fn postgres_over_tls_is_trusted_through_the_private_authority_only() {
     let (pg, kafka) = (pg.await.unwrap(), kafka.await.unwrap());
     kafka.create_topic("orders", 1);
     let ca = pg.ca_cert.clone().unwrap().replace('\n', "\\n");
-    let with_ca = middleware(&pg, &kafka, PLACE_ORDER, "").replace(
-        "      url: {value: '",
-        &format!("      caCert: {{value: \"{ca}\"}}\n      url: {{value: '"),
-    );
+    let with_ca = middleware(&pg, &kafka, PLACE_ORDER, "")
+        .replace("      url: {value: '", &format!("      caCert: {{value: \"{ca}\"}}\n      url: {{value: '"));
     let gw = Gateway::start(&with_ca).await;
     postgres_up(&gw).await;
     let reply = post_command(&gw, "place-order", None, r#"{"orderId": "o-1", "sku": "tea"}"#).await;
@@ -560,7 +579,9 @@ async fn postgres_over_tls_is_trusted_through_the_private_authority_only() {
     eventually("postgres down, naming the certificate", Duration::from_secs(30), || async {
         let status = untrusted.status().await;
         status["components"].as_array().unwrap().iter().any(|c| {
-            c["name"] == "postgres" && c["state"] == "Down" && c["message"].as_str().unwrap_or("").contains("certificate")
+            c["name"] == "postgres"
+                && c["state"] == "Down"
+                && c["message"].as_str().unwrap_or("").contains("certificate")
         })
     })
     .await;

@@ -45,6 +45,8 @@ const CLEANUP_BATCH: i64 = 1000;
 /// A pool, and whether its schema is ready.
 pub struct Database {
     pub pool: PgPool,
+    /// How to open a connection outside the pool (the command writers own theirs).
+    options: PgConnectOptions,
     ready: watch::Receiver<bool>,
     migrations: tokio::task::JoinHandle<()>,
     pub metrics: Metrics,
@@ -83,16 +85,21 @@ impl Database {
         }
         let timeout_ms = settings.statement_timeout.as_millis().to_string();
         options = options.application_name("umw-dataplane").options([("statement_timeout", timeout_ms.as_str())]);
+        // The command writers own their connections; the pool has the rest of maxConnections.
+        let pooled = settings.max_connections.saturating_sub(writers(settings.max_connections) as u32).max(2);
         let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
+            .max_connections(pooled)
             .min_connections(0)
+            // A broken connection fails the statement that uses it (answered 503, nothing recorded) and
+            // is dropped; a ping before every use would cost a round trip per command.
+            .test_before_acquire(false)
             .acquire_timeout(settings.connect_timeout)
             .idle_timeout(Duration::from_secs(300))
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
         let (ready_tx, ready) = watch::channel(false);
         health.set(COMPONENT, State::Starting, "connecting", false);
         let migrations = tokio::spawn(migrate_until_done(pool.clone(), redact(&settings.url), health, ready_tx));
-        Ok(Arc::new(Self { pool, ready, migrations, metrics }))
+        Ok(Arc::new(Self { pool, options, ready, migrations, metrics }))
     }
 
     /// Waits (at most `timeout`) for the schema; false when it is not there yet.
@@ -194,12 +201,172 @@ pub fn store_error(error: sqlx::Error) -> StoreError {
 pub struct PgStore {
     db: Arc<Database>,
     source: Arc<CommandsTable>,
+    writer: tokio::sync::mpsc::Sender<Pending>,
 }
 
+/// Runs `writers` writers, each with a connection of its own (outside the pool: the hot path neither waits
+/// for the pool nor pays its ping on every return). A writer takes whatever commands are queued, up to
+/// [`GROUP`], and writes them with one statement.
+async fn write_groups(db: Arc<Database>, queue: tokio::sync::mpsc::Receiver<Pending>, writers: usize) {
+    let queue = Arc::new(tokio::sync::Mutex::new(queue));
+    let tasks: Vec<_> = (0..writers).map(|_| tokio::spawn(writer(db.clone(), queue.clone()))).collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+async fn writer(db: Arc<Database>, queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Pending>>>) {
+    use sqlx::Connection as _;
+    let mut connection: Option<sqlx::PgConnection> = None;
+    let mut failures = 0u32;
+    loop {
+        let group = {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else { return };
+            let mut group = vec![first];
+            while group.len() < GROUP {
+                match queue.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
+            }
+            group
+        };
+        if connection.is_none() {
+            match sqlx::PgConnection::connect_with(&db.options).await {
+                Ok(opened) => {
+                    connection = Some(opened);
+                    failures = 0;
+                }
+                Err(error) => {
+                    let error = store_error(error);
+                    for pending in group {
+                        let _ = pending.done.send(Err(error.clone()));
+                    }
+                    // Later commands fail fast too, until a connection attempt succeeds.
+                    failures += 1;
+                    tokio::time::sleep(super::relay::backoff(
+                        failures,
+                        Duration::from_millis(50),
+                        Duration::from_secs(1),
+                    ))
+                    .await;
+                    continue;
+                }
+            }
+        }
+        let Some(open) = connection.as_mut() else { continue };
+        let result = write_group(open, &group).await;
+        if let Err(StoreError::Unavailable(_)) = &result {
+            // The connection may be broken: open a new one for the next group.
+            connection = None;
+        }
+        for pending in group {
+            let outcome = match &result {
+                Ok(written) => Ok(written.contains(&pending.command.record.id)),
+                Err(error) => Err(error.clone()),
+            };
+            let _ = pending.done.send(outcome);
+        }
+    }
+}
+
+/// Writes the commands and their events in one statement, so one implicit transaction: all of them are
+/// committed together, or none. Returns the ids of the commands written (a command whose idempotency key
+/// is taken is not, and neither are its events).
+async fn write_group(
+    connection: &mut sqlx::PgConnection,
+    group: &[Pending],
+) -> Result<std::collections::HashSet<uuid::Uuid>, StoreError> {
+    let mut ids = Vec::with_capacity(group.len());
+    let mut names = Vec::with_capacity(group.len());
+    let mut keys = Vec::with_capacity(group.len());
+    let mut hashes = Vec::with_capacity(group.len());
+    let mut states = Vec::with_capacity(group.len());
+    let mut statuses = Vec::with_capacity(group.len());
+    let mut responses = Vec::with_capacity(group.len());
+    let mut ttls = Vec::with_capacity(group.len());
+    let mut events = EventColumns::default();
+    for Pending { command, .. } in group {
+        let record = &command.record;
+        ids.push(record.id);
+        names.push(record.command.as_str());
+        keys.push(command.idempotency_key.as_deref());
+        hashes.push(record.request_hash.as_slice());
+        states.push(record.state.as_str());
+        statuses.push(i16::try_from(record.status).unwrap_or(500));
+        responses.push(&record.response);
+        ttls.push(command.ttl.as_secs_f64());
+        for event in &command.events {
+            events.push(record.id, event);
+        }
+    }
+    let written: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "WITH c AS (
+            INSERT INTO umw_commands (id, command, idempotency_key, request_hash, state, status, response, expires_at)
+            SELECT id, command, key, hash, state, status, response, now() + make_interval(secs => ttl)
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::int2[], $7::jsonb[], $8::float8[])
+                AS t(id, command, key, hash, state, status, response, ttl)
+            ON CONFLICT (command, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING id
+        ), e AS (
+            INSERT INTO umw_outbox (id, command_id, topic, key, type, source, subject, data, content_type, extensions)
+            SELECT ev.id, ev.command_id, ev.topic, ev.key, ev.type, ev.source, ev.subject, ev.data, ev.content_type, ev.extensions
+            FROM unnest($9::uuid[], $10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::bytea[], $17::text[], $18::jsonb[])
+                WITH ORDINALITY AS ev(id, command_id, topic, key, type, source, subject, data, content_type, extensions, ord)
+            WHERE ev.command_id IN (SELECT id FROM c)
+            ORDER BY ev.ord
+        )
+        SELECT id FROM c",
+    )
+    .bind(&ids)
+    .bind(&names)
+    .bind(&keys)
+    .bind(&hashes)
+    .bind(&states)
+    .bind(&statuses)
+    .bind(&responses)
+    .bind(&ttls)
+    .bind(&events.ids)
+    .bind(&events.commands)
+    .bind(&events.topics)
+    .bind(&events.keys)
+    .bind(&events.types)
+    .bind(&events.sources)
+    .bind(&events.subjects)
+    .bind(&events.data)
+    .bind(&events.content_types)
+    .bind(&events.extensions)
+    .fetch_all(&mut *connection)
+    .await
+    .map_err(store_error)?;
+    Ok(written.into_iter().collect())
+}
+
+/// A command waiting for the writer, and where to say whether it was written (false: its idempotency key
+/// was taken).
+struct Pending {
+    command: NewCommand,
+    done: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// How many command writers (each with its own connection) for a connection budget: half of it, 1 to 16.
+pub fn writers(max_connections: u32) -> usize {
+    (max_connections as usize / 2).clamp(1, 16)
+}
+
+/// Most commands written by one statement.
+const GROUP: usize = 256;
+
 impl PgStore {
-    pub fn new(db: Arc<Database>) -> Self {
+    /// The store, with its writer: commands that arrive while earlier ones are being written are written
+    /// together, by one statement (group commit: one transaction, one WAL flush for all of them). At most
+    /// `writers` statements run at once; a lone command is written at once, alone.
+    pub fn new(db: Arc<Database>, writers: usize) -> Self {
         let source = Arc::new(CommandsTable { db: db.clone(), listener: tokio::sync::Mutex::new(None) });
-        Self { db, source }
+        let (writer, queue) = tokio::sync::mpsc::channel(GROUP * writers.max(1) * 4);
+        tokio::spawn(write_groups(db.clone(), queue, writers.max(1)));
+        Self { db, source, writer }
     }
 
     async fn schema(&self) -> Result<(), StoreError> {
@@ -249,53 +416,18 @@ impl OutboxStore for PgStore {
     fn record(&self, command: NewCommand) -> BoxFuture<'_, Result<Recorded, StoreError>> {
         async move {
             self.schema().await?;
-            let NewCommand { record, idempotency_key, ttl, events } = command;
-            let mut columns: EventColumns = EventColumns::default();
-            for event in &events {
-                columns.push(event);
-            }
-            // One statement, so one implicit transaction: the command and its events are committed together
-            // or not at all, in a single round trip. The count says whether the command row was written
-            // (0: its idempotency key was taken).
-            let written: i64 = sqlx::query_scalar(
-                "WITH c AS (
-                    INSERT INTO umw_commands (id, command, idempotency_key, request_hash, state, status, response, expires_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
-                    ON CONFLICT (command, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                    RETURNING id
-                ), e AS (
-                    INSERT INTO umw_outbox (id, command_id, topic, key, type, source, subject, data, content_type, extensions)
-                    SELECT ev.id, c.id, ev.topic, ev.key, ev.type, ev.source, ev.subject, ev.data, ev.content_type, ev.extensions
-                    FROM c, unnest($9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bytea[], $16::text[], $17::jsonb[])
-                        AS ev(id, topic, key, type, source, subject, data, content_type, extensions)
-                )
-                SELECT count(*) FROM c",
-            )
-            .bind(record.id)
-            .bind(&record.command)
-            .bind(&idempotency_key)
-            .bind(&record.request_hash)
-            .bind(&record.state)
-            .bind(i16::try_from(record.status).unwrap_or(500))
-            .bind(&record.response)
-            .bind(ttl.as_secs_f64())
-            .bind(&columns.ids)
-            .bind(&columns.topics)
-            .bind(&columns.keys)
-            .bind(&columns.types)
-            .bind(&columns.sources)
-            .bind(&columns.subjects)
-            .bind(&columns.data)
-            .bind(&columns.content_types)
-            .bind(&columns.extensions)
-            .fetch_one(&self.db.pool)
-            .await
-            .map_err(store_error)?;
-            if written == 1 {
+            let (done, written) = tokio::sync::oneshot::channel();
+            let name = command.record.command.clone();
+            let key = command.idempotency_key.clone();
+            self.writer
+                .send(Pending { command, done })
+                .await
+                .map_err(|_| StoreError::Unavailable("the command writer stopped".into()))?;
+            let written = written.await.map_err(|_| StoreError::Unavailable("the command writer stopped".into()))??;
+            if written {
                 return Ok(Recorded::Done);
             }
-            let key = idempotency_key.unwrap_or_default();
-            match self.find_by_key(&record.command, &key).await? {
+            match self.find_by_key(&name, &key.unwrap_or_default()).await? {
                 Some(existing) => Ok(Recorded::KeyTaken(existing)),
                 // Taken and expired in between: rare enough to ask the client to retry.
                 None => Err(StoreError::Unavailable("the idempotency key changed hands; retry".into())),
@@ -385,6 +517,7 @@ pub async fn dead_rows(db: &Database, limit: u32) -> Result<Vec<DeadRow>, StoreE
 #[derive(Default)]
 struct EventColumns {
     ids: Vec<uuid::Uuid>,
+    commands: Vec<uuid::Uuid>,
     topics: Vec<String>,
     keys: Vec<Option<String>>,
     types: Vec<String>,
@@ -396,8 +529,9 @@ struct EventColumns {
 }
 
 impl EventColumns {
-    fn push(&mut self, event: &Record) {
+    fn push(&mut self, command: uuid::Uuid, event: &Record) {
         self.ids.push(event.id.parse().unwrap_or_else(|_| uuid::Uuid::now_v7()));
+        self.commands.push(command);
         self.topics.push(event.topic.clone());
         self.keys.push(event.key.clone());
         self.types.push(event.ty.clone());
