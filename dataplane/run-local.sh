@@ -21,6 +21,9 @@ cat <<MSG
     curl -i -X POST http://$HTTP/orders -H 'content-type: application/json' -d '{"quantity": 0}'
     curl -i -X POST http://$HTTP/events/orders -H 'content-type: application/json' -d '{"orderId": "o-1"}'
                                              # an event, published to the in-process bus (Kafka in a cluster)
+    curl -i -X POST http://$HTTP/commands/place-order -H 'content-type: application/json' -H 'idempotency-key: k-1' -d '{"orderId": "o-1", "sku": "kettle"}'
+                                             # a command; then GET the Location it answers (in memory here,
+                                             # PostgreSQL and Kafka in a cluster)
     curl -s http://$ADMIN/status
     curl -s http://$ADMIN/metrics | grep umw_
 

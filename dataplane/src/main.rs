@@ -164,11 +164,16 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
         loaded.hash
     );
     let connections = &b.middleware.spec.connections;
-    if connections.redis.is_some() || connections.kafka.is_some() {
-        println!("  note: spec.connections (Redis, Kafka) are not contacted by check; their Secrets are read at start");
+    if connections.redis.is_some() || connections.kafka.is_some() || connections.postgres.is_some() {
+        println!(
+            "  note: spec.connections (Redis, Kafka, PostgreSQL) are not contacted by check; their Secrets are read at start"
+        );
     }
-    if connections.postgres.is_some() {
-        println!("  note: spec.connections.postgres is accepted but not used by this version (commands land later)");
+    if !b.middleware.spec.commands.is_empty() {
+        println!(
+            "  {} command(s) at POST /commands/<name>, recorded in PostgreSQL and relayed to Kafka",
+            b.middleware.spec.commands.len()
+        );
     }
     for policy in snapshot.policies.iter().filter(|p| !p.enforced) {
         println!("  note: {} {} is accepted but not enforced: {}", policy.kind, policy.name, policy.message);

@@ -485,6 +485,15 @@ impl OutboxStore for PgStore {
     }
 }
 
+/// A relay's transaction. Its commit does not wait for the WAL flush (`synchronous_commit = off`): a mark
+/// "published" lost in a database crash only publishes the row again, which at-least-once delivery allows,
+/// and the relay's cycle no longer waits for the disk.
+async fn begin_relay(db: &Database) -> Result<Transaction<'static, Postgres>, StoreError> {
+    let mut tx = db.pool.begin().await.map_err(store_error)?;
+    sqlx::query("SET LOCAL synchronous_commit TO off").execute(&mut *tx).await.map_err(store_error)?;
+    Ok(tx)
+}
+
 /// Rows of the dead-letter table, newest first.
 pub async fn dead_rows(db: &Database, limit: u32) -> Result<Vec<DeadRow>, StoreError> {
     let rows = sqlx::query(
@@ -583,7 +592,7 @@ impl Source for CommandsTable {
             if !self.db.ready(Duration::from_secs(1)).await {
                 return Err(StoreError::Unavailable("the database schema is not ready yet".into()));
             }
-            let mut tx = self.db.pool.begin().await.map_err(store_error)?;
+            let mut tx = begin_relay(&self.db).await?;
             let fetched = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "WITH claimed AS (
                     SELECT position FROM umw_outbox
@@ -964,7 +973,7 @@ impl AppTable {
             if !self.db.ready(Duration::from_secs(1)).await {
                 return Err(StoreError::Unavailable("the database schema is not ready yet".into()));
             }
-            let mut tx = self.db.pool.begin().await.map_err(store_error)?;
+            let mut tx = begin_relay(&self.db).await?;
             let fetched = sqlx::query(sqlx::AssertSqlSafe(self.claim_sql.as_str()))
                 .bind(i64::from(limit))
                 .fetch_all(&mut *tx)
