@@ -595,8 +595,15 @@ impl Source for CommandsTable {
             let mut tx = begin_relay(&self.db).await?;
             let fetched = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "WITH claimed AS (
-                    SELECT position FROM umw_outbox
+                    SELECT position FROM umw_outbox o
                     WHERE published_at IS NULL AND next_attempt_at <= now()
+                      -- Not behind an earlier row of its key that waits for a retry: such rows would
+                      -- fill every batch and hold up the other keys.
+                      AND NOT (key IS NOT NULL AND EXISTS (
+                          SELECT 1 FROM umw_outbox w
+                          WHERE w.key = o.key AND w.published_at IS NULL AND w.position < o.position
+                            AND w.next_attempt_at > now()
+                      ))
                     ORDER BY position LIMIT $1
                     FOR UPDATE SKIP LOCKED
                  )

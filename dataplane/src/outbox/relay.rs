@@ -172,6 +172,8 @@ impl Inner {
             let claimed = Instant::now();
             let (outcomes, unavailable) = self.publish(claim.rows(), claimed).await;
             let counts = count(&outcomes);
+            // Every row left for later (blocked behind its key): do not claim them again at once.
+            let idle = outcomes.iter().all(|o| *o == Outcome::Skipped) && unavailable.is_none();
             match claim.finish(outcomes).await {
                 Ok(()) => {
                     self.metrics.outbox_published.with_label_values(&[&table]).inc_by(counts.published);
@@ -193,6 +195,8 @@ impl Inner {
                     false,
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            } else if idle {
+                self.source.wait(self.settings.poll_interval).await;
             }
         }
     }
