@@ -589,3 +589,33 @@ async fn postgres_over_tls_is_trusted_through_the_private_authority_only() {
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.text());
     assert!(!refused.text().contains(umw_tests::postgres::PASSWORD), "no credentials in answers");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_rows_and_expired_commands_are_cleaned_up_after_their_retention() {
+    let (pg, kafka) = servers().await;
+    kafka.create_topic("orders", 1);
+    let commands = PLACE_ORDER.to_string() + "      idempotency: {ttl: 3s}\n";
+    let gw = Gateway::start(&middleware(&pg, &kafka, &commands, "  outbox: {retention: 4s}\n")).await;
+    postgres_up(&gw).await;
+    for i in 0..20 {
+        let reply = post_command(
+            &gw,
+            "place-order",
+            Some(&format!("c-{i}")),
+            &format!(r#"{{"orderId": "o-{i}", "sku": "tea"}}"#),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+    }
+    assert_eq!(kafka.read("orders", 20, Duration::from_secs(20)).len(), 20);
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_outbox"), "20", "published rows stay for their retention");
+    eventually("published rows and expired commands deleted", Duration::from_secs(30), || async {
+        pg.sql("SELECT count(*) FROM umw_outbox") == "0" && pg.sql("SELECT count(*) FROM umw_commands") == "0"
+    })
+    .await;
+    assert_eq!(gw.metric("umw_outbox_cleaned_total", &["table=\"umw_outbox\""]).await, 40.0);
+    // An expired key is a new command.
+    let again = post_command(&gw, "place-order", Some("c-0"), r#"{"orderId": "o-0", "sku": "coffee"}"#).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{}", again.text());
+    assert!(!again.headers.contains_key("idempotent-replayed"));
+}

@@ -290,7 +290,9 @@ impl Inner {
                 }
                 Err(error) => self.store_failed("depth", &error),
             }
-            if last_cleanup.is_none_or(|at| at.elapsed() >= CLEANUP_EVERY) {
+            // Short retentions (tests, small databases) are kept to within about half of themselves.
+            let every = CLEANUP_EVERY.min(self.settings.retention / 2).max(MEASURE_EVERY);
+            if last_cleanup.is_none_or(|at| at.elapsed() >= every) {
                 last_cleanup = Some(Instant::now());
                 match self.source.cleanup(self.settings.retention).await {
                     Ok(deleted) => {
