@@ -391,10 +391,23 @@ impl Policy for EventRoute {
                     "spec.destination: an outbox source is relayed to a Kafka topic; set destination.kafka".into()
                 );
             }
+            if let Some(outbox) = &spec.source.outbox
+                && outbox.table.starts_with("umw_")
+            {
+                return Err(format!(
+                    "spec.source.outbox.table: {} is the data plane's own table (commands' events are relayed without an EventRoute); name an application's table",
+                    outbox.table
+                ));
+            }
             for (field, set) in [
                 ("spec.filter", spec.filter.is_some()),
-                ("spec.schema", spec.schema.is_some()),
+                ("spec.schema (the event route's JSON Schema)", spec.schema.is_some()),
                 ("spec.deadLetter", spec.dead_letter.is_some()),
+                (
+                    "spec.destination.kafka.keyTemplate (the key is the aggregate id)",
+                    spec.destination.kafka.as_ref().is_some_and(|k| k.key_template.is_some()),
+                ),
+                ("spec.retry (retries follow spec.outbox of the Middleware)", spec.retry != EventRetry::default()),
             ] {
                 if set {
                     return Err(format!(

@@ -605,7 +605,8 @@ pub struct OutboxSettings {
     /// once). Defaults to 1s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_interval: Option<Duration>,
-    /// How long published rows (and command records) are kept before they are deleted. Defaults to 24h.
+    /// How long published outbox rows are kept before they are deleted. Defaults to 24h. (Command records are
+    /// kept for their command's `idempotency.ttl`.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Duration>,
 }
@@ -630,7 +631,8 @@ pub struct Command {
     /// Deduplication of retried commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
-    /// Largest accepted body in bytes. Defaults to 1 MiB.
+    /// Largest accepted body in bytes. Defaults to 900 KiB: the event carries the body, and Kafka producers
+    /// refuse records over 1,000,000 bytes by default (such an event goes to the dead-letter table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 16777216))]
     pub max_body_bytes: Option<u64>,

@@ -351,6 +351,14 @@ impl Runtime {
                 if outbox.databases.is_empty() {
                     self.health.retain(|name| name != crate::outbox::COMPONENT);
                 }
+                let tables: Vec<String> = snapshot
+                    .relays
+                    .iter()
+                    .map(|r| format!("{}{}", crate::outbox::relay::COMPONENT_PREFIX, r.source.name()))
+                    .collect();
+                self.health.retain(|name| {
+                    !name.starts_with(crate::outbox::relay::COMPONENT_PREFIX) || tables.iter().any(|t| t == name)
+                });
                 events.producers = next_producers;
                 reconcile_consumers(&mut events, &snapshot.consumers, &self.bus, &self.health, &self.metrics);
                 if events.producers.is_empty() && events.consumers.is_empty() {
@@ -1294,16 +1302,16 @@ fn outbox_parts(
     }
 
     for route in outbox_routes {
-        let route_at = loaded.origin(&format!("EventRoute/{}", route.name_any()));
         let (Some(source), Some(destination)) = (&route.spec.source.outbox, &route.spec.destination.kafka) else {
             continue;
         };
         let format = crate::events::format_of(route.spec.format);
         let Some(database) = &database else {
-            // Application tables live in PostgreSQL; standalone, there is none.
-            problems.push(format!(
-                "{route_at}: spec.source.outbox: application outbox tables need PostgreSQL; the in-process backends have none"
-            ));
+            // Application tables live in PostgreSQL; the in-process backends (and `check`) have none.
+            tracing::warn!(
+                event_route = %route.name_any(),
+                "application outbox tables are relayed from PostgreSQL only: not relayed with the in-process backends"
+            );
             continue;
         };
         let c = &source.columns;

@@ -121,6 +121,8 @@ async fn a_command_is_recorded_with_its_event_and_relayed_to_kafka_with_idempote
     assert_eq!(not_json.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", not_json.text());
     let unknown = get(&gw.url("/commands/0190a2f4-0000-7000-8000-000000000000")).await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    let spaced = post_command(&gw, "place-order", Some("a b"), r#"{"orderId": "o-1", "sku": "tea"}"#).await;
+    assert_eq!(spaced.status, StatusCode::BAD_REQUEST, "a key of visible characters only: {}", spaced.text());
     let bad_id = get(&gw.url("/commands/not-an-id")).await;
     assert_eq!(bad_id.status, StatusCode::NOT_FOUND);
     assert_eq!(pg.sql("SELECT count(*) FROM umw_commands"), "1", "nothing recorded for bad input");
@@ -472,6 +474,8 @@ async fn a_handler_accepts_or_rejects_commands_and_events_kafka_refuses_are_dead
     let again = post_command(&gw, "place-order", Some("r-1"), r#"{"orderId": "o-2", "sku": "none"}"#).await;
     assert_eq!(again.status, StatusCode::CONFLICT);
     assert_eq!(again.headers["idempotent-replayed"], "true");
+    let rejected_at = again.headers["location"].to_str().unwrap().to_string();
+    assert_eq!(get(&gw.url(&rejected_at)).await.json()["state"], "rejected");
     assert_eq!(pg.sql("SELECT count(*) FROM umw_commands WHERE state = 'rejected'"), "1");
     // The handler fails: 502, nothing recorded, and the same key may be sent again.
     let failed = post_command(&gw, "place-order", Some("f-1"), r#"{"orderId": "o-3", "sku": "boom"}"#).await;

@@ -74,10 +74,7 @@ impl Command {
             self.count("conflict");
             return Problem::new(
                 kinds::IDEMPOTENCY_CONFLICT,
-                format!(
-                    "idempotency key already used for command {} with a different body; use a new key for a new request",
-                    existing.id
-                ),
+                "this idempotency key was already used with a different body; use a new key for a new request",
             )
             .into_response();
         }
@@ -85,9 +82,7 @@ impl Command {
         let mut response =
             json(StatusCode::from_u16(existing.status).unwrap_or(StatusCode::ACCEPTED), &existing.response);
         response.headers_mut().insert(HeaderName::from_static(REPLAYED), HeaderValue::from_static("true"));
-        if existing.state == "accepted" {
-            location(&mut response, existing.id);
-        }
+        location(&mut response, existing.id);
         response
     }
 
@@ -111,7 +106,9 @@ impl Command {
         };
         let key = match parts.headers.get(&self.idempotency_header) {
             Some(value) => match value.to_str() {
-                Ok(key) if !key.is_empty() && key.len() <= MAX_KEY => Some(key.to_string()),
+                Ok(key) if !key.is_empty() && key.len() <= MAX_KEY && key.bytes().all(|b| b.is_ascii_graphic()) => {
+                    Some(key.to_string())
+                }
                 _ => {
                     self.count("invalid");
                     return Problem::new(
@@ -164,6 +161,11 @@ impl Command {
             };
             let response = handler(forward, info.clone()).await;
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
             let body = http_body_util::Limited::new(response.into_body(), MAX_RESULT).collect().await;
             let body = body.map(|b| b.to_bytes()).unwrap_or_default();
             let answer = serde_json::from_slice::<serde_json::Value>(&body)
@@ -177,15 +179,23 @@ impl Command {
                 rejected = Some((status, answer));
             } else {
                 self.count("handler_failed");
-                return Problem::new(
-                    kinds::HANDLER_FAILED,
+                // The gateway's own problem (unreachable, timed out, breaker open) or the handler's answer.
+                let own = answer["type"].as_str().is_some_and(|t| t.starts_with("https://umw.dev/problems/"));
+                let detail = if own {
+                    format!(
+                        "the handler of command {} could not be used ({}); nothing was recorded, send it again",
+                        self.name,
+                        answer["detail"].as_str().unwrap_or("unavailable")
+                    )
+                } else {
                     format!(
                         "the handler of command {} answered {status}; nothing was recorded, send it again",
                         self.name
-                    ),
-                )
-                .retry_after(1)
-                .into_response();
+                    )
+                };
+                return Problem::new(kinds::HANDLER_FAILED, detail)
+                    .retry_after(retry_after.unwrap_or(1))
+                    .into_response();
             }
         }
 
@@ -222,9 +232,8 @@ impl Command {
             Ok(Recorded::Done) => {
                 self.count(state);
                 let mut response = json(status, &response);
-                if state == "accepted" {
-                    location(&mut response, id);
-                }
+                // A rejected command has a record too: its state is there to read.
+                location(&mut response, id);
                 response
             }
             Ok(Recorded::KeyTaken(existing)) => self.replay(existing, &hash),
@@ -241,9 +250,11 @@ impl Command {
                 template::render(parts, |source, name| match (source, name) {
                     ("data", Some(path)) => {
                         let pointer = format!("/{}", path.replace('.', "/"));
-                        data.pointer(&pointer).map(|v| match v {
-                            serde_json::Value::String(s) => s.clone(),
-                            other => other.to_string(),
+                        data.pointer(&pointer).and_then(|v| match v {
+                            serde_json::Value::String(s) => Some(s.clone()),
+                            // A null value falls back to the command id (no shared "null" key).
+                            serde_json::Value::Null => None,
+                            other => Some(other.to_string()),
                         })
                     }
                     ("id", None) => Some(command.to_string()),

@@ -59,7 +59,9 @@ pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
-pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+/// Below the producer's default `message.max.bytes` (1,000,000), with room for the event's headers: a
+/// larger event could be recorded but never published.
+pub const DEFAULT_MAX_BODY: u64 = 900 * 1024;
 
 /// The name of the PostgreSQL component in `/status`.
 pub const COMPONENT: &str = "postgres";

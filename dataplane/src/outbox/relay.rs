@@ -80,6 +80,9 @@ pub struct Settings {
     pub retention: Duration,
 }
 
+/// Prefix of the `/status` components of application outbox tables.
+pub const COMPONENT_PREFIX: &str = "outbox ";
+
 /// How often depth and age are measured, and published rows cleaned up.
 const MEASURE_EVERY: Duration = Duration::from_secs(2);
 const CLEANUP_EVERY: Duration = Duration::from_secs(30);
@@ -155,14 +158,14 @@ impl Inner {
                 Ok(claim) => claim,
                 Err(error) => {
                     failures += 1;
-                    self.store_failed("claim", &error);
+                    self.store_failed("claim", &error, failures);
                     tokio::time::sleep(backoff(failures, Duration::from_millis(200), Duration::from_secs(5))).await;
                     continue;
                 }
             };
             if failures > 0 {
                 failures = 0;
-                self.health.set(super::COMPONENT, State::Up, "connected", false);
+                self.health.set(&self.component(), State::Up, format!("relaying {} again", self.source.name()), false);
             }
             if claim.rows().is_empty() {
                 drop(claim);
@@ -184,12 +187,12 @@ impl Inner {
                 }
                 Err(error) => {
                     // The rows stay unpublished and are published again: at-least-once.
-                    self.store_failed("finish", &error);
+                    self.store_failed("finish", &error, 1);
                 }
             }
             if let Some(reason) = unavailable {
                 self.health.set(
-                    super::COMPONENT,
+                    &self.component(),
                     State::Up,
                     format!("connected; relaying {table} waits for the broker: {reason}"),
                     false,
@@ -201,10 +204,22 @@ impl Inner {
         }
     }
 
-    fn store_failed(&self, operation: &str, error: &StoreError) {
+    /// The `/status` component of this relay: `postgres` for the commands' table, `outbox <table>` for an
+    /// application's (so that a broken application table does not mark the database down).
+    fn component(&self) -> String {
+        if self.source.name() == super::COMMANDS_TABLE {
+            super::COMPONENT.to_string()
+        } else {
+            format!("{}{}", COMPONENT_PREFIX, self.source.name())
+        }
+    }
+
+    fn store_failed(&self, operation: &str, error: &StoreError, failures: u32) {
         self.metrics.postgres_errors.with_label_values(&[operation]).inc();
-        self.health.set(super::COMPONENT, State::Down, error.to_string(), false);
-        tracing::warn!(table = %self.source.name(), operation, %error, "the outbox relay cannot reach its table");
+        self.health.set(&self.component(), State::Down, error.to_string(), false);
+        if failures <= 1 || failures.is_multiple_of(60) {
+            tracing::warn!(table = %self.source.name(), operation, %error, failures, "the outbox relay cannot use its table");
+        }
     }
 
     /// Publishes the claimed rows, one key at a time in order, keys concurrently. Returns each row's
@@ -288,7 +303,7 @@ impl Inner {
                     self.metrics.outbox_depth.with_label_values(&[&table]).set(depth);
                     self.metrics.outbox_oldest_age.with_label_values(&[&table]).set(age);
                 }
-                Err(error) => self.store_failed("depth", &error),
+                Err(error) => self.store_failed("depth", &error, 2),
             }
             // Short retentions (tests, small databases) are kept to within about half of themselves.
             let every = CLEANUP_EVERY.min(self.settings.retention / 2).max(MEASURE_EVERY);
@@ -298,7 +313,7 @@ impl Inner {
                     Ok(deleted) => {
                         self.metrics.outbox_cleaned.with_label_values(&[&table]).inc_by(deleted);
                     }
-                    Err(error) => self.store_failed("cleanup", &error),
+                    Err(error) => self.store_failed("cleanup", &error, 2),
                 }
             }
             tokio::time::sleep(MEASURE_EVERY).await;
