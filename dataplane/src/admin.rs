@@ -13,7 +13,7 @@ use axum::routing::get;
 use serde::Serialize;
 
 use crate::health::Component;
-use crate::runtime::{Endpoint, PolicyState, Runtime};
+use crate::runtime::{PolicyState, Runtime};
 
 pub struct Admin {
     pub runtime: Arc<Runtime>,
@@ -67,14 +67,7 @@ impl Admin {
             routes: snapshot
                 .routes
                 .iter()
-                .map(|r| RouteStatus {
-                    name: r.name.clone(),
-                    upstream: match (&r.upstream, &r.endpoint) {
-                        (Some(upstream), _) => upstream.label.clone(),
-                        (None, Some(Endpoint::Command(_) | Endpoint::CommandStatus(_))) => "commands".to_string(),
-                        (None, _) => "events".to_string(),
-                    },
-                })
+                .map(|r| RouteStatus { name: r.name.clone(), upstream: r.target_label() })
                 .collect(),
         }
     }
@@ -186,6 +179,7 @@ async fn dead_letters(
     const NO_OUTBOX: Kind =
         Kind { slug: "no-outbox", title: "This Middleware defines no commands", status: StatusCode::NOT_FOUND };
     let Some(store) = admin.runtime.snapshot().outbox.clone() else {
+        admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "no_outbox"]).inc();
         return Problem::new(NO_OUTBOX, "the outbox exists once spec.commands is set").into_response();
     };
     let limit = match query.get("limit").map(|l| l.parse::<u32>()) {

@@ -79,6 +79,17 @@ pub struct Route {
     pub requests: crate::metrics::RouteCounters,
 }
 
+impl Route {
+    /// What serves the route, as `/status` shows it: the upstream's label, `events` or `commands`.
+    pub fn target_label(&self) -> String {
+        match (&self.upstream, &self.endpoint) {
+            (Some(upstream), _) => upstream.label.clone(),
+            (None, Some(Endpoint::Command(_) | Endpoint::CommandStatus(_))) => "commands".to_string(),
+            (None, _) => "events".to_string(),
+        }
+    }
+}
+
 /// What answers a route's requests instead of the proxy.
 #[derive(Clone)]
 pub enum Endpoint {
@@ -1012,18 +1023,7 @@ pub fn policy_states(bundle: &Bundle) -> Vec<PolicyState> {
 
 /// Routes by name, for tests and `/status`.
 pub fn route_names(snapshot: &Snapshot) -> BTreeMap<String, String> {
-    snapshot
-        .routes
-        .iter()
-        .map(|r| {
-            let target = match (&r.upstream, &r.endpoint) {
-                (Some(upstream), _) => upstream.label.clone(),
-                (None, Some(Endpoint::Command(_) | Endpoint::CommandStatus(_))) => "commands".to_string(),
-                (None, _) => "events".to_string(),
-            };
-            (r.name.clone(), target)
-        })
-        .collect()
+    snapshot.routes.iter().map(|r| (r.name.clone(), r.target_label())).collect()
 }
 
 /// What commands and outbox sources add to a snapshot.

@@ -24,22 +24,8 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 for tool in wrk python3 java pgbench psql curl; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk python3 openjdk-17-jre-headless maven postgresql postgresql-client curl" >&2; exit 1; }
 done
-KAFKA="$ROOT/e2e/testenv/kafka.sh"
-bash "$KAFKA" fetch
-cargo build -q --release -p umw-dataplane --bin umw-dataplane
-cargo build -q --release -p umw-e2e --bin umw-load
-DP="$TARGET/release/umw-dataplane"
-LOAD="$TARGET/release/umw-load"
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_for() { # FILE PATTERN SECONDS
-  for _ in $(seq 1 $(($3 * 10))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "timed out waiting for '$2' in $1" >&2; exit 1
-}
+# shellcheck source=kafka-bench.sh
+. "$ROOT/e2e/bench/kafka-bench.sh"
 
 BROKER=$(free_port); CONTROLLER=$(free_port); PG=$(free_port)
 BOOT="127.0.0.1:$BROKER"

@@ -121,10 +121,12 @@ async fn a_command_is_recorded_with_its_event_and_relayed_to_kafka_with_idempote
     assert_eq!(not_json.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", not_json.text());
     let unknown = get(&gw.url("/commands/0190a2f4-0000-7000-8000-000000000000")).await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(unknown.json()["type"], "https://umw.dev/problems/command-not-found");
     let spaced = post_command(&gw, "place-order", Some("a b"), r#"{"orderId": "o-1", "sku": "tea"}"#).await;
     assert_eq!(spaced.status, StatusCode::BAD_REQUEST, "a key of visible characters only: {}", spaced.text());
     let bad_id = get(&gw.url("/commands/not-an-id")).await;
     assert_eq!(bad_id.status, StatusCode::NOT_FOUND);
+    assert_eq!(gw.metric("umw_gateway_errors_total", &["route=\"commands-status\"", "kind=\"not_found\""]).await, 2.0);
     assert_eq!(pg.sql("SELECT count(*) FROM umw_commands"), "1", "nothing recorded for bad input");
 
     // Without a key: every request is a new command.
@@ -375,7 +377,7 @@ async fn postgres_restarted_mid_run_and_kafka_stopped_are_recovered_from_without
         gw.metric("umw_outbox_depth", &["table=\"umw_outbox\""]).await >= 200.0
     })
     .await;
-    assert!(gw.metric("umw_outbox_oldest_age_seconds", &["table=\"umw_outbox\""]).await >= 0.0);
+    assert!(gw.metric("umw_outbox_oldest_age_seconds", &["table=\"umw_outbox\""]).await > 0.0, "the backlog ages");
     assert_eq!(pg.sql("SELECT count(*) FROM umw_outbox WHERE published_at IS NULL"), "200");
     assert_eq!(pg.sql("SELECT count(*) FROM umw_outbox_dead"), "0", "an unavailable broker dead-letters nothing");
     kafka = tokio::task::spawn_blocking(move || {

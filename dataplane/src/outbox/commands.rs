@@ -328,7 +328,9 @@ impl Status {
     pub async fn handle(&self, request: Request<Body>) -> Response {
         let path = request.uri().path();
         let id = path.strip_prefix("/commands/").unwrap_or("");
+        let not_found = || self.metrics.gateway_errors.with_label_values(&["commands-status", "not_found"]).inc();
         let Ok(id) = id.parse::<uuid::Uuid>() else {
+            not_found();
             return Problem::new(kinds::COMMAND_NOT_FOUND, format!("{id:?} is not a command id")).into_response();
         };
         match self.store.get(id).await {
@@ -356,11 +358,14 @@ impl Status {
                 }
                 json(StatusCode::OK, &body)
             }
-            Ok(None) => Problem::new(
-                kinds::COMMAND_NOT_FOUND,
-                format!("no command {id} (unknown, or older than its retention)"),
-            )
-            .into_response(),
+            Ok(None) => {
+                not_found();
+                Problem::new(
+                    kinds::COMMAND_NOT_FOUND,
+                    format!("no command {id} (unknown, or older than its idempotency ttl)"),
+                )
+                .into_response()
+            }
             Err(error) => {
                 self.metrics.postgres_errors.with_label_values(&["status"]).inc();
                 tracing::warn!(%error, "a command's state could not be read");
