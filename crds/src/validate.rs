@@ -103,6 +103,22 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
         }
     }
     if !spec.commands.is_empty() {
+        // `POST /commands/{name}` and `GET /commands/{id}` are served by the commands: a route there would
+        // never be reached.
+        for (i, route) in spec.routes.iter().enumerate() {
+            for (field, value) in [("pathPrefix", &route.matches.path_prefix), ("path", &route.matches.path)] {
+                if let Some(value) = value
+                    && (value.trim_end_matches('/') == "/commands" || value.starts_with("/commands/"))
+                {
+                    c.push(
+                        format!("spec.routes[{i}].match.{field}"),
+                        format!(
+                            "{value:?} is under /commands, which spec.commands serves; give the route another path"
+                        ),
+                    );
+                }
+            }
+        }
         for (connection, set) in
             [("postgres", spec.connections.postgres.is_some()), ("kafka", spec.connections.kafka.is_some())]
         {
@@ -341,6 +357,29 @@ mod tests {
             assert!(found.iter().any(|f| f.starts_with(expected)), "missing {expected:?} in {found:#?}");
         }
         assert_eq!(found.len(), 10, "{found:#?}");
+    }
+
+    #[test]
+    fn routes_under_commands_are_refused_when_commands_are_defined() {
+        let yaml = |commands: &str| {
+            format!(
+                "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop}}\nspec:\n  connections:\n    postgres: {{url: {{value: 'postgres://x'}}}}\n    kafka: {{bootstrapServers: {{value: 127.0.0.1:9092}}}}\n  routes:\n    - {{name: a, match: {{pathPrefix: /commands}}, upstream: {{url: 'http://x'}}}}\n    - {{name: b, match: {{path: /commands/place-order}}, upstream: {{url: 'http://x'}}}}\n    - {{name: c, match: {{pathPrefix: /commandsx}}, upstream: {{url: 'http://x'}}}}\n    - {{name: d, match: {{pathPrefix: /}}, upstream: {{url: 'http://x'}}}}\n{commands}"
+            )
+        };
+        let found: Vec<String> = validate(&bundle(&yaml(
+            "  commands:\n    - {name: place-order, event: {topic: orders, type: order.placed}}\n",
+        )))
+        .iter()
+        .map(|v| format!("{}: {}", v.path, v.message))
+        .collect();
+        assert_eq!(
+            found,
+            [
+                "spec.routes[0].match.pathPrefix: \"/commands\" is under /commands, which spec.commands serves; give the route another path",
+                "spec.routes[1].match.path: \"/commands/place-order\" is under /commands, which spec.commands serves; give the route another path",
+            ]
+        );
+        assert_eq!(validate(&bundle(&yaml(""))), vec![], "without commands the paths are the routes'");
     }
 
     #[test]

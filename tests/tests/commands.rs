@@ -625,3 +625,46 @@ async fn published_rows_and_expired_commands_are_cleaned_up_after_their_retentio
     assert_eq!(again.status, StatusCode::ACCEPTED, "{}", again.text());
     assert!(!again.headers.contains_key("idempotent-replayed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_its_timeout_is_cancelled_and_the_command_answered_503() {
+    let (pg, kafka) = servers().await;
+    kafka.create_topic("orders", 1);
+    let config =
+        middleware(&pg, &kafka, PLACE_ORDER, "").replace("      url: {", "      statementTimeout: 300ms\n      url: {");
+    let gw = Gateway::start(&config).await;
+    postgres_up(&gw).await;
+    let first = post_command(&gw, "place-order", None, r#"{"orderId": "o-1", "sku": "tea"}"#).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.text());
+
+    // Another session holds the outbox table for a while: the command's insert waits for it until the
+    // server cancels the statement.
+    let holder = {
+        let url = pg.url();
+        std::thread::spawn(move || {
+            std::process::Command::new("psql")
+                .args([url.as_str(), "-X", "-q", "-v", "ON_ERROR_STOP=1"])
+                .args(["-c", "BEGIN; LOCK TABLE umw_outbox IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(6); COMMIT;"])
+                .output()
+                .expect("running psql")
+        })
+    };
+    eventually("the outbox table locked", Duration::from_secs(10), || async {
+        pg.sql("SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND relation = 'umw_outbox'::regclass")
+            == "1"
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let cancelled = post_command(&gw, "place-order", None, r#"{"orderId": "o-2", "sku": "tea"}"#).await;
+    assert_eq!(cancelled.status, StatusCode::SERVICE_UNAVAILABLE, "{}", cancelled.text());
+    assert!(cancelled.headers.contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_secs(5), "answered before the lock was released");
+    assert_eq!(gw.metric("umw_commands_total", &["outcome=\"unavailable\""]).await, 1.0);
+    assert!(gw.metric("umw_postgres_errors_total", &["operation=\"command\""]).await >= 1.0);
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_commands"), "1", "nothing of the cancelled command recorded");
+
+    assert!(holder.join().unwrap().status.success());
+    let after = post_command(&gw, "place-order", None, r#"{"orderId": "o-3", "sku": "tea"}"#).await;
+    assert_eq!(after.status, StatusCode::ACCEPTED, "{}", after.text());
+    assert_eq!(kafka.read("orders", 2, Duration::from_secs(20)).len(), 2);
+}
