@@ -20,6 +20,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DURATION="${DURATION:-15}"
 RATE="${RATE:-2000}"
 CONNECTIONS="${CONNECTIONS:-64}"
+PG_CONNECTIONS="${PG_CONNECTIONS:-$CONNECTIONS}"   # the data plane's maxConnections
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 for tool in wrk python3 java pgbench psql curl; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk python3 openjdk-17-jre-headless maven postgresql postgresql-client curl" >&2; exit 1; }
@@ -43,7 +44,7 @@ kind: Middleware
 metadata: {name: bench, namespace: bench}
 spec:
   connections:
-    postgres: {url: {value: '$URL'}, maxConnections: $CONNECTIONS}
+    postgres: {url: {value: '$URL'}, maxConnections: $PG_CONNECTIONS}
     kafka: {bootstrapServers: {value: '$BOOT'}, producer: {linger: 5ms}}
   commands:
     - name: place-order
