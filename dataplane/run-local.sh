@@ -7,9 +7,12 @@ HTTP="${UMW_HTTP_ADDRESS:-127.0.0.1:8080}"
 ADMIN="${UMW_ADMIN_ADDRESS:-127.0.0.1:9901}"
 UPSTREAM="${UMW_DEMO_UPSTREAM:-127.0.0.1:9080}"
 
+pids=()
+# Whichever way the script ends (Ctrl-C, a kill of its pid, the data plane exiting), both processes stop.
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+trap 'exit 130' INT TERM
 "$BIN/examples/demo-upstream" "$UPSTREAM" &
-upstream=$!
-trap 'kill $upstream 2>/dev/null || true' EXIT
+pids+=($!)
 
 cat <<MSG
 
@@ -31,4 +34,6 @@ cat <<MSG
 
 MSG
 "$BIN/umw-dataplane" --config "$ROOT/examples/shop/" --http-address "$HTTP" --admin-address "$ADMIN" \
-  --resolve "shop-api:8080=$UPSTREAM" --log-format text --in-process-backends
+  --resolve "shop-api:8080=$UPSTREAM" --log-format text --in-process-backends &
+pids+=($!)
+wait "${pids[1]}"

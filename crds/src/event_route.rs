@@ -359,6 +359,16 @@ impl Policy for EventRoute {
         if spec.source.outbox.is_some() && connections.postgres.is_none() {
             return Err(crate::policy::needs_connection("an outbox source", "postgres", middleware));
         }
+        if let Some(http) = &spec.source.http
+            && !middleware.spec.commands.is_empty()
+            && crate::validate::under_commands(&http.path)
+        {
+            return Err(format!(
+                "spec.source.http.path: {:?} is under /commands, which the commands of Middleware {:?} serve; give the route another path",
+                http.path,
+                kube::ResourceExt::name_any(middleware)
+            ));
+        }
         Ok(())
     }
 

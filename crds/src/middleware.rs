@@ -571,7 +571,9 @@ pub struct PostgresConnection {
     /// `postgres://user:password@host:port/database` URL; use a `secretKeyRef`. `sslmode` in the URL is
     /// honoured (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`).
     pub url: ValueSource,
-    /// Pool size per pod. Defaults to 10.
+    /// Connections per pod: two command writers (one below 6) and a pool with the rest, at least 4 (the
+    /// relay's listener and its two loops, and one for lookups and cleanup); each application outbox table
+    /// relayed needs 2 more. Defaults to 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_connections: Option<u32>,

@@ -108,7 +108,7 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
         for (i, route) in spec.routes.iter().enumerate() {
             for (field, value) in [("pathPrefix", &route.matches.path_prefix), ("path", &route.matches.path)] {
                 if let Some(value) = value
-                    && (value.trim_end_matches('/') == "/commands" || value.starts_with("/commands/"))
+                    && under_commands(value)
                 {
                     c.push(
                         format!("spec.routes[{i}].match.{field}"),
@@ -174,6 +174,11 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
         schema(&mut out, "AuthPolicy", &format!("AuthPolicy/{}", p.name_any()), p);
     }
     out
+}
+
+/// Whether `path` lies under `/commands`, which a Middleware's commands serve once it defines any.
+pub(crate) fn under_commands(path: &str) -> bool {
+    path.trim_end_matches('/') == "/commands" || path.starts_with("/commands/")
 }
 
 fn route_rules(c: &mut Collector<'_>, at: &str, route: &Route) {
@@ -366,20 +371,21 @@ mod tests {
                 "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop}}\nspec:\n  connections:\n    postgres: {{url: {{value: 'postgres://x'}}}}\n    kafka: {{bootstrapServers: {{value: 127.0.0.1:9092}}}}\n  routes:\n    - {{name: a, match: {{pathPrefix: /commands}}, upstream: {{url: 'http://x'}}}}\n    - {{name: b, match: {{path: /commands/place-order}}, upstream: {{url: 'http://x'}}}}\n    - {{name: c, match: {{pathPrefix: /commandsx}}, upstream: {{url: 'http://x'}}}}\n    - {{name: d, match: {{pathPrefix: /}}, upstream: {{url: 'http://x'}}}}\n{commands}"
             )
         };
-        let found: Vec<String> = validate(&bundle(&yaml(
-            "  commands:\n    - {name: place-order, event: {topic: orders, type: order.placed}}\n",
-        )))
-        .iter()
-        .map(|v| format!("{}: {}", v.path, v.message))
-        .collect();
+        let ingest = "---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {name: e}\nspec:\n  targetRefs: [{name: shop}]\n  source: {http: {path: /commands/place-order}}\n  destination: {kafka: {topic: orders}}\n";
+        let commands = "  commands:\n    - {name: place-order, event: {topic: orders, type: order.placed}}\n";
+        let found: Vec<String> = validate(&bundle(&(yaml(commands) + ingest)))
+            .iter()
+            .map(|v| format!("{} {}: {}", v.resource, v.path, v.message))
+            .collect();
         assert_eq!(
             found,
             [
-                "spec.routes[0].match.pathPrefix: \"/commands\" is under /commands, which spec.commands serves; give the route another path",
-                "spec.routes[1].match.path: \"/commands/place-order\" is under /commands, which spec.commands serves; give the route another path",
+                "Middleware/shop spec.routes[0].match.pathPrefix: \"/commands\" is under /commands, which spec.commands serves; give the route another path",
+                "Middleware/shop spec.routes[1].match.path: \"/commands/place-order\" is under /commands, which spec.commands serves; give the route another path",
+                "EventRoute/e spec: spec.source.http.path: \"/commands/place-order\" is under /commands, which the commands of Middleware \"shop\" serve; give the route another path",
             ]
         );
-        assert_eq!(validate(&bundle(&yaml(""))), vec![], "without commands the paths are the routes'");
+        assert_eq!(validate(&bundle(&(yaml("") + ingest))), vec![], "without commands the paths are the routes'");
     }
 
     #[test]

@@ -415,8 +415,16 @@ async fn validate_request(request: Request<Body>, next: Next) -> Response {
     {
         return next.run(request).await;
     }
+    // A command's schema is the command's, not that of the route the data plane made for it.
+    let command = match &route.endpoint {
+        Some(crate::runtime::Endpoint::Command(command)) => Some(command.clone()),
+        _ => None,
+    };
     let invalid = |detail: String, errors: Vec<FieldProblem>| {
         route.metrics.gateway_errors.with_label_values(&[&route.name, "invalid_body"]).inc();
+        if let Some(command) = &command {
+            route.metrics.commands.with_label_values(&[&command.name, "invalid"]).inc();
+        }
         Problem::new(kinds::INVALID_BODY, detail).with_errors(errors).into_response()
     };
     let (parts, body) = request.into_parts();
@@ -456,7 +464,11 @@ async fn validate_request(request: Request<Body>, next: Next) -> Response {
         }
     };
     if !errors.is_empty() {
-        return invalid(format!("{} violation(s) of the schema of route {}", errors.len(), route.name), errors);
+        let of = match &command {
+            Some(command) => format!("command {}", command.name),
+            None => format!("route {}", route.name),
+        };
+        return invalid(format!("{} violation(s) of the schema of {of}", errors.len()), errors);
     }
     next.run(Request::from_parts(parts, Body::from(bytes))).await
 }

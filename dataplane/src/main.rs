@@ -218,6 +218,8 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
         http = %http_address,
         admin = %admin_listener.local_addr()?,
         routes = loaded.bundle.middleware.spec.routes.len(),
+        commands = loaded.bundle.middleware.spec.commands.len(),
+        event_routes = loaded.bundle.event_routes.len(),
         "serving"
     );
 

@@ -127,6 +127,12 @@ async fn a_command_is_recorded_with_its_event_and_relayed_to_kafka_with_idempote
     let bad_id = get(&gw.url("/commands/not-an-id")).await;
     assert_eq!(bad_id.status, StatusCode::NOT_FOUND);
     assert_eq!(gw.metric("umw_gateway_errors_total", &["route=\"commands-status\"", "kind=\"not_found\""]).await, 2.0);
+    assert!(invalid.json()["detail"].as_str().unwrap().contains("schema of command place-order"), "{}", invalid.text());
+    assert_eq!(
+        gw.metric("umw_commands_total", &["command=\"place-order\"", "outcome=\"invalid\""]).await,
+        3.0,
+        "two bodies the schema refuses and a bad key"
+    );
     assert_eq!(pg.sql("SELECT count(*) FROM umw_commands"), "1", "nothing recorded for bad input");
 
     // Without a key: every request is a new command.

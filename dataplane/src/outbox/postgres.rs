@@ -86,7 +86,7 @@ impl Database {
         let timeout_ms = settings.statement_timeout.as_millis().to_string();
         options = options.application_name("umw-dataplane").options([("statement_timeout", timeout_ms.as_str())]);
         // The command writers own their connections; the pool has the rest of maxConnections.
-        let pooled = settings.max_connections.saturating_sub(writers(settings.max_connections) as u32).max(2);
+        let pooled = settings.max_connections.saturating_sub(writers(settings.max_connections) as u32).max(MIN_POOL);
         let pool = PgPoolOptions::new()
             .max_connections(pooled)
             .min_connections(0)
@@ -350,14 +350,18 @@ struct Pending {
     done: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
 }
 
-/// How many command writers (each with its own connection) for a connection budget: two (one below four
-/// connections). A writer takes every command queued when it starts a statement, so more writers do not
-/// write more: they split the same commands into more statements and more WAL flushes (measured in
-/// docs/benchmarks.md: 2 writers accepted twice the commands/s of 32, at a third of the latency). Two let one
-/// statement be prepared while the other waits for its flush.
+/// How many command writers (each with its own connection) for a connection budget: two (one below
+/// [`MIN_POOL`] + 2). A writer takes every command queued when it starts a statement, so more writers do not
+/// write more: they split the same commands into more statements and more WAL flushes (docs/benchmarks.md:
+/// 2 writers accepted twice the commands/s of 32). One writer measured about the same as two; the second
+/// keeps commands flowing while the other waits on a slow flush or reconnects.
 pub fn writers(max_connections: u32) -> usize {
-    if max_connections < 4 { 1 } else { 2 }
+    if max_connections < MIN_POOL + 2 { 1 } else { 2 }
 }
+
+/// The fewest pooled connections: the relay's LISTEN connection, its two loops (each holds a transaction
+/// while publishing), and one for cleanup, gauges, idempotency checks and `GET /commands/{id}`.
+pub const MIN_POOL: u32 = 4;
 
 /// Most commands written by one statement.
 const GROUP: usize = 256;
