@@ -107,7 +107,7 @@ async fn a_thousand_concurrent_misses_make_one_upstream_request() {
         up.hits(),
         gw.metrics().await.lines().filter(|l| l.starts_with("umw_cache")).collect::<Vec<_>>().join("\n")
     );
-    assert_eq!(bodies.len(), 1, "everyone got the one response");
+    assert_eq!(bodies.len(), up.hits(), "everyone got the response of the one upstream request (or the extra one)");
     let coalesced = gw.metric("umw_cache_requests_total", &["result=\"coalesced\""]).await;
     let hits = gw.metric("umw_cache_requests_total", &["result=\"hit\""]).await;
     assert_eq!(coalesced + hits, 1000.0 - up.hits() as f64, "the others waited for it or found it stored");

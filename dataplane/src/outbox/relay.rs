@@ -111,7 +111,15 @@ impl Relay {
         health: Health,
     ) -> Self {
         let stopping = Arc::new(AtomicBool::new(false));
-        let inner = Arc::new(Inner { source, sink, settings, metrics, health, stopping: stopping.clone() });
+        let inner = Arc::new(Inner {
+            source,
+            sink,
+            settings,
+            metrics,
+            health,
+            stopping: stopping.clone(),
+            down: AtomicBool::new(false),
+        });
         let tasks = (0..LOOPS).map(|_| tokio::spawn(inner.clone().run())).collect();
         let housekeeping = tokio::spawn(inner.housekeeping());
         Self { stopping, tasks, housekeeping: Some(housekeeping) }
@@ -147,6 +155,8 @@ struct Inner {
     metrics: Metrics,
     health: Health,
     stopping: Arc<AtomicBool>,
+    /// Whether the last failure of an operation on the table has not been followed by a success yet.
+    down: AtomicBool,
 }
 
 impl Inner {
@@ -163,10 +173,8 @@ impl Inner {
                     continue;
                 }
             };
-            if failures > 0 {
-                failures = 0;
-                self.health.set(&self.component(), State::Up, format!("relaying {} again", self.source.name()), false);
-            }
+            failures = 0;
+            self.recovered();
             if claim.rows().is_empty() {
                 drop(claim);
                 self.source.wait(self.settings.poll_interval).await;
@@ -179,6 +187,7 @@ impl Inner {
             let idle = outcomes.iter().all(|o| *o == Outcome::Skipped) && unavailable.is_none();
             match claim.finish(outcomes).await {
                 Ok(()) => {
+                    self.recovered();
                     self.metrics.outbox_published.with_label_values(&[&table]).inc_by(counts.published);
                     self.metrics.outbox_dead.with_label_values(&[&table]).inc_by(counts.dead);
                     if counts.dead > 0 {
@@ -216,9 +225,18 @@ impl Inner {
 
     fn store_failed(&self, operation: &str, error: &StoreError, failures: u32) {
         self.metrics.postgres_errors.with_label_values(&[operation]).inc();
+        self.down.store(true, Ordering::Relaxed);
         self.health.set(&self.component(), State::Down, error.to_string(), false);
         if failures <= 1 || failures.is_multiple_of(60) {
             tracing::warn!(table = %self.source.name(), operation, %error, failures, "the outbox relay cannot use its table");
+        }
+    }
+
+    /// Marks the component up again after a failure, whichever operation (a loop's claim or mark, or
+    /// housekeeping) failed and whichever succeeds.
+    fn recovered(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            self.health.set(&self.component(), State::Up, format!("relaying {} again", self.source.name()), false);
         }
     }
 
@@ -300,6 +318,7 @@ impl Inner {
         loop {
             match self.source.depth().await {
                 Ok((depth, age)) => {
+                    self.recovered();
                     self.metrics.outbox_depth.with_label_values(&[&table]).set(depth);
                     self.metrics.outbox_oldest_age.with_label_values(&[&table]).set(age);
                 }
@@ -360,5 +379,75 @@ mod tests {
         for n in [10, 100, u32::MAX] {
             assert!(backoff(n, first, longest) <= longest);
         }
+    }
+
+    /// A table whose claims always work and whose depth query fails the first `failing` times.
+    struct Flaky {
+        failing: std::sync::atomic::AtomicU32,
+    }
+
+    struct Empty;
+
+    impl Claim for Empty {
+        fn rows(&self) -> &[Row] {
+            &[]
+        }
+        fn finish(self: Box<Self>, _: Vec<Outcome>) -> BoxFuture<'static, Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    impl Source for Flaky {
+        fn name(&self) -> &str {
+            super::super::COMMANDS_TABLE
+        }
+        fn claim(&self, _: u32) -> BoxFuture<'_, Result<Box<dyn Claim>, StoreError>> {
+            Box::pin(async { Ok(Box::new(Empty) as Box<dyn Claim>) })
+        }
+        fn wait(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+            Box::pin(tokio::time::sleep(timeout))
+        }
+        fn cleanup(&self, _: Duration) -> BoxFuture<'_, Result<u64, StoreError>> {
+            Box::pin(async { Ok(0) })
+        }
+        fn depth(&self) -> BoxFuture<'_, Result<(i64, f64), StoreError>> {
+            let failed = self.failing.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+            Box::pin(async move {
+                if failed { Err(StoreError::Unavailable("connection reset".into())) } else { Ok((0, 0.0)) }
+            })
+        }
+    }
+
+    struct Nowhere;
+
+    impl Sink for Nowhere {
+        fn publish<'a>(&'a self, _: &'a Record) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn state(health: &Health) -> Option<State> {
+        health.components().into_iter().find(|c| c.name == super::super::COMPONENT).map(|c| c.state)
+    }
+
+    #[tokio::test]
+    async fn a_failure_outside_the_loops_is_cleared_by_the_next_success() {
+        let health = Health::default();
+        let settings = Settings {
+            batch: 10,
+            max_attempts: 3,
+            poll_interval: Duration::from_millis(100),
+            retention: Duration::from_secs(60),
+        };
+        let source = Arc::new(Flaky { failing: 1.into() });
+        let metrics = Metrics::new().unwrap();
+        let relay = Relay::start(source, Arc::new(Nowhere), settings, metrics.clone(), health.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(metrics.postgres_errors.with_label_values(&["depth"]).get(), 1, "the depth query failed once");
+        // The loops' claims kept working: the component is up again, not left down until a loop fails.
+        assert_eq!(state(&health), Some(State::Up));
+        tokio::time::sleep(MEASURE_EVERY + Duration::from_millis(500)).await;
+        assert_eq!(state(&health), Some(State::Up));
+        relay.stop(Duration::from_secs(1)).await;
     }
 }
