@@ -225,8 +225,9 @@ impl Inner {
 
     fn store_failed(&self, operation: &str, error: &StoreError, failures: u32) {
         self.metrics.postgres_errors.with_label_values(&[operation]).inc();
-        self.down.store(true, Ordering::Relaxed);
         self.health.set(&self.component(), State::Down, error.to_string(), false);
+        // After the state: a success racing with this failure then still finds the flag and clears it.
+        self.down.store(true, Ordering::Relaxed);
         if failures <= 1 || failures.is_multiple_of(60) {
             tracing::warn!(table = %self.source.name(), operation, %error, failures, "the outbox relay cannot use its table");
         }
