@@ -417,7 +417,7 @@ async fn validate_request(request: Request<Body>, next: Next) -> Response {
     }
     // A command's schema is the command's, not that of the route the data plane made for it.
     let command = match &route.endpoint {
-        Some(crate::runtime::Endpoint::Command(command)) => Some(command.clone()),
+        Some(crate::runtime::Endpoint::Command(command)) => Some(command),
         _ => None,
     };
     let invalid = |detail: String, errors: Vec<FieldProblem>| {

@@ -21,11 +21,8 @@ done
 cargo build -q --release -p umw-dataplane --bin umw-dataplane --example demo-upstream
 DP="$TARGET/release/umw-dataplane"
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+# shellcheck source=lib.sh
+. "$ROOT/e2e/bench/lib.sh"
 
 UP=$(free_port); SLOW=$(free_port); NGX=$(free_port); MEM=$(free_port); RED=$(free_port); REDIS=$(free_port)
 A1=$(free_port); A2=$(free_port)

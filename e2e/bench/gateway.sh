@@ -25,15 +25,8 @@ cargo build -q --release -p umw-dataplane --bin umw-dataplane -p umw-e2e --bin u
 DP="$TARGET/release/umw-dataplane"
 LOAD="$TARGET/release/umw-load"
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+# shellcheck source=lib.sh
+. "$ROOT/e2e/bench/lib.sh"
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 nginx_rss_kib() { local total=0; for p in $(pgrep -f "nginx.*$1"); do total=$((total + $(rss_kib "$p"))); done; echo "$total"; }

@@ -1,5 +1,5 @@
 # Sourced by the benchmarks that need a Kafka broker and the release data plane (events.sh, commands.sh):
-# fetches Kafka, builds the release binaries, and defines the work directory, its cleanup and the helpers.
+# fetches Kafka and builds the release binaries; lib.sh gives the work directory, its cleanup and the helpers.
 # Expects ROOT and TARGET.
 KAFKA="$ROOT/e2e/testenv/kafka.sh"
 bash "$KAFKA" fetch
@@ -8,12 +8,5 @@ cargo build -q --release -p umw-e2e --bin umw-load
 DP="$TARGET/release/umw-dataplane"
 LOAD="$TARGET/release/umw-load"
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_for() { # FILE PATTERN SECONDS
-  for _ in $(seq 1 $(($3 * 10))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "timed out waiting for '$2' in $1" >&2; exit 1
-}
+# shellcheck source=lib.sh
+. "$ROOT/e2e/bench/lib.sh"

@@ -660,11 +660,10 @@ async fn a_statement_past_its_timeout_is_cancelled_and_the_command_answered_503(
             == "1"
     })
     .await;
-    let started = std::time::Instant::now();
+    // Without the timeout the insert would wait for the lock and be answered 202 once it is released.
     let cancelled = post_command(&gw, "place-order", None, r#"{"orderId": "o-2", "sku": "tea"}"#).await;
     assert_eq!(cancelled.status, StatusCode::SERVICE_UNAVAILABLE, "{}", cancelled.text());
     assert!(cancelled.headers.contains_key("retry-after"));
-    assert!(started.elapsed() < Duration::from_secs(5), "answered before the lock was released");
     assert_eq!(gw.metric("umw_commands_total", &["outcome=\"unavailable\""]).await, 1.0);
     assert!(gw.metric("umw_postgres_errors_total", &["operation=\"command\""]).await >= 1.0);
     assert_eq!(pg.sql("SELECT count(*) FROM umw_commands"), "1", "nothing of the cancelled command recorded");
