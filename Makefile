@@ -2,7 +2,7 @@
 SHELL := bash
 CARGO ?= cargo
 
-.PHONY: help run dev test testenv build lint crds bench bench-gateway bench-cache bench-events bench-commands clean-testenv
+.PHONY: help run dev test testenv images build lint crds bench bench-gateway bench-cache bench-events bench-commands clean-testenv
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -11,16 +11,23 @@ run: ## The data plane alone on examples/shop/ with a demo upstream: http://127.
 	$(CARGO) build -p umw-dataplane --bin umw-dataplane --example demo-upstream
 	bash dataplane/run-local.sh
 
-dev: build ## Local control plane, process kubelet, operator and data-plane pods, examples/shop/ applied
-	bash e2e/testenv/dev.sh
+# NODE=real: a real kubelet on containerd runs the images (make images), and the chart installs the operator.
+NODE ?= process
 
-test: testenv lint build ## Everything: formatting, lints, unit tests, CRD drift, e2e against a real control plane
+dev: build $(if $(filter real,$(NODE)),images) ## Local control plane, operator, data-plane pods, examples/shop/ applied (NODE=real: on a real kubelet, from the images)
+	UMW_DEV_NODE=$(NODE) bash e2e/testenv/dev.sh
+
+test: testenv lint build images ## Everything: formatting, lints, unit tests, CRD drift, e2e against a real control plane and a real node
 	bash e2e/testenv/cargo-test.sh
 
-testenv: ## Build (once, cached) etcd, kube-apiserver, kube-controller-manager, kubectl and helm; fetch Apache Kafka from Maven Central; install redis-server
+testenv: ## Build (once, cached) the control plane, kubelet, CoreDNS, kubectl and helm; fetch Apache Kafka from Maven Central; install the Debian packages the tests use
 	bash e2e/testenv/packages.sh
 	bash e2e/testenv/build-tools.sh
 	bash e2e/testenv/kafka.sh fetch
+
+images: ## Build both images from their Dockerfiles with buildah (base images made from Debian packages; cached)
+	bash e2e/testenv/packages.sh
+	bash e2e/testenv/images.sh build
 
 build: ## Build the binaries (and the demo upstream)
 	$(CARGO) build --workspace --bins --examples

@@ -7,6 +7,7 @@
 //! `e2e/testenv/build-tools.sh` (`make testenv`). It stops by itself when the test binary exits.
 
 pub mod kubelet;
+pub mod node;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -26,6 +27,8 @@ pub fn repo_root() -> PathBuf {
 pub struct ControlPlane {
     pub dir: PathBuf,
     pub bin: PathBuf,
+    /// The real node joined to it, in the real-node lane ([`node::real_node`]).
+    pub node: Option<node::Node>,
 }
 
 static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
@@ -39,9 +42,10 @@ fn tool_bin_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
-/// Starts the control plane on first use; later calls return the same one.
+/// Starts the control plane on first use; later calls return the same one (with its node, when the
+/// real-node lane started it).
 pub fn control_plane() -> &'static ControlPlane {
-    CONTROL_PLANE.get_or_init(|| match start_control_plane() {
+    CONTROL_PLANE.get_or_init(|| match start_control_plane(false) {
         Ok(cp) => cp,
         Err(error) => panic!(
             "no test control plane: {error:#}\n\
@@ -51,7 +55,7 @@ pub fn control_plane() -> &'static ControlPlane {
     })
 }
 
-fn start_control_plane() -> anyhow::Result<ControlPlane> {
+fn start_control_plane(with_node: bool) -> anyhow::Result<ControlPlane> {
     let bin = tool_bin_dir()?;
     for tool in ["etcd", "kube-apiserver", "kube-controller-manager", "kubectl"] {
         if !bin.join(tool).exists() {
@@ -59,17 +63,20 @@ fn start_control_plane() -> anyhow::Result<ControlPlane> {
         }
     }
     let dir = std::env::temp_dir().join(format!("umw-e2e-{}", std::process::id()));
-    let status = Command::new("bash")
-        .arg(repo_root().join("e2e/testenv/up.sh"))
+    let mut up = Command::new("bash");
+    up.arg(repo_root().join("e2e/testenv/up.sh"))
         .args([&dir.to_string_lossy(), "--owner-pid", &std::process::id().to_string()])
         // The directory goes when the test binary exits, unless a failing test marks it to keep.
-        .env("UMW_TESTENV_REMOVE", "1")
-        .status()
-        .context("running e2e/testenv/up.sh")?;
+        .env("UMW_TESTENV_REMOVE", "1");
+    if with_node {
+        up.arg("--node");
+    }
+    let status = up.status().context("running e2e/testenv/up.sh")?;
     if !status.success() {
         bail!("e2e/testenv/up.sh failed ({status}); see the logs in {}", dir.display());
     }
-    let cp = ControlPlane { dir, bin };
+    let node = if with_node { Some(read_node(&dir)?) } else { None };
+    let cp = ControlPlane { dir, bin, node };
     let out =
         cp.kubectl(&["apply", "--server-side", "-f", &repo_root().join("crds/manifests/crds.yaml").to_string_lossy()]);
     if !out.status.success() {
@@ -91,6 +98,21 @@ fn start_control_plane() -> anyhow::Result<ControlPlane> {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     Ok(cp)
+}
+
+/// The node's address and containerd socket, from the `UMW_NODE_*` lines `node.sh` wrote to DIR/env.
+fn read_node(dir: &Path) -> anyhow::Result<node::Node> {
+    let env = std::fs::read_to_string(dir.join("env")).context("reading the control plane's env file")?;
+    let value = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .map(str::to_string)
+            .with_context(|| format!("{name} is not in {}", dir.join("env").display()))
+    };
+    Ok(node::Node {
+        ip: value("UMW_NODE_IP")?.parse().context("UMW_NODE_IP")?,
+        containerd: value("UMW_NODE_CONTAINERD")?.into(),
+    })
 }
 
 impl ControlPlane {
@@ -176,6 +198,20 @@ impl TestNamespace {
         let out = cp.kubectl(&["create", "namespace", &name]);
         assert!(out.status.success(), "creating namespace {name}: {}", String::from_utf8_lossy(&out.stderr));
         Self { name }
+    }
+
+    /// A namespace with exactly this name (e.g. one an example refers to).
+    pub fn named(name: &str) -> Self {
+        let out = control_plane().kubectl(&["create", "namespace", name]);
+        assert!(out.status.success(), "creating namespace {name}: {}", String::from_utf8_lossy(&out.stderr));
+        Self { name: name.to_string() }
+    }
+
+    /// `kubectl get OBJECT -o jsonpath=PATH` in this namespace.
+    pub fn jsonpath(&self, object: &str, path: &str) -> String {
+        let out = self.kubectl(&["get", object, "-o", &format!("jsonpath={path}")]);
+        assert!(out.status.success(), "kubectl get {object}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// `kubectl apply` of a YAML document in this namespace; returns the output.
@@ -271,6 +307,11 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub async fn start(name: &'static str) -> Self {
+        Self::start_on(name, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// Like [`start`](Self::start), listening on `ip` (e.g. the real node's address, which pods reach).
+    pub async fn start_on(name: &'static str, ip: std::net::Ipv4Addr) -> Self {
         use std::sync::atomic::Ordering;
         let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = hits.clone();
@@ -281,7 +322,7 @@ impl TestUpstream {
                 axum::Json(serde_json::json!({ "upstream": name, "path": uri.path() }))
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("a port on the test address");
         let address = listener.local_addr().expect("an address");
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds, once, the real Kubernetes control-plane binaries and the tools the tests use, from the Go module
+# Builds, once, the real Kubernetes control-plane and node binaries and the tools the tests use, from the Go module
 # proxy, and caches them by version under ${UMW_TESTENV_CACHE}. Idempotent: a warm cache returns at once.
 #
 #   e2e/testenv/build-tools.sh            # build whatever is missing
@@ -70,6 +70,57 @@ build_helm() {
   log "helm v$HELM_VERSION built in $((SECONDS - t0))s"
 }
 
+# The real node (e2e/testenv/node.sh): kubelet, kube-scheduler and kube-proxy, from the same module and
+# with the same flags as the control plane, so that the Go build cache it left makes this quick.
+build_node() {
+  if have kubelet && have kube-scheduler && have kube-proxy; then return; fi
+  log "building kubelet, kube-scheduler and kube-proxy v$K8S_VERSION"
+  local t0=$SECONDS dir minor p=k8s.io/kubernetes/cmd
+  dir="$UMW_TESTENV_CACHE/build/kubernetes-$K8S_VERSION"
+  [ -f "$dir/go.mod" ] || { rm -f "$UMW_TESTENV_BIN/kube-apiserver"; build_kubernetes; }
+  cd "$dir"
+  go get "$p/kubelet@v$K8S_VERSION" "$p/kube-scheduler@v$K8S_VERSION" "$p/kube-proxy@v$K8S_VERSION"
+  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  local v="-X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+  v="$v -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  go build -p 2 -trimpath -ldflags "-s -w $v" -o "$UMW_TESTENV_BIN/" "$p/kubelet" "$p/kube-scheduler" "$p/kube-proxy"
+  log "kubelet, kube-scheduler and kube-proxy v$K8S_VERSION built in $((SECONDS - t0))s"
+}
+
+# The real node's cluster DNS: CoreDNS with only the plugins it uses (a main of our own, as CoreDNS
+# documents for custom builds), so that the cloud providers' SDKs are not compiled.
+build_coredns() {
+  if have "coredns-$COREDNS_VERSION"; then return; fi
+  log "building CoreDNS v$COREDNS_VERSION"
+  local t0=$SECONDS dir
+  dir=$(scratch "coredns-$COREDNS_VERSION")
+  cd "$dir"
+  printf 'module local/corednsbuild\n\ngo 1.25.0\n' > go.mod
+  cat > main.go <<'GO'
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+)
+
+// The plugins, in CoreDNS's own order (core/dnsserver/zdirectives.go).
+func init() { dnsserver.Directives = []string{"bind", "errors", "log", "cache", "kubernetes"} }
+
+func main() { coremain.Run() }
+GO
+  go get "github.com/coredns/coredns@v$COREDNS_VERSION"
+  go mod tidy
+  go build -p 2 -trimpath -ldflags "-s -w" -o "$UMW_TESTENV_BIN/coredns-$COREDNS_VERSION" .
+  log "CoreDNS v$COREDNS_VERSION built in $((SECONDS - t0))s"
+}
+
 case "${1:-}" in
   --print) echo "$UMW_TESTENV_BIN"; exit 0 ;;
 esac
@@ -77,4 +128,6 @@ esac
 build_etcd
 build_kubernetes
 build_helm
+build_node
+build_coredns
 log "tools ready in $UMW_TESTENV_BIN"

@@ -2,8 +2,10 @@
 # Starts and stops a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) on
 # loopback ports chosen at run time, as controller-runtime's envtest does, plus the controllers.
 #
-#   controlplane.sh start DIR [--owner-pid PID]   # writes DIR/kubeconfig, DIR/env; with --owner-pid the
-#                                                 # control plane stops by itself when PID exits
+#   controlplane.sh start DIR [--owner-pid PID] [--address IP]
+#       writes DIR/kubeconfig, DIR/env; with --owner-pid the control plane stops by itself when PID exits;
+#       with --address the API server listens on IP (an address of the real node's bridge, which pods
+#       reach) instead of 127.0.0.1
 #   controlplane.sh stop DIR
 #
 # With UMW_TESTENV_REMOVE=1 and --owner-pid, DIR is removed after the stop unless DIR/keep exists.
@@ -23,7 +25,13 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
 
+# Everything: a real node first (node.sh), while the pods' mounts are still there to be undone.
 stop() {
+  if [ -d "$1/node" ]; then bash "$HERE/node.sh" stop "$1" || true; fi
+  stop_controlplane "$1"
+}
+
+stop_controlplane() {
   local dir=$1 pid
   # Data-plane processes of the process kubelet, should it have died without stopping them.
   for file in "$dir"/pods/*/dataplane.pid; do
@@ -44,14 +52,14 @@ stop() {
 }
 
 write_kubeconfig() {
-  local file=$1 user=$2 port=$3 dir=$4
+  local file=$1 user=$2 port=$3 dir=$4 address=${5:-127.0.0.1}
   cat > "$file" <<KC
 apiVersion: v1
 kind: Config
 clusters:
 - name: umw-test
   cluster:
-    server: https://127.0.0.1:$port
+    server: https://$address:$port
     certificate-authority: $dir/pki/ca.crt
 users:
 - name: $user
@@ -66,13 +74,13 @@ KC
 }
 
 certs() {
-  local pki=$1
+  local pki=$1 address=$2
   mkdir -p "$pki"; cd "$pki"
   openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj "/CN=umw-test-ca" 2>/dev/null
   openssl genrsa -out sa.key 2048 2>/dev/null
   openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
   cat > serving.ext <<EXT
-subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
+subjectAltName=IP:$address,IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
 extendedKeyUsage=serverAuth
 EXT
   openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
@@ -86,15 +94,15 @@ EXT
 }
 
 start() {
-  local dir=$1 owner=${2:-}
+  local dir=$1 owner=${2:-} address=${3:-127.0.0.1}
   for b in etcd kube-apiserver kube-controller-manager kubectl; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is missing: run e2e/testenv/build-tools.sh (make testenv) first"
   done
   command -v openssl >/dev/null || die "openssl is missing (apt-get install openssl)"
   mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
-  stop "$dir"
+  stop_controlplane "$dir"
   rm -rf "$dir/etcd-data" "$dir/pki" "$dir"/*.log
-  certs "$dir/pki"
+  certs "$dir/pki" "$address"
 
   local etcd_port peer_port api_port
   etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
@@ -120,7 +128,7 @@ AP
 
   setsid "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address "$address" --advertise-address "$address" --secure-port "$api_port" \
     --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
     --client-ca-file "$dir/pki/ca.crt" \
     --service-cluster-ip-range 10.0.0.0/24 \
@@ -134,8 +142,8 @@ AP
     --v=1 > "$dir/kube-apiserver.log" 2>&1 &
   echo $! > "$dir/kube-apiserver.pid"
 
-  write_kubeconfig "$dir/kubeconfig" admin "$api_port" "$dir"
-  write_kubeconfig "$dir/operator.kubeconfig" umw-operator "$api_port" "$dir"
+  write_kubeconfig "$dir/kubeconfig" admin "$api_port" "$dir" "$address"
+  write_kubeconfig "$dir/operator.kubeconfig" umw-operator "$api_port" "$dir" "$address"
 
   local ok=""
   for _ in $(seq 1 240); do
@@ -145,7 +153,7 @@ AP
   done
   if [ -z "$ok" ]; then
     tail -30 "$dir/kube-apiserver.log" >&2 || true
-    stop "$dir"; die "kube-apiserver did not become ready (log: $dir/kube-apiserver.log)"
+    stop_controlplane "$dir"; die "kube-apiserver did not become ready (log: $dir/kube-apiserver.log)"
   fi
 
   setsid "$BIN/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
@@ -153,7 +161,7 @@ AP
     --leader-elect=false --secure-port 0 \
     --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
     --controllers '*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route' \
-    --concurrent-gc-syncs 5 \
+    --concurrent-gc-syncs 5 --flex-volume-plugin-dir "$dir/flex-volume-plugins" \
     --v=1 > "$dir/kube-controller-manager.log" 2>&1 &
   echo $! > "$dir/kube-controller-manager.pid"
 
@@ -168,19 +176,29 @@ ENV
     # UMW_TESTENV_REMOVE=1 the directory goes too, unless something left a file named `keep` in it (the e2e
     # harness does when a test fails, so that its logs stay for reading).
     local remove=""
-    [ "${UMW_TESTENV_REMOVE:-}" = 1 ] && remove="[ -e '$dir/keep' ] || rm -rf '$dir'"
-    setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; rm -f '$dir/reaper.pid'; '$HERE/controlplane.sh' stop '$dir'; $remove" \
+    # (Never while something is still mounted under it.)
+    [ "${UMW_TESTENV_REMOVE:-}" = 1 ] &&
+      remove="[ -e '$dir/keep' ] || grep -qF ' $dir/' /proc/self/mounts || rm -rf '$dir'"
+    # (DIR/stopping holds the reaper's pid while it stops everything, for whoever waits for that.)
+    setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; rm -f '$dir/reaper.pid'; echo \$\$ > '$dir/stopping'; '$HERE/controlplane.sh' stop '$dir'; rm -f '$dir/stopping'; $remove" \
       > /dev/null 2>&1 < /dev/null &
     echo $! > "$dir/reaper.pid"
   fi
-  log "control plane up: KUBECONFIG=$dir/kubeconfig (kube-apiserver https://127.0.0.1:$api_port)"
+  log "control plane up: KUBECONFIG=$dir/kubeconfig (kube-apiserver https://$address:$api_port)"
 }
 
 case "${1:-}" in
   start)
-    [ $# -ge 2 ] || die "usage: $0 start DIR [--owner-pid PID]"
-    owner=""; [ "${3:-}" = "--owner-pid" ] && owner=${4:-}
-    start "$2" "$owner" ;;
+    [ $# -ge 2 ] || die "usage: $0 start DIR [--owner-pid PID] [--address IP]"
+    dir=$2; owner=""; address=127.0.0.1; shift 2
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --owner-pid) owner=$2; shift 2 ;;
+        --address) address=$2; shift 2 ;;
+        *) die "unknown option $1" ;;
+      esac
+    done
+    start "$dir" "$owner" "$address" ;;
   stop)
     [ $# -ge 2 ] || die "usage: $0 stop DIR"
     stop "$2"; log "control plane in $2 stopped" ;;

@@ -4,6 +4,8 @@
 # a Kafka broker, a PostgreSQL, and examples/shop/ applied. Ctrl-C stops everything.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# `make dev NODE=real`: on a real kubelet, from the images (dev-node.sh).
+[ "${UMW_DEV_NODE:-process}" = real ] && exec bash "$HERE/dev-node.sh"
 ROOT="$(cd "$HERE/../.." && pwd)"
 DIR="${UMW_DEV_DIR:-$ROOT/.dev}"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug"

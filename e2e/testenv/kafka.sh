@@ -6,7 +6,8 @@
 #   kafka.sh fetch                                   # copy the jars into the cache, once
 #   kafka.sh --print-lib                             # print the lib directory (fetching it if missing)
 #   kafka.sh start DIR PORT CONTROLLER_PORT          # run a broker on 127.0.0.1:PORT in the foreground
-#                                                    # (KAFKA_SASL_PLAIN_USERS="u:p ..." for SASL/PLAIN,
+#                                                    # (KAFKA_HOST=address to listen there instead,
+#                                                    # KAFKA_SASL_PLAIN_USERS="u:p ..." for SASL/PLAIN,
 #                                                    # KAFKA_TLS_DIR=dir with server.pem and ca.crt for TLS)
 #   kafka.sh topics BOOTSTRAP ARGS...                # org.apache.kafka.tools.TopicCommand
 #   kafka.sh perf-producer BOOTSTRAP ARGS...         # org.apache.kafka.tools.ProducerPerformance
@@ -53,14 +54,14 @@ cluster_id() {
 }
 
 write_config() {
-  local dir=$1 port=$2 cport=$3
+  local dir=$1 port=$2 cport=$3 host=${KAFKA_HOST:-127.0.0.1}
   mkdir -p "$dir"
   cat > "$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://$host:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://$host:$port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real, when they are missing: redis-server and openssl (the
 # cache's integration tests start private instances of it), Java and Maven (the Kafka broker of the event
-# tests), PostgreSQL (commands and the outbox; the tests start private clusters with initdb). Run as root (or with passwordless sudo); otherwise it names the command to run and fails.
+# tests), PostgreSQL (commands and the outbox; the tests start private clusters with initdb), and what
+# builds and runs the images on a real node (buildah, debootstrap, containerd, runc, the CNI plugins). Run as root (or with passwordless sudo); otherwise it names the command to run and fails.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
@@ -13,6 +14,15 @@ command -v mvn >/dev/null || missing+=(maven)
 # PostgreSQL server binaries live under /usr/lib/postgresql/<version>/bin; psql is the client.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)
+# The images and the real node (images.sh, node.sh): buildah and debootstrap build the images, containerd
+# and runc run them, the CNI plugins give pods their network, nftables holds kube-proxy's rules.
+command -v buildah >/dev/null || missing+=(buildah)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v readelf >/dev/null || missing+=(binutils)
+command -v containerd >/dev/null || missing+=(containerd)
+command -v runc >/dev/null || missing+=(runc)
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+command -v nft >/dev/null || missing+=(nftables)
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "[packages] installing ${missing[*]} from Debian" >&2
 if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else

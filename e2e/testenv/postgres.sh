@@ -5,7 +5,11 @@
 #
 #   postgres.sh start DIR PORT [name=value ...]   # initdb DIR once (user umw, password umw, database umw),
 #                                                 # then run in the foreground until SIGTERM/SIGINT
+#
+# PG_HOST=address listens there instead of 127.0.0.1 and accepts logins from that address's networks
+# (the real node's pods).
 set -euo pipefail
+HOST="${PG_HOST:-127.0.0.1}"
 BIN="${UMW_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}"
 [ -x "$BIN/postgres" ] || { echo "[postgres] no server under /usr/lib/postgresql: apt-get install postgresql (make testenv does)" >&2; exit 1; }
 OWNER=()
@@ -24,16 +28,19 @@ case "${1:-}" in
       "${OWNER[@]}" "$BIN/initdb" -D "$DIR/data" -U umw --pwfile="$DIR/password" --auth=scram-sha-256 -E UTF8 \
         --no-instructions > "$DIR/initdb.log"
     fi
+    if [ "$HOST" != 127.0.0.1 ] && ! grep -q samenet "$DIR/data/pg_hba.conf"; then
+      echo "host all all samenet scram-sha-256" >> "$DIR/data/pg_hba.conf"
+    fi
     settings=()
     for s in "$@"; do settings+=(-c "$s"); done
-    "${OWNER[@]}" "$BIN/postgres" -D "$DIR/data" -p "$PORT" -c listen_addresses=127.0.0.1 \
+    "${OWNER[@]}" "$BIN/postgres" -D "$DIR/data" -p "$PORT" -c listen_addresses="$HOST" \
       -c unix_socket_directories="$DIR" "${settings[@]}" > "$DIR/server.log" 2>&1 &
     server=$!
     trap 'kill -INT $server 2>/dev/null; wait $server' TERM INT
-    for _ in $(seq 1 300); do "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" && break; sleep 0.1; done
-    PGPASSWORD=umw psql -h 127.0.0.1 -p "$PORT" -U umw -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'umw'" | grep -q 1 ||
-      PGPASSWORD=umw psql -h 127.0.0.1 -p "$PORT" -U umw -d postgres -qc "CREATE DATABASE umw"
-    echo "[postgres] ready: postgres://umw:umw@127.0.0.1:$PORT/umw"
+    for _ in $(seq 1 300); do "$BIN/pg_isready" -q -h "$HOST" -p "$PORT" && break; sleep 0.1; done
+    PGPASSWORD=umw psql -h "$HOST" -p "$PORT" -U umw -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'umw'" | grep -q 1 ||
+      PGPASSWORD=umw psql -h "$HOST" -p "$PORT" -U umw -d postgres -qc "CREATE DATABASE umw"
+    echo "[postgres] ready: postgres://umw:umw@$HOST:$PORT/umw"
     wait $server
     ;;
   *) echo "usage: $0 start DIR PORT [name=value ...]" >&2; exit 2 ;;

@@ -14,6 +14,8 @@ use rdkafka::message::{Headers as _, Message as _};
 use crate::free_port;
 
 pub struct KafkaBroker {
+    /// The address clients connect to: 127.0.0.1 unless started with [`KafkaBroker::start_on`].
+    pub host: String,
     pub port: u16,
     controller_port: u16,
     dir: PathBuf,
@@ -48,10 +50,17 @@ fn script() -> PathBuf {
 
 impl KafkaBroker {
     pub fn start() -> Self {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// A broker whose clients connect to `host`, an address of this machine (e.g. the real node's bridge
+    /// address, which pods reach); its controller stays on loopback.
+    pub fn start_on(host: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
         let mut broker = Self {
-            port: free_port(),
+            host: host.to_string(),
+            port: crate::free_port_on(host),
             controller_port: free_port(),
             dir,
             child: None,
@@ -68,8 +77,16 @@ impl KafkaBroker {
         let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
         let sasl = Some((user.to_string(), password.to_string()));
-        let mut broker =
-            Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0, sasl, ca_cert: None };
+        let mut broker = Self {
+            host: "127.0.0.1".into(),
+            port: free_port(),
+            controller_port: free_port(),
+            dir,
+            child: None,
+            started: 0,
+            sasl,
+            ca_cert: None,
+        };
         broker.spawn();
         broker
     }
@@ -84,8 +101,16 @@ impl KafkaBroker {
         // Kafka's PEM key store: the private key and the certificate chain in one file.
         std::fs::write(certs.join("server.pem"), format!("{}{}", read("server.key"), read("server.crt"))).unwrap();
         let ca_cert = Some(read("ca.crt"));
-        let mut broker =
-            Self { port: free_port(), controller_port: free_port(), dir, child: None, started: 0, sasl: None, ca_cert };
+        let mut broker = Self {
+            host: "127.0.0.1".into(),
+            port: free_port(),
+            controller_port: free_port(),
+            dir,
+            child: None,
+            started: 0,
+            sasl: None,
+            ca_cert,
+        };
         broker.spawn();
         broker
     }
@@ -110,6 +135,7 @@ impl KafkaBroker {
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.join("broker.out")).expect("the broker's output file");
         let mut command = Command::new("bash");
+        command.env("KAFKA_HOST", &self.host);
         if let Some((user, password)) = &self.sasl {
             command.env("KAFKA_SASL_PLAIN_USERS", format!("{user}:{password}"));
         }
@@ -157,7 +183,7 @@ impl KafkaBroker {
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// Creates a topic (one replica). Blocks; runs its own client on a thread of its own.

@@ -12,8 +12,10 @@ pub mod postgres;
 pub use kafka::KafkaBroker;
 pub use postgres::PostgresServer;
 
-/// A private Redis on loopback; stopped when dropped.
+/// A private Redis on loopback (or another address of this machine); stopped when dropped.
 pub struct RedisServer {
+    /// The address it listens on: 127.0.0.1 unless started with [`RedisServer::start_on`].
+    pub host: String,
     pub port: u16,
     child: Option<Child>,
     dir: std::path::PathBuf,
@@ -63,17 +65,36 @@ pub fn make_certificates(dir: &std::path::Path) {
 }
 
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    free_port_on("127.0.0.1")
+}
+
+/// A port free on `host` (an address of this machine).
+pub(crate) fn free_port_on(host: &str) -> u16 {
+    std::net::TcpListener::bind((host, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .expect("a free loopback port")
+        .unwrap_or_else(|e| panic!("no free port on {host}: {e}"))
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// A server listening on `host`, an address of this machine (e.g. the real node's bridge address,
+    /// which pods reach).
+    pub fn start_on(host: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("umw-redis-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
-        let mut server = Self { port: free_port(), child: None, dir, extra: Vec::new(), ca_cert: None, password: None };
+        let mut server = Self {
+            host: host.to_string(),
+            port: free_port_on(host),
+            child: None,
+            dir,
+            extra: Vec::new(),
+            ca_cert: None,
+            password: None,
+        };
         server.spawn();
         server
     }
@@ -101,6 +122,7 @@ impl RedisServer {
             password.into(),
         ];
         let mut server = Self {
+            host: "127.0.0.1".into(),
             port: free_port(),
             child: None,
             dir,
@@ -122,7 +144,9 @@ impl RedisServer {
         // With TLS, the plain port is off and the TLS port is the server's port.
         let plain = if self.ca_cert.is_some() { "0".to_string() } else { self.port.to_string() };
         let child = Command::new("redis-server")
-            .args(["--port", &plain, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &plain, "--bind", &self.host, "--save", "", "--appendonly", "no"])
+            // Clients from other addresses (pods) need no password: the server binds a test address only.
+            .args(["--protected-mode", "no"])
             .args(["--dir", &self.dir.to_string_lossy()])
             .args(extra)
             .stdout(Stdio::null())
@@ -149,8 +173,8 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         match self.ca_cert {
-            Some(_) => format!("rediss://127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://{}:{}", self.host, self.port),
+            None => format!("redis://{}:{}", self.host, self.port),
         }
     }
 
@@ -208,6 +232,7 @@ impl RedisCluster {
                 let dir = std::env::temp_dir().join(format!("umw-redis-{}-{}", std::process::id(), fastrand::u32(..)));
                 std::fs::create_dir_all(&dir).expect("a temp directory");
                 let mut node = RedisServer {
+                    host: "127.0.0.1".into(),
                     port: free_port(),
                     child: None,
                     dir,

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::free_port;
-
 pub const USER: &str = "umw";
 pub const PASSWORD: &str = "umw-test-password";
 
 pub struct PostgresServer {
+    /// The address it listens on: 127.0.0.1 unless started with [`PostgresServer::start_on`].
+    pub host: String,
     pub port: u16,
     dir: PathBuf,
     bin: PathBuf,
@@ -56,18 +56,24 @@ impl PostgresServer {
         Self::start_with(&[])
     }
 
+    /// A server listening on `host`, an address of this machine (e.g. the real node's bridge address),
+    /// that accepts password logins from the networks it is on (`samenet`: the node's pods).
+    pub fn start_on(host: &str) -> Self {
+        Self::start_inner(&[], false, host)
+    }
+
     /// A server that accepts only TLS connections, with a certificate for 127.0.0.1 signed by a private
     /// authority (made with `openssl`; its certificate is [`PostgresServer::ca_cert`]).
     pub fn start_tls() -> Self {
-        Self::start_inner(&[], true)
+        Self::start_inner(&[], true, "127.0.0.1")
     }
 
     /// A server with extra settings (`name=value`, as for `postgres -c`).
     pub fn start_with(settings: &[&str]) -> Self {
-        Self::start_inner(settings, false)
+        Self::start_inner(settings, false, "127.0.0.1")
     }
 
-    fn start_inner(settings: &[&str], tls: bool) -> Self {
+    fn start_inner(settings: &[&str], tls: bool, host: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("umw-pg-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
         let owner = if is_root() {
@@ -79,7 +85,8 @@ impl PostgresServer {
             None
         };
         let mut server = Self {
-            port: free_port(),
+            host: host.to_string(),
+            port: crate::free_port_on(host),
             dir,
             bin: bin_dir(),
             child: None,
@@ -88,6 +95,12 @@ impl PostgresServer {
             ca_cert: None,
         };
         server.init();
+        if host != "127.0.0.1" {
+            let hba = server.data().join("pg_hba.conf");
+            let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+            rules.push_str("host all all samenet scram-sha-256\n");
+            std::fs::write(&hba, rules).expect("pg_hba.conf");
+        }
         if tls {
             server.enable_tls();
         }
@@ -162,7 +175,7 @@ impl PostgresServer {
         command
             .arg("-D")
             .arg(self.data())
-            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "-c", &format!("listen_addresses={}", self.host)])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.display()))
             .args(["-c", "max_connections=200", "-c", "shared_buffers=128MB"]);
@@ -178,7 +191,7 @@ impl PostgresServer {
         loop {
             let ready = self
                 .command("pg_isready")
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, "-d", "postgres", "-q"])
+                .args(["-h", &self.host, "-p", &self.port.to_string(), "-U", USER, "-d", "postgres", "-q"])
                 .status()
                 .is_ok_and(|s| s.success());
             if ready {
@@ -196,7 +209,7 @@ impl PostgresServer {
 
     /// `postgres://` URL of the database `umw`.
     pub fn url(&self) -> String {
-        format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{USER}", self.port)
+        format!("postgres://{USER}:{PASSWORD}@{}:{}/{USER}", self.host, self.port)
     }
 
     /// Runs SQL with `psql` against the database `postgres` (or `umw` once created) and returns its
@@ -207,7 +220,7 @@ impl PostgresServer {
 
     fn sql_in(&self, database: &str, sql: &str) -> String {
         let out = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, "-d", database])
+            .args(["-h", &self.host, "-p", &self.port.to_string(), "-U", USER, "-d", database])
             .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .env("PGPASSWORD", PASSWORD)
             .output()
