@@ -28,7 +28,7 @@ case "${1:-}" in
       "${OWNER[@]}" "$BIN/initdb" -D "$DIR/data" -U umw --pwfile="$DIR/password" --auth=scram-sha-256 -E UTF8 \
         --no-instructions > "$DIR/initdb.log"
     fi
-    if [ "$HOST" != 127.0.0.1 ] && ! grep -q samenet "$DIR/data/pg_hba.conf"; then
+    if [ "$HOST" != 127.0.0.1 ] && ! grep -q "^host all all samenet" "$DIR/data/pg_hba.conf"; then
       echo "host all all samenet scram-sha-256" >> "$DIR/data/pg_hba.conf"
     fi
     settings=()
@@ -36,7 +36,9 @@ case "${1:-}" in
     "${OWNER[@]}" "$BIN/postgres" -D "$DIR/data" -p "$PORT" -c listen_addresses="$HOST" \
       -c unix_socket_directories="$DIR" "${settings[@]}" > "$DIR/server.log" 2>&1 &
     server=$!
-    trap 'kill -INT $server 2>/dev/null; wait $server' TERM INT
+    # The server stops with this script, however it ends (a signal, or an error below).
+    trap 'kill -INT $server 2>/dev/null; wait $server' EXIT
+    trap 'exit 0' TERM INT
     for _ in $(seq 1 300); do "$BIN/pg_isready" -q -h "$HOST" -p "$PORT" && break; sleep 0.1; done
     PGPASSWORD=umw psql -h "$HOST" -p "$PORT" -U umw -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'umw'" | grep -q 1 ||
       PGPASSWORD=umw psql -h "$HOST" -p "$PORT" -U umw -d postgres -qc "CREATE DATABASE umw"
