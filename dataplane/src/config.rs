@@ -107,9 +107,14 @@ impl Loaded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    /// This crate's directory: the one `cargo test` names when it runs the test (a binary reused from a
+    /// shared target directory may have been compiled in a clone elsewhere), else the one compiled in.
+    fn crate_dir() -> std::path::PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+    }
 
     fn examples() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shop")
+        crate_dir().join("../examples/shop")
     }
 
     #[test]

@@ -11,6 +11,12 @@ use bytes::Bytes;
 use http::Method;
 use support::{Upstream, eventually, get, middleware, send};
 
+/// This crate's directory: the one `cargo test` names when it runs the test (a binary reused from a
+/// shared target directory may have been compiled in a clone elsewhere), else the one compiled in.
+fn crate_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}
+
 const BIN: &str = env!("CARGO_BIN_EXE_umw-dataplane");
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -95,7 +101,7 @@ impl Drop for Running {
 
 #[test]
 fn check_accepts_the_examples_and_reports_every_problem_of_a_broken_configuration() {
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shop");
+    let examples = crate_dir().join("../examples/shop");
     let out = Command::new(BIN).args(["check", "--config", &examples.to_string_lossy()]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));

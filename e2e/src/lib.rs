@@ -18,9 +18,14 @@ use anyhow::{Context as _, bail};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-/// The repository root.
+/// The repository root. `cargo test` sets CARGO_MANIFEST_DIR when it runs a test binary; the value
+/// compiled in is only the fallback, as a binary reused from a shared target directory may have been
+/// built from a clone somewhere else.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ sits in the repository").to_path_buf()
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir.parent().expect("e2e/ sits in the repository").to_path_buf()
 }
 
 /// The running control plane of this test binary.
@@ -39,6 +44,13 @@ fn tool_bin_dir() -> anyhow::Result<PathBuf> {
         .arg("--print")
         .output()
         .context("running e2e/testenv/build-tools.sh --print")?;
+    if !out.status.success() {
+        bail!(
+            "e2e/testenv/build-tools.sh --print failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
@@ -111,6 +123,7 @@ fn read_node(dir: &Path) -> anyhow::Result<node::Node> {
     };
     Ok(node::Node {
         ip: value("UMW_NODE_IP")?.parse().context("UMW_NODE_IP")?,
+        subnet: value("UMW_NODE_SUBNET")?,
         containerd: value("UMW_NODE_CONTAINERD")?.into(),
     })
 }

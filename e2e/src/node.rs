@@ -15,6 +15,8 @@ use crate::{CONTROL_PLANE, ControlPlane, repo_root};
 pub struct Node {
     /// The node's address on its bridge: servers that pods reach listen here.
     pub ip: Ipv4Addr,
+    /// The pods' addresses (a CIDR).
+    pub subnet: String,
     /// containerd's socket.
     pub containerd: PathBuf,
 }
@@ -85,6 +87,7 @@ impl Node {
     /// The ids of the containers containerd runs for pods in `namespace` (sandboxes included).
     pub fn containers_in(&self, namespace: &str) -> Vec<String> {
         let out = self.ctr(&["containers", "ls", &format!("labels.\"io.kubernetes.pod.namespace\"=={namespace}")]);
+        assert!(out.status.success(), "ctr containers ls: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .skip(1)

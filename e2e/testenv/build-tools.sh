@@ -24,7 +24,7 @@ scratch() {
 
 build_kubernetes() {
   if have kube-apiserver && have kube-controller-manager && have kubectl; then return; fi
-  log "building Kubernetes v$K8S_VERSION (kube-apiserver, kube-controller-manager, kubectl); first time takes 10-25 minutes"
+  log "building Kubernetes v$K8S_VERSION (kube-apiserver, kube-controller-manager, kubectl); first time takes about 7 minutes on 2 cores"
   local t0=$SECONDS dir gomod goversion stg minor
   dir=$(scratch "kubernetes-$K8S_VERSION")
   cd "$dir"

@@ -2,7 +2,8 @@
 # Runs the workspace's tests and ends with one summary line over every test binary:
 #   tests: N passed, N failed, N skipped
 # then waits for the control planes (and the real node) that the e2e binaries started to stop: each stops
-# by itself once its test binary exits, and nothing of the suite is left running when this returns.
+# by itself once its test binary exits, and nothing of the suite is left running when this returns. A stop
+# that reports an error or a warning (a real node that did not put the host back) fails the run.
 set -uo pipefail
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -17,5 +18,21 @@ for _ in $(seq 1 120); do
   done
   [ -z "$running" ] && break
   sleep 1
+done
+# What the stops said: a node that did not stop cleanly (the host not put back as it was) fails the run.
+# (Only the stops of this run: their logs are newer than this script's own.)
+for stop_log in $(find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'umw-e2e-*.stop.log' -newer "$log"); do
+  stopping="${stop_log%.stop.log}/stopping"
+  if [ -f "$stopping" ] && kill -0 "$(cat "$stopping")" 2>/dev/null; then
+    echo "still stopping after 2 minutes: ${stop_log%.stop.log}" >&2
+    status=1
+    continue
+  fi
+  if grep -qE 'error|warning' "$stop_log"; then
+    echo "the test environment of ${stop_log%.stop.log} did not stop cleanly:" >&2
+    cat "$stop_log" >&2
+    status=1
+  fi
+  rm -f "$stop_log"
 done
 exit "$status"

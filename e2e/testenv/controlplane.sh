@@ -27,7 +27,7 @@ free_port() {
 
 # Everything: a real node first (node.sh), while the pods' mounts are still there to be undone.
 stop() {
-  if [ -d "$1/node" ]; then bash "$HERE/node.sh" stop "$1" || true; fi
+  if [ -d "$1/node" ]; then bash "$HERE/node.sh" stop "$1" || log "error: the node of $1 did not stop cleanly"; fi
   stop_controlplane "$1"
 }
 
@@ -86,7 +86,8 @@ EXT
   openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
   openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt -days 30 -extfile serving.ext 2>/dev/null
   echo "extendedKeyUsage=clientAuth" > client.ext
-  for user in admin umw-operator; do
+  # (kube-apiserver-kubelet-client: the API server's identity towards kubelets, for logs and exec.)
+  for user in admin umw-operator kube-apiserver-kubelet-client; do
     openssl req -newkey rsa:2048 -nodes -keyout "$user.key" -out "$user.csr" -subj "/O=system:masters/CN=$user" 2>/dev/null
     openssl x509 -req -in "$user.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$user.crt" -days 30 -extfile client.ext 2>/dev/null
   done
@@ -131,6 +132,8 @@ AP
     --bind-address "$address" --advertise-address "$address" --secure-port "$api_port" \
     --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
     --client-ca-file "$dir/pki/ca.crt" \
+    --kubelet-client-certificate "$dir/pki/kube-apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$dir/pki/kube-apiserver-kubelet-client.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
     --authorization-mode RBAC \
     --service-account-issuer https://kubernetes.default.svc \
@@ -175,13 +178,16 @@ ENV
     # Stops everything once the owning process (a test binary) exits, however it exits. With
     # UMW_TESTENV_REMOVE=1 the directory goes too, unless something left a file named `keep` in it (the e2e
     # harness does when a test fails, so that its logs stay for reading).
-    local remove=""
-    # (Never while something is still mounted under it.)
-    [ "${UMW_TESTENV_REMOVE:-}" = 1 ] &&
+    local remove="" stop_log="$dir/stop.log"
+    # (Never while something is still mounted under it. What the stop said then goes beside DIR, to
+    # DIR.stop.log, which cargo-test.sh reads and removes.)
+    if [ "${UMW_TESTENV_REMOVE:-}" = 1 ]; then
       remove="[ -e '$dir/keep' ] || grep -qF ' $dir/' /proc/self/mounts || rm -rf '$dir'"
+      stop_log="$dir.stop.log"
+    fi
     # (DIR/stopping holds the reaper's pid while it stops everything, for whoever waits for that.)
     setsid bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; rm -f '$dir/reaper.pid'; echo \$\$ > '$dir/stopping'; '$HERE/controlplane.sh' stop '$dir'; rm -f '$dir/stopping'; $remove" \
-      > /dev/null 2>&1 < /dev/null &
+      > "$stop_log" 2>&1 < /dev/null &
     echo $! > "$dir/reaper.pid"
   fi
   log "control plane up: KUBECONFIG=$dir/kubeconfig (kube-apiserver https://$address:$api_port)"

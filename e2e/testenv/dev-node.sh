@@ -3,7 +3,7 @@
 # with a real node (kubelet, containerd, runc, kube-proxy, CoreDNS: node.sh), the chart installed with
 # the images built from the Dockerfiles (make images), Kafka, Redis, PostgreSQL and the demo shop API
 # on the node's address behind Services named as examples/shop/ expects, and examples/shop/ applied as
-# it is. Ctrl-C stops everything and restores the host. Needs root.
+# it is. Ctrl-C stops everything and restores the host before it returns. Needs root.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -19,9 +19,10 @@ mkdir -p "$DIR"
 # The control plane and the node live as long as this script.
 bash "$HERE/up.sh" "$DIR" --owner-pid $$ --node
 
-# The backends, on the node's address (pods reach it; nothing else does), on their usual ports.
+# The backends, on the node's address (pods reach it; nothing else does), on their usual ports. On the
+# way out they stop, and so do the node and the control plane (the host restored) before this returns.
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null; bash "$HERE/up.sh" --down "$DIR"' EXIT
 trap 'exit 130' INT TERM
 "$BIN/examples/demo-upstream" "$IP:8080" > "$DIR/demo-upstream.log" 2>&1 &
 pids+=($!)
@@ -30,17 +31,19 @@ pids+=($!)
 rm -f "$DIR/kafka/kafka.log"
 KAFKA_HOST=$IP bash "$HERE/kafka.sh" start "$DIR/kafka" 9092 19093 > "$DIR/kafka.out" 2>&1 &
 pids+=($!)
-PG_HOST=$IP bash "$HERE/postgres.sh" start "$DIR/postgres" 5432 > "$DIR/postgres.out" 2>&1 &
+PG_HOST=$IP PG_CLIENTS=$UMW_NODE_SUBNET bash "$HERE/postgres.sh" start "$DIR/postgres" 5432 > "$DIR/postgres.out" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 600); do grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null && break; sleep 0.1; done
 grep -q "Kafka Server started" "$DIR/kafka/kafka.log" 2>/dev/null ||
   { echo "Kafka did not start:" >&2; tail -5 "$DIR/kafka.out" >&2; exit 1; }
 bash "$HERE/kafka.sh" topics "$IP:9092" --create --if-not-exists --topic shop.orders --partitions 3 >/dev/null
-for _ in $(seq 1 300); do grep -q "ready" "$DIR/postgres.out" 2>/dev/null && break; sleep 0.1; done
-grep -q "ready" "$DIR/postgres.out" || { echo "PostgreSQL did not start:" >&2; tail -5 "$DIR/postgres.out" >&2; exit 1; }
-# The example's credentials (examples/shop/shop.yaml, Secret shop-postgres).
-PGPASSWORD=umw psql -h "$IP" -p 5432 -U umw -d umw -q -v ON_ERROR_STOP=1 \
-  -c "CREATE ROLE shop LOGIN PASSWORD 'change-me'" -c "CREATE DATABASE shop OWNER shop" >/dev/null
+for _ in $(seq 1 300); do grep -q "^\[postgres\] ready" "$DIR/postgres.out" 2>/dev/null && break; sleep 0.1; done
+grep -q "^\[postgres\] ready" "$DIR/postgres.out" ||
+  { echo "PostgreSQL did not start:" >&2; tail -5 "$DIR/postgres.out" >&2; exit 1; }
+# The example's credentials (examples/shop/shop.yaml, Secret shop-postgres), once.
+sql() { PGPASSWORD=umw psql -h "$IP" -p 5432 -U umw -d umw -tAq -v ON_ERROR_STOP=1 -c "$1"; }
+[ -n "$(sql "SELECT 1 FROM pg_roles WHERE rolname = 'shop'")" ] || sql "CREATE ROLE shop LOGIN PASSWORD 'change-me'" >/dev/null
+[ -n "$(sql "SELECT 1 FROM pg_database WHERE datname = 'shop'")" ] || sql "CREATE DATABASE shop OWNER shop" >/dev/null
 
 # Services without selectors, as for any backend outside the cluster: the example's names resolve
 # (CoreDNS) and route (kube-proxy) to the servers above.

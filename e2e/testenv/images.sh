@@ -35,6 +35,8 @@ OPERATOR_IMAGE="localhost/umw-operator:$UMW_IMAGE_TAG"
 DATAPLANE_IMAGE="localhost/umw-dataplane:$UMW_IMAGE_TAG"
 PAUSE_IMAGE="localhost/umw-pause:$PAUSE_VERSION"
 RUST_VERSION=$(sed -n 's/^FROM rust:\([0-9.]*\)-bookworm.*/\1/p' "$ROOT/Dockerfile.dataplane" | head -1)
+[ "$RUST_VERSION" = "$(sed -n 's/^FROM rust:\([0-9.]*\)-bookworm.*/\1/p' "$ROOT/Dockerfile.operator" | head -1)" ] ||
+  { echo "[images] error: Dockerfile.operator and Dockerfile.dataplane build with different Rust versions" >&2; exit 1; }
 RUST_IMAGE="docker.io/library/rust:$RUST_VERSION-bookworm"
 DISTROLESS_IMAGE="gcr.io/distroless/cc-debian12:nonroot"
 HOST_CA="${UMW_HOST_CA:-/etc/ssl/certs/ca-certificates.crt}"
@@ -93,20 +95,25 @@ commit_rootfs() {
   rm -f "$dir.tar"
 }
 
-# docker.io/library/rust:<version>-bookworm: Debian with the build tools, and the host's toolchain.
+# docker.io/library/rust:<version>-bookworm: Debian with the build tools, and the host's toolchain (made
+# again when that toolchain changes).
 rust_image() {
-  have_image "$RUST_IMAGE" && return
   local sysroot version t0=$SECONDS dir
   command -v rustc >/dev/null || die "rustc is missing: the Rust stand-in image carries this machine's toolchain"
   version=$(rustc --version | awk '{print $2}')
+  if have_image "$RUST_IMAGE"; then
+    bh inspect --type image --format '{{.OCIv1.Config.Env}}' "$RUST_IMAGE" | grep -q "RUST_VERSION=$version[] ]" && return
+    bh rmi "$RUST_IMAGE" >/dev/null
+  fi
   case "$version" in
     "$RUST_VERSION" | "$RUST_VERSION".*) ;;
     *) die "the Dockerfiles build with Rust $RUST_VERSION but this machine's rustc is $version: install that toolchain (rustup toolchain install $RUST_VERSION) or build the images with Docker" ;;
   esac
   sysroot=$(rustc --print sysroot)
   [ -x "$sysroot/bin/cargo" ] || die "no cargo next to rustc in $sysroot"
-  log "making $RUST_IMAGE from Debian bookworm and Rust $version (once, about 2 minutes)"
+  log "making $RUST_IMAGE from Debian bookworm and Rust $version (once, about 3 minutes)"
   dir=$(mktemp -d "$IMAGES/tmp/rust.XXXXXX")
+  TEMP_DIRS+=("$dir")
   # What buildpack-deps:bookworm (the base of the rust image) has and the build uses: a C and C++
   # compiler (librdkafka's configure wants c++), make, perl and python3 (librdkafka's build), pkg-config
   # and OpenSSL's and zlib's headers, git and curl for cargo.
@@ -133,8 +140,12 @@ rust_image() {
 distroless_image() {
   have_image "$DISTROLESS_IMAGE" && return
   local t0=$SECONDS dir pkg
+  # apt-get download takes this machine's release: it must be the one the image is named after.
+  [ "$(. /etc/os-release && echo "${VERSION_CODENAME:-}")" = bookworm ] ||
+    die "the distroless stand-in (cc-debian12) is made from this machine's Debian packages, and this is not Debian 12 (bookworm)"
   log "making $DISTROLESS_IMAGE from Debian packages (once)"
   dir=$(mktemp -d "$IMAGES/tmp/distroless.XXXXXX")
+  TEMP_DIRS+=("$dir")
   mkdir -p "$dir/debs" "$dir/rootfs"
   # distroless's package set for cc-debian12 (its bookworm lock): base (base-files, ca-certificates,
   # libc6, libssl3, netbase, tzdata, media-types, ...) and cc (libgcc-s1, libgomp1, libstdc++6).
@@ -169,6 +180,7 @@ pause_image() {
   have_image "$PAUSE_IMAGE" && return
   local dir ctr
   dir=$(mktemp -d "$IMAGES/tmp/pause.XXXXXX")
+  TEMP_DIRS+=("$dir")
   gcc -Os -static -Wall -Werror -o "$dir/pause" "$HERE/node/pause.c"
   strip "$dir/pause"
   ctr=$(bh from --pull=never scratch)
@@ -211,7 +223,7 @@ in_root() {
 }
 
 check_image() {
-  local image=$1 binary=$2 ctr root user lib found dir interpreter failed=0
+  local image=$1 binary=$2 ctr root user lib found dir interpreter out failed=0
   have_image "$image" || die "$image is not built: run e2e/testenv/images.sh build (make images)"
   user=$(bh inspect --type image --format '{{.OCIv1.Config.User}}' "$image")
   case "${user%%:*}" in
@@ -262,9 +274,21 @@ archive() {
   done
 }
 
-# buildah keeps a cache of blob digests in /var/lib/containers whatever its storage root: it goes again
-# unless it was there before.
-if [ ! -e /var/lib/containers ]; then trap 'rm -rf /var/lib/containers' EXIT; fi
+# On exit: the temporary directories of a step that failed, and the cache of blob digests that buildah
+# keeps in /var/lib/containers whatever its storage root (with the directories it made for it).
+TEMP_DIRS=()
+BLOB_CACHE=/var/lib/containers/cache/blob-info-cache-v1.boltdb
+cleanup() {
+  [ ${#TEMP_DIRS[@]} -eq 0 ] || rm -rf "${TEMP_DIRS[@]}"
+  if [ -n "$REMOVE_BLOB_CACHE" ]; then
+    rm -f "$BLOB_CACHE"
+    rmdir /var/lib/containers/cache /var/lib/containers 2>/dev/null || true
+  fi
+}
+REMOVE_BLOB_CACHE=""
+case "${1:-}" in
+  base | build | check | archive | inspect) [ -e "$BLOB_CACHE" ] || REMOVE_BLOB_CACHE=1; trap cleanup EXIT ;;
+esac
 
 case "${1:-}" in
   base) need; setup; rust_image; distroless_image; pause_image ;;

@@ -14,12 +14,17 @@
 # cluster.local from CoreDNS on the node IP. Servers that pods must reach (Kafka, Redis, PostgreSQL,
 # upstreams) listen on the node IP; the host reaches pod IPs and, through kube-proxy, ClusterIPs.
 #
-# What it changes on the host, all undone by `stop`: the bridge and its routes, forwarding on the bridge
-# only (pods can reach the bridge's subnet and the host, nothing beyond: an nftables table drops the
-# rest), kube-proxy's nftables tables, cgroups under /kubepods, and the kernel settings kubelet insists
-# on (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops), restored to their previous values. A few
-# paths kubelet and containerd hard-code (/var/lib/kubelet, /var/log/containers, /var/lib/cni,
-# /run/containerd) are removed when they did not exist before. One node runs on a machine at a time.
+# What it changes on the host, all undone by `stop`: the bridge and its routes; forwarding on the bridge
+# only, with an nftables table (inet umw-test-node) that drops whatever would cross from the bridge to
+# another interface or back, and whatever reaches the node IP from anywhere but the bridge and loopback
+# (pods reach each other, the host and ClusterIPs; nothing outside reaches the servers on the node IP);
+# kube-proxy's nftables tables; cgroups under kubepods; the kernel settings in SYSCTLS below (kubelet
+# insists on vm.overcommit_memory=1, kernel.panic=10, kernel.panic_on_oops=1), put back to the values
+# recorded before; and the paths in HOST_PATHS, which kubelet, containerd and the CNI plugins use
+# whatever they are told, removed when they did not exist before. One node runs on a machine at a time:
+# the bridge carries the directory of the node that owns it, and `stop` leaves the host alone for a
+# directory that does not own it. Needs the bridge netfilter hooks (bridge-nf-call-iptables=1), as every
+# Kubernetes node does, for a pod to reach another pod on this node through a ClusterIP.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.sh
@@ -31,9 +36,11 @@ NODE_IP=$UMW_NODE_IP
 SERVICE_CIDR=10.0.0.0/24
 NODE_NAME=localhost
 # Kernel settings that kubelet, kube-proxy or this script may change; `stop` puts back what it recorded.
+# (Writing net.ipv4.ip_forward resets accept_redirects and the forwarding defaults: those come after it.)
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys
-  kernel.keys.root_maxbytes net.ipv4.ip_forward net.ipv4.conf.all.route_localnet
-  net.bridge.bridge-nf-call-iptables net.bridge.bridge-nf-call-ip6tables net.netfilter.nf_conntrack_max
+  kernel.keys.root_maxbytes net.ipv4.ip_forward net.ipv4.conf.all.forwarding net.ipv4.conf.default.forwarding
+  net.ipv4.conf.all.accept_redirects net.ipv4.conf.all.route_localnet net.bridge.bridge-nf-call-iptables
+  net.bridge.bridge-nf-call-ip6tables net.netfilter.nf_conntrack_max
   net.netfilter.nf_conntrack_tcp_timeout_established net.netfilter.nf_conntrack_tcp_timeout_close_wait)
 # Paths outside DIR that kubelet, containerd or the CNI plugins write whatever they are told.
 HOST_PATHS=(/var/lib/kubelet /var/log/containers /var/log/pods /var/lib/cni /run/containerd /etc/cni /opt/cni)
@@ -79,6 +86,47 @@ preflight() {
   for tool in kubelet kube-scheduler kube-proxy "coredns-$COREDNS_VERSION"; do
     [ -x "$BIN/$tool" ] || die "$BIN/$tool is missing: run e2e/testenv/build-tools.sh (make testenv) first"
   done
+  [ "$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null)" = 1 ] ||
+    die "bridged traffic does not pass netfilter (net.bridge.bridge-nf-call-iptables is not 1: load br_netfilter and set it), which pods need to reach each other through Services"
+}
+
+# The pid recorded for NAME, if that process is still the daemon it was (pids are reused).
+daemon_pid() {
+  local name=$1 dir=${2:-$ND} pid
+  [ -f "$dir/$name.pid" ] || return 1
+  pid=$(cat "$dir/$name.pid")
+  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name" && echo "$pid"
+}
+
+# Whether the node of DIR (its start, or any of its daemons or its control plane) still runs.
+node_running() {
+  local dir=$1 name
+  [ -f "$dir/node/starting" ] && kill -0 "$(cat "$dir/node/starting")" 2>/dev/null && return 0
+  for name in kubelet containerd kube-proxy kube-scheduler coredns; do daemon_pid "$name" "$dir/node" >/dev/null && return 0; done
+  for name in kube-apiserver etcd; do daemon_pid "$name" "$dir" >/dev/null && return 0; done
+  return 1
+}
+
+# Whether this DIR owns the machine's node: its bridge names DIR.
+owns_bridge() {
+  [ "$(ip -o link show "$BRIDGE" 2>/dev/null | sed -n 's/.* alias umw-test-node:\(.*\)$/\1/p')" = "$DIR" ]
+}
+
+# The node's subnet and the Service range must not overlap a network this machine is on.
+check_networks() {
+  ip -j route show table all | python3 -c '
+import ipaddress, json, sys
+mine = [ipaddress.ip_network(n) for n in sys.argv[1:]]
+for route in json.load(sys.stdin):
+    dst = route.get("dst", "default")
+    if dst in ("default", "0.0.0.0/0") or ":" in dst or route.get("type") in ("local", "broadcast"):
+        continue
+    net = ipaddress.ip_network(dst if "/" in dst else dst + "/32", strict=False)
+    for m in mine:
+        if net.overlaps(m):
+            dev = route.get("dev", "?")
+            sys.exit(f"{m} overlaps the route {dst} dev {dev} of this machine: set UMW_NODE_SUBNET (and UMW_NODE_IP)")
+' "$SUBNET" "$SERVICE_CIDR" || die "the node's networks overlap this machine's"
 }
 
 # --- bridge: the node's network, made before the API server binds the node IP --------------------------
@@ -89,24 +137,37 @@ bridge() {
   if ip link show "$BRIDGE" >/dev/null 2>&1; then
     local owner
     owner=$(ip -o link show "$BRIDGE" | sed -n 's/.* alias umw-test-node:\(.*\)$/\1/p')
-    if [ -n "$owner" ] && [ "$owner" != "$DIR" ] && [ -f "$owner/node/kubelet.pid" ] &&
-      kill -0 "$(cat "$owner/node/kubelet.pid")" 2>/dev/null; then
-      die "a test node already runs on this machine (in $owner): stop it with e2e/testenv/node.sh stop $owner"
-    fi
     [ -n "$owner" ] || die "the interface $BRIDGE exists and is not a test node's: set UMW_NODE_BRIDGE"
+    if [ "$owner" != "$DIR" ] && node_running "$owner"; then
+      die "a test node already runs on this machine (in $owner): stop it with e2e/testenv/up.sh --down $owner"
+    fi
     log "removing the stale node of $owner"
-    [ -d "$owner/node" ] && DIR=$owner ND=$owner/node stop_node
-    ip link del "$BRIDGE" 2>/dev/null || true
+    if [ -d "$owner/node" ]; then
+      DIR=$owner ND=$owner/node stop_node
+    else
+      log "warning: $owner/node is gone: its record of the host's settings with it; removing its network only"
+      nft delete table inet umw-test-node 2>/dev/null || true
+      nft delete table ip kube-proxy 2>/dev/null || true
+      nft delete table ip6 kube-proxy 2>/dev/null || true
+      ip link del "$BRIDGE" 2>/dev/null || true
+    fi
+  elif nft list table ip kube-proxy >/dev/null 2>&1; then
+    die "this machine already has kube-proxy's nftables table (ip kube-proxy): another kube-proxy runs here"
   fi
+  check_networks
+  echo "$PPID" > "$ND/starting"
   # What the host looked like before, to be put back by `stop`.
   : > "$ND/sysctl.before"
   local key
   for key in "${SYSCTLS[@]}"; do
-    [ -e "/proc/sys/${key//.//}" ] && echo "$key=$(sysctl -n "$key")" >> "$ND/sysctl.before"
+    if [ -e "/proc/sys/${key//.//}" ]; then echo "$key=$(sysctl -n "$key")" >> "$ND/sysctl.before"; fi
   done
   : > "$ND/paths.before"
-  for key in "${HOST_PATHS[@]}"; do [ -e "$key" ] && echo "$key" >> "$ND/paths.before"; done
-  [ -d /sys/fs/cgroup/memory/kubepods ] && touch "$ND/cgroups.before"
+  for key in "${HOST_PATHS[@]}"; do
+    if [ -e "$key" ]; then echo "$key" >> "$ND/paths.before"; fi
+  done
+  [ -d /sys/fs/cgroup/memory/kubepods ] || [ -d /sys/fs/cgroup/kubepods ] && touch "$ND/cgroups.before"
+  { nft list tables; ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//'; } | sort > "$ND/host.before"
 
   ip link add "$BRIDGE" type bridge
   ip link set "$BRIDGE" alias "umw-test-node:$DIR"
@@ -114,8 +175,9 @@ bridge() {
   ip link set "$BRIDGE" up
   # ClusterIPs that kube-proxy does not translate go nowhere rather than out of the machine.
   ip route add "$SERVICE_CIDR" dev "$BRIDGE" src "$NODE_IP"
-  # Pods reach each other through ClusterIPs (the host forwards between bridge ports); nothing else is
-  # forwarded: not to or from any other interface.
+  # Pods reach each other through ClusterIPs (the host forwards between bridge ports). Nothing else is
+  # forwarded, not to or from any other interface, and the servers on the node IP answer the bridge
+  # and this machine only.
   sysctl -qw "net.ipv4.conf.$BRIDGE.forwarding=1"
   nft -f - <<NFT
 table inet umw-test-node {
@@ -123,6 +185,10 @@ table inet umw-test-node {
     type filter hook forward priority 0; policy accept;
     iifname "$BRIDGE" oifname != "$BRIDGE" drop
     oifname "$BRIDGE" iifname != "$BRIDGE" drop
+  }
+  chain input {
+    type filter hook input priority 0; policy accept;
+    ip daddr $NODE_IP iifname != { "$BRIDGE", "lo" } drop
   }
 }
 NFT
@@ -167,12 +233,13 @@ KC
 start_containerd() {
   local c=$ND/containerd
   mkdir -p "$c/root" "$c/state" "$c/opt" "$ND/cni/net.d" "$ND/cni/ipam" "$ND/runc" "$ND/registries/_default"
+  # isGateway false: the bridge has its address already, and the plugin would otherwise switch on
+  # forwarding for the whole machine (net.ipv4.ip_forward); the bridge's own forwarding is enough.
   cat > "$ND/cni/net.d/10-umw.conflist" <<CNI
 {"cniVersion": "0.4.0", "name": "umw-pods", "plugins": [
-  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": true,
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "$SUBNET", "gateway": "$NODE_IP"}]],
-            "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$ND/cni/ipam"}},
-  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+            "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$ND/cni/ipam"}}]}
 CNI
   # Images are imported, never pulled; a pull that is attempted anyway goes to a closed loopback port.
   for registry in _default docker.io ghcr.io gcr.io registry.k8s.io quay.io localhost; do
@@ -242,9 +309,10 @@ address: 127.0.0.1
 port: $port
 readOnlyPort: 0
 healthzPort: 0
-# The API server dials the node by its name (localhost) and presents no client certificate.
+# The API server dials the node by its name (localhost) with a client certificate of the test CA (logs,
+# exec); nothing else is let in.
 authentication:
-  anonymous: {enabled: true}
+  anonymous: {enabled: false}
   webhook: {enabled: false}
   x509: {clientCAFile: $DIR/pki/ca.crt}
 authorization: {mode: AlwaysAllow}
@@ -328,38 +396,51 @@ export UMW_NODE_IP=$NODE_IP
 export UMW_NODE_SUBNET=$SUBNET
 export UMW_NODE_CONTAINERD=$ND/containerd/containerd.sock
 ENV
+  rm -f "$ND/starting"
   log "node $NODE_NAME Ready in $((SECONDS - t0))s (kubelet, containerd, kube-proxy, CoreDNS, kube-scheduler)"
 }
 
 # --- stop -------------------------------------------------------------------------------------------
 
-# Stops the named daemons together: SIGTERM, then SIGKILL for those still there after 5 s.
+# Stops the named daemons together: SIGTERM, then SIGKILL for those still there after 5 s. Only pids
+# that are still the daemons they were are signalled.
 stop_daemons() {
-  local name pids=()
+  local name pid pids=() waiting
   for name in "$@"; do
-    [ -f "$ND/$name.pid" ] && pids+=("$(cat "$ND/$name.pid")")
+    pid=$(daemon_pid "$name") && pids+=("$pid")
+    rm -f "$ND/$name.pid"
   done
   [ ${#pids[@]} -eq 0 ] && return 0
   kill "${pids[@]}" 2>/dev/null || true
-  local pid waiting
   for _ in $(seq 1 50); do
     waiting=""
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && waiting=1; done
+    for pid in "${pids[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then waiting=1; fi
+    done
     [ -z "$waiting" ] && break
     sleep 0.1
   done
   kill -9 "${pids[@]}" 2>/dev/null || true
-  for name in "$@"; do rm -f "$ND/$name.pid"; done
+}
+
+# The cgroups the kubelet made (kubepods, in every cgroup v1 hierarchy, or in the cgroup v2 tree).
+kubepods_cgroups() {
+  local dir
+  for dir in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
+    if [ -d "$dir" ]; then echo "$dir"; fi
+  done
 }
 
 stop_node() {
   # The kubelet first, so that it restarts nothing; then every container, as the kubelet would have.
   stop_daemons kubelet kube-scheduler kube-proxy coredns
-  if [ -S "$ND/containerd/containerd.sock" ] && alive containerd; then
-    local id
+  local id running
+  if [ -S "$ND/containerd/containerd.sock" ] && daemon_pid containerd >/dev/null; then
     for id in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true; done
     for _ in $(seq 1 50); do
-      ctr_ tasks ls 2>/dev/null | grep -q RUNNING || break; sleep 0.1
+      running=$(ctr_ tasks ls 2>/dev/null || true)
+      grep -q RUNNING <<< "$running" || break
+      sleep 0.1
     done
     for id in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks delete -f "$id" >/dev/null 2>&1 || true; done
     for id in $(ctr_ containers ls -q 2>/dev/null); do ctr_ containers delete "$id" >/dev/null 2>&1 || true; done
@@ -367,11 +448,27 @@ stop_node() {
   stop_daemons containerd
   # Shims outlive containerd; they were started for this node's socket.
   pkill -9 -f "containerd-shim-runc-v2 .*-address $ND/containerd/containerd.sock" 2>/dev/null || true
+  local owner=""
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1 || owns_bridge; then owner=1; fi
+  # Whatever still runs in the pods' cgroups (containerd died before it could stop them).
+  if [ -n "$owner" ]; then
+    local procs
+    procs=$(kubepods_cgroups | while read -r dir; do find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null; done | sort -u)
+    [ -z "$procs" ] || kill -9 $procs 2>/dev/null || true
+  fi
   # Mounts under the node's directory (pod volumes, container root filesystems, network namespaces,
   # the kubelet's own bind mount), deepest first.
-  local mounts
-  mounts=$(awk -v dir="$ND/" 'index($2, dir) == 1 { print $2 }' /proc/self/mounts | sort -r)
-  for m in $mounts; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+  local mount_point
+  awk -v dir="$ND/" 'index($2, dir) == 1 { print $2 }' /proc/self/mounts | sort -r | while IFS= read -r mount_point; do
+    umount "$mount_point" 2>/dev/null || umount -l "$mount_point" 2>/dev/null || true
+  done
+  # Pod addresses are released with the node (the kubelet did not tear the pods down one by one).
+  rm -rf "$ND/cni/ipam"
+  rm -f "$ND/starting"
+  if [ -z "$owner" ]; then
+    log "the node on this machine is not the one of $DIR: the host's network and settings are left alone"
+    return 0
+  fi
   # Network: the pods' veths went with their namespaces.
   nft delete table inet umw-test-node 2>/dev/null || true
   nft delete table ip kube-proxy 2>/dev/null || true
@@ -379,12 +476,9 @@ stop_node() {
   ip link del "$BRIDGE" 2>/dev/null || true
   # Cgroups the kubelet made (the pods' own went with their containers), deepest first.
   if [ ! -f "$ND/cgroups.before" ]; then
-    local hierarchy
-    for hierarchy in /sys/fs/cgroup/*/; do
-      [ -d "$hierarchy/kubepods" ] && find "$hierarchy/kubepods" -depth -type d -exec rmdir {} \; 2>/dev/null || true
-    done
+    kubepods_cgroups | while read -r dir; do find "$dir" -depth -type d -exec rmdir {} \; 2>/dev/null || true; done
   fi
-  # The kernel settings, as they were.
+  # The kernel settings, as they were, in the order recorded.
   if [ -f "$ND/sysctl.before" ]; then
     local line key value
     while IFS= read -r line; do
@@ -396,8 +490,20 @@ stop_node() {
   if [ -f "$ND/paths.before" ]; then
     local path
     for path in "${HOST_PATHS[@]}"; do
-      grep -qxF "$path" "$ND/paths.before" || rm -rf "$path"
+      grep -qxF "$path" "$ND/paths.before" && continue
+      # Never into a mount.
+      if awk -v p="$path" '$2 == p || index($2, p "/") == 1 { found = 1 } END { exit !found }' /proc/self/mounts; then
+        log "warning: $path has mounts beneath it; left in place"
+      else
+        rm -rf --one-file-system "$path" || true
+      fi
     done
+  fi
+  # Anything else of the host's that changed while the node ran (a table or an interface left behind).
+  if [ -f "$ND/host.before" ]; then
+    local changed
+    changed=$({ nft list tables; ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//'; } | sort | comm -13 "$ND/host.before" - || true)
+    [ -z "$changed" ] || log "warning: left on the host since the node started: $(echo "$changed" | tr '\n' ' ')"
   fi
 }
 

@@ -8,6 +8,8 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v openssl >/dev/null || missing+=(openssl)
+# The scripts pick free ports and check networks with python3.
+command -v python3 >/dev/null || missing+=(python3)
 # Apache Kafka for the event tests runs on Java 17 and comes from Maven Central through Maven.
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)

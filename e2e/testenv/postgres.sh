@@ -6,8 +6,8 @@
 #   postgres.sh start DIR PORT [name=value ...]   # initdb DIR once (user umw, password umw, database umw),
 #                                                 # then run in the foreground until SIGTERM/SIGINT
 #
-# PG_HOST=address listens there instead of 127.0.0.1 and accepts logins from that address's networks
-# (the real node's pods).
+# PG_HOST=address listens there instead of 127.0.0.1; PG_CLIENTS=cidr also accepts password logins from
+# those addresses (the real node's pods).
 set -euo pipefail
 HOST="${PG_HOST:-127.0.0.1}"
 BIN="${UMW_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}"
@@ -28,8 +28,8 @@ case "${1:-}" in
       "${OWNER[@]}" "$BIN/initdb" -D "$DIR/data" -U umw --pwfile="$DIR/password" --auth=scram-sha-256 -E UTF8 \
         --no-instructions > "$DIR/initdb.log"
     fi
-    if [ "$HOST" != 127.0.0.1 ] && ! grep -q "^host all all samenet" "$DIR/data/pg_hba.conf"; then
-      echo "host all all samenet scram-sha-256" >> "$DIR/data/pg_hba.conf"
+    if [ -n "${PG_CLIENTS:-}" ] && ! grep -qF "host all all $PG_CLIENTS " "$DIR/data/pg_hba.conf"; then
+      echo "host all all $PG_CLIENTS scram-sha-256" >> "$DIR/data/pg_hba.conf"
     fi
     settings=()
     for s in "$@"; do settings+=(-c "$s"); done

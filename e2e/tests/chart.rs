@@ -50,6 +50,12 @@ fn the_chart_lints_templates_installs_and_grants_least_privilege() {
         "values.schema.json refuses bad values: {}",
         text(&out)
     );
+    for resync in ["0s", "forever", "10"] {
+        let out = helm(&["template", "umw", &chart, "--set", &format!("resync={resync}")]);
+        assert!(!out.status.success() && text(&out).contains("resync"), "resync={resync} is refused: {}", text(&out));
+    }
+    let out = helm(&["template", "umw", &chart, "--set", "resync=1m30s"]);
+    assert!(out.status.success() && text(&out).contains("--resync=1m30s"), "{}", text(&out));
 
     let ns = TestNamespace::new("helm");
     let release = ns.name.clone();

@@ -37,7 +37,7 @@ fn the_images_start_as_a_non_root_user_with_every_library_they_need() {
     let out = Command::new("bash").arg(repo_root().join("e2e/testenv/images.sh")).arg("check").output().unwrap();
     assert!(out.status.success(), "images.sh check:\n{}", text(&out));
 
-    // The operator's entrypoint runs to completion in its image.
+    // The operator's binary runs to completion in its image (the chart's pods below use its entrypoint).
     let id = format!("umw-image-operator-{}", std::process::id());
     let out = node.ctr(&["run", "--rm", "--read-only", &images.operator, &id, "/usr/local/bin/umw-operator", "crds"]);
     assert!(out.status.success(), "umw-operator crds in {}: {}", images.operator, text(&out));
@@ -155,7 +155,7 @@ async fn helm_install_and_the_shop_example_on_a_real_node() {
     let redis = RedisServer::start_on(&node_ip);
     let kafka = KafkaBroker::start_on(&node_ip);
     kafka.create_topic("shop.orders", 3);
-    let postgres = PostgresServer::start_on(&node_ip);
+    let postgres = PostgresServer::start_on(&node_ip, &node.subnet);
     postgres.sql("CREATE ROLE shop LOGIN PASSWORD 'change-me'");
     postgres.sql("CREATE DATABASE shop OWNER shop");
     let shop_api = TestUpstream::start_on("shop-api", node.ip).await;
@@ -231,17 +231,18 @@ async fn helm_install_and_the_shop_example_on_a_real_node() {
         records.iter().filter_map(|r| r.key.clone()).map(|k| String::from_utf8_lossy(&k).into()).collect();
     assert!(keys.contains(&"o-1".to_string()) && keys.contains(&"o-2".to_string()), "{keys:?}");
 
-    // Through the Service, which kube-proxy balances over the pods.
+    // Through the Middleware's Service (a ClusterIP that kube-proxy translates to a pod).
     let service_ip = app.jsonpath("service/umw-shop", "{.spec.clusterIP}");
     let (code, body) = http("GET", &format!("{service_ip}:8080"), "/products").await.unwrap();
     assert_eq!(code, 200, "through the Service {service_ip}: {body}");
 
     // What the container looks like: the rendered securityContext, as runc applied it.
     let process = Process { pid: node.container_pid(&pods[0].2).expect("the data plane's pid") };
-    assert_eq!(process.status_field("Uid").unwrap().split_whitespace().next(), Some("65532"));
-    assert_eq!(process.status_field("CapEff").as_deref(), Some("0000000000000000"));
-    assert_eq!(process.status_field("NoNewPrivs").as_deref(), Some("1"));
-    assert_eq!(process.status_field("Seccomp").as_deref(), Some("2"));
+    let uid = process.status_field("Uid");
+    assert_eq!(uid.as_deref().and_then(|u| u.split_whitespace().next()), Some("65532"), "runAsUser: {uid:?}");
+    assert_eq!(process.status_field("CapEff").as_deref(), Some("0000000000000000"), "capabilities: drop ALL");
+    assert_eq!(process.status_field("NoNewPrivs").as_deref(), Some("1"), "allowPrivilegeEscalation: false");
+    assert_eq!(process.status_field("Seccomp").as_deref(), Some("2"), "seccompProfile RuntimeDefault: a filter");
     assert!(process.mount_options("/").is_some_and(|o| o.starts_with("ro")), "{:?}", process.mount_options("/"));
     let data_link = |p: &Process| std::fs::read_link(p.path("/etc/umw/..data")).ok();
     let config_before = data_link(&process).expect("the ConfigMap volume as the kubelet writes it (..data)");
@@ -276,23 +277,50 @@ async fn helm_install_and_the_shop_example_on_a_real_node() {
         assert_eq!(restarts(&pod), 0, "{name} reloaded without a restart");
     }
 
-    // Probes, as the kubelet runs them: a hung process (SIGSTOP) fails its readiness probe and leaves
-    // the Service's endpoints, and comes back when it resumes; left hung, its liveness probe fails and
-    // the kubelet restarts it.
-    let (hung, _, _) = pods[0].clone();
+    // Probes, as the kubelet runs them: a hung process (SIGSTOP) fails its readiness probe and its pod
+    // leaves the Service's ready endpoints, and comes back when it resumes; left hung, its liveness
+    // probe fails and the kubelet restarts it. (Readiness fails after 2 probes 5 s apart, liveness after
+    // 3 probes 10 s apart: the process resumes once it is unready, some 8 s before liveness would give up.
+    // The restart waits out the pod's 40 s grace period: the stopped process ignores SIGTERM.)
+    let (hung, hung_ip, _) = pods[0].clone();
+    let endpoint_ready = |ip: String| {
+        let out = app.kubectl(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=umw-shop",
+            "-o",
+            "jsonpath={range .items[*].endpoints[*]}{.addresses[0]}={.conditions.ready}{\"\\n\"}{end}",
+        ]);
+        let prefix = format!("{ip}=");
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| l.strip_prefix(&prefix)?.parse::<bool>().ok())
+    };
+    assert_eq!(endpoint_ready(hung_ip.clone()), Some(true), "{hung} is a ready endpoint of the Service");
+    let stopped = Instant::now();
     process.signal("STOP");
     eventually(&format!("{hung} unready while hung"), Duration::from_secs(60), || async {
         let pod = pod_api.get(&hung).await.ok()?;
         (!pod_ready(&pod)).then_some(())
     })
     .await;
+    let unready_after = stopped.elapsed();
+    eventually(&format!("{hung} out of the Service's ready endpoints"), Duration::from_secs(30), || async {
+        (endpoint_ready(hung_ip.clone()) == Some(false)).then_some(())
+    })
+    .await;
     process.signal("CONT");
+    let resumed_after = stopped.elapsed();
     eventually(&format!("{hung} ready again once resumed"), Duration::from_secs(60), || async {
         let pod = pod_api.get(&hung).await.ok()?;
         pod_ready(&pod).then_some(())
     })
     .await;
-    assert_eq!(restarts(&pod_api.get(&hung).await.unwrap()), 0, "readiness alone restarts nothing");
+    assert_eq!(
+        restarts(&pod_api.get(&hung).await.unwrap()),
+        0,
+        "readiness alone restarts nothing (unready {unready_after:?} after SIGSTOP, resumed after \
+         {resumed_after:?}; liveness gives up 20 s after SIGSTOP at the earliest)"
+    );
     process.signal("STOP");
     eventually(&format!("{hung} restarted by its liveness probe"), Duration::from_secs(120), || async {
         let pod = pod_api.get(&hung).await.ok()?;
@@ -344,6 +372,7 @@ async fn helm_install_and_the_shop_example_on_a_real_node() {
     assert_eq!(code, 202, "a command through a pod with the rotated password: {body}");
 
     // kubectl delete: the Middleware's children and pods go, and so do their containers on the node.
+    assert!(!node.containers_in(&app.name).is_empty(), "the example's containers run on the node");
     let out = app.kubectl(&["delete", "-f", &repo_root().join("examples/shop").to_string_lossy(), "--wait=true"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = app.kubectl(&["wait", "--for=delete", "pod", "-l", "app.kubernetes.io/instance=shop", "--timeout=120s"]);
@@ -360,7 +389,11 @@ async fn helm_install_and_the_shop_example_on_a_real_node() {
         "-o",
         "name",
     ]);
-    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "children left: {}", text(&out));
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "children left: {}",
+        text(&out)
+    );
     let out = cp.tool("helm", &["uninstall", "umw", "--namespace", &system.name, "--wait"], None);
     assert!(out.status.success(), "helm uninstall: {}", text(&out));
 }

@@ -44,8 +44,14 @@ impl Record {
     }
 }
 
+/// This crate's directory: the one `cargo test` names when it runs the test (a binary reused from a
+/// shared target directory may have been compiled in a clone elsewhere), else the one compiled in.
+fn crate_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}
+
 fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/testenv/kafka.sh")
+    crate_dir().join("../e2e/testenv/kafka.sh")
 }
 
 impl KafkaBroker {

@@ -57,23 +57,23 @@ impl PostgresServer {
     }
 
     /// A server listening on `host`, an address of this machine (e.g. the real node's bridge address),
-    /// that accepts password logins from the networks it is on (`samenet`: the node's pods).
-    pub fn start_on(host: &str) -> Self {
-        Self::start_inner(&[], false, host)
+    /// that also accepts password logins from `clients` (a CIDR: the node's pods).
+    pub fn start_on(host: &str, clients: &str) -> Self {
+        Self::start_inner(&[], false, host, Some(clients))
     }
 
     /// A server that accepts only TLS connections, with a certificate for 127.0.0.1 signed by a private
     /// authority (made with `openssl`; its certificate is [`PostgresServer::ca_cert`]).
     pub fn start_tls() -> Self {
-        Self::start_inner(&[], true, "127.0.0.1")
+        Self::start_inner(&[], true, "127.0.0.1", None)
     }
 
     /// A server with extra settings (`name=value`, as for `postgres -c`).
     pub fn start_with(settings: &[&str]) -> Self {
-        Self::start_inner(settings, false, "127.0.0.1")
+        Self::start_inner(settings, false, "127.0.0.1", None)
     }
 
-    fn start_inner(settings: &[&str], tls: bool, host: &str) -> Self {
+    fn start_inner(settings: &[&str], tls: bool, host: &str, clients: Option<&str>) -> Self {
         let dir = std::env::temp_dir().join(format!("umw-pg-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
         let owner = if is_root() {
@@ -95,10 +95,10 @@ impl PostgresServer {
             ca_cert: None,
         };
         server.init();
-        if host != "127.0.0.1" {
+        if let Some(clients) = clients {
             let hba = server.data().join("pg_hba.conf");
             let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
-            rules.push_str("host all all samenet scram-sha-256\n");
+            rules.push_str(&format!("host all all {clients} scram-sha-256\n"));
             std::fs::write(&hba, rules).expect("pg_hba.conf");
         }
         if tls {
