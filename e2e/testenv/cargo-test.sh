@@ -6,7 +6,8 @@
 # that reports an error or a warning (a real node that did not put the host back) fails the run.
 set -uo pipefail
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+started=$(mktemp)
+trap 'rm -f "$log" "$started"' EXIT
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
@@ -20,8 +21,8 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 # What the stops said: a node that did not stop cleanly (the host not put back as it was) fails the run.
-# (Only the stops of this run: their logs are newer than this script's own.)
-for stop_log in $(find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'umw-e2e-*.stop.log' -newer "$log"); do
+# (Only the stops of this run: their logs are newer than the file made when it started.)
+for stop_log in $(find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'umw-e2e-*.stop.log' -newer "$started"); do
   stopping="${stop_log%.stop.log}/stopping"
   if [ -f "$stopping" ] && kill -0 "$(cat "$stopping")" 2>/dev/null; then
     echo "still stopping after 2 minutes: ${stop_log%.stop.log}" >&2
