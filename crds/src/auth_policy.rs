@@ -287,6 +287,14 @@ impl Policy for AuthPolicy {
         self.spec.target_refs = refs;
     }
 
+    fn rule_violations(&self) -> Vec<(String, String)> {
+        let secret = self.spec.oidc.as_ref().map(|o| &o.client_secret);
+        match secret.map(crate::validate::value_source) {
+            Some(Err(message)) => vec![("spec.oidc.clientSecret".to_string(), message)],
+            _ => Vec::new(),
+        }
+    }
+
     fn policy_status(&self) -> Option<&PolicyStatus> {
         self.status.as_ref()
     }

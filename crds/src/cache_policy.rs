@@ -272,6 +272,23 @@ impl Policy for CachePolicy {
         if self.spec.rules.is_empty() {
             out.push(("spec.rules".to_string(), "needs at least one rule".to_string()));
         }
+        for (i, rule) in self.spec.rules.iter().enumerate() {
+            for (j, header) in rule.key.headers.iter().enumerate() {
+                if crate::validate::http_token(header).is_none() {
+                    out.push((format!("spec.rules[{i}].key.headers[{j}]"), format!("{header:?} is not a header name")));
+                }
+            }
+        }
+        if let Some(token) = self.spec.invalidation.as_ref().and_then(|i| i.admin_token.as_ref())
+            && let Err(message) = crate::validate::value_source(token)
+        {
+            out.push(("spec.invalidation.adminToken".to_string(), message));
+        }
+        if let Some(token) = self.spec.invalidation.as_ref().and_then(|i| i.admin_token.as_ref()?.value.as_ref())
+            && token.is_empty()
+        {
+            out.push(("spec.invalidation.adminToken.value".to_string(), "must not be empty".to_string()));
+        }
         if let Some(invalidation) = &self.spec.invalidation {
             for (i, event) in invalidation.events.iter().enumerate() {
                 for (name, template) in [

@@ -372,6 +372,34 @@ impl Policy for EventRoute {
         Ok(())
     }
 
+    fn rule_violations(&self) -> Vec<(String, String)> {
+        use crate::validate::{HttpUrl, header_value, http_token, json_schema};
+        let spec = &self.spec;
+        let mut out = Vec::new();
+        if let Some(schema) = &spec.schema
+            && let Err(message) = json_schema(schema)
+        {
+            out.push(("spec.schema".to_string(), message));
+        }
+        if let Some(webhook) = &spec.destination.http {
+            if let Err(message) = HttpUrl::parse(&webhook.url) {
+                out.push(("spec.destination.http.url".to_string(), message));
+            }
+            for (name, value) in &webhook.headers {
+                if http_token(name).is_none() {
+                    out.push((
+                        format!("spec.destination.http.headers.{name}"),
+                        format!("{name:?} is not a header name"),
+                    ));
+                }
+                if let Err(message) = header_value(value) {
+                    out.push((format!("spec.destination.http.headers.{name}"), message));
+                }
+            }
+        }
+        out
+    }
+
     fn validate(&self) -> Result<(), String> {
         let spec = &self.spec;
         if let Some(section) = spec.target_refs.iter().find_map(|t| t.section_name.as_ref()) {

@@ -85,6 +85,11 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
             c.push(format!("spec.commands[{i}].name"), format!("command name {:?} is used twice", command.name));
         }
         let at = format!("spec.commands[{i}]");
+        if let Some(schema) = &command.schema
+            && let Err(message) = json_schema(schema)
+        {
+            c.push(format!("{at}.schema"), message);
+        }
         if let Some(handler) = &command.handler {
             upstream_rules(&mut c, &format!("{at}.handler"), handler);
         }
@@ -131,6 +136,45 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
                 );
             }
         }
+    }
+    let connections = &spec.connections;
+    let mut sources: Vec<(&str, Option<&crate::ValueSource>)> = Vec::new();
+    if let Some(redis) = &connections.redis {
+        sources.extend([
+            ("spec.connections.redis.url", Some(&redis.url)),
+            ("spec.connections.redis.password", redis.password.as_ref()),
+            ("spec.connections.redis.caCert", redis.ca_cert.as_ref()),
+        ]);
+    }
+    if let Some(kafka) = &connections.kafka {
+        sources.extend([
+            ("spec.connections.kafka.bootstrapServers", Some(&kafka.bootstrap_servers)),
+            ("spec.connections.kafka.caCert", kafka.ca_cert.as_ref()),
+        ]);
+        if let Some(sasl) = &kafka.sasl {
+            sources.extend([
+                ("spec.connections.kafka.sasl.username", Some(&sasl.username)),
+                ("spec.connections.kafka.sasl.password", Some(&sasl.password)),
+            ]);
+        }
+    }
+    if let Some(postgres) = &connections.postgres {
+        sources.extend([
+            ("spec.connections.postgres.url", Some(&postgres.url)),
+            ("spec.connections.postgres.caCert", postgres.ca_cert.as_ref()),
+        ]);
+    }
+    for (path, source) in sources {
+        if let Some(source) = source
+            && let Err(message) = value_source(source)
+        {
+            c.push(path, message);
+        }
+    }
+    if let Some(level) = &spec.observability.log_level
+        && let Err(message) = log_filter(level)
+    {
+        c.push("spec.observability.logLevel", message);
     }
     if let Some(postgres) = &spec.connections.postgres {
         c.duration("spec.connections.postgres.statementTimeout".into(), postgres.statement_timeout.as_ref());
@@ -206,6 +250,9 @@ fn route_rules(c: &mut Collector<'_>, at: &str, route: &Route) {
         if http_token(&header.name).is_none() {
             c.push(format!("{at}.match.headers[{i}].name"), format!("{:?} is not a header name", header.name));
         }
+        if let Err(message) = header_value(&header.value) {
+            c.push(format!("{at}.match.headers[{i}].value"), message);
+        }
     }
     upstream_rules(c, &format!("{at}.upstream"), &route.upstream);
     c.duration(format!("{at}.timeout"), route.timeout.as_ref());
@@ -222,9 +269,9 @@ fn route_rules(c: &mut Collector<'_>, at: &str, route: &Route) {
         c.push(format!("{at}.maxBodyBytes"), "must not be negative");
     }
     if let Some(schema) = &route.request_schema
-        && let Err(error) = jsonschema::validator_for(&serde_json::Value::Object(schema.0.clone()))
+        && let Err(message) = json_schema(schema)
     {
-        c.push(format!("{at}.requestSchema"), format!("not a valid JSON Schema: {error}"));
+        c.push(format!("{at}.requestSchema"), message);
     }
 }
 
@@ -240,13 +287,8 @@ fn upstream_rules(c: &mut Collector<'_>, at: &str, upstream: &Upstream) {
             }
         }
         (None, Some(url)) => {
-            let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
-            let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
-            if authority.is_none_or(|a| a.is_empty() || a.contains(char::is_whitespace) || a.contains('@')) {
-                c.push(
-                    format!("{at}.url"),
-                    format!("{url:?} is not an absolute http:// or https:// URL without credentials"),
-                );
+            if let Err(message) = HttpUrl::parse(url) {
+                c.push(format!("{at}.url"), message);
             }
         }
     }
@@ -305,6 +347,101 @@ fn schema<T: serde::Serialize>(out: &mut Vec<Violation>, kind: &str, resource: &
     }
 }
 
+/// An absolute `http://` or `https://` URL without credentials, as the data plane connects to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub scheme: &'static str,
+    /// The authority as written (`host[:port]`), for the `Host` header.
+    pub authority: String,
+    pub host: String,
+    /// The port written, or the scheme's default.
+    pub port: u16,
+    /// The path, without a trailing `/` (empty for the root).
+    pub base_path: String,
+}
+
+impl HttpUrl {
+    /// Parses `url`, refusing what the data plane could not connect to: another scheme, credentials, no
+    /// host, a port outside 1..=65535.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("{url:?} is not an absolute http:// or https:// URL without credentials: {why}");
+        let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => "http",
+            Some("https") => "https",
+            Some(_) => return Err(bad("the scheme must be http or https")),
+            None => return Err(bad("no scheme")),
+        };
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(bad("credentials belong in a Secret, not in the URL"));
+        }
+        if authority.host().is_empty() {
+            return Err(bad("no host"));
+        }
+        // (After the last `:` outside an IPv6 literal's brackets.)
+        let port = match authority.as_str().rsplit_once(':').map(|(_, p)| p).filter(|p| !p.contains(']')) {
+            None if scheme == "https" => 443,
+            None => 80,
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| bad("the port must lie between 1 and 65535"))?,
+        };
+        Ok(Self {
+            scheme,
+            authority: authority.as_str().to_string(),
+            host: authority.host().to_string(),
+            port,
+            base_path: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// A JSON Schema the data plane can compile.
+pub(crate) fn json_schema(schema: &crate::common::JsonDocument) -> Result<(), String> {
+    jsonschema::validator_for(&serde_json::Value::Object(schema.0.clone()))
+        .map(|_| ())
+        .map_err(|error| format!("not a valid JSON Schema: {error}"))
+}
+
+/// A header value as HTTP allows it: no control characters (CR, LF, NUL…) but tab.
+pub(crate) fn header_value(value: &str) -> Result<(), String> {
+    match value.bytes().find(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        Some(_) => Err(format!("{value:?} is not a header value: it holds a control character")),
+        None => Ok(()),
+    }
+}
+
+/// Exactly one of `value` and `secretKeyRef` (the CRD's CEL rule, for files).
+pub(crate) fn value_source(source: &crate::ValueSource) -> Result<(), String> {
+    match (&source.value, &source.secret_key_ref) {
+        (Some(_), None) | (None, Some(_)) => Ok(()),
+        _ => Err("set exactly one of value or secretKeyRef".to_string()),
+    }
+}
+
+/// A log filter: comma-separated directives, each a level, a target, or `target=level` (the subset of
+/// the `RUST_LOG` syntax this field takes).
+pub(crate) fn log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let target =
+        |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':' || b == b'-');
+    for directive in filter.split(',') {
+        let ok = match directive.split_once('=') {
+            Some((t, level)) => target(t) && LEVELS.contains(&level.to_ascii_lowercase().as_str()),
+            None => target(directive),
+        };
+        if !ok {
+            return Err(format!(
+                "{directive:?} is not a log directive: write a level (info), a target (umw_dataplane) or target=level, separated by commas"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -322,7 +459,7 @@ fn is_host_label(s: &str) -> bool {
 }
 
 /// `Some` when `s` is an HTTP token (a valid header name).
-fn http_token(s: &str) -> Option<&str> {
+pub(crate) fn http_token(s: &str) -> Option<&str> {
     let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     ok.then_some(s)
 }
@@ -386,6 +523,63 @@ mod tests {
             ]
         );
         assert_eq!(validate(&bundle(&(yaml("") + ingest))), vec![], "without commands the paths are the routes'");
+    }
+
+    #[test]
+    fn upstream_urls_are_parsed_as_the_data_plane_connects_to_them() {
+        let url = HttpUrl::parse("https://api.example.com/v1/").unwrap();
+        assert_eq!(
+            (url.scheme, url.host.as_str(), url.port, url.base_path.as_str()),
+            ("https", "api.example.com", 443, "/v1")
+        );
+        let url = HttpUrl::parse("http://[::1]:9000").unwrap();
+        assert_eq!((url.host.as_str(), url.port, url.authority.as_str()), ("[::1]", 9000, "[::1]:9000"));
+        assert_eq!(HttpUrl::parse("http://[::1]").unwrap().port, 80);
+        for (url, why) in [
+            ("http://127.0.0.1:99999", "the port must lie between 1 and 65535"),
+            ("http://127.0.0.1:0", "the port must lie between 1 and 65535"),
+            ("http://127.0.0.1:", "the port must lie between 1 and 65535"),
+            ("http://[::1", "invalid"),
+            ("http://user:pw@127.0.0.1", "credentials belong in a Secret"),
+            ("ftp://x", "the scheme must be http or https"),
+            ("/relative", "no scheme"),
+            ("http://x y", "invalid"),
+        ] {
+            let error = HttpUrl::parse(url).expect_err(url);
+            assert!(error.contains(why), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn values_the_data_plane_cannot_use_are_refused_with_their_field() {
+        let b = bundle(
+            "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  routes:\n    - name: a\n      match: {headers: [{name: x-tenant, value: \"a\\r\\nb\"}]}\n      upstream: {url: 'http://127.0.0.1:99999'}\n  connections:\n    redis: {url: {}}\n    postgres: {url: {value: 'postgres://x'}}\n    kafka: {bootstrapServers: {value: 127.0.0.1:9092}}\n  commands:\n    - {name: c, schema: {type: 5}, event: {topic: t, type: x}}\n  observability: {logLevel: ' '}\n---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: c}\nspec: {targetRefs: [{name: shop}], rules: [{ttl: 1s, key: {headers: ['bad header']}}], invalidation: {adminApi: true, adminToken: {value: ''}}}\n---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {name: e}\nspec:\n  targetRefs: [{name: shop}]\n  source: {kafka: {topic: t}}\n  destination: {http: {url: 'http://[::1', headers: {x-a: \"a\\nb\"}}}\n  schema: {type: nope}\n",
+        );
+        let found: Vec<String> = validate(&b).iter().map(|v| format!("{} {}", v.resource, v.path)).collect();
+        for expected in [
+            "Middleware/shop spec.routes[0].match.headers[0].value",
+            "Middleware/shop spec.routes[0].upstream.url",
+            "Middleware/shop spec.connections.redis.url",
+            "Middleware/shop spec.commands[0].schema",
+            "Middleware/shop spec.observability.logLevel",
+            "CachePolicy/c spec.rules[0].key.headers[0]",
+            "CachePolicy/c spec.invalidation.adminToken.value",
+            "EventRoute/e spec.schema",
+            "EventRoute/e spec.destination.http.url",
+            "EventRoute/e spec.destination.http.headers.x-a",
+        ] {
+            assert!(found.iter().any(|f| f == expected), "missing {expected:?} in {found:#?}");
+        }
+    }
+
+    #[test]
+    fn log_filters_take_levels_targets_and_target_levels() {
+        for good in ["info", "warn,umw_dataplane=debug", "umw_dataplane::proxy=TRACE,off"] {
+            assert_eq!(log_filter(good), Ok(()), "{good}");
+        }
+        for bad in ["", " ", "info,", "x=loud", "a b"] {
+            assert!(log_filter(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -32,6 +32,13 @@ pub struct Verdict {
 /// Checks 1 and 2 for one target, given the Middleware it names (if it exists).
 fn resolve<P: Policy>(policy: &P, target: &PolicyTargetRef, mw: Option<&Middleware>) -> Result<(), Rejection> {
     policy.validate().map_err(Rejection::Invalid)?;
+    // What the data plane would refuse in this policy: refused here, so that the policy is the one that
+    // reports it and its Middleware keeps serving without it.
+    let violations = policy.rule_violations();
+    if !violations.is_empty() {
+        let problems: Vec<String> = violations.iter().map(|(field, message)| format!("{field}: {message}")).collect();
+        return Err(Rejection::Invalid(problems.join("; ")));
+    }
     let namespace = policy.namespace().unwrap_or_default();
     let Some(mw) = mw else {
         return Err(Rejection::TargetNotFound(format!(
@@ -230,6 +237,19 @@ mod tests {
         // What the operator renders, the data plane accepts.
         let bundle = umw_crds::config::Bundle { middleware: mw(&[]), cache_policies: accepted, ..Default::default() };
         assert_eq!(umw_crds::validate::validate(&bundle), vec![]);
+    }
+
+    #[test]
+    fn a_policy_the_data_plane_would_refuse_is_invalid_and_left_out_of_the_configuration() {
+        let mut bad = policy("bad", 1, PolicyTargetRef::middleware("shop"));
+        Arc::make_mut(&mut bad).spec.rules[0].key.headers = vec!["bad header".into()];
+        let m = Arc::new(mw(&[]));
+        let verdicts = evaluate(bad.as_ref(), |_| Some(m.clone()), &[]);
+        assert!(
+            matches!(&verdicts[0].outcome, Err(Rejection::Invalid(msg)) if msg.contains("spec.rules[0].key.headers[0]")),
+            "{verdicts:?}"
+        );
+        assert!(accepted_for(&m, &[bad]).is_empty(), "the Middleware keeps serving without it");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use http::HeaderValue;
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -137,7 +137,7 @@ pub enum Protocol {
 /// Why an upstream cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("upstream URL {0:?} is not an absolute http:// or https:// URL")]
+    #[error("{0}")]
     BadUrl(String),
     #[error("H2C needs an http:// upstream; {0:?} is https:// (which negotiates HTTP/2 by itself)")]
     H2cOverTls(String),
@@ -162,20 +162,10 @@ impl Target {
                 ("http".to_string(), connect, None, String::new(), name)
             }
             (None, Some(url)) => {
-                let uri: Uri = url.parse().map_err(|_| UpstreamError::BadUrl(url.clone()))?;
-                let scheme = uri
-                    .scheme_str()
-                    .filter(|s| *s == "http" || *s == "https")
-                    .ok_or_else(|| UpstreamError::BadUrl(url.clone()))?;
-                let authority = uri.authority().ok_or_else(|| UpstreamError::BadUrl(url.clone()))?;
-                if authority.as_str().contains('@') {
-                    return Err(UpstreamError::BadUrl(url.clone()));
-                }
-                let port = authority.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
-                let connect = format!("{}:{port}", authority.host());
+                let url = umw_crds::validate::HttpUrl::parse(url).map_err(UpstreamError::BadUrl)?;
+                let connect = format!("{}:{}", url.host, url.port);
                 let name = connect.clone();
-                let base_path = uri.path().trim_end_matches('/').to_string();
-                (scheme.to_string(), connect, Some(authority.as_str().to_string()), base_path, name)
+                (url.scheme.to_string(), connect, Some(url.authority), url.base_path, name)
             }
             _ => return Err(UpstreamError::NeitherOrBoth),
         };
@@ -219,7 +209,7 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(target: Target, health: Health, metrics: Metrics) -> Result<Self, UpstreamError> {
         let label = target.label();
-        let bad = || UpstreamError::BadUrl(label.clone());
+        let bad = || UpstreamError::BadUrl(format!("upstream {label:?} is not an address to connect to"));
         let scheme = Scheme::try_from(target.scheme.as_str()).map_err(|_| bad())?;
         let authority = Authority::try_from(target.connect.as_str()).map_err(|_| bad())?;
         let host = target.host.as_deref().map(HeaderValue::try_from).transpose().map_err(|_| bad())?;
