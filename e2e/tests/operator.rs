@@ -250,6 +250,26 @@ async fn a_policy_without_its_target_is_target_not_found_until_the_target_exists
     let message = conditions::find(&route.status.unwrap().conditions, types::ACCEPTED).unwrap().message.clone();
     assert!(message.contains("spec.connections.kafka"), "{message}");
 
+    // A policy the data plane would refuse is Invalid, naming the field; its Middleware is not stalled by it
+    // and its configuration leaves it out.
+    ns.must_apply(
+        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: bad-key\nspec:\n  targetRefs: [{name: later, sectionName: web}]\n  rules:\n  - ttl: 30s\n    key: {headers: ['bad header']}\n",
+    );
+    let bad = policy_accepted(&policies, "bad-key", (status::FALSE, reasons::INVALID)).await;
+    let message = conditions::find(&bad.status.unwrap().conditions, types::ACCEPTED).unwrap().message.clone();
+    assert!(message.contains("spec.rules[0].key.headers[0]"), "{message}");
+    // (The Middleware is reconciled after a policy change: give it the time to, had the policy reached it.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mw = get(&mws, "later").await.expect("the Middleware exists");
+    let conditions = mw.status.map(|s| s.conditions).unwrap_or_default();
+    assert_ne!(
+        condition_of(&conditions, types::STALLED),
+        Some((status::TRUE, reasons::INVALID_SPEC)),
+        "{conditions:?}"
+    );
+    let config = get(&config_maps, "umw-later-config").await.and_then(|cm| cm.data?.get("config.yaml").cloned());
+    assert!(config.as_deref().is_some_and(|c| !c.contains("bad-key")), "{config:?}");
+
     // Moving the cache policy to another Middleware takes it out of the first one's configuration.
     ns.must_apply(&middleware_yaml("other", ""));
     ns.must_apply(&cache_policy_yaml("cache", "other", None));
