@@ -221,7 +221,7 @@ fn files(documents: &[Value]) -> Files {
 
 fn build(loaded: &config::Loaded) -> Result<(), String> {
     let metrics = Metrics::new().map_err(|e| e.to_string())?;
-    Runtime::with_options(&loaded, metrics, Health::default(), Overrides::default(), None, LogControl::disabled(), true)
+    Runtime::with_options(loaded, metrics, Health::default(), Overrides::default(), None, LogControl::disabled(), true)
         .map(|_| ())
         .map_err(|invalid| invalid.to_string())
 }
