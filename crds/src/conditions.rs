@@ -41,6 +41,8 @@ pub mod reasons {
     pub const CONFIG_REJECTED: &str = "ConfigRejected";
     pub const COMPONENT_DEGRADED: &str = "ComponentDegraded";
     pub const COMPONENTS_DOWN: &str = "ComponentsDown";
+    /// A data-plane pod cannot run: its container crash-loops, exits with an error or cannot be created.
+    pub const PODS_FAILING: &str = "PodsFailing";
     // Policies: Accepted
     pub const ACCEPTED: &str = "Accepted";
     pub const TARGET_NOT_FOUND: &str = "TargetNotFound";

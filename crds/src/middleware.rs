@@ -175,12 +175,46 @@ pub struct HttpListener {
     #[serde(default = "default_http_port")]
     #[schemars(range(min = 1024, max = 65535))]
     pub port: u16,
+    /// Largest request head (request line and header fields together) in bytes, 8192 to 1048576; a larger
+    /// one is answered `431`. Defaults to 32768 (nginx allows four 8 KiB header buffers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 8192, max = 1048576))]
+    pub max_header_bytes: Option<u32>,
+    /// Most header fields one request may carry, 1 to 1000; more are answered `431`. Defaults to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_headers: Option<u16>,
+    /// Longest a client may take to send a request head, counted from the connection's start or the end
+    /// of the previous response; then the connection is closed. Defaults to 30s (nginx: 60s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout: Option<Duration>,
+    /// Longest a request body may pause between two reads; the request is then answered `408`, as is one
+    /// whose body is still arriving when its route's timeout ends. Defaults to 60s, as nginx's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_read_timeout: Option<Duration>,
 }
 
 impl Default for HttpListener {
     fn default() -> Self {
-        Self { port: default_http_port() }
+        Self {
+            port: default_http_port(),
+            max_header_bytes: None,
+            max_headers: None,
+            header_read_timeout: None,
+            body_read_timeout: None,
+        }
     }
+}
+
+impl HttpListener {
+    /// [`HttpListener::max_header_bytes`] when absent.
+    pub const DEFAULT_MAX_HEADER_BYTES: u32 = 32 * 1024;
+    /// [`HttpListener::max_headers`] when absent.
+    pub const DEFAULT_MAX_HEADERS: u16 = 100;
+    /// [`HttpListener::header_read_timeout`] when absent.
+    pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+    /// [`HttpListener::body_read_timeout`] when absent.
+    pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 }
 
 /// The gRPC listener.

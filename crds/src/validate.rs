@@ -62,6 +62,19 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
             c.push(path, "must be 1024 or above (the data plane runs without privileges)");
         }
     }
+    let http = &listeners.http;
+    if let Some(bytes) = http.max_header_bytes
+        && !(8192..=1_048_576).contains(&bytes)
+    {
+        c.push("spec.listeners.http.maxHeaderBytes", "must be between 8192 and 1048576");
+    }
+    if let Some(count) = http.max_headers
+        && !(1..=1000).contains(&count)
+    {
+        c.push("spec.listeners.http.maxHeaders", "must be between 1 and 1000");
+    }
+    c.duration("spec.listeners.http.headerReadTimeout".into(), http.header_read_timeout.as_ref());
+    c.duration("spec.listeners.http.bodyReadTimeout".into(), http.body_read_timeout.as_ref());
     if let Some(ws) = &listeners.websocket
         && !ws.path.starts_with('/')
     {

@@ -238,6 +238,12 @@ async fn request_id(runtime: Arc<Runtime>, mut request: Request<Body>, next: Nex
     };
     let client = request.extensions().get::<ClientAddr>().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
     let snapshot = runtime.snapshot();
+    if let Some(reason) = crate::inbound::host_problem(&request) {
+        snapshot.metrics.http_refused.with_label_values(&[crate::inbound::reasons::HOST]).inc();
+        let mut response = Problem::new(kinds::BAD_REQUEST, reason).into_response();
+        response.headers_mut().insert(REQUEST_ID, id);
+        return response;
+    }
     let trace = TraceContext::from_headers(request.headers(), snapshot.sampling_ratio);
     request.extensions_mut().insert(RequestInfo {
         id: id.clone(),
@@ -344,8 +350,15 @@ async fn timeout(mut request: Request<Body>, next: Next) -> Response {
     if let Some(info) = info_mut(&mut request) {
         info.deadline = Some(deadline);
     }
+    let body = request.extensions().get::<crate::inbound::BodyProgress>().cloned();
     match tokio::time::timeout_at(deadline.into(), next.run(request)).await {
         Ok(response) => response,
+        // The client is still sending its body: the wait is the client's, not the upstream's.
+        Err(_) if body.is_some_and(|body| !body.finished()) => {
+            route.metrics.gateway_errors.with_label_values(&[&route.name, "body_timeout"]).inc();
+            route.metrics.http_refused.with_label_values(&[crate::inbound::reasons::BODY_TIMEOUT]).inc();
+            proxy::ProxyError::BodyTimeout.problem(&route.name).into_response()
+        }
         Err(_) => {
             route.metrics.gateway_errors.with_label_values(&[&route.name, "timeout"]).inc();
             Problem::new(
@@ -573,7 +586,11 @@ mod tests {
     }
 
     fn post(body: &'static str) -> Request<Body> {
-        Request::post("/orders").header("content-type", "application/json").body(Body::from(body)).unwrap()
+        Request::post("/orders")
+            .header("host", "shop")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
     }
 
     #[tokio::test]
@@ -648,7 +665,8 @@ mod tests {
     async fn unmatched_requests_get_a_problem_and_no_slot_runs_with_a_route() {
         let log = Arc::new(Mutex::new(Vec::new()));
         let chain = build(runtime(|log| Stages { cache: recorder(log, "cache", None), ..Stages::default() }, &log));
-        let response = send(&chain, Request::get("/elsewhere").body(Body::empty()).unwrap()).await;
+        let response =
+            send(&chain, Request::get("/elsewhere").header("host", "shop").body(Body::empty()).unwrap()).await;
         assert_eq!(response.status(), http::StatusCode::NOT_FOUND);
         assert_eq!(response.headers()[http::header::CONTENT_TYPE], crate::problem::CONTENT_TYPE);
         assert_eq!(log.lock().unwrap().clone(), ["cache(id=true,route=-,deadline=false)"]);

@@ -14,6 +14,7 @@ pub mod chain;
 pub mod config;
 pub mod events;
 pub mod health;
+pub mod inbound;
 pub mod metrics;
 pub mod outbox;
 pub mod problem;

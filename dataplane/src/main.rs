@@ -62,6 +62,29 @@ struct Cli {
     /// After accepting stops, how long in-flight requests may take before their connections are closed.
     #[arg(long, global = true, env = "UMW_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Where the reason the data plane could not start is written, when the file exists: Kubernetes' default
+    /// `terminationMessagePath`, which the kubelet creates and shows in the pod's status.
+    #[arg(long, global = true, env = "UMW_TERMINATION_LOG", default_value = "/dev/termination-log")]
+    termination_log: PathBuf,
+}
+
+/// Most of a termination message the kubelet keeps.
+const MAX_TERMINATION_MESSAGE: usize = 4096;
+
+/// Prints why the data plane stops and, when serving under a kubelet (`termination_log` exists), writes it
+/// there too.
+fn fail(termination_log: Option<&std::path::Path>, message: &str) -> ExitCode {
+    eprintln!("{message}");
+    if let Some(path) = termination_log.filter(|path| path.exists()) {
+        let mut end = message.len().min(MAX_TERMINATION_MESSAGE);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        if let Err(error) = std::fs::write(path, &message[..end]) {
+            eprintln!("warning: writing {}: {error}", path.display());
+        }
+    }
+    ExitCode::FAILURE
 }
 
 #[derive(Subcommand)]
@@ -97,14 +120,15 @@ fn main() -> ExitCode {
         eprintln!("error: --config PATH is required (a YAML file, or a directory of them, with one Middleware)");
         return ExitCode::from(2);
     };
+    // `check` reports to its caller; only a serving data plane explains itself to the kubelet.
+    let termination_log = (!matches!(cli.command, Some(Command::Check))).then(|| cli.termination_log.clone());
+    let termination_log = termination_log.as_deref();
     let (files, loaded) = match config::load(&path) {
         Ok(loaded) => loaded,
         Err(invalid) => {
-            eprintln!("{}: the configuration is not valid:", path.display());
-            for problem in &invalid.problems {
-                eprintln!("  {problem}");
-            }
-            return ExitCode::FAILURE;
+            let message =
+                format!("{}: the configuration is not valid:\n  {}", path.display(), invalid.problems.join("\n  "));
+            return fail(termination_log, &message);
         }
     };
     // One worker thread is a current-thread runtime: no work-stealing machinery for nothing to steal.
@@ -119,10 +143,7 @@ fn main() -> ExitCode {
     };
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(error) => return fail(termination_log, &format!("error: cannot start the async runtime: {error}")),
     };
     let result = match cli.command {
         Some(Command::Check) => runtime.block_on(check(&cli, &path, &loaded)),
@@ -130,10 +151,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
+        Err(error) => fail(termination_log, &format!("error: {error:#}")),
     }
 }
 
@@ -246,7 +264,8 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
     // Warm-up fetches through the chain; readiness waits for its first round.
     umw_dataplane::cache::warmup::announce(&runtime);
     let warmup = tokio::spawn(umw_dataplane::cache::warmup::run(runtime.clone(), chain.clone()));
-    let traffic = tokio::spawn(server::serve(http, chain, metrics, stop_accepting, cli.drain_timeout));
+    let limits = umw_dataplane::inbound::Limits::from_spec(&spec.listeners.http);
+    let traffic = tokio::spawn(server::serve(http, chain, metrics, limits, stop_accepting, cli.drain_timeout));
 
     shutdown_signal().await;
     tracing::info!(delay = ?cli.shutdown_delay, "shutting down: readiness is now false");

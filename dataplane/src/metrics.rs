@@ -88,6 +88,8 @@ pub struct Metrics {
     pub connections_accepted: IntCounter,
     /// Open connections on the traffic listener.
     pub connections_open: IntGauge,
+    /// Requests and connections refused before routing, by reason (see [`crate::inbound::reasons`]).
+    pub http_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -281,6 +283,17 @@ impl Metrics {
                 metric
             },
             connections_open: gauge("umw_connections_open", "Open connections on the traffic listener")?,
+            http_refused: {
+                let family = counter_vec(
+                    "umw_http_refused_total",
+                    "Requests and connections refused before routing, by reason",
+                    &["reason"],
+                )?;
+                for reason in crate::inbound::reasons::ALL {
+                    family.with_label_values(&[reason]);
+                }
+                family
+            },
             registry,
         };
         #[cfg(target_os = "linux")]

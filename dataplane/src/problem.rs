@@ -50,6 +50,11 @@ pub mod kinds {
         title: "The upstream is unavailable",
         status: StatusCode::SERVICE_UNAVAILABLE,
     };
+    pub const BODY_TIMEOUT: Kind = Kind {
+        slug: "body-timeout",
+        title: "The request body did not arrive in time",
+        status: StatusCode::REQUEST_TIMEOUT,
+    };
     pub const BAD_REQUEST: Kind =
         Kind { slug: "bad-request", title: "Malformed request", status: StatusCode::BAD_REQUEST };
     pub const METHOD_NOT_ALLOWED: Kind =
@@ -68,6 +73,9 @@ pub struct Problem {
     pub retry_after: Option<u64>,
     /// Itemised violations (e.g. each schema error with its JSON pointer).
     pub errors: Vec<FieldProblem>,
+    /// Whether the connection is closed after the response (`Connection: close`), e.g. when the rest of the
+    /// request cannot be read.
+    pub close: bool,
 }
 
 /// One violation inside a request.
@@ -91,7 +99,12 @@ struct Body_<'a> {
 
 impl Problem {
     pub fn new(kind: Kind, detail: impl Into<String>) -> Self {
-        Self { kind, detail: detail.into(), retry_after: None, errors: Vec::new() }
+        Self { kind, detail: detail.into(), retry_after: None, errors: Vec::new(), close: false }
+    }
+
+    pub fn close_connection(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     pub fn retry_after(mut self, seconds: u64) -> Self {
@@ -126,6 +139,9 @@ impl IntoResponse for Problem {
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.close {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

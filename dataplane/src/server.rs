@@ -1,8 +1,10 @@
 //! The traffic listener: accepts connections (HTTP/1.1 and h2c on one port) and hands every request to
-//! the chain. On shutdown it stops accepting, lets in-flight requests finish within a deadline, and closes
-//! what is left.
+//! the chain, within the listener's [`Limits`]. On shutdown it stops accepting, lets in-flight requests
+//! finish within a deadline, and closes what is left.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -15,22 +17,30 @@ use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
 use crate::chain::{Chain, ClientAddr};
+use crate::inbound::{self, Limits, Watched};
 use crate::metrics::Metrics;
-
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `chain` on `listener` until `shutdown` resolves, then drains for at most `drain`.
 pub async fn serve(
     listener: TcpListener,
     chain: Chain,
     metrics: Metrics,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -49,18 +59,44 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         metrics.connections_accepted.inc();
         let chain = chain.clone();
-        let service = tower::service_fn(move |request: http::Request<Incoming>| {
-            let mut request = request.map(Body::new);
-            request.extensions_mut().insert(ClientAddr(peer));
-            chain.clone().oneshot(request)
-        });
+        // Telling HTTP/1 from h2c reads the connection's first bytes with no time limit of hyper's own, and
+        // hyper's header timeout starts only after that: until the first request, the limit is kept here.
+        let started = Arc::new(AtomicBool::new(false));
+        let service = {
+            let started = started.clone();
+            let body_timeouts = metrics.http_refused.with_label_values(&[inbound::reasons::BODY_TIMEOUT]);
+            tower::service_fn(move |request: http::Request<Incoming>| {
+                started.store(true, Ordering::Relaxed);
+                let mut request = request.map(Body::new);
+                request.extensions_mut().insert(ClientAddr(peer));
+                Watched::watch(&mut request, limits.body_read_timeout, &body_timeouts);
+                chain.clone().oneshot(request)
+            })
+        };
         let connection =
             builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection.into_owned());
         let open = metrics.connections_open.clone();
+        let refused = metrics.http_refused.clone();
         open.inc();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = &mut connection => Some(ended),
+                () = tokio::time::sleep(limits.header_read_timeout) => None,
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                None if !started.load(Ordering::Relaxed) => {
+                    refused.with_label_values(&[inbound::reasons::HEADER_TIMEOUT]).inc();
+                    tracing::debug!(%peer, "closing a connection that sent no request in time");
+                    open.dec();
+                    return;
+                }
+                None => connection.await,
+            };
+            if let Err(error) = ended {
+                inbound::count_connection_error(&refused, error.as_ref());
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
             open.dec();

@@ -147,6 +147,43 @@ fn check_accepts_the_examples_and_reports_every_problem_of_a_broken_configuratio
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn a_data_plane_that_cannot_start_writes_why_to_the_termination_log_when_the_kubelet_made_one() {
+    let dir = temp_dir("termination");
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  routes:\n    - name: b\n      upstream: {url: 'http://x:99999'}\n",
+    )
+    .unwrap();
+    let log = dir.join("termination-log");
+    std::fs::write(&log, "").unwrap();
+    let run = |log: &std::path::Path| {
+        Command::new(BIN)
+            .args(["--config", &config.to_string_lossy(), "--termination-log", &log.to_string_lossy()])
+            .output()
+            .unwrap()
+    };
+    let out = run(&log);
+    assert_eq!(out.status.code(), Some(1));
+    let message = std::fs::read_to_string(&log).unwrap();
+    assert!(message.contains("spec.routes[0].upstream.url"), "{message}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(message.trim()), "the same words as the log");
+    // Outside a kubelet there is no such file, and none is made.
+    let absent = dir.join("absent");
+    assert_eq!(run(&absent).status.code(), Some(1));
+    assert!(!absent.exists());
+    // `check` answers its caller only.
+    std::fs::write(&log, "").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config", &config.to_string_lossy(), "--termination-log", &log.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test]
 async fn sigterm_turns_readiness_off_finishes_requests_in_flight_and_exits() {
     let upstream = Upstream::start("up").await;

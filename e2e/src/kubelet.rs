@@ -267,6 +267,7 @@ async fn run_pod(
         running_since: None,
         ready: false,
         restarts: 0,
+        last_terminated: None,
         waiting: Some("ContainerCreating".into()),
     };
     let _ = write_status(&api, &name, &status, &container).await;
@@ -302,8 +303,17 @@ async fn run_pod(
         };
         let args: Vec<String> = container.args.clone().unwrap_or_default().iter().map(|a| mounts.rewrite(a)).collect();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log"));
+        // As a kubelet does: an empty termination log the container may write its last words to.
+        let termination_log = dir.join("termination-log");
+        let _ = std::fs::write(&termination_log, "");
         let mut command = Command::new(&settings.dataplane);
-        command.args(&args).env_clear().envs(env).stdin(Stdio::null()).kill_on_drop(true);
+        command
+            .args(&args)
+            .env_clear()
+            .envs(env)
+            .env("UMW_TERMINATION_LOG", &termination_log)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
         if let Ok(log) = log {
             if let Ok(copy) = log.try_clone() {
                 command.stdout(copy);
@@ -368,7 +378,9 @@ async fn run_pod(
             Some(result) => {
                 pid_slot.store(0, Ordering::SeqCst);
                 let _ = std::fs::remove_file(dir.join("dataplane.pid"));
+                let exit_code = result.as_ref().ok().and_then(|s| s.code()).unwrap_or(137);
                 let code = result.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                status.last_terminated = Some((exit_code, termination_message(&dir, &container, exit_code)));
                 status.restarts += 1;
                 status.ready = false;
                 status.running_since = None;
@@ -403,6 +415,26 @@ struct PodState {
     ready: bool,
     restarts: i32,
     waiting: Option<String>,
+    /// Exit code and termination message of the last run that ended.
+    last_terminated: Option<(i32, String)>,
+}
+
+/// What a kubelet reports as the termination message: the termination log, or with
+/// `FallbackToLogsOnError` and a failed exit, the last lines of the log (at most 80 lines, 2 KiB).
+fn termination_message(dir: &std::path::Path, container: &Container, exit_code: i32) -> String {
+    let written = std::fs::read_to_string(dir.join("termination-log")).unwrap_or_default();
+    if !written.is_empty() || exit_code == 0 {
+        return written.chars().take(4096).collect();
+    }
+    if container.termination_message_policy.as_deref() != Some("FallbackToLogsOnError") {
+        return String::new();
+    }
+    let log = std::fs::read_to_string(dir.join("dataplane.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+    let start = tail.len().saturating_sub(2048);
+    let start = (start..tail.len()).find(|i| tail.is_char_boundary(*i)).unwrap_or(tail.len());
+    tail[start..].to_string()
 }
 
 async fn write_status(api: &Api<Pod>, name: &str, state: &PodState, container: &Container) -> Result<(), kube::Error> {
@@ -438,6 +470,15 @@ async fn write_status(api: &Api<Pod>, name: &str, state: &PodState, container: &
             "started": state.running_since.is_some(),
             "restartCount": state.restarts,
             "state": container_state,
+            "lastState": match &state.last_terminated {
+                Some((code, message)) => serde_json::json!({ "terminated": {
+                    "exitCode": code,
+                    "reason": if *code == 0 { "Completed" } else { "Error" },
+                    "message": message,
+                    "finishedAt": now,
+                }}),
+                None => serde_json::json!({}),
+            },
         }],
     }});
     api.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch)).await.map(|_| ())

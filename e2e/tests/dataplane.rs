@@ -166,6 +166,40 @@ async fn a_killed_process_makes_the_middleware_unready_naming_the_pod_until_it_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_cannot_start_stalls_the_middleware_in_the_data_planes_own_words_until_it_can() {
+    let ns = TestNamespace::new("dp-crash");
+    let upstream = TestUpstream::start("up").await;
+    let _kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    // What no validation can see: a Secret's value. The data plane refuses it when it starts.
+    ns.must_apply("apiVersion: v1\nkind: Secret\nmetadata: {name: redis}\nstringData: {url: 'not a url'}\n");
+    let connections = "  connections:\n    redis:\n      url: {secretKeyRef: {name: redis, key: url}}\n";
+    ns.must_apply(&format!("{}{connections}", middleware_yaml(1, &route("products", "/products", &upstream.url()))));
+    ns.must_apply(
+        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: products}\nspec:\n  targetRefs: [{name: shop}]\n  backend: redis\n  rules: [{ttl: 60s}]\n",
+    );
+    let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    let stalled = middleware_condition(&api, types::STALLED, "True", |m| m.contains("spec.connections.redis")).await;
+    let status = stalled.status.as_ref().unwrap();
+    let condition = conditions::find(&status.conditions, types::STALLED).unwrap();
+    assert_eq!(condition.reason, "PodsFailing", "{}", condition.message);
+    let (pod, _, _) = pods(&ns.name).await.remove(0);
+    assert!(condition.message.contains(&format!("pod {pod}")), "names the pod: {}", condition.message);
+    assert!(condition.message.contains("exit code 1"), "{}", condition.message);
+    let ready = conditions::find(&status.conditions, types::READY).unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "PodsFailing"), "{}", ready.message);
+    // The kubelet shows the data plane's termination message on the pod, as the operator quotes it.
+    let pods_api: Api<Pod> = Api::namespaced(client().await, &ns.name);
+    let container = pods_api.get(&pod).await.unwrap().status.unwrap().container_statuses.unwrap().remove(0);
+    let message = container.last_state.unwrap().terminated.unwrap().message.unwrap_or_default();
+    assert!(message.contains("spec.connections.redis"), "{message}");
+
+    // Fixed, the next restart starts; the Middleware recovers by itself.
+    ns.must_apply("apiVersion: v1\nkind: Secret\nmetadata: {name: redis}\nstringData: {url: 'redis://127.0.0.1:1'}\n");
+    middleware_condition(&api, types::STALLED, "False", |_| true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_is_down_gets_problems_fast_opens_the_breaker_and_degrades_the_middleware() {
     let ns = TestNamespace::new("dp-down");
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();

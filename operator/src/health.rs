@@ -70,6 +70,8 @@ pub struct PodHealth {
     pub read: bool,
     /// The pod's `/status`, or why it could not be read.
     pub report: Result<Report, String>,
+    /// Why the data-plane container cannot run, when it cannot (see [`pod_failure`]).
+    pub failure: Option<String>,
 }
 
 /// The pods of one Middleware, sorted by name.
@@ -144,6 +146,69 @@ pub fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Waiting reasons of a container that will not start by waiting longer.
+const FAILING: [&str; 8] = [
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "RunContainerError",
+    "StartError",
+];
+
+/// Most of a termination message quoted in a condition.
+const MAX_QUOTED: usize = 1024;
+
+/// Why the pod's data-plane container cannot run, when it is waiting for one of the [`FAILING`] reasons or
+/// has exited with an error: the pod, the reason, the restarts, and the last termination's exit code and
+/// message (what the data plane wrote to its termination log, or the end of its log). `None` for a pod that
+/// runs or is starting normally.
+pub fn pod_failure(pod: &Pod) -> Option<String> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let status = statuses.iter().find(|s| s.name == "dataplane")?;
+    let state = status.state.as_ref();
+    let waiting =
+        state.and_then(|s| s.waiting.as_ref()).filter(|w| FAILING.contains(&w.reason.as_deref().unwrap_or("")));
+    let exited = state.and_then(|s| s.terminated.as_ref()).filter(|t| t.exit_code != 0);
+    let last = status.last_state.as_ref().and_then(|s| s.terminated.as_ref()).filter(|t| t.exit_code != 0);
+    let (what, detail) = match (waiting, exited) {
+        (Some(waiting), _) => (
+            waiting.reason.clone().unwrap_or_default(),
+            waiting.message.clone().filter(|m| !m.is_empty() && last.is_none()),
+        ),
+        (None, Some(exited)) => (format!("exited with code {}", exited.exit_code), exited.message.clone()),
+        (None, None) => return None,
+    };
+    let mut message = format!("pod {}: {what}", pod.name_any());
+    if status.restart_count > 0 {
+        message.push_str(&format!(" ({} restart(s))", status.restart_count));
+    }
+    if let (None, Some(last)) = (exited, last) {
+        message.push_str(&format!("; last exit code {}", last.exit_code));
+        if let Some(text) = last.message.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+            message.push_str(&format!(": {}", quote(text)));
+        }
+    } else if let Some(text) = detail.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+        message.push_str(&format!(": {}", quote(text)));
+    }
+    Some(message)
+}
+
+/// A message on one line, at most [`MAX_QUOTED`] bytes.
+fn quote(text: &str) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.len() <= MAX_QUOTED {
+        return line;
+    }
+    let mut end = MAX_QUOTED;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &line[..end])
+}
+
 /// Largest `/status` document read; a data plane's is a few kilobytes.
 const MAX_STATUS_BYTES: usize = 1024 * 1024;
 
@@ -215,7 +280,16 @@ pub async fn poll(
                 async move {
                     let report = read_status(&client, &pod, port, settings.timeout).await;
                     metrics.health_polls.with_label_values(&[if report.is_ok() { "ok" } else { "error" }]).inc();
-                    (key, PodHealth { pod: pod.name_any(), ready: pod_ready(&pod), read: true, report })
+                    (
+                        key,
+                        PodHealth {
+                            pod: pod.name_any(),
+                            ready: pod_ready(&pod),
+                            read: true,
+                            report,
+                            failure: pod_failure(&pod),
+                        },
+                    )
                 }
             })
             .buffer_unordered(settings.concurrency.max(1))
@@ -272,8 +346,20 @@ pub fn current(mw: &Middleware, pods: &[Arc<Pod>], polled: Option<MiddlewareHeal
         .map(|pod| {
             let name = pod.name_any();
             match polled.iter().find(|p| p.pod == name) {
-                Some(p) => PodHealth { pod: name, ready: pod_ready(pod), read: true, report: p.report.clone() },
-                None => PodHealth { pod: name, ready: pod_ready(pod), read: false, report: Err("not read yet".into()) },
+                Some(p) => PodHealth {
+                    pod: name,
+                    ready: pod_ready(pod),
+                    read: true,
+                    report: p.report.clone(),
+                    failure: pod_failure(pod),
+                },
+                None => PodHealth {
+                    pod: name,
+                    ready: pod_ready(pod),
+                    read: false,
+                    report: Err("not read yet".into()),
+                    failure: pod_failure(pod),
+                },
             }
         })
         .collect()
@@ -450,7 +536,45 @@ mod tests {
                     message: String::new(),
                 }],
             }),
+            failure: None,
         }
+    }
+
+    #[test]
+    fn a_crash_looping_pod_is_named_with_its_exit_code_and_termination_message() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "umw-shop-abc"},
+            "status": {"containerStatuses": [{
+                "name": "dataplane", "image": "i", "imageID": "", "ready": false, "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                    "message": "config.yaml: the configuration is not valid:\n  spec.connections.redis.url: not a URL"}}
+            }]}
+        }))
+        .unwrap();
+        assert_eq!(
+            pod_failure(&pod).unwrap(),
+            "pod umw-shop-abc: CrashLoopBackOff (3 restart(s)); last exit code 1: config.yaml: the configuration is not valid: spec.connections.redis.url: not a URL"
+        );
+        let image: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"containerStatuses": [{
+                "name": "dataplane", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\""}}
+            }]}
+        }))
+        .unwrap();
+        assert_eq!(pod_failure(&image).unwrap(), "pod p: ImagePullBackOff: Back-off pulling image \"x\"");
+        let starting: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"containerStatuses": [{
+                "name": "dataplane", "image": "i", "imageID": "", "ready": false, "restartCount": 1,
+                "state": {"waiting": {"reason": "ContainerCreating"}},
+                "lastState": {"terminated": {"exitCode": 0, "reason": "Completed"}}
+            }]}
+        }))
+        .unwrap();
+        assert_eq!(pod_failure(&starting), None, "starting, or restarted after a clean exit, is not failing");
     }
 
     #[test]
@@ -470,6 +594,7 @@ mod tests {
             ready: true,
             read: true,
             report: Err("cannot read /status: connection refused".into()),
+            failure: None,
         };
         let s = summarize(&[broken], "h2");
         assert_eq!(s.not_ready.unwrap().1, "pod x: cannot read /status: connection refused");

@@ -307,6 +307,9 @@ fn deployment(bundle: &Bundle, settings: &Settings, secrets_hash: &str) -> Deplo
         ports: Some(ports),
         env: Some(env),
         resources: Some(spec.pod.resources.clone().unwrap_or_else(default_resources)),
+        // The data plane writes why it cannot start to the termination log; a crash without one is quoted
+        // from the end of its log. The operator shows either on the Middleware (`PodsFailing`).
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
         volume_mounts: Some(

@@ -178,6 +178,92 @@ async fn http_ingest_answers_202_once_the_broker_has_the_event() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_break_cloudevents_1_0_are_refused_naming_the_attribute_and_none_is_published() {
+    let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
+    kafka.create_topic("strict", 1);
+    let yaml = format!(
+        "{}{}",
+        middleware(&kafka, ""),
+        event_route("strict-in", "  source: {http: {path: /events/strict}}\n  destination: {kafka: {topic: strict}}\n")
+    );
+    let gw = Gateway::start(&yaml).await;
+    kafka_up(&gw).await;
+    let url = gw.url("/events/strict");
+    let structured = |body: &str| {
+        let url = url.clone();
+        let body = Bytes::from(body.to_string());
+        async move { send(Method::POST, &url, &[("content-type", "application/cloudevents+json")], body).await }
+    };
+    let binary = |headers: Vec<(&'static str, &'static str)>| {
+        let url = url.clone();
+        async move {
+            let mut all = vec![("content-type", "application/json"), ("ce-specversion", "1.0")];
+            all.extend(headers);
+            send(Method::POST, &url, &all, Bytes::from_static(b"{}")).await
+        }
+    };
+    let base = [("ce-id", "i-1"), ("ce-type", "t"), ("ce-source", "/s")];
+    let with = |name: &'static str, value: &'static str| {
+        let mut headers: Vec<_> = base.iter().copied().filter(|(n, _)| *n != name).collect();
+        headers.push((name, value));
+        headers
+    };
+    let cases = vec![
+        ("/id", binary(with("ce-id", "")).await),
+        ("/type", binary(with("ce-type", "")).await),
+        ("/bad_ext", binary(with("ce-bad_ext", "x")).await),
+        ("time", binary(with("ce-time", "yesterday")).await),
+        ("/source", structured(r#"{"specversion":"1.0","id":"s-1","type":"t","source":""}"#).await),
+        ("/subject", structured(r#"{"specversion":"1.0","id":"s-2","type":"t","source":"/s","subject":""}"#).await),
+        (
+            "/datacontenttype",
+            structured(
+                r#"{"specversion":"1.0","id":"s-3","type":"t","source":"/s","datacontenttype":"json","data":"x"}"#,
+            )
+            .await,
+        ),
+        ("/specversion", structured(r#"{"specversion":"0.3","id":"s-4","type":"t","source":"/s"}"#).await),
+        // A plain body: the client's own empty ce-id is not replaced by a generated one.
+        ("/id", post_json(&url, &[("ce-id", "")], "{}").await),
+    ];
+    let refused = cases.len();
+    for (attribute, reply) in cases {
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{attribute}: {}", reply.text());
+        let problem = reply.json();
+        assert!(problem["type"].as_str().unwrap().ends_with("invalid-event"), "{problem}");
+        if attribute.starts_with('/') {
+            assert_eq!(problem["errors"][0]["pointer"], attribute, "{problem}");
+        }
+        assert!(
+            problem["detail"].as_str().unwrap().contains(&format!("`{}`", attribute.trim_start_matches('/'))),
+            "{problem}"
+        );
+    }
+    // A batch is refused whole when one element breaks the specification.
+    let batch = send(
+        Method::POST,
+        &url,
+        &[("content-type", "application/cloudevents-batch+json")],
+        Bytes::from(
+            r#"[{"specversion":"1.0","id":"b-1","type":"t","source":"/s"},{"specversion":"1.0","id":"b-2","type":"","source":"/s"}]"#,
+        ),
+    )
+    .await;
+    assert_eq!(batch.status, StatusCode::BAD_REQUEST, "{}", batch.text());
+    assert_eq!(batch.json()["errors"][0]["pointer"], "/1/type");
+
+    // Nothing of the above reached Kafka: the first record is the valid event sent last.
+    let valid = binary(base.to_vec()).await;
+    assert_eq!(valid.status, StatusCode::ACCEPTED, "{}", valid.text());
+    let records = kafka.read("strict", 1, Duration::from_secs(20));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].offset, 0, "nothing invalid was published before the valid event");
+    assert_eq!(records[0].header("ce_id").as_deref(), Some("i-1"));
+    let invalid = gw.metric("umw_events_handled_total", &["event_route=\"strict-in\"", "outcome=\"invalid\""]).await;
+    assert_eq!(invalid, (refused + 1) as f64, "every refusal is counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_delivers_to_the_webhook_with_retries_and_dead_letters_what_keeps_failing() {
     let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await.unwrap();
     kafka.create_topic("payments", 2);

@@ -184,7 +184,7 @@ pub fn from_http(headers: &http::HeaderMap, body: Vec<u8>, defaults: &Defaults) 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with(STRUCTURED));
     if structured || headers.contains_key("ce-specversion") {
-        return cloudevents::binding::http::to_event(headers, body).map_err(|e| e.to_string());
+        return cloudevents::binding::http::to_event(headers, body).map_err(describe);
     }
     let content_type =
         headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string();
@@ -205,6 +205,60 @@ pub fn from_http(headers: &http::HeaderMap, body: Vec<u8>, defaults: &Defaults) 
         Data::Binary(body)
     };
     builder.data(content_type, data).build().map_err(|e| e.to_string())
+}
+
+/// Where an event breaks the CloudEvents 1.0 specification, one `(attribute, reason)` per problem: the
+/// required attributes non-empty, `specversion` 1.0, optional string attributes non-empty when present,
+/// `datacontenttype` a media type (RFC 2046), and attribute names of lower-case ASCII letters and digits.
+/// (`time` and `dataschema` are parsed, as a timestamp and a URI, when the event is read.)
+pub fn nonconformities(event: &Event) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    let mut problem = |attribute: &str, reason: &str| problems.push((attribute.to_string(), reason.to_string()));
+    if event.specversion() != SpecVersion::V10 {
+        problem("specversion", &format!("is {}; only CloudEvents 1.0 is accepted", event.specversion()));
+    }
+    for (attribute, value) in [("id", event.id()), ("source", event.source().as_str()), ("type", event.ty())] {
+        if value.is_empty() {
+            problem(attribute, "is required and must not be empty");
+        }
+    }
+    if event.subject() == Some("") {
+        problem("subject", "must not be empty when present");
+    }
+    if let Some(content_type) = event.datacontenttype()
+        && !is_media_type(content_type)
+    {
+        problem("datacontenttype", &format!("{content_type:?} is not a media type such as application/json"));
+    }
+    let mut extensions: Vec<&str> = event.iter_extensions().map(|(name, _)| name).collect();
+    extensions.sort_unstable();
+    for name in extensions {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+            problem(name, "is not a valid attribute name: only lower-case letters a-z and digits 0-9");
+        } else if matches!(name, "data" | "data_base64" | "specversion") {
+            problem(name, "is a reserved name and cannot be an extension attribute");
+        }
+    }
+    problems
+}
+
+/// `type/subtype` with optional `; parameter`s, both tokens (RFC 2046, RFC 9110 §8.3.1).
+fn is_media_type(value: &str) -> bool {
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let token =
+        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    matches!(essence.split_once('/'), Some((ty, subtype)) if token(ty) && token(subtype))
+}
+
+/// The SDK's reading error in terms of the attribute at fault.
+fn describe(error: cloudevents::message::Error) -> String {
+    use cloudevents::message::Error;
+    match error {
+        Error::ParseTimeError { source } => format!("attribute `time` is not an RFC 3339 timestamp ({source})"),
+        Error::ParseUrlError { source } => format!("attribute `dataschema` is not an absolute URI ({source})"),
+        Error::UnknownSpecVersion { source } => format!("attribute `specversion`: {source}; only 1.0 is accepted"),
+        other => format!("not a CloudEvent: {other}"),
+    }
 }
 
 /// An event around a Kafka record that is not a CloudEvent: id `<topic>-<partition>-<offset>` (stable
@@ -265,6 +319,7 @@ pub fn attribute(event: &Event, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cloudevents::event::AttributesWriter as _;
 
     fn event() -> Event {
         EventBuilderV10::new()
@@ -322,6 +377,23 @@ mod tests {
         assert_eq!(event.id().len(), 36);
         assert_eq!(json_data(&event).unwrap()["id"], 7);
         assert!(from_http(&headers, b"not json".to_vec(), &defaults).unwrap_err().contains("not JSON"));
+    }
+
+    #[test]
+    fn events_that_break_cloudevents_1_0_are_named_by_attribute() {
+        assert!(nonconformities(&event()).is_empty());
+        let mut bad = event();
+        bad.set_id("");
+        bad.set_source("");
+        bad.set_extension("bad_ext", "x");
+        bad.set_extension("Upper", "x");
+        let _ = bad.set_data("text plain", Data::String("x".into()));
+        let mut attributes: Vec<String> = nonconformities(&bad).into_iter().map(|(a, _)| a).collect();
+        attributes.sort();
+        assert_eq!(attributes, ["Upper", "bad_ext", "datacontenttype", "id", "source"]);
+        assert!(is_media_type("application/cloudevents+json; charset=utf-8"));
+        assert!(!is_media_type("application/"));
+        assert!(!is_media_type("json"));
     }
 
     #[test]

@@ -397,8 +397,8 @@ impl Ingest {
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
-                return Problem::new(crate::problem::kinds::BODY_UNREADABLE, format!("reading the body: {error}"))
-                    .into_response();
+                route.count("invalid");
+                return crate::proxy::body_error(error).problem(&route.name).into_response();
             }
         };
         let batch = parts
@@ -416,6 +416,11 @@ impl Ingest {
                 return Problem::new(kinds::INVALID_EVENT, error).into_response();
             }
         };
+        let nonconformities = envelope::nonconformities(&event);
+        if !nonconformities.is_empty() {
+            route.count("invalid");
+            return nonconforming(nonconformities.into_iter().map(|(a, r)| attribute_problem("", &a, &r)).collect());
+        }
         if event.extension(envelope::TRACEPARENT).is_none()
             && let Some(traceparent) = trace
         {
@@ -547,6 +552,9 @@ impl Ingest {
                 for (i, value) in values.into_iter().enumerate() {
                     match serde_json::from_value::<Event>(value) {
                         Ok(mut event) => {
+                            for (attribute, reason) in envelope::nonconformities(&event) {
+                                not_events.push(attribute_problem(&format!("/{i}"), &attribute, &reason));
+                            }
                             if event.extension(envelope::TRACEPARENT).is_none()
                                 && let Some(traceparent) = &trace
                             {
@@ -569,7 +577,7 @@ impl Ingest {
                     return Problem::new(
                         kinds::INVALID_EVENT,
                         format!(
-                            "{} element(s) of the batch are not CloudEvents; nothing was published",
+                            "{} problem(s) make elements of the batch invalid CloudEvents 1.0; nothing was published",
                             not_events.len()
                         ),
                     )
@@ -645,6 +653,20 @@ impl Ingest {
         .retry_after(1)
         .into_response()
     }
+}
+
+/// A problem with one attribute of an event, at `<prefix>/<attribute>`.
+fn attribute_problem(prefix: &str, attribute: &str, reason: &str) -> FieldProblem {
+    FieldProblem { pointer: format!("{prefix}/{attribute}"), detail: format!("attribute `{attribute}` {reason}") }
+}
+
+/// `400` for an event that breaks the CloudEvents 1.0 specification, naming each attribute.
+fn nonconforming(problems: Vec<FieldProblem>) -> Response {
+    let detail = format!(
+        "not a valid CloudEvent 1.0: {}",
+        problems.iter().map(|p| p.detail.as_str()).collect::<Vec<_>>().join("; ")
+    );
+    Problem::new(kinds::INVALID_EVENT, detail).with_errors(problems).into_response()
 }
 
 fn accepted(body: serde_json::Value) -> Response {

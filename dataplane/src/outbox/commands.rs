@@ -93,8 +93,7 @@ impl Command {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
                 self.count("invalid");
-                return Problem::new(crate::problem::kinds::BODY_UNREADABLE, format!("reading the body: {error}"))
-                    .into_response();
+                return crate::proxy::body_error(error).problem(&self.name).into_response();
             }
         };
         let data: serde_json::Value = match serde_json::from_slice(&bytes) {

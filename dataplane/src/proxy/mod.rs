@@ -39,6 +39,8 @@ pub enum ProxyError {
     Timeout { upstream: String },
     #[error("the request body is larger than the route allows")]
     BodyTooLarge,
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("reading the request body failed: {0}")]
     BodyUnreadable(String),
     #[error("the request cannot be sent upstream: {0}")]
@@ -53,6 +55,7 @@ impl ProxyError {
             ProxyError::Unreachable { .. } => "upstream_unreachable",
             ProxyError::Timeout { .. } => "upstream_timeout",
             ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::BodyTimeout => "body_timeout",
             ProxyError::BodyUnreadable(_) => "body_unreadable",
             ProxyError::BadRequest(_) => "bad_request",
         }
@@ -77,6 +80,9 @@ impl ProxyError {
             ),
             ProxyError::BodyTooLarge => {
                 Problem::new(kinds::BODY_TOO_LARGE, format!("the request body exceeds the limit of route {route}"))
+            }
+            ProxyError::BodyTimeout => {
+                Problem::new(kinds::BODY_TIMEOUT, "the request body did not arrive in time").close_connection()
             }
             ProxyError::BodyUnreadable(_) => {
                 Problem::new(kinds::BODY_UNREADABLE, "the request body ended early or could not be read")
@@ -144,6 +150,11 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
         let outcome: Result<Response, ProxyError> = match sent {
             Ok(Ok(response)) => Ok(response.map(Body::new)),
             Ok(Err(error)) => Err(classify(error, &upstream.label)),
+            // The client was still sending its body at the deadline: its wait, not the upstream's.
+            Err(_) if parts.extensions.get::<crate::inbound::BodyProgress>().is_some_and(|b| !b.finished()) => {
+                route.metrics.http_refused.with_label_values(&[crate::inbound::reasons::BODY_TIMEOUT]).inc();
+                Err(ProxyError::BodyTimeout)
+            }
             Err(_) => Err(ProxyError::Timeout { upstream: upstream.label.clone() }),
         };
         let (label, failed) = match &outcome {
@@ -219,6 +230,8 @@ pub fn body_error(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) ->
     let error = error.into();
     if is_length_limit(error.as_ref()) {
         ProxyError::BodyTooLarge
+    } else if crate::inbound::is_body_timeout(error.as_ref()) {
+        ProxyError::BodyTimeout
     } else {
         ProxyError::BodyUnreadable(error.to_string())
     }
@@ -238,6 +251,9 @@ fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
 fn classify(error: hyper_util::client::legacy::Error, upstream: &str) -> ProxyError {
     if is_length_limit(&error) {
         return ProxyError::BodyTooLarge;
+    }
+    if crate::inbound::is_body_timeout(&error) {
+        return ProxyError::BodyTimeout;
     }
     // A failure of the client's own body surfaces as a body error inside hyper's error.
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(&error);

@@ -261,7 +261,8 @@ impl Gateway {
         let chain = chain::build(runtime.clone());
         umw_dataplane::cache::warmup::announce(&runtime);
         tasks.push(tokio::spawn(umw_dataplane::cache::warmup::run(runtime.clone(), chain.clone())));
-        tasks.push(tokio::spawn(server::serve(http, chain, metrics, stopped(), Duration::from_secs(5))));
+        let limits = umw_dataplane::inbound::Limits::from_spec(&loaded.bundle.middleware.spec.listeners.http);
+        tasks.push(tokio::spawn(server::serve(http, chain, metrics, limits, stopped(), Duration::from_secs(5))));
         Self { address, admin: admin_address, config_file, runtime, dir, stop, tasks }
     }
 

@@ -366,8 +366,16 @@ pub fn status_of(
             // (the operator checks what it can before rendering, so this is a data plane of another version).
             let rejected =
                 rollout.done && matches!(&health.not_ready, Some((reason, _)) if *reason == reasons::CONFIG_REJECTED);
-            let stalled = match (&health.not_ready, rejected) {
-                (Some((reason, message)), true) => condition(types::STALLED, status::TRUE, reason, message.clone()),
+            // A pod whose container crash-loops or cannot be created will not recover by waiting either.
+            let failing: Vec<&str> = pods.iter().filter_map(|p| p.failure.as_deref()).collect();
+            let failure = (!failing.is_empty()).then(|| failing.join("; "));
+            let stalled = match (&health.not_ready, rejected, &failure) {
+                (_, _, Some(failure)) => {
+                    condition(types::STALLED, status::TRUE, reasons::PODS_FAILING, failure.clone())
+                }
+                (Some((reason, message)), true, None) => {
+                    condition(types::STALLED, status::TRUE, reason, message.clone())
+                }
                 _ => condition(types::STALLED, status::FALSE, reasons::AS_EXPECTED, String::new()),
             };
             let reconciling = if mw.spec.paused {
@@ -376,6 +384,13 @@ pub fn status_of(
                     status::FALSE,
                     reasons::PAUSED,
                     "spec.paused is true: children are left as they are".into(),
+                )
+            } else if failure.is_some() {
+                condition(
+                    types::RECONCILING,
+                    status::FALSE,
+                    reasons::PODS_FAILING,
+                    "stalled until the pods can run: see Stalled".into(),
                 )
             } else if !rollout.done {
                 condition(types::RECONCILING, status::TRUE, rollout.reason, rollout.message.clone())
@@ -392,6 +407,8 @@ pub fn status_of(
                     reasons::SCALED_TO_ZERO,
                     format!("scaled to zero replicas.{note}"),
                 )
+            } else if let Some(failure) = failure.as_ref().filter(|_| !rollout.done || health.not_ready.is_some()) {
+                condition(types::READY, status::FALSE, reasons::PODS_FAILING, format!("{failure}.{note}"))
             } else if !rollout.done {
                 condition(types::READY, status::FALSE, rollout.reason, format!("{}.{note}", rollout.message))
             } else if let Some((reason, message)) = &health.not_ready {
@@ -609,6 +626,7 @@ mod tests {
                     }],
                     policies: Vec::new(),
                 }),
+                failure: None,
             })
             .collect()
     }
@@ -681,6 +699,24 @@ mod tests {
         assert_eq!(condition(&status, types::RECONCILING).status, status::TRUE);
         let status = status_of(&mw, None, &desired, None, &[], &now());
         assert_eq!(condition(&status, types::RECONCILING).reason, reasons::PROGRESSING);
+    }
+
+    #[test]
+    fn a_crash_looping_pod_stalls_the_middleware_with_its_reason() {
+        let (mw, desired) = fixture(2);
+        let mut pods = healthy(&desired, &["a", "b"]);
+        pods[1].ready = false;
+        pods[1].failure = Some("pod b: CrashLoopBackOff (2 restart(s)); last exit code 1: bad".into());
+        let status = status_of(&mw, Some(&rolled_out(&desired, 1)), &desired, None, &pods, &now());
+        let stalled = condition(&status, "Stalled");
+        assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "PodsFailing"));
+        assert!(stalled.message.contains("pod b: CrashLoopBackOff") && stalled.message.contains("bad"));
+        let ready = condition(&status, "Ready");
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "PodsFailing"), "not a bare PodsNotReady");
+        assert_eq!(condition(&status, "Reconciling").status, "False");
+        pods[1].failure = None;
+        let status = status_of(&mw, Some(&rolled_out(&desired, 1)), &desired, None, &pods, &now());
+        assert_eq!(condition(&status, "Stalled").status, "False");
     }
 
     #[test]
