@@ -2,7 +2,9 @@
 //!
 //! The conventions are kstatus's: `Ready` is the summary, `Reconciling` and `Stalled` are the abnormal-true
 //! pair, and every condition carries `observedGeneration`. Policies use Gateway-API style `Accepted` and
-//! `Enforced`.
+//! `Enforced`, and carry `Reconciling` and `Stalled` beside them, so that kstatus (Flux, kpt, `kubectl wait`
+//! with cli-utils) reads a rejected policy as `Failed`, one still waiting as `InProgress`, and an enforced
+//! one as `Current`.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -53,6 +55,8 @@ pub mod reasons {
     pub const PENDING: &str = "Pending";
     pub const OVERRIDDEN: &str = "Overridden";
     pub const DEGRADED: &str = "Degraded";
+    /// The data plane running the policy's configuration says it does not enforce it (the message says why).
+    pub const NOT_ENFORCED: &str = "NotEnforced";
 }
 
 /// Condition status values.

@@ -345,6 +345,18 @@ impl Policy for EventRoute {
         fields
     }
 
+    fn conflicts_with(&self, middleware: &crate::Middleware) -> Option<String> {
+        let http = self.spec.source.http.as_ref()?;
+        let route = crate::validate::route_taking_post(middleware, &http.path)?;
+        Some(format!(
+            "spec.source.http.path: POST {} is already served by route {:?} of Middleware {:?}; \
+             the Middleware's routes own their paths: give the ingest another path, or narrow the route",
+            http.path,
+            route.name,
+            kube::ResourceExt::name_any(middleware)
+        ))
+    }
+
     fn validate_against(&self, middleware: &crate::Middleware) -> Result<(), String> {
         let connections = &middleware.spec.connections;
         let spec = &self.spec;

@@ -15,7 +15,8 @@ pub struct PolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Accepted` and `Enforced` summed up over all targets: true only when true for every target, so that
-    /// `kubectl wait --for=condition=Accepted` works.
+    /// `kubectl wait --for=condition=Accepted` works; and `Reconciling` and `Stalled`, so that kstatus (Flux,
+    /// kpt) reads an enforced policy as Current, a waiting one as InProgress and a refused one as Failed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -75,6 +76,12 @@ pub trait Policy:
     /// Checks against the Middleware the policy attaches to (e.g. that the connections it needs exist).
     fn validate_against(&self, _middleware: &crate::Middleware) -> Result<(), String> {
         Ok(())
+    }
+
+    /// What the Middleware already owns that this policy would take over (e.g. an ingest path one of its
+    /// routes serves): the policy is then `Conflicted`, and the message names the owner.
+    fn conflicts_with(&self, _middleware: &crate::Middleware) -> Option<String> {
+        None
     }
 
     /// Secret keys the data plane needs for this policy, with the field that names each.

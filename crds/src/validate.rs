@@ -233,6 +233,26 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
     out
 }
 
+/// The first route of `mw`, short of a catch-all, that would take `POST path`: an exact `path`, or a
+/// `pathPrefix` other than `/` that covers it on segment boundaries, allowing POST. A catch-all (no path,
+/// or the prefix `/`) is the default for what nothing else serves, so it owns no particular path.
+pub fn route_taking_post<'a>(mw: &'a crate::Middleware, path: &str) -> Option<&'a Route> {
+    mw.spec.routes.iter().find(|route| {
+        let m = &route.matches;
+        let methods = m.methods.is_empty() || m.methods.contains(&crate::middleware::HttpMethod::Post);
+        let covers = match (&m.path, &m.path_prefix) {
+            (Some(exact), _) => exact == path,
+            (None, Some(prefix)) => {
+                let prefix = prefix.trim_end_matches('/');
+                !prefix.is_empty()
+                    && path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+            (None, None) => false,
+        };
+        methods && covers
+    })
+}
+
 /// Whether `path` lies under `/commands`, which a Middleware's commands serve once it defines any.
 pub(crate) fn under_commands(path: &str) -> bool {
     path.trim_end_matches('/') == "/commands" || path.starts_with("/commands/")
@@ -343,6 +363,8 @@ fn policies<P: Policy>(policies: &[P], mw: &crate::Middleware, routes: &BTreeSet
             c.push("spec", message);
         }
         if let Err(message) = policy.validate_against(mw) {
+            c.push("spec", message);
+        } else if let Some(message) = policy.conflicts_with(mw) {
             c.push("spec", message);
         }
         out.extend(c.out);
@@ -515,6 +537,24 @@ mod tests {
     }
 
     #[test]
+    fn an_ingest_path_a_route_serves_is_a_conflict_and_a_catch_all_owns_nothing() {
+        let yaml = |route_match: &str, path: &str| {
+            format!(
+                "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop}}\nspec:\n  connections:\n    kafka: {{bootstrapServers: {{value: 127.0.0.1:9092}}}}\n  routes:\n    - {{name: all, match: {{pathPrefix: /}}, upstream: {{url: 'http://x'}}}}\n    - {{name: orders, match: {route_match}, upstream: {{url: 'http://x'}}}}\n---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {{name: e}}\nspec:\n  targetRefs: [{{name: shop}}]\n  source: {{http: {{path: {path}}}}}\n  destination: {{kafka: {{topic: orders}}}}\n"
+            )
+        };
+        let conflicts = |route_match: &str, path: &str| {
+            validate(&bundle(&yaml(route_match, path))).iter().any(|v| v.message.contains("already served by route"))
+        };
+        assert!(conflicts("{path: /orders}", "/orders"));
+        assert!(conflicts("{pathPrefix: /orders}", "/orders/in"));
+        assert!(conflicts("{pathPrefix: /orders/, methods: [GET, POST]}", "/orders"));
+        assert!(!conflicts("{pathPrefix: /orders}", "/ordersx"), "segment boundaries");
+        assert!(!conflicts("{path: /orders, methods: [GET]}", "/orders"), "the route does not take POST");
+        assert!(!conflicts("{path: /other}", "/events/orders"), "only the catch-all covers it");
+    }
+
+    #[test]
     fn routes_under_commands_are_refused_when_commands_are_defined() {
         let yaml = |commands: &str| {
             format!(
@@ -535,7 +575,10 @@ mod tests {
                 "EventRoute/e spec: spec.source.http.path: \"/commands/place-order\" is under /commands, which the commands of Middleware \"shop\" serve; give the route another path",
             ]
         );
-        assert_eq!(validate(&bundle(&(yaml("") + ingest))), vec![], "without commands the paths are the routes'");
+        assert_eq!(validate(&bundle(&yaml(""))), vec![], "without commands the paths are the routes'");
+        let without_commands = validate(&bundle(&(yaml("") + ingest)));
+        assert_eq!(without_commands.len(), 1, "{without_commands:?}");
+        assert!(without_commands[0].message.contains("already served by route \"a\""), "{without_commands:?}");
     }
 
     #[test]

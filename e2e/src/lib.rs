@@ -227,6 +227,20 @@ impl TestNamespace {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// What kstatus (the library Flux and kpt read health with) computes for OBJECT in this namespace:
+    /// `(status, message)`, e.g. `("Failed", "...")`.
+    pub fn kstatus(&self, object: &str) -> (String, String) {
+        let out = self.kubectl(&["get", object, "-o", "json"]);
+        assert!(out.status.success(), "kubectl get {object}: {}", String::from_utf8_lossy(&out.stderr));
+        let json = String::from_utf8_lossy(&out.stdout).into_owned();
+        let out = control_plane().tool("umw-kstatus", &[], Some(&json));
+        assert!(out.status.success(), "umw-kstatus: {}", String::from_utf8_lossy(&out.stderr));
+        let line = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string();
+        let rest = line.split_once(' ').map(|(_, rest)| rest).unwrap_or_default();
+        let (status, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        (status.to_string(), message.to_string())
+    }
+
     /// `kubectl apply` of a YAML document in this namespace; returns the output.
     pub fn apply(&self, yaml: &str) -> Output {
         control_plane().kubectl_stdin(&["apply", "-n", &self.name, "-f", "-"], Some(yaml))

@@ -121,6 +121,23 @@ GO
   log "CoreDNS v$COREDNS_VERSION built in $((SECONDS - t0))s"
 }
 
+# kstatus, the library Flux and kpt read resource health with: a small main of our own around
+# sigs.k8s.io/cli-utils/pkg/kstatus/status (e2e/testenv/kstatus/main.go).
+build_kstatus() {
+  if have umw-kstatus && [ "$(cat "$UMW_TESTENV_BIN/umw-kstatus.version" 2>/dev/null)" = "$KSTATUS_VERSION" ]; then return; fi
+  log "building kstatus (sigs.k8s.io/cli-utils v$KSTATUS_VERSION)"
+  local t0=$SECONDS dir
+  dir=$(scratch "kstatus-$KSTATUS_VERSION")
+  cp "$HERE/kstatus/main.go" "$dir/"
+  cd "$dir"
+  printf 'module local/kstatus\n\ngo 1.24\n' > go.mod
+  go get "sigs.k8s.io/cli-utils@v$KSTATUS_VERSION"
+  go mod tidy
+  go build -p 2 -trimpath -ldflags "-s -w" -o "$UMW_TESTENV_BIN/umw-kstatus" .
+  echo "$KSTATUS_VERSION" > "$UMW_TESTENV_BIN/umw-kstatus.version"
+  log "kstatus built in $((SECONDS - t0))s"
+}
+
 case "${1:-}" in
   --print) echo "$UMW_TESTENV_BIN"; exit 0 ;;
 esac
@@ -130,4 +147,5 @@ build_kubernetes
 build_helm
 build_node
 build_coredns
+build_kstatus
 log "tools ready in $UMW_TESTENV_BIN"

@@ -3,6 +3,8 @@ K8S_VERSION="${K8S_VERSION:-1.35.4}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.16}"
 HELM_VERSION="${HELM_VERSION:-3.19.0}"
 KAFKA_VERSION="${KAFKA_VERSION:-3.9.1}"
+# sigs.k8s.io/cli-utils, for kstatus in the e2e suite.
+KSTATUS_VERSION="${KSTATUS_VERSION:-0.37.2}"
 # The real node's cluster DNS; 1.14.7 builds with the same client-go (v0.35.4) as Kubernetes 1.35.4.
 COREDNS_VERSION="${COREDNS_VERSION:-1.14.7}"
 UMW_TESTENV_CACHE="${UMW_TESTENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/umw-testenv}"

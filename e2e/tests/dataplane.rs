@@ -199,6 +199,80 @@ async fn a_pod_that_cannot_start_stalls_the_middleware_in_the_data_planes_own_wo
     middleware_condition(&api, types::STALLED, "False", |_| true).await;
 }
 
+/// Waits until kstatus computes `want` for OBJECT; returns its message.
+async fn kstatus_is(ns: &TestNamespace, object: &str, want: &str) -> String {
+    let mut last = (String::new(), String::new());
+    for _ in 0..600 {
+        last = ns.kstatus(object);
+        if last.0 == want {
+            return last.1;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    panic!("kstatus of {object}: {} ({}), not {want}", last.0, last.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kstatus_reads_every_kind_in_every_state_as_intended() {
+    let ns = TestNamespace::new("dp-kstatus");
+    let upstream = TestUpstream::start("up").await;
+    let _kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    ns.must_apply(&middleware_yaml(1, &route("products", "/products", &upstream.url())));
+    // Rolling out, then serving.
+    kstatus_is(&ns, "middleware/shop", "InProgress").await;
+    kstatus_is(&ns, "middleware/shop", "Current").await;
+
+    let policy = |kind: &str, name: &str, target: &str, spec: &str| {
+        format!(
+            "apiVersion: umw.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n  targetRefs: [{{name: {target}}}]\n{spec}"
+        )
+    };
+    let rules = "  rules: [{ttl: 30s}]\n";
+    ns.must_apply(&policy("CachePolicy", "enforced", "shop", rules));
+    kstatus_is(&ns, "cachepolicy/enforced", "Current").await;
+    // Conflicted (the older policy wins) and invalid: a person must act.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ns.must_apply(&policy("CachePolicy", "later", "shop", rules));
+    let message = kstatus_is(&ns, "cachepolicy/later", "Failed").await;
+    assert!(message.contains("\"enforced\""), "names the owner: {message}");
+    ns.must_apply(&policy("CachePolicy", "bad", "shop", "  rules: [{ttl: 30s, key: {headers: ['a b']}}]\n"));
+    let message = kstatus_is(&ns, "cachepolicy/bad", "Failed").await;
+    assert!(message.contains("not a header name"), "{message}");
+    // A missing target may yet be created (GitOps applies in any order): still in progress.
+    ns.must_apply(&policy("CachePolicy", "orphan", "nowhere-else", rules));
+    let message = kstatus_is(&ns, "cachepolicy/orphan", "InProgress").await;
+    assert!(message.contains("nowhere-else"), "{message}");
+    ns.must_apply(&policy(
+        "EventRoute",
+        "elsewhere",
+        "nowhere",
+        "  source: {http: {path: /in}}\n  destination: {kafka: {topic: t}}\n",
+    ));
+    kstatus_is(&ns, "eventroute/elsewhere", "InProgress").await;
+    ns.must_apply(&policy(
+        "EventRoute",
+        "needs-kafka",
+        "shop",
+        "  source: {http: {path: /in}}\n  destination: {kafka: {topic: t}}\n",
+    ));
+    let message = kstatus_is(&ns, "eventroute/needs-kafka", "Failed").await;
+    assert!(message.to_lowercase().contains("kafka"), "{message}");
+    // Accepted, but this data-plane version does not enforce it: not Current.
+    ns.must_apply(&policy("AuthPolicy", "limits", "shop", "  rateLimits: [{name: all, requests: 10, period: 1s}]\n"));
+    let message = kstatus_is(&ns, "authpolicy/limits", "Failed").await;
+    assert!(message.contains("not enforced"), "{message}");
+    // The Middleware is still Current: none of the above is its own failure.
+    assert_eq!(ns.kstatus("middleware/shop").0, "Current");
+
+    // A Middleware that cannot be rendered.
+    ns.must_apply(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: locked}\nspec:\n  connections:\n    redis:\n      url: {secretKeyRef: {name: absent, key: url}}\n",
+    );
+    let message = kstatus_is(&ns, "middleware/locked", "Failed").await;
+    assert!(message.contains("absent"), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_is_down_gets_problems_fast_opens_the_breaker_and_degrades_the_middleware() {
     let ns = TestNamespace::new("dp-down");

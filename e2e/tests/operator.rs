@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, Resource, ResourceExt};
 use umw_crds::conditions::{self, reasons, status, types};
-use umw_crds::{AuthPolicy, CachePolicy, Middleware};
+use umw_crds::{AuthPolicy, CachePolicy, EventRoute, Middleware};
 use umw_e2e::{Operator, TestNamespace, control_plane, eventually, operator_writes};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -301,6 +301,41 @@ async fn of_two_conflicting_policies_the_older_wins() {
     // Once the winner goes, the other one takes its place.
     policies.delete("first", &DeleteParams::default()).await.expect("deleting the winner");
     policy_accepted(&policies, "second", (status::TRUE, reasons::ACCEPTED)).await;
+}
+
+#[tokio::test]
+async fn an_ingest_path_a_route_serves_is_conflicted_naming_the_route_and_kstatus_reads_failed() {
+    let ns = TestNamespace::new("paths");
+    let _operator = Operator::start(&ns.name, &[]);
+    let kafka = "  connections:\n    kafka:\n      bootstrapServers: {value: 'kafka:9092'}\n";
+    ns.must_apply(&format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata:\n  name: shop\nspec:\n  routes:\n  - name: orders\n    match: {{pathPrefix: /orders}}\n    upstream: {{url: 'http://orders:8080'}}\n    requestSchema: {{type: object, required: [sku]}}\n  - name: rest\n    upstream: {{url: 'http://web:8080'}}\n{kafka}"
+    ));
+    let ingest = |name: &str, path: &str| {
+        format!(
+            "apiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {{name: {name}}}\nspec:\n  targetRefs: [{{name: shop}}]\n  source: {{http: {{path: {path}}}}}\n  destination: {{kafka: {{topic: orders}}}}\n"
+        )
+    };
+    ns.must_apply(&ingest("shadowing", "/orders/new"));
+    ns.must_apply(&ingest("beside", "/events/orders"));
+    let client = client().await;
+    let routes: Api<EventRoute> = Api::namespaced(client.clone(), &ns.name);
+    let shadowing = policy_accepted(&routes, "shadowing", (status::FALSE, reasons::CONFLICTED)).await;
+    let message = conditions::find(&shadowing.status.unwrap().conditions, types::ACCEPTED).unwrap().message.clone();
+    assert!(message.contains("route \"orders\"") && message.contains("POST /orders/new"), "{message}");
+    // The catch-all route `rest` owns no particular path.
+    policy_accepted(&routes, "beside", (status::TRUE, reasons::ACCEPTED)).await;
+    let (state, message) = ns.kstatus("eventroute/shadowing");
+    assert_eq!(state, "Failed", "{message}");
+    assert!(message.contains("route \"orders\""), "{message}");
+    // Only the accepted one reaches the configuration.
+    let config = eventually("the rendered configuration", WAIT, || async {
+        let out = ns.kubectl(&["get", "configmap", "umw-shop-config", "-o", "jsonpath={.data}"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.contains("beside")).then_some(text)
+    })
+    .await;
+    assert!(!config.contains("shadowing"), "{config}");
 }
 
 #[tokio::test]

@@ -6,7 +6,9 @@
 //! 1. the policy must pass its own checks ([`Policy::validate`]), else `Invalid`;
 //! 2. the Middleware must exist in the policy's namespace, and the route named by `sectionName` in it,
 //!    else `TargetNotFound`;
-//! 3. among policies of the same kind with the same conflict key on that Middleware that pass 1 and 2,
+//! 3. the policy must not take over what the Middleware itself owns ([`Policy::conflicts_with`]: an
+//!    EventRoute ingest path that one of its routes serves), else `Conflicted`, naming the route;
+//! 4. among policies of the same kind with the same conflict key on that Middleware that pass 1 to 3,
 //!    the oldest (creation time, then name) wins; the others are `Conflicted`, naming the winner.
 
 use std::sync::Arc;
@@ -57,6 +59,9 @@ fn resolve<P: Policy>(policy: &P, target: &PolicyTargetRef, mw: Option<&Middlewa
         )));
     }
     policy.validate_against(mw).map_err(Rejection::Invalid)?;
+    if let Some(owner) = policy.conflicts_with(mw) {
+        return Err(Rejection::Conflicted(owner));
+    }
     Ok(())
 }
 

@@ -428,6 +428,17 @@ pub fn status_of(
                     format!("{}, but no pod has reported its health yet.{note}", rollout.message),
                 )
             };
+            // kstatus reads only Reconciling and Stalled: a Middleware that is not ready, not stalled and not
+            // paused is still converging, whatever the reason Ready gives.
+            let reconciling = if ready.status != status::TRUE
+                && stalled.status != status::TRUE
+                && reconciling.status != status::TRUE
+                && !mw.spec.paused
+            {
+                condition(types::RECONCILING, status::TRUE, &ready.reason, ready.message.clone())
+            } else {
+                reconciling
+            };
             (stalled, reconciling, ready)
         }
     };

@@ -196,8 +196,38 @@ pub fn status_of<P: Policy>(
             ]
         }
     };
+    let mut summary = summary;
+    summary.extend(progress(&summary, &condition));
     let existing: &[Condition] = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     PolicyStatus { observed_generation: generation, conditions: conditions::merge(existing, summary), targets }
+}
+
+/// `Reconciling` and `Stalled` from the policy's `Accepted` and `Enforced`, as kstatus reads them: invalid or
+/// conflicted (a person must change something), or refused by the data plane: `Stalled`; a missing target
+/// (which may yet be created, e.g. later in the same sync) or a configuration still rolling out:
+/// `Reconciling`; enforced: neither.
+fn progress(summary: &[Condition], condition: &dyn Fn(&str, &str, &str, String) -> Condition) -> [Condition; 2] {
+    let accepted = conditions::find(summary, types::ACCEPTED);
+    let enforced = conditions::find(summary, types::ENFORCED);
+    let (reconciling, stalled) = match (accepted, enforced) {
+        (Some(a), _) if a.status != status::TRUE && a.reason == reasons::TARGET_NOT_FOUND => {
+            (Some((a.reason.as_str(), a.message.clone())), None)
+        }
+        (Some(a), _) if a.status != status::TRUE => (None, Some((a.reason.as_str(), a.message.clone()))),
+        (_, Some(e)) if e.status == status::TRUE => (None, None),
+        (_, Some(e)) if e.status == status::FALSE => (None, Some((reasons::NOT_ENFORCED, e.message.clone()))),
+        (_, Some(e)) => (Some((e.reason.as_str(), e.message.clone())), None),
+        (_, None) => (Some((reasons::PENDING, "waiting for the data plane".to_string())), None),
+    };
+    let reconciling = match reconciling {
+        Some((reason, message)) => condition(types::RECONCILING, status::TRUE, reason, message),
+        None => condition(types::RECONCILING, status::FALSE, reasons::AS_EXPECTED, String::new()),
+    };
+    let stalled = match stalled {
+        Some((reason, message)) => condition(types::STALLED, status::TRUE, reason, message),
+        None => condition(types::STALLED, status::FALSE, reasons::AS_EXPECTED, String::new()),
+    };
+    [reconciling, stalled]
 }
 
 async fn write_status<P: PolicyKind>(policy: &P, new_status: PolicyStatus, ctx: &Context) -> Result<(), Error> {
@@ -306,5 +336,39 @@ mod tests {
         let status = status_of(&policy, &verdicts, &reports(None), &now);
         let enforced = conditions::find(&status.conditions, types::ENFORCED).unwrap();
         assert_eq!((enforced.status.as_str(), enforced.message.as_str()), (status::UNKNOWN, "Middleware/b: m"));
+    }
+
+    #[test]
+    fn reconciling_and_stalled_say_what_kstatus_should_read() {
+        let policy = route();
+        let now = Time(Timestamp::from_second(5).unwrap());
+        let target = PolicyTargetRef::middleware("a");
+        let abnormal = |outcome: Result<(), Rejection>, enforced: Option<bool>| {
+            let verdicts = vec![Verdict { target: target.clone(), outcome }];
+            let report = move |_: &PolicyTargetRef| {
+                Some(AttachedPolicy {
+                    kind: "EventRoute".into(),
+                    name: "orders".into(),
+                    enforced,
+                    message: Some("m".into()),
+                })
+            };
+            let status = status_of(&policy, &verdicts, &report, &now);
+            let true_of = |type_: &str| {
+                let c = conditions::find(&status.conditions, type_).unwrap();
+                (c.status == status::TRUE).then(|| c.reason.clone())
+            };
+            (true_of(types::RECONCILING), true_of(types::STALLED))
+        };
+        assert_eq!(abnormal(Ok(()), Some(true)), (None, None), "enforced: Current");
+        assert_eq!(abnormal(Ok(()), None), (Some("Pending".into()), None), "rolling out: InProgress");
+        assert_eq!(abnormal(Ok(()), Some(false)), (None, Some("NotEnforced".into())), "refused: Failed");
+        assert_eq!(abnormal(Err(Rejection::Invalid("x".into())), None), (None, Some("Invalid".into())));
+        assert_eq!(abnormal(Err(Rejection::Conflicted("x".into())), None), (None, Some("Conflicted".into())));
+        assert_eq!(
+            abnormal(Err(Rejection::TargetNotFound("x".into())), None),
+            (Some("TargetNotFound".into()), None),
+            "a target may yet be created: InProgress"
+        );
     }
 }
