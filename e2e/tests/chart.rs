@@ -101,6 +101,8 @@ fn the_chart_lints_templates_installs_and_grants_least_privilege() {
         ("patch", "poddisruptionbudgets.policy", "default"),
         ("patch", "configmaps", "default"),
         ("get", "secrets", "default"),
+        ("watch", "secrets", "default"),
+        ("list", "secrets", "default"),
         ("watch", "pods", "default"),
         ("list", "pods", "default"),
         ("update", "middlewares.umw.dev/finalizers", "default"),
@@ -108,7 +110,8 @@ fn the_chart_lints_templates_installs_and_grants_least_privilege() {
         ("update", "leases.coordination.k8s.io", ns.name.as_str()),
     ];
     let denied = [
-        ("list", "secrets", "default"),
+        ("create", "secrets", "default"),
+        ("patch", "secrets", "default"),
         ("delete", "secrets", "default"),
         ("patch", "middlewares.umw.dev", "default"),
         ("delete", "middlewares.umw.dev", "default"),

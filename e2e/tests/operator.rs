@@ -377,6 +377,64 @@ async fn a_missing_secret_stalls_the_middleware_until_it_exists() {
     .await;
 }
 
+/// The sum of an operator metric's samples.
+fn operator_metric(operator: &Operator, name: &str) -> f64 {
+    operator
+        .metrics()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn secrets_are_watched_created_and_deleted_ones_are_acted_on_in_seconds_and_read_once_per_version() {
+    let ns = TestNamespace::new("secret-watch");
+    // No retry could explain what follows: only the watch.
+    let operator = Operator::start(&ns.name, &["--stall-retry", "10m"]);
+    let redis = "  connections:\n    redis:\n      url:\n        secretKeyRef: {name: redis, key: url}\n";
+    ns.must_apply(&middleware_yaml("shop", redis));
+    let client = client().await;
+    let mws: Api<Middleware> = Api::namespaced(client.clone(), &ns.name);
+    let stalled = |want: (&'static str, &'static str)| {
+        let mws = mws.clone();
+        async move {
+            eventually(&format!("Stalled={want:?}"), Duration::from_secs(20), || async {
+                let mw = get(&mws, "shop").await?;
+                (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some(want)).then_some(mw)
+            })
+            .await
+        }
+    };
+    stalled((status::TRUE, reasons::SECRET_NOT_FOUND)).await;
+    ns.must_apply("apiVersion: v1\nkind: Secret\nmetadata:\n  name: redis\nstringData:\n  url: redis://redis:6379\n");
+    stalled((status::FALSE, reasons::AS_EXPECTED)).await;
+    let reads = operator_metric(&operator, "umw_operator_secret_reads_total");
+    assert!(reads >= 1.0, "the keys were read");
+    // More reconciles of the same Secret version read nothing more.
+    for i in 0..3 {
+        let out = ns.kubectl(&["annotate", "--overwrite", "middleware/shop", &format!("touch=t{i}")]);
+        assert!(out.status.success());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(operator_metric(&operator, "umw_operator_secret_reads_total"), reads, "once per version");
+    // A key removed: the new version is read, and the Middleware says which key is missing.
+    let out = ns.kubectl(&["patch", "secret", "redis", "--type=json", "-p", r#"[{"op":"remove","path":"/data/url"}]"#]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mw = stalled((status::TRUE, reasons::SECRET_NOT_FOUND)).await;
+    let message = conditions::find(&mw.status.unwrap().conditions, types::STALLED).unwrap().message.clone();
+    assert!(message.contains("has no key \"url\""), "{message}");
+    // Deleted: reported at once, not at the next retry.
+    ns.must_apply("apiVersion: v1\nkind: Secret\nmetadata:\n  name: redis\nstringData:\n  url: redis://redis:6379\n");
+    stalled((status::FALSE, reasons::AS_EXPECTED)).await;
+    let out = ns.kubectl(&["delete", "secret", "redis"]);
+    assert!(out.status.success());
+    let mw = stalled((status::TRUE, reasons::SECRET_NOT_FOUND)).await;
+    let message = conditions::find(&mw.status.unwrap().conditions, types::STALLED).unwrap().message.clone();
+    assert!(message.contains("Secret \"redis\" does not exist"), "{message}");
+}
+
 #[tokio::test]
 async fn a_child_the_api_server_refuses_stalls_the_middleware_with_its_message() {
     let ns = TestNamespace::new("refused");

@@ -1,7 +1,9 @@
 //! The operator's Prometheus metrics, registered once. Labels carry kinds and error classes, never object
 //! names.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -20,6 +22,8 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Reads of data-plane pods' `/status`, by result (`ok`, `error`).
     pub health_polls: IntCounterVec,
+    /// Secrets read from the API server to learn their keys: once per Secret version, not per reconcile.
+    pub secret_reads: IntCounter,
 }
 
 impl Metrics {
@@ -45,6 +49,9 @@ impl Metrics {
         let health_polls =
             IntCounterVec::new(Opts::new("health_polls_total", "Reads of data-plane pods' /status"), &["result"])?;
         registry.register(Box::new(health_polls.clone()))?;
+        let secret_reads =
+            IntCounter::new("secret_reads_total", "Secrets read to learn their keys (once per version)")?;
+        registry.register(Box::new(secret_reads.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_stalled.clone()))?;
@@ -62,6 +69,7 @@ impl Metrics {
             watch_errors,
             leader,
             health_polls,
+            secret_reads,
         })
     }
 

@@ -79,7 +79,7 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
     ctx.succeeded(&key);
     timer.observe_duration();
     Ok(match stall {
-        // A missing Secret is not watched: look again soon.
+        // The Secrets it uses are watched; looking again now and then is a safety net.
         Some(_) => Action::requeue(ctx.config.stall_retry),
         None => Action::requeue(ctx.config.resync),
     })
@@ -134,27 +134,29 @@ async fn check(bundle: &Bundle, ctx: &Context) -> Result<(Option<Stall>, BTreeMa
         return Ok((Some(stall), versions));
     }
     let namespace = mw.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut fetched: BTreeMap<String, Option<Secret>> = BTreeMap::new();
-    for (field, secret_use) in render::secret_uses(bundle) {
+    let uses = render::secret_uses(bundle);
+    // Recorded first, so that a Secret that is missing now triggers this Middleware when it appears.
+    let names: std::collections::BTreeSet<String> = uses.iter().map(|(_, u)| u.secret_name().to_string()).collect();
+    ctx.secrets.record(&namespace, &mw.name_any(), &names);
+    for (field, secret_use) in uses {
         let secret_name = secret_use.secret_name().to_string();
-        if !fetched.contains_key(&secret_name) {
-            let secret = ctx
-                .call(
-                    || format!("reading Secret {namespace}/{secret_name}"),
-                    secrets.get_opt(&secret_name),
-                    |source| Error::ReadSecret { name: secret_name.clone(), source },
-                )
-                .await?;
-            fetched.insert(secret_name.clone(), secret);
-        }
-        let secret = fetched.get(&secret_name).and_then(Option::as_ref);
-        let missing = match (secret, &secret_use) {
+        // Existence and version from the watched metadata; the keys are read once per version.
+        let version = ctx
+            .stores
+            .secrets
+            .get(&ObjectRef::new(&secret_name).within(&namespace))
+            .and_then(|meta| meta.metadata.resource_version.clone());
+        let missing = match (&version, &secret_use) {
             (None, _) => Some(format!("Secret {secret_name:?} does not exist in namespace {namespace:?}")),
-            (Some(secret), SecretUse::Key(reference)) => {
-                let has_key = secret.data.as_ref().is_some_and(|d| d.contains_key(&reference.key))
-                    || secret.string_data.as_ref().is_some_and(|d| d.contains_key(&reference.key));
-                (!has_key).then(|| format!("Secret {secret_name:?} has no key {:?}", reference.key))
+            (Some(version), SecretUse::Key(reference)) => {
+                let keys = secret_keys(ctx, &namespace, &secret_name, version).await?;
+                match keys {
+                    None => Some(format!("Secret {secret_name:?} does not exist in namespace {namespace:?}")),
+                    Some(keys) if !keys.contains(&reference.key) => {
+                        Some(format!("Secret {secret_name:?} has no key {:?}", reference.key))
+                    }
+                    Some(_) => None,
+                }
             }
             (Some(_), SecretUse::Whole(_)) => None,
         };
@@ -165,11 +167,44 @@ async fn check(bundle: &Bundle, ctx: &Context) -> Result<(Option<Stall>, BTreeMa
             };
             return Ok((Some(stall), versions));
         }
-        if let Some(version) = secret.and_then(|s| s.metadata.resource_version.clone()) {
+        if let Some(version) = version {
             versions.insert(secret_name, version);
         }
     }
     Ok((None, versions))
+}
+
+/// The keys of Secret `name` at resourceVersion `version`: from the cache, or read once from the API server
+/// (only the key names are kept). `None` when the Secret is gone.
+async fn secret_keys(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    version: &str,
+) -> Result<Option<std::collections::BTreeSet<String>>, Error> {
+    if let Some(keys) = ctx.secrets.keys_at(namespace, name, version) {
+        return Ok(Some(keys));
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret = ctx
+        .call(
+            || format!("reading Secret {namespace}/{name}"),
+            api.get_opt(name),
+            |source| Error::ReadSecret { name: name.to_string(), source },
+        )
+        .await?;
+    ctx.metrics.secret_reads.inc();
+    let Some(secret) = secret else { return Ok(None) };
+    let keys: std::collections::BTreeSet<String> = secret
+        .data
+        .iter()
+        .flat_map(|d| d.keys())
+        .chain(secret.string_data.iter().flat_map(|d| d.keys()))
+        .cloned()
+        .collect();
+    let read_version = secret.metadata.resource_version.unwrap_or_else(|| version.to_string());
+    ctx.secrets.remember_keys(namespace, name, read_version, keys.clone());
+    Ok(Some(keys))
 }
 
 /// Applies every rendered child whose render hash differs from the cached one, and deletes owned children

@@ -13,9 +13,10 @@ use futures::{FutureExt, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -41,7 +42,7 @@ pub struct Config {
     pub api_timeout: Duration,
     /// Reconcile every object at least this often, even without a change.
     pub resync: Duration,
-    /// Retry interval of a Middleware stalled on something the operator does not watch (a Secret).
+    /// Retry interval of a stalled Middleware (a safety net: the Secrets it uses are watched).
     pub stall_retry: Duration,
     /// Name of this replica, for Events.
     pub instance: String,
@@ -63,6 +64,72 @@ pub struct Stores {
     pub disruption_budgets: Store<PodDisruptionBudget>,
     pub autoscalers: Store<HorizontalPodAutoscaler>,
     pub pods: Store<Pod>,
+    /// Secrets' metadata only (names and resourceVersions; their data stays on the API server).
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+}
+
+/// Which Middlewares use which Secrets, as their last reconcile found, so that a Secret created, changed
+/// or deleted triggers exactly those; and the keys each Secret version has, so that a reconcile reads a
+/// Secret from the API server only when its resourceVersion is new.
+#[derive(Default)]
+pub struct Secrets {
+    /// (namespace, Secret) → Middlewares using it.
+    users: Mutex<HashMap<(String, String), std::collections::BTreeSet<String>>>,
+    /// (namespace, Secret) → (resourceVersion, its keys).
+    keys: Mutex<HashMap<(String, String), (String, std::collections::BTreeSet<String>)>>,
+}
+
+impl Secrets {
+    /// Records the Secrets Middleware `mw` of `namespace` uses now, forgetting those it no longer uses.
+    pub fn record(&self, namespace: &str, mw: &str, secrets: &std::collections::BTreeSet<String>) {
+        let Ok(mut users) = self.users.lock() else { return };
+        users.retain(|(ns, secret), names| {
+            if ns == namespace && !secrets.contains(secret) {
+                names.remove(mw);
+            }
+            !names.is_empty()
+        });
+        for secret in secrets {
+            users.entry((namespace.to_string(), secret.clone())).or_default().insert(mw.to_string());
+        }
+    }
+
+    /// The Middlewares that use Secret `name` of `namespace`.
+    fn users(&self, namespace: &str, name: &str) -> Vec<String> {
+        let Ok(users) = self.users.lock() else { return Vec::new() };
+        users.get(&(namespace.to_string(), name.to_string())).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The keys of Secret `name` at `version`, when they were read before.
+    pub fn keys_at(&self, namespace: &str, name: &str, version: &str) -> Option<std::collections::BTreeSet<String>> {
+        let keys = self.keys.lock().ok()?;
+        let (seen, keys) = keys.get(&(namespace.to_string(), name.to_string()))?;
+        (seen == version).then(|| keys.clone())
+    }
+
+    pub fn remember_keys(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: String,
+        keys: std::collections::BTreeSet<String>,
+    ) {
+        if let Ok(mut cache) = self.keys.lock() {
+            cache.insert((namespace.to_string(), name.to_string()), (version, keys));
+        }
+    }
+}
+
+/// Mapper for the Middleware controller: a Secret event triggers the Middlewares that use the Secret.
+fn secret_users(secrets: Arc<Secrets>) -> impl Fn(PartialObjectMeta<Secret>) -> Vec<ObjectRef<Middleware>> {
+    move |secret: PartialObjectMeta<Secret>| {
+        let namespace = secret.namespace().unwrap_or_default();
+        secrets
+            .users(&namespace, &secret.name_any())
+            .into_iter()
+            .map(|mw| ObjectRef::new(&mw).within(&namespace))
+            .collect()
+    }
 }
 
 /// What every reconcile gets.
@@ -74,6 +141,8 @@ pub struct Context {
     pub config: Config,
     /// What the data-plane pods last reported.
     pub health: crate::health::HealthCache,
+    /// Who uses which Secret, and the keys of the Secret versions read.
+    pub secrets: Arc<Secrets>,
     /// Consecutive failures per object, for per-object backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -246,6 +315,8 @@ pub async fn run(
     let mut autoscalers = shared::watch(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone(), 1, m());
     // Pods are read, never triggered on: the health poller notices what matters about them.
     let pods = shared::watch(api::<Pod>(&client, ns), owned, 0, m());
+    // Secrets: metadata only, so that one created, changed or deleted reaches its Middlewares in seconds.
+    let mut secrets = shared::watch(api::<PartialObjectMeta<Secret>>(&client, ns), all.clone(), 1, m());
 
     let stores = Stores {
         middlewares: middlewares.store.clone(),
@@ -259,7 +330,9 @@ pub async fn run(
         disruption_budgets: disruption_budgets.store.clone(),
         autoscalers: autoscalers.store.clone(),
         pods: pods.store.clone(),
+        secrets: secrets.store.clone(),
     };
+    let secret_index = Arc::new(Secrets::default());
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(config.instance.clone()) };
     let health = crate::health::HealthCache::default();
     let (health_changed, health_triggers) = tokio::sync::mpsc::channel(1024);
@@ -271,6 +344,7 @@ pub async fn run(
         metrics: metrics.clone(),
         config,
         health: health.clone(),
+        secrets: secret_index.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 
@@ -287,6 +361,7 @@ pub async fn run(
         stores.disruption_budgets.wait_until_ready().boxed(),
         stores.autoscalers.wait_until_ready().boxed(),
         stores.pods.wait_until_ready().boxed(),
+        stores.secrets.wait_until_ready().boxed(),
     ]);
     tokio::select! {
         _ = all_ready => {}
@@ -315,6 +390,7 @@ pub async fn run(
             .watches_stream(trigger(cache_policies.triggers.remove(2)), target_middlewares::<CachePolicy>())
             .watches_stream(trigger(event_routes.triggers.remove(2)), target_middlewares::<EventRoute>())
             .watches_stream(trigger(auth_policies.triggers.remove(2)), target_middlewares::<AuthPolicy>())
+            .watches_stream(trigger(take(&mut secrets.triggers)), secret_users(secret_index))
             // The health poller asks for a reconcile when a Middleware's pods report something new.
             .reconcile_on(futures::stream::unfold(health_triggers, |mut rx| async move {
                 rx.recv().await.map(|object| (object, rx))
