@@ -4,7 +4,7 @@
 mod middleware;
 mod policy;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -74,14 +74,17 @@ pub struct Stores {
 #[derive(Default)]
 pub struct Secrets {
     /// (namespace, Secret) → Middlewares using it.
-    users: Mutex<HashMap<(String, String), std::collections::BTreeSet<String>>>,
+    users: Mutex<HashMap<SecretKey, BTreeSet<String>>>,
     /// (namespace, Secret) → (resourceVersion, its keys).
-    keys: Mutex<HashMap<(String, String), (String, std::collections::BTreeSet<String>)>>,
+    keys: Mutex<HashMap<SecretKey, (String, BTreeSet<String>)>>,
 }
+
+/// A Secret by namespace and name.
+type SecretKey = (String, String);
 
 impl Secrets {
     /// Records the Secrets Middleware `mw` of `namespace` uses now, forgetting those it no longer uses.
-    pub fn record(&self, namespace: &str, mw: &str, secrets: &std::collections::BTreeSet<String>) {
+    pub fn record(&self, namespace: &str, mw: &str, secrets: &BTreeSet<String>) {
         let Ok(mut users) = self.users.lock() else { return };
         users.retain(|(ns, secret), names| {
             if ns == namespace && !secrets.contains(secret) {
@@ -101,19 +104,13 @@ impl Secrets {
     }
 
     /// The keys of Secret `name` at `version`, when they were read before.
-    pub fn keys_at(&self, namespace: &str, name: &str, version: &str) -> Option<std::collections::BTreeSet<String>> {
+    pub fn keys_at(&self, namespace: &str, name: &str, version: &str) -> Option<BTreeSet<String>> {
         let keys = self.keys.lock().ok()?;
         let (seen, keys) = keys.get(&(namespace.to_string(), name.to_string()))?;
         (seen == version).then(|| keys.clone())
     }
 
-    pub fn remember_keys(
-        &self,
-        namespace: &str,
-        name: &str,
-        version: String,
-        keys: std::collections::BTreeSet<String>,
-    ) {
+    pub fn remember_keys(&self, namespace: &str, name: &str, version: String, keys: BTreeSet<String>) {
         if let Ok(mut cache) = self.keys.lock() {
             cache.insert((namespace.to_string(), name.to_string()), (version, keys));
         }
