@@ -36,9 +36,10 @@ lint: ## cargo fmt --check and clippy with warnings denied (helm lint runs in th
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-crds: ## Regenerate crds/manifests, charts/umw/crds and docs/crds.md from the Rust types
+crds: ## Regenerate crds/manifests, charts/umw/crds, charts/umw/values.schema.json and docs/crds.md from the Rust types
 	$(CARGO) run -q -p umw-operator -- crds > crds/manifests/crds.yaml
 	cp crds/manifests/crds.yaml charts/umw/crds/crds.yaml
+	$(CARGO) run -q -p umw-operator -- values-schema > charts/umw/values.schema.json
 	$(CARGO) run -q -p umw-operator -- crd-reference > docs/crds.md
 
 bench: build testenv ## Operator benchmark: 200 Middlewares (see docs/benchmarks.md)

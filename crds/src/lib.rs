@@ -9,6 +9,7 @@
 
 pub mod auth_policy;
 pub mod cache_policy;
+pub mod chart;
 pub mod common;
 pub mod conditions;
 pub mod config;

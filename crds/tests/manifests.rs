@@ -35,3 +35,13 @@ fn crd_reference_is_current() {
     let generated = umw_crds::reference::markdown().expect("the reference renders");
     assert!(on_disk == generated, "docs/crds.md is out of date with the Rust types; run `make crds` and commit it");
 }
+
+#[test]
+fn chart_values_schema_is_current() {
+    let path = crate_dir().join("../charts/umw/values.schema.json");
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == umw_crds::chart::values_schema_json(),
+        "charts/umw/values.schema.json is out of date with crds/src/chart.rs; run `make crds` and commit it"
+    );
+}

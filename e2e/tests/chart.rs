@@ -12,6 +12,58 @@ fn text(out: &std::process::Output) -> String {
 }
 
 #[test]
+fn helm_lint_refuses_bad_values_naming_them_and_accepts_good_ones() {
+    let chart = repo_root().join("charts/umw");
+    let chart = chart.to_string_lossy();
+    let lint = |sets: &[&str]| {
+        let mut args = vec!["lint", "--strict", chart.as_ref()];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        helm(&args)
+    };
+    // (values, what the error names)
+    let bad: &[(&[&str], &str)] = &[
+        (&["resources.limts.memory=1Gi"], "limts"),
+        (&["resources.requests.cpu=true"], "/resources/requests/cpu"),
+        (&["securityContext.runAsNonroot=true"], "runAsNonroot"),
+        (&["securityContext.runAsUser=root"], "/securityContext/runAsUser"),
+        (&["securityContext.capabilities.drop=ALL"], "/securityContext/capabilities/drop"),
+        (&["podSecurityContext.fsGroup=x"], "/podSecurityContext/fsGroup"),
+        (&["podSecurityContext.seccompProfile.kind=RuntimeDefault"], "kind"),
+        (&["tolerations[0].keys=a"], "keys"),
+        (&["tolerations[0].tolerationSeconds=soon"], "tolerationSeconds"),
+        (&["affinity.nodeAffinty.x=y"], "nodeAffinty"),
+        (&["imagePullSecrets[0].nam=regcred"], "nam"),
+        (&["nodeSelector.zone=1"], "/nodeSelector/zone"),
+        (&["replicaCount=3", "leaderElection.enabled=false"], "/leaderElection/enabled"),
+        (&["replicaCount=-1"], "replicaCount"),
+        (&["logFormat=yaml"], "logFormat"),
+        (&["resync=0s"], "resync"),
+        (&["image.pullPolicy=Sometimes"], "pullPolicy"),
+        (&["metrics.service.port=70000"], "port"),
+        (&["unknownTopLevel=1"], "unknownTopLevel"),
+    ];
+    for (sets, named) in bad {
+        let out = lint(sets);
+        assert!(!out.status.success(), "helm lint accepted {sets:?}");
+        assert!(text(&out).contains(named), "the error for {sets:?} names {named}: {}", text(&out));
+    }
+    let good: &[&[&str]] = &[
+        &["resources.limits.cpu=1", "resources.limits.memory=512Mi"],
+        &["resources.requests.cpu=0.5"],
+        &["tolerations[0].key=dedicated", "tolerations[0].operator=Exists", "tolerations[0].effect=NoSchedule"],
+        &["securityContext.runAsUser=1000"],
+        &["imagePullSecrets[0].name=regcred"],
+        &["replicaCount=1", "leaderElection.enabled=false"],
+    ];
+    for sets in good {
+        let out = lint(sets);
+        assert!(out.status.success(), "helm lint refused {sets:?}: {}", text(&out));
+    }
+}
+
+#[test]
 fn the_chart_lints_templates_installs_and_grants_least_privilege() {
     let chart = repo_root().join("charts/umw");
     let chart = chart.to_string_lossy();
@@ -43,7 +95,7 @@ fn the_chart_lints_templates_installs_and_grants_least_privilege() {
     );
     assert!(namespaced.contains("kind: Role\n") && namespaced.contains("--namespace=apps"));
     let out = helm(&["template", "umw", &chart, "--set", "leaderElection.enabled=false"]);
-    assert!(!out.status.success() && text(&out).contains("needs leaderElection.enabled"), "{}", text(&out));
+    assert!(!out.status.success() && text(&out).contains("/leaderElection/enabled"), "{}", text(&out));
     let out = helm(&["template", "umw", &chart, "--set", "replicaCount=-1"]);
     assert!(
         !out.status.success() && text(&out).contains("replicaCount"),

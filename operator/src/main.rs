@@ -39,6 +39,8 @@ enum Command {
     Crds,
     /// Print the CRD field reference as Markdown (docs/crds.md).
     CrdReference,
+    /// Print the Helm chart's values.schema.json.
+    ValuesSchema,
     /// Run the controllers (the default).
     Run,
 }
@@ -129,6 +131,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::CrdReference) => {
             print!("{}", umw_crds::reference::markdown().context("rendering the CRD reference")?);
+            Ok(())
+        }
+        Some(Command::ValuesSchema) => {
+            print!("{}", umw_crds::chart::values_schema_json());
             Ok(())
         }
         Some(Command::Run) | None => run(cli.run).await,
