@@ -46,7 +46,8 @@ use crate::common::{Duration, JsonDocument, ValueSource};
     },
     {
         "rule": "!has(self.routes) || self.routes.all(r, self.routes.exists_one(o, o.name == r.name))",
-        "message": "route names must be unique"
+        "message": "route names must be unique: two of spec.routes[].name are the same",
+        "fieldPath": ".routes"
     },
     {
         "rule": "!has(self.commands) || self.commands.all(c, self.commands.exists_one(o, o.name == c.name))",
@@ -406,9 +407,10 @@ pub struct RetryPolicy {
     /// Delay before the first retry, doubled for each next one, with jitter. Defaults to 25ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Duration>,
-    /// Upstream statuses that are retried, besides connection errors. Defaults to 502, 503 and 504.
+    /// Upstream statuses that are retried, besides connection errors: error statuses, 400 to 599 (e.g. 429,
+    /// 503). Defaults to 502, 503 and 504.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16), inner(range(min = 100, max = 599)))]
+    #[schemars(length(max = 16), inner(range(min = 400, max = 599)))]
     pub on_statuses: Vec<u16>,
 }
 

@@ -184,6 +184,11 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
             c.push(path, message);
         }
     }
+    if let Some(url) = spec.connections.redis.as_ref().and_then(|r| r.url.value.as_deref())
+        && let Err(message) = redis_url(url)
+    {
+        c.push("spec.connections.redis.url", message);
+    }
     if let Some(level) = &spec.observability.log_level
         && let Err(message) = log_filter(level)
     {
@@ -294,8 +299,8 @@ fn route_rules(c: &mut Collector<'_>, at: &str, route: &Route) {
         if retry.attempts > 10 {
             c.push(format!("{at}.retry.attempts"), "must be at most 10");
         }
-        if let Some(status) = retry.on_statuses.iter().find(|s| !(100..=599).contains(*s)) {
-            c.push(format!("{at}.retry.onStatuses"), format!("{status} is not an HTTP status"));
+        if let Some(status) = retry.on_statuses.iter().find(|s| !(400..=599).contains(*s)) {
+            c.push(format!("{at}.retry.onStatuses"), format!("{status} is not an error status (400 to 599)"));
         }
     }
     if route.max_body_bytes.is_some_and(|n| n < 0) {
@@ -457,6 +462,32 @@ pub(crate) fn value_source(source: &crate::ValueSource) -> Result<(), String> {
     }
 }
 
+/// A Redis URL as the Redis client reads one: `redis://`, `rediss://` (TLS), `valkey://`, `valkeys://`, or a
+/// Unix socket (`redis+unix://`, `unix://`).
+pub(crate) fn redis_url(url: &str) -> Result<(), String> {
+    const SCHEMES: [&str; 6] = ["redis", "rediss", "valkey", "valkeys", "redis+unix", "unix"];
+    let bad = |why: &str| format!("{url:?} is not a Redis URL such as redis://redis:6379/0: {why}");
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
+    if !SCHEMES.contains(&scheme) {
+        return Err(bad("the scheme must be redis, rediss, valkey, valkeys, redis+unix or unix"));
+    }
+    if scheme.ends_with("unix") {
+        return if rest.starts_with('/') { Ok(()) } else { Err(bad("a socket URL names an absolute path")) };
+    }
+    let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+    if authority.host().is_empty() {
+        return Err(bad("no host"));
+    }
+    if let Some(port) =
+        authority.as_str().rsplit_once(':').map(|(_, p)| p).filter(|p| !p.contains(']') && !p.contains('@'))
+        && port.parse::<u16>().ok().filter(|&p| p != 0).is_none()
+    {
+        return Err(bad("the port must lie between 1 and 65535"));
+    }
+    Ok(())
+}
+
 /// A log filter: comma-separated directives, each a level, a target, or `target=level` (the subset of
 /// the `RUST_LOG` syntax this field takes).
 pub(crate) fn log_filter(filter: &str) -> Result<(), String> {
@@ -579,6 +610,16 @@ mod tests {
         let without_commands = validate(&bundle(&(yaml("") + ingest)));
         assert_eq!(without_commands.len(), 1, "{without_commands:?}");
         assert!(without_commands[0].message.contains("already served by route \"a\""), "{without_commands:?}");
+    }
+
+    #[test]
+    fn redis_urls_are_what_the_redis_client_reads() {
+        for good in ["redis://redis:6379/0", "rediss://:pw@r.example:6380", "redis://r", "unix:///run/redis.sock"] {
+            assert_eq!(redis_url(good), Ok(()), "{good}");
+        }
+        for bad in ["not a url", "http://redis:6379", "redis://", "redis://r:99999", "unix://relative"] {
+            assert!(redis_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
