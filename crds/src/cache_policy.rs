@@ -141,6 +141,7 @@ pub struct CacheKey {
     pub query_params: Vec<String>,
     /// Request headers in the key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = crate::common::HEADER_NAME_PATTERN)))]
     pub headers: Vec<String>,
 }
 

@@ -14,6 +14,12 @@ use serde::{Deserialize, Serialize};
 #[serde(transparent)]
 pub struct Duration(pub String);
 
+/// An HTTP header name (an RFC 9110 token), as a regular expression for the OpenAPI schema.
+pub const HEADER_NAME_PATTERN: &str = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$";
+
+/// An HTTP header value: no control characters but horizontal tab (no CR or LF that could split a header).
+pub const HEADER_VALUE_PATTERN: &str = r"^[^\x00-\x08\x0A-\x1F\x7F]*$";
+
 /// The syntax of [`Duration`], as a regular expression for the OpenAPI schema.
 pub const DURATION_PATTERN: &str = r"^([0-9]{1,6}(\.[0-9]{1,9})?(ms|s|m|h)){1,4}$";
 

@@ -313,9 +313,10 @@ pub enum HttpMethod {
 #[serde(rename_all = "camelCase")]
 pub struct HeaderMatch {
     /// Header name, case-insensitive.
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(length(min = 1, max = 256), extend("pattern" = crate::common::HEADER_NAME_PATTERN))]
     pub name: String,
-    /// Exact value.
+    /// Exact value (no control characters).
+    #[schemars(extend("pattern" = crate::common::HEADER_VALUE_PATTERN))]
     pub value: String,
 }
 

@@ -236,9 +236,9 @@ async fn kstatus_reads_every_kind_in_every_state_as_intended() {
     ns.must_apply(&policy("CachePolicy", "later", "shop", rules));
     let message = kstatus_is(&ns, "cachepolicy/later", "Failed").await;
     assert!(message.contains("\"enforced\""), "names the owner: {message}");
-    ns.must_apply(&policy("CachePolicy", "bad", "shop", "  rules: [{ttl: 30s, key: {headers: ['a b']}}]\n"));
+    ns.must_apply(&policy("CachePolicy", "bad", "shop", "  backend: redis\n  rules: [{ttl: 30s}]\n"));
     let message = kstatus_is(&ns, "cachepolicy/bad", "Failed").await;
-    assert!(message.contains("not a header name"), "{message}");
+    assert!(message.contains("spec.connections.redis"), "{message}");
     // A missing target may yet be created (GitOps applies in any order): still in progress.
     ns.must_apply(&policy("CachePolicy", "orphan", "nowhere-else", rules));
     let message = kstatus_is(&ns, "cachepolicy/orphan", "InProgress").await;

@@ -253,11 +253,11 @@ async fn a_policy_without_its_target_is_target_not_found_until_the_target_exists
     // A policy the data plane would refuse is Invalid, naming the field; its Middleware is not stalled by it
     // and its configuration leaves it out.
     ns.must_apply(
-        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: bad-key\nspec:\n  targetRefs: [{name: later, sectionName: web}]\n  rules:\n  - ttl: 30s\n    key: {headers: ['bad header']}\n",
+        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata:\n  name: bad-key\nspec:\n  targetRefs: [{name: later, sectionName: web}]\n  rules:\n  - ttl: 30s\n  invalidation: {adminApi: true, adminToken: {value: ''}}\n",
     );
     let bad = policy_accepted(&policies, "bad-key", (status::FALSE, reasons::INVALID)).await;
     let message = conditions::find(&bad.status.unwrap().conditions, types::ACCEPTED).unwrap().message.clone();
-    assert!(message.contains("spec.rules[0].key.headers[0]"), "{message}");
+    assert!(message.contains("spec.invalidation.adminToken.value"), "{message}");
     // (The Middleware is reconciled after a policy change: give it the time to, had the policy reached it.)
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mw = get(&mws, "later").await.expect("the Middleware exists");

@@ -164,7 +164,10 @@ pub fn build(
             };
             Destination::Kafka { producer, topic: topic.topic.clone(), key, format: format_of(spec.format) }
         } else if let Some(webhook) = &spec.destination.http {
-            let url: http::Uri = match webhook.url.parse() {
+            // The URL as the validation reads it (scheme, host, a port in range), then as the client sends to it.
+            let url: http::Uri = match umw_crds::validate::HttpUrl::parse(&webhook.url)
+                .and_then(|_| webhook.url.parse().map_err(|e: http::uri::InvalidUri| e.to_string()))
+            {
                 Ok(url) => url,
                 Err(e) => {
                     problems.push(format!("{at}: spec.destination.http.url: {e}"));

@@ -120,13 +120,9 @@ async fn check(bundle: &Bundle, ctx: &Context) -> Result<(Option<Stall>, BTreeMa
     // The rules a data plane checks when it loads the configuration; a configuration it would refuse is
     // never rolled out (new pods could not start with it).
     let violations = umw_crds::validate::validate(bundle);
-    let log_level = mw.spec.observability.log_level.as_deref().and_then(|level| {
-        tracing_subscriber::EnvFilter::try_new(level).err().map(|e| format!("spec.observability.logLevel: {e}"))
-    });
-    if !violations.is_empty() || log_level.is_some() {
-        let mut problems: Vec<String> =
+    if !violations.is_empty() {
+        let problems: Vec<String> =
             violations.iter().map(|v| format!("{} {}: {}", v.resource, v.path, v.message)).collect();
-        problems.extend(log_level);
         let stall = Stall {
             reason: reasons::INVALID_SPEC,
             message: format!("the data plane would refuse this configuration: {}", problems.join("; ")),
