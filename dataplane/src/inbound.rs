@@ -51,7 +51,7 @@ impl Limits {
 pub mod reasons {
     /// A request head larger than `maxHeaderBytes` or with more than `maxHeaders` fields (`431`).
     pub const HEADERS_TOO_LARGE: &str = "headers_too_large";
-    /// No complete request head within `headerReadTimeout` (the connection is closed).
+    /// No complete first request head within `headerReadTimeout` of the connection's start (it is closed).
     pub const HEADER_TIMEOUT: &str = "header_timeout";
     /// A request head hyper could not parse (`400`).
     pub const MALFORMED: &str = "malformed";
@@ -63,15 +63,18 @@ pub mod reasons {
     pub const ALL: [&str; 5] = [HEADERS_TOO_LARGE, HEADER_TIMEOUT, MALFORMED, HOST, BODY_TIMEOUT];
 }
 
-/// Counts a connection that hyper ended with an error of the client's making, by its kind.
-pub fn count_connection_error(refused: &IntCounterVec, error: &(dyn std::error::Error + 'static)) {
+/// Counts a connection that hyper ended with an error of the client's making, by its kind. Hyper's own
+/// header timeout also ends kept-alive connections that sit idle after a response: that is the normal end
+/// of a connection, not a refusal, so it counts only for a connection that never got a request through
+/// (`served` false).
+pub fn count_connection_error(refused: &IntCounterVec, error: &(dyn std::error::Error + 'static), served: bool) {
     let count = |reason: &str| refused.with_label_values(&[reason]).inc();
     let mut current = Some(error);
     while let Some(e) = current {
         if let Some(error) = e.downcast_ref::<hyper::Error>() {
             if error.is_parse_too_large() {
                 count(reasons::HEADERS_TOO_LARGE);
-            } else if error.is_timeout() {
+            } else if error.is_timeout() && !served {
                 count(reasons::HEADER_TIMEOUT);
             } else if error.is_parse() {
                 count(reasons::MALFORMED);

@@ -96,7 +96,7 @@ pub async fn serve(
                 None => connection.await,
             };
             if let Err(error) = ended {
-                inbound::count_connection_error(&refused, error.as_ref());
+                inbound::count_connection_error(&refused, error.as_ref(), started.load(Ordering::Relaxed));
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
             open.dec();

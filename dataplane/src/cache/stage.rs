@@ -284,14 +284,29 @@ impl Inner {
         if rule.single_flight {
             match self.flights.join(&key) {
                 Flight::Follower(mut receiver) => {
-                    let shared: Option<Arc<Entry>> =
+                    let shared: Option<Option<Arc<Entry>>> =
                         match tokio::time::timeout(rule.lock_timeout, receiver.wait_for(Option::is_some)).await {
-                            Ok(Ok(result)) => result.clone().flatten(),
+                            Ok(Ok(result)) => result.clone(),
                             _ => None,
                         };
-                    if let Some(entry) = shared {
-                        count("coalesced");
-                        return respond(&entry, request.method(), "umw; fwd=miss; collapsed");
+                    match shared {
+                        Some(Some(entry)) => {
+                            count("coalesced");
+                            return respond(&entry, request.method(), "umw; fwd=miss; collapsed");
+                        }
+                        // The leader's response varies with request headers (or was not kept): once its flight
+                        // ends, with the entry stored, the cache may hold this request's variant.
+                        Some(None) => {
+                            let ended = async { while receiver.changed().await.is_ok() {} };
+                            let _ = tokio::time::timeout(rule.lock_timeout, ended).await;
+                            if let Some(entry) = self.lookup(&rule, &key, request.headers()).await
+                                && now_ms() < entry.fresh_until_ms
+                            {
+                                count("hit");
+                                return respond(&entry, request.method(), "umw; hit");
+                            }
+                        }
+                        None => {}
                     }
                     count("miss");
                     return self.fetch(&rule, key, request, next, stale, None).await;
