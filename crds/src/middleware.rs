@@ -189,8 +189,9 @@ pub struct HttpListener {
     /// of the previous response; then the connection is closed. Defaults to 30s (nginx: 60s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header_read_timeout: Option<Duration>,
-    /// Longest a request body may pause between two reads; the request is then answered `408`, as is one
-    /// whose body is still arriving when its route's timeout ends. Defaults to 60s, as nginx's.
+    /// Longest the gateway waits for the next part of a request body once it reads it; the request is then
+    /// answered `408`, as is one whose route's timeout ends while the gateway waits for the client.
+    /// Defaults to 60s, as nginx's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_read_timeout: Option<Duration>,
 }

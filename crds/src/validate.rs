@@ -466,7 +466,12 @@ pub(crate) fn value_source(source: &crate::ValueSource) -> Result<(), String> {
 /// Unix socket (`redis+unix://`, `unix://`).
 pub(crate) fn redis_url(url: &str) -> Result<(), String> {
     const SCHEMES: [&str; 6] = ["redis", "rediss", "valkey", "valkeys", "redis+unix", "unix"];
-    let bad = |why: &str| format!("{url:?} is not a Redis URL such as redis://redis:6379/0: {why}");
+    // A password in the URL stays out of the message, which conditions and Events carry.
+    let shown = match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    };
+    let bad = |why: &str| format!("{shown:?} is not a Redis URL such as redis://redis:6379/0: {why}");
     let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
     if !SCHEMES.contains(&scheme) {
         return Err(bad("the scheme must be redis, rediss, valkey, valkeys, redis+unix or unix"));
@@ -620,6 +625,8 @@ mod tests {
         for bad in ["not a url", "http://redis:6379", "redis://", "redis://r:99999", "unix://relative"] {
             assert!(redis_url(bad).is_err(), "{bad}");
         }
+        let message = redis_url("redis://:s3cret@r:99999").unwrap_err();
+        assert!(!message.contains("s3cret") && message.contains("redis://***@r:99999"), "{message}");
     }
 
     #[test]

@@ -353,8 +353,8 @@ async fn timeout(mut request: Request<Body>, next: Next) -> Response {
     let body = request.extensions().get::<crate::inbound::BodyProgress>().cloned();
     match tokio::time::timeout_at(deadline.into(), next.run(request)).await {
         Ok(response) => response,
-        // The client is still sending its body: the wait is the client's, not the upstream's.
-        Err(_) if body.is_some_and(|body| !body.finished()) => {
+        // The body's reader is waiting for the client: the wait is the client's, not the upstream's.
+        Err(_) if body.is_some_and(|body| body.waiting_on_client()) => {
             route.metrics.gateway_errors.with_label_values(&[&route.name, "body_timeout"]).inc();
             route.metrics.http_refused.with_label_values(&[crate::inbound::reasons::BODY_TIMEOUT]).inc();
             proxy::ProxyError::BodyTimeout.problem(&route.name).into_response()

@@ -5,7 +5,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -115,22 +115,43 @@ pub fn is_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Whether a request's body has been read to its end; in the request's extensions when it has a body.
+/// Where the reading of a request's body stands; in the request's extensions when it has a body.
 #[derive(Clone, Debug, Default)]
-pub struct BodyProgress(Arc<AtomicBool>);
+pub struct BodyProgress(Arc<AtomicU8>);
+
+/// Not read yet, or a frame just arrived: nobody waits for the client.
+const READING: u8 = 0;
+/// The reader asked for more and the client has not sent it.
+const WAITING: u8 = 1;
+/// Read to its end.
+const FINISHED: u8 = 2;
 
 impl BodyProgress {
+    /// Whether the body has been read to its end.
     pub fn finished(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.load(Ordering::Relaxed) == FINISHED
+    }
+
+    /// Whether the reader (the proxy, a schema check, ingest) is waiting for the client to send more: a
+    /// deadline that passes now is the client's doing. An upstream that is not reading leaves this false.
+    pub fn waiting_on_client(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == WAITING
+    }
+
+    fn set(&self, state: u8) {
+        self.0.store(state, Ordering::Relaxed);
     }
 }
 
-/// A client's request body that ends with [`BodyTimeout`] when no frame arrives for `idle`, and records
-/// in a [`BodyProgress`] when it is read to its end.
+/// A client's request body that ends with [`BodyTimeout`] when the reader has waited `idle` for the next
+/// frame, and records in a [`BodyProgress`] how its reading stands. Time before the first read (stages,
+/// connecting upstream, `100-continue`) does not count.
 pub struct Watched {
     inner: Body,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    /// Armed when the reader starts waiting; created at the first wait.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
     progress: BodyProgress,
     timeouts: IntCounter,
 }
@@ -145,8 +166,8 @@ impl Watched {
         let progress = BodyProgress::default();
         request.extensions_mut().insert(progress.clone());
         let inner = std::mem::take(request.body_mut());
-        let timer = Box::pin(tokio::time::sleep(idle));
-        *request.body_mut() = Body::new(Watched { inner, idle, timer, progress, timeouts: timeouts.clone() });
+        let watched = Watched { inner, idle, timer: None, armed: false, progress, timeouts: timeouts.clone() };
+        *request.body_mut() = Body::new(watched);
     }
 }
 
@@ -158,21 +179,27 @@ impl http_body::Body for Watched {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(frame)) => {
-                if this.inner.is_end_stream() {
-                    // A reader that knows the length stops here, without asking for the end.
-                    this.progress.0.store(true, Ordering::Relaxed);
-                } else {
-                    let deadline = Instant::now() + this.idle;
-                    this.timer.as_mut().reset(deadline);
-                }
+                this.armed = false;
+                // A reader that knows the length stops after the last frame, without asking for the end.
+                this.progress.set(if this.inner.is_end_stream() { FINISHED } else { READING });
                 Poll::Ready(Some(frame))
             }
             Poll::Ready(None) => {
-                this.progress.0.store(true, Ordering::Relaxed);
+                this.progress.set(FINISHED);
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                ready!(this.timer.as_mut().poll(cx));
+                this.progress.set(WAITING);
+                if !this.armed {
+                    let deadline = Instant::now() + this.idle;
+                    match &mut this.timer {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                    this.armed = true;
+                }
+                let Some(timer) = this.timer.as_mut() else { return Poll::Pending };
+                ready!(timer.as_mut().poll(cx));
                 this.timeouts.inc();
                 Poll::Ready(Some(Err(axum::Error::new(BodyTimeout(this.idle)))))
             }
@@ -182,7 +209,7 @@ impl http_body::Body for Watched {
     fn is_end_stream(&self) -> bool {
         let end = self.inner.is_end_stream();
         if end {
-            self.progress.0.store(true, Ordering::Relaxed);
+            self.progress.set(FINISHED);
         }
         end
     }
@@ -206,10 +233,12 @@ mod tests {
         let progress = request.extensions().get::<BodyProgress>().cloned().unwrap();
         let mut body = request.into_body();
         futures::SinkExt::send(&mut tx, Ok(Bytes::from_static(b"part"))).await.unwrap();
+        assert!(!progress.waiting_on_client(), "nobody has asked for the body yet");
         assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "part");
+        assert!(!progress.waiting_on_client(), "a part arrived");
         let error = body.frame().await.unwrap().unwrap_err();
         assert!(is_body_timeout(&error), "{error}");
-        assert!(!progress.finished());
+        assert!(!progress.finished() && progress.waiting_on_client());
         assert_eq!(timeouts.get(), 1);
         drop(tx);
 

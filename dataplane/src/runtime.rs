@@ -516,7 +516,8 @@ fn build(
     if let Some(invalidator) = &invalidator {
         events.consumers.extend(invalidation_consumers(loaded, invalidator, events.kafka.as_ref(), parts.in_process));
     }
-    // Ingest routes come first: their exact POST paths win over the proxy routes' prefixes.
+    // Ingest routes come first: their exact POST paths win over a catch-all route (the shared validation
+    // refuses an ingest path that any other route serves).
     let outbox = match outbox_parts(loaded, &events, producers, &previous_producers, databases, upstreams, parts) {
         Ok(outbox) => outbox,
         Err(more) => {

@@ -28,6 +28,21 @@ pub fn watch<K>(api: Api<K>, config: watcher::Config, subscribers: usize, metric
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
+    watch_with(api, config, subscribers, metrics, |_| {})
+}
+
+/// Like [`watch`], with `prepare` applied to every object before it is stored or handed on (to drop what
+/// must not be kept in memory).
+pub fn watch_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    subscribers: usize,
+    metrics: Metrics,
+    prepare: impl Fn(&mut K) + Send + 'static,
+) -> Shared<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
     let (store, mut writer) = reflector::store::<K>();
     let (senders, triggers): (Vec<_>, Vec<_>) = (0..subscribers).map(|_| mpsc::channel::<K>(1024)).unzip();
     let kind = K::kind(&()).to_string();
@@ -35,7 +50,7 @@ where
         let mut events = watcher(api, config).default_backoff().boxed();
         let mut listed = Vec::new();
         while let Some(event) = events.next().await {
-            let event = match event {
+            let mut event = match event {
                 Ok(event) => event,
                 Err(error) => {
                     metrics.watch_errors.with_label_values(&[&kind]).inc();
@@ -43,6 +58,12 @@ where
                     continue;
                 }
             };
+            match &mut event {
+                watcher::Event::Apply(object) | watcher::Event::Delete(object) | watcher::Event::InitApply(object) => {
+                    prepare(object)
+                }
+                watcher::Event::Init | watcher::Event::InitDone => {}
+            }
             writer.apply_watcher_event(&event);
             // Objects listed during a (re)list reach the store only at InitDone, so their triggers wait
             // until then: a reconcile must find its object in the store.

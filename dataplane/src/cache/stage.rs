@@ -284,8 +284,10 @@ impl Inner {
         if rule.single_flight {
             match self.flights.join(&key) {
                 Flight::Follower(mut receiver) => {
+                    // One deadline for the whole wait, however it goes.
+                    let deadline = tokio::time::Instant::now() + rule.lock_timeout;
                     let shared: Option<Option<Arc<Entry>>> =
-                        match tokio::time::timeout(rule.lock_timeout, receiver.wait_for(Option::is_some)).await {
+                        match tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await {
                             Ok(Ok(result)) => result.clone(),
                             _ => None,
                         };
@@ -298,7 +300,7 @@ impl Inner {
                         // ends, with the entry stored, the cache may hold this request's variant.
                         Some(None) => {
                             let ended = async { while receiver.changed().await.is_ok() {} };
-                            let _ = tokio::time::timeout(rule.lock_timeout, ended).await;
+                            let _ = tokio::time::timeout_at(deadline, ended).await;
                             if let Some(entry) = self.lookup(&rule, &key, request.headers()).await
                                 && now_ms() < entry.fresh_until_ms
                             {

@@ -396,10 +396,8 @@ impl Ingest {
         let (parts, body) = request.into_parts();
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(error) => {
-                route.count("invalid");
-                return crate::proxy::body_error(error).problem(&route.name).into_response();
-            }
+            // Not an event: the body did not arrive (counted with the listener's refusals when it timed out).
+            Err(error) => return crate::proxy::body_error(error).problem(&route.name).into_response(),
         };
         let batch = parts
             .headers

@@ -151,7 +151,7 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
             Ok(Ok(response)) => Ok(response.map(Body::new)),
             Ok(Err(error)) => Err(classify(error, &upstream.label)),
             // The client was still sending its body at the deadline: its wait, not the upstream's.
-            Err(_) if parts.extensions.get::<crate::inbound::BodyProgress>().is_some_and(|b| !b.finished()) => {
+            Err(_) if parts.extensions.get::<crate::inbound::BodyProgress>().is_some_and(|b| b.waiting_on_client()) => {
                 route.metrics.http_refused.with_label_values(&[crate::inbound::reasons::BODY_TIMEOUT]).inc();
                 Err(ProxyError::BodyTimeout)
             }

@@ -37,11 +37,12 @@ pub struct Stall {
 #[instrument(skip_all, fields(namespace = mw.namespace().unwrap_or_default(), middleware = mw.name_any()))]
 pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action, Error> {
     let timer = ctx.metrics.reconcile_duration.with_label_values(&["middleware"]).start_timer();
+    let namespace = mw.namespace().unwrap_or_default();
     if mw.meta().deletion_timestamp.is_some() {
         // Children go with the garbage collector through their owner references.
+        ctx.secrets.record(&namespace, &mw.name_any(), &Default::default());
         return Ok(Action::await_change());
     }
-    let namespace = mw.namespace().unwrap_or_default();
     let key = format!("Middleware/{namespace}/{}", mw.name_any());
 
     let bundle = Bundle {

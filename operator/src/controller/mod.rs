@@ -313,7 +313,12 @@ pub async fn run(
     // Pods are read, never triggered on: the health poller notices what matters about them.
     let pods = shared::watch(api::<Pod>(&client, ns), owned, 0, m());
     // Secrets: metadata only, so that one created, changed or deleted reaches its Middlewares in seconds.
-    let mut secrets = shared::watch(api::<PartialObjectMeta<Secret>>(&client, ns), all.clone(), 1, m());
+    // Annotations go at once: `kubectl apply` keeps a Secret's whole manifest, data included, in one.
+    let mut secrets =
+        shared::watch_with(api::<PartialObjectMeta<Secret>>(&client, ns), all.clone(), 1, m(), |secret| {
+            secret.metadata.annotations = None;
+            secret.metadata.managed_fields = None;
+        });
 
     let stores = Stores {
         middlewares: middlewares.store.clone(),

@@ -197,34 +197,53 @@ pub fn status_of<P: Policy>(
         }
     };
     let mut summary = summary;
-    summary.extend(progress(&summary, &condition));
+    summary.extend(progress(&targets, &condition));
     let existing: &[Condition] = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     PolicyStatus { observed_generation: generation, conditions: conditions::merge(existing, summary), targets }
 }
 
-/// `Reconciling` and `Stalled` from the policy's `Accepted` and `Enforced`, as kstatus reads them: invalid or
-/// conflicted (a person must change something), or refused by the data plane: `Stalled`; a missing target
-/// (which may yet be created, e.g. later in the same sync) or a configuration still rolling out:
-/// `Reconciling`; enforced: neither.
-fn progress(summary: &[Condition], condition: &dyn Fn(&str, &str, &str, String) -> Condition) -> [Condition; 2] {
-    let accepted = conditions::find(summary, types::ACCEPTED);
-    let enforced = conditions::find(summary, types::ENFORCED);
-    let (reconciling, stalled) = match (accepted, enforced) {
-        (Some(a), _) if a.status != status::TRUE && a.reason == reasons::TARGET_NOT_FOUND => {
-            (Some((a.reason.as_str(), a.message.clone())), None)
+/// `Reconciling` and `Stalled` from each target's `Accepted` and `Enforced`, as kstatus reads them: a target
+/// where the policy is invalid or conflicted (a person must change something), or refused by the data
+/// plane: `Stalled`; otherwise a missing target (which may yet be created, e.g. later in the same sync) or
+/// a configuration still rolling out: `Reconciling`; enforced everywhere: neither.
+fn progress(
+    targets: &[PolicyTargetStatus],
+    condition: &dyn Fn(&str, &str, &str, String) -> Condition,
+) -> [Condition; 2] {
+    let mut stalled: Option<(String, String)> = None;
+    let mut reconciling: Option<(String, String)> = None;
+    for target in targets {
+        let accepted = conditions::find(&target.conditions, types::ACCEPTED);
+        let enforced = conditions::find(&target.conditions, types::ENFORCED);
+        let on = |c: &Condition| format!("{}: {}", target.target_ref, c.message);
+        match (accepted, enforced) {
+            (Some(a), _) if a.status != status::TRUE && a.reason == reasons::TARGET_NOT_FOUND => {
+                reconciling.get_or_insert((a.reason.clone(), on(a)));
+            }
+            (Some(a), _) if a.status != status::TRUE => {
+                stalled.get_or_insert((a.reason.clone(), on(a)));
+            }
+            (_, Some(e)) if e.status == status::TRUE => {}
+            (_, Some(e)) if e.status == status::FALSE => {
+                stalled.get_or_insert((reasons::NOT_ENFORCED.to_string(), e.message.clone()));
+            }
+            (_, Some(e)) => {
+                reconciling.get_or_insert((e.reason.clone(), e.message.clone()));
+            }
+            (_, None) => {
+                reconciling.get_or_insert((reasons::PENDING.to_string(), "waiting for the data plane".into()));
+            }
         }
-        (Some(a), _) if a.status != status::TRUE => (None, Some((a.reason.as_str(), a.message.clone()))),
-        (_, Some(e)) if e.status == status::TRUE => (None, None),
-        (_, Some(e)) if e.status == status::FALSE => (None, Some((reasons::NOT_ENFORCED, e.message.clone()))),
-        (_, Some(e)) => (Some((e.reason.as_str(), e.message.clone())), None),
-        (_, None) => (Some((reasons::PENDING, "waiting for the data plane".to_string())), None),
-    };
-    let reconciling = match reconciling {
-        Some((reason, message)) => condition(types::RECONCILING, status::TRUE, reason, message),
-        None => condition(types::RECONCILING, status::FALSE, reasons::AS_EXPECTED, String::new()),
+    }
+    if targets.is_empty() {
+        reconciling = Some((reasons::PENDING.to_string(), "no target".into()));
+    }
+    let reconciling = match (&stalled, reconciling) {
+        (None, Some((reason, message))) => condition(types::RECONCILING, status::TRUE, &reason, message),
+        _ => condition(types::RECONCILING, status::FALSE, reasons::AS_EXPECTED, String::new()),
     };
     let stalled = match stalled {
-        Some((reason, message)) => condition(types::STALLED, status::TRUE, reason, message),
+        Some((reason, message)) => condition(types::STALLED, status::TRUE, &reason, message),
         None => condition(types::STALLED, status::FALSE, reasons::AS_EXPECTED, String::new()),
     };
     [reconciling, stalled]
@@ -370,5 +389,19 @@ mod tests {
             (Some("TargetNotFound".into()), None),
             "a target may yet be created: InProgress"
         );
+
+        // Over several targets, one that needs a person wins over one that may yet appear.
+        let verdicts = vec![
+            Verdict {
+                target: PolicyTargetRef::middleware("missing"),
+                outcome: Err(Rejection::TargetNotFound("x".into())),
+            },
+            Verdict { target: PolicyTargetRef::middleware("shop"), outcome: Err(Rejection::Conflicted("y".into())) },
+        ];
+        let status = status_of(&policy, &verdicts, &|_: &PolicyTargetRef| None, &now);
+        let stalled = conditions::find(&status.conditions, types::STALLED).unwrap();
+        assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "Conflicted"));
+        assert!(stalled.message.contains("shop"), "{}", stalled.message);
+        assert_eq!(conditions::find(&status.conditions, types::RECONCILING).unwrap().status, "False");
     }
 }
