@@ -16,6 +16,7 @@ pub mod config;
 pub mod event_route;
 pub mod middleware;
 pub mod policy;
+pub mod redact;
 pub mod reference;
 pub mod template;
 pub mod validate;

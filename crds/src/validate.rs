@@ -404,7 +404,9 @@ impl HttpUrl {
     /// Parses `url`, refusing what the data plane could not connect to: another scheme, credentials, no
     /// host, a port outside 1..=65535.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("{url:?} is not an absolute http:// or https:// URL without credentials: {why}");
+        let shown = crate::redact::url(url);
+        let bad =
+            |why: &str| format!("{shown:?} is not an absolute http:// or https:// URL without credentials: {why}");
         let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
         let scheme = match uri.scheme_str() {
             Some("http") => "http",
@@ -467,10 +469,7 @@ pub(crate) fn value_source(source: &crate::ValueSource) -> Result<(), String> {
 pub(crate) fn redis_url(url: &str) -> Result<(), String> {
     const SCHEMES: [&str; 6] = ["redis", "rediss", "valkey", "valkeys", "redis+unix", "unix"];
     // A password in the URL stays out of the message, which conditions and Events carry.
-    let shown = match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_string(),
-    };
+    let shown = crate::redact::url(url);
     let bad = |why: &str| format!("{shown:?} is not a Redis URL such as redis://redis:6379/0: {why}");
     let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
     if !SCHEMES.contains(&scheme) {
@@ -626,7 +625,7 @@ mod tests {
             assert!(redis_url(bad).is_err(), "{bad}");
         }
         let message = redis_url("redis://:s3cret@r:99999").unwrap_err();
-        assert!(!message.contains("s3cret") && message.contains("redis://***@r:99999"), "{message}");
+        assert!(!message.contains("s3cret") && message.contains("redis://:***@r:99999"), "{message}");
     }
 
     #[test]

@@ -208,7 +208,7 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
     health.set("http", State::Starting, "binding the listener", true);
     let traces = Traces::from_config(&spec.observability, &loaded.middleware())?.map(Arc::new);
     if let Some(traces) = &traces {
-        tracing::info!(endpoint = %redact(&traces.endpoint), "exporting traces over OTLP/gRPC");
+        tracing::info!(endpoint = %umw_crds::redact::url(&traces.endpoint), "exporting traces over OTLP/gRPC");
     }
     let runtime = Arc::new(
         Runtime::with_options(
@@ -285,14 +285,6 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// A URL without user information (credentials never reach the log).
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

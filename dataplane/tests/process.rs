@@ -185,6 +185,38 @@ fn a_data_plane_that_cannot_start_writes_why_to_the_termination_log_when_the_kub
 }
 
 #[tokio::test]
+async fn an_unreachable_postgres_is_logged_and_reported_without_its_password() {
+    let dir = temp_dir("redact");
+    let config = dir.join("config.yaml");
+    // Nothing listens on port 1: the data plane keeps retrying and says so.
+    std::fs::write(
+        &config,
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: shop}\nspec:\n  connections:\n    postgres: {url: {value: 'postgres://app@127.0.0.1:1/shop?sslmode=disable&password=canary-pg-1'}}\n    kafka: {bootstrapServers: {value: '127.0.0.1:1'}}\n  commands:\n  - {name: place-order, event: {topic: orders, type: order.placed}}\n",
+    )
+    .unwrap();
+    let running = Running::start(&config, &[]);
+    let status_url = format!("http://{}/status", running.admin);
+    let mut status = String::new();
+    eventually("the PostgreSQL retry warning", Duration::from_secs(20), || {
+        let lines = running.log();
+        async move { lines.iter().any(|l| l.contains("cannot reach PostgreSQL")) }
+    })
+    .await;
+    let client = support::client();
+    let request = http::Request::get(&status_url).body(http_body_util::Full::new(Bytes::new())).unwrap();
+    if let Ok(response) = client.request(request).await {
+        use http_body_util::BodyExt as _;
+        status = String::from_utf8_lossy(&response.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    }
+    let log = running.log().join("\n");
+    assert!(log.contains("password=***"), "the URL is still recognisable: {log}");
+    assert!(!log.contains("canary-pg-1"), "the password reached the log: {log}");
+    assert!(!status.is_empty() && !status.contains("canary-pg-1"), "the password reached /status: {status}");
+    drop(running);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
 async fn sigterm_turns_readiness_off_finishes_requests_in_flight_and_exits() {
     let upstream = Upstream::start("up").await;
     let dir = temp_dir("sigterm");

@@ -358,8 +358,5 @@ fn client(info: redis::ConnectionInfo, settings: &RedisSettings) -> Result<redis
 
 /// A URL without its password.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_string(),
-    }
+    umw_crds::redact::url(url)
 }

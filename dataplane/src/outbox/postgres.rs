@@ -58,18 +58,9 @@ impl Drop for Database {
     }
 }
 
-/// A `postgres://` URL without its password, for messages.
+/// A `postgres://` URL (or keyword/value string) without its password, for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
+    umw_crds::redact::url(url)
 }
 
 impl Database {
