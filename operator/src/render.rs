@@ -189,7 +189,8 @@ fn service(mw: &Middleware) -> Service {
     if let Some(grpc) = &listeners.grpc {
         ports.push(port("grpc", grpc.port, "kubernetes.io/h2c"));
     }
-    ports.push(port("admin", listeners.admin_port, "http"));
+    // The admin port (health, /status, /metrics, cache invalidation) is not published: the operator and
+    // Prometheus reach it on the pods, and nothing that can reach the Service should.
     Service {
         metadata: metadata(mw, child_name(mw)),
         spec: Some(ServiceSpec {
@@ -621,6 +622,6 @@ mod tests {
         let desired = render_spec(spec);
         let ports: Vec<_> =
             desired.service.spec.unwrap().ports.unwrap().into_iter().map(|p| (p.name.unwrap(), p.port)).collect();
-        assert_eq!(ports, [("http".into(), 8080), ("grpc".into(), 9090), ("admin".into(), 9901)]);
+        assert_eq!(ports, [("http".into(), 8080), ("grpc".into(), 9090)], "never the admin port");
     }
 }
