@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::Serialize;
 
-use crate::health::Component;
+use crate::kernel::health::Component;
 use crate::runtime::{PolicyState, Runtime};
 
 pub struct Admin {
@@ -105,7 +105,7 @@ async fn invalidate(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> axum::response::Response {
-    use crate::problem::{Kind, Problem, kinds};
+    use crate::kernel::problem::{Kind, Problem, kinds};
     const UNAUTHORIZED: Kind =
         Kind { slug: "unauthorized", title: "A valid admin token is needed", status: StatusCode::UNAUTHORIZED };
     const NO_ADMIN_API: Kind =
@@ -126,7 +126,7 @@ async fn invalidate(
         return Problem::new(UNAUTHORIZED, "present the CachePolicy's adminToken as a bearer token").into_response();
     }
     let bad_request = || admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "bad_request"]).inc();
-    let what: crate::cache::Invalidation = match serde_json::from_slice(&body) {
+    let what: crate::components::cache::Invalidation = match serde_json::from_slice(&body) {
         Ok(what) => what,
         Err(error) => {
             bad_request();
@@ -175,7 +175,7 @@ async fn dead_letters(
     State(admin): State<Arc<Admin>>,
     query: axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> axum::response::Response {
-    use crate::problem::{Kind, Problem, kinds};
+    use crate::kernel::problem::{Kind, Problem, kinds};
     const NO_OUTBOX: Kind =
         Kind { slug: "no-outbox", title: "This Middleware defines no commands", status: StatusCode::NOT_FOUND };
     let Some(store) = admin.runtime.snapshot().outbox.clone() else {

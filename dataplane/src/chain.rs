@@ -25,11 +25,11 @@ use http_body_util::{BodyExt as _, Limited};
 use opentelemetry::KeyValue;
 use tower::ServiceBuilder;
 
-use crate::metrics::{method_label, status_class};
-use crate::problem::{FieldProblem, Problem, kinds};
-use crate::proxy;
+use crate::kernel::metrics::{method_label, status_class};
+use crate::kernel::problem::{FieldProblem, Problem, kinds};
+use crate::components::proxy;
 use crate::runtime::{Endpoint, Route, Runtime, Snapshot, Stage};
-use crate::trace::TraceContext;
+use crate::kernel::trace::TraceContext;
 
 /// Request and response header carrying the request id.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -195,7 +195,7 @@ async fn guard(request: Request<Body>, next: Next) -> Response {
             let what =
                 panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
             tracing::error!(panic = what.as_deref().unwrap_or("(no message)"), "a request handler panicked");
-            crate::metrics::PANICS.inc();
+            crate::kernel::metrics::PANICS.inc();
             Problem::new(kinds::INTERNAL, "the gateway failed to handle this request").into_response()
         }
     }
@@ -238,8 +238,8 @@ async fn request_id(runtime: Arc<Runtime>, mut request: Request<Body>, next: Nex
     };
     let client = request.extensions().get::<ClientAddr>().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
     let snapshot = runtime.snapshot();
-    if let Some(reason) = crate::inbound::host_problem(&request) {
-        snapshot.metrics.http_refused.with_label_values(&[crate::inbound::reasons::HOST]).inc();
+    if let Some(reason) = crate::kernel::inbound::host_problem(&request) {
+        snapshot.metrics.http_refused.with_label_values(&[crate::kernel::inbound::reasons::HOST]).inc();
         let mut response = Problem::new(kinds::BAD_REQUEST, reason).into_response();
         response.headers_mut().insert(REQUEST_ID, id);
         return response;
@@ -331,7 +331,7 @@ async fn metrics(request: Request<Body>, next: Next) -> Response {
 struct InFlight(prometheus::IntGauge);
 
 impl InFlight {
-    fn new(metrics: &crate::metrics::Metrics) -> Self {
+    fn new(metrics: &crate::kernel::metrics::Metrics) -> Self {
         metrics.in_flight.inc();
         Self(metrics.in_flight.clone())
     }
@@ -350,13 +350,13 @@ async fn timeout(mut request: Request<Body>, next: Next) -> Response {
     if let Some(info) = info_mut(&mut request) {
         info.deadline = Some(deadline);
     }
-    let body = request.extensions().get::<crate::inbound::BodyProgress>().cloned();
+    let body = request.extensions().get::<crate::kernel::inbound::BodyProgress>().cloned();
     match tokio::time::timeout_at(deadline.into(), next.run(request)).await {
         Ok(response) => response,
         // The body's reader is waiting for the client: the wait is the client's, not the upstream's.
         Err(_) if body.is_some_and(|body| body.waiting_on_client()) => {
             route.metrics.gateway_errors.with_label_values(&[&route.name, "body_timeout"]).inc();
-            route.metrics.http_refused.with_label_values(&[crate::inbound::reasons::BODY_TIMEOUT]).inc();
+            route.metrics.http_refused.with_label_values(&[crate::kernel::inbound::reasons::BODY_TIMEOUT]).inc();
             proxy::ProxyError::BodyTimeout.problem(&route.name).into_response()
         }
         Err(_) => {
@@ -515,12 +515,12 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::config;
-    use crate::health::Health;
-    use crate::metrics::Metrics;
-    use crate::proxy::upstream::Overrides;
+    use crate::kernel::config;
+    use crate::kernel::health::Health;
+    use crate::kernel::metrics::Metrics;
+    use crate::components::proxy::upstream::Overrides;
     use crate::runtime::Stages;
-    use crate::telemetry::LogControl;
+    use crate::kernel::telemetry::LogControl;
     use tower::ServiceExt as _;
 
     /// A stage that records its name and then answers, or passes on.
@@ -668,7 +668,7 @@ mod tests {
         let response =
             send(&chain, Request::get("/elsewhere").header("host", "shop").body(Body::empty()).unwrap()).await;
         assert_eq!(response.status(), http::StatusCode::NOT_FOUND);
-        assert_eq!(response.headers()[http::header::CONTENT_TYPE], crate::problem::CONTENT_TYPE);
+        assert_eq!(response.headers()[http::header::CONTENT_TYPE], crate::kernel::problem::CONTENT_TYPE);
         assert_eq!(log.lock().unwrap().clone(), ["cache(id=true,route=-,deadline=false)"]);
     }
 }

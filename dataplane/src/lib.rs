@@ -8,20 +8,12 @@
 //! configuration snapshot and swaps snapshots atomically.
 
 pub mod admin;
-pub mod breaker;
-pub mod cache;
 pub mod chain;
-pub mod config;
-pub mod events;
-pub mod health;
-pub mod inbound;
-pub mod metrics;
-pub mod outbox;
-pub mod problem;
-pub mod proxy;
+pub mod components;
+pub mod kernel;
 pub mod reload;
-pub mod routing;
 pub mod runtime;
 pub mod server;
-pub mod telemetry;
-pub mod trace;
+
+pub use components::{cache, events, outbox, proxy};
+pub use kernel::{breaker, config, health, inbound, metrics, problem, routing, telemetry, trace};

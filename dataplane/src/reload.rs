@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config;
+use crate::kernel::config;
 use crate::runtime::{Outcome, Runtime};
 
 /// The watcher's memory: the files last seen, and the last rejection (reported once, not every poll).

@@ -23,12 +23,12 @@ use umw_crds::middleware::Route as RouteSpec;
 use umw_crds::validate::duration_or;
 
 use crate::chain::Next;
-use crate::config::{Invalid, Loaded};
-use crate::health::{Health, State};
-use crate::metrics::Metrics;
-use crate::proxy::upstream::{Clients, Overrides, Target, Upstream, Upstreams, component_name};
-use crate::routing::Matcher;
-use crate::telemetry::{self, LogControl, Traces};
+use crate::kernel::config::{Invalid, Loaded};
+use crate::kernel::health::{Health, State};
+use crate::kernel::metrics::Metrics;
+use crate::components::proxy::upstream::{Clients, Overrides, Target, Upstream, Upstreams, component_name};
+use crate::kernel::routing::Matcher;
+use crate::kernel::telemetry::{self, LogControl, Traces};
 
 /// Default route timeout, as documented on `timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,7 +76,7 @@ pub struct Route {
     pub traces: Option<Arc<Traces>>,
     pub metrics: Metrics,
     pub request_duration: prometheus::Histogram,
-    pub requests: crate::metrics::RouteCounters,
+    pub requests: crate::kernel::metrics::RouteCounters,
 }
 
 impl Route {
@@ -94,11 +94,11 @@ impl Route {
 #[derive(Clone)]
 pub enum Endpoint {
     /// Event ingest: publishes the request's event(s).
-    Ingest(Arc<crate::events::Ingest>),
+    Ingest(Arc<crate::components::events::Ingest>),
     /// `POST /commands/{name}`.
-    Command(Arc<crate::outbox::commands::Command>),
+    Command(Arc<crate::components::outbox::commands::Command>),
     /// `GET /commands/{id}`.
-    CommandStatus(Arc<crate::outbox::commands::Status>),
+    CommandStatus(Arc<crate::components::outbox::commands::Status>),
 }
 
 /// Whether this data plane enforces a policy, as `/status` reports it to the operator.
@@ -124,25 +124,25 @@ pub struct Snapshot {
     pub policies: Vec<PolicyState>,
     pub metrics: Metrics,
     /// Invalidation of this configuration's caches (admin API, events); `None` without CachePolicies.
-    pub invalidator: Option<Arc<crate::cache::Invalidator>>,
+    pub invalidator: Option<Arc<crate::components::cache::Invalidator>>,
     /// Paths to fetch into the cache.
-    pub warmup: crate::cache::warmup::Plan,
+    pub warmup: crate::components::cache::warmup::Plan,
     /// The Kafka consumers this configuration runs.
-    pub consumers: Vec<crate::events::build::ConsumerPlan>,
+    pub consumers: Vec<crate::components::events::build::ConsumerPlan>,
     /// The outbox relays this configuration runs.
     pub relays: Vec<RelayPlan>,
     /// Where commands are kept (for the admin view of dead-lettered rows); `None` without PostgreSQL
     /// and commands.
-    pub outbox: Option<Arc<dyn crate::outbox::OutboxStore>>,
+    pub outbox: Option<Arc<dyn crate::components::outbox::OutboxStore>>,
 }
 
 /// An outbox relay the configuration asks for; `key` changes whenever anything it depends on does.
 #[derive(Clone)]
 pub struct RelayPlan {
     pub key: String,
-    pub source: Arc<dyn crate::outbox::relay::Source>,
-    pub sink: Arc<dyn crate::outbox::Sink>,
-    pub settings: crate::outbox::relay::Settings,
+    pub source: Arc<dyn crate::components::outbox::relay::Source>,
+    pub sink: Arc<dyn crate::components::outbox::Sink>,
+    pub settings: crate::components::outbox::relay::Settings,
 }
 
 impl Snapshot {
@@ -173,9 +173,9 @@ pub struct Runtime {
     overrides: Overrides,
     traces: Option<Arc<Traces>>,
     log: LogControl,
-    flights: crate::cache::stage::Flights,
-    bus: Arc<crate::events::bus::InProcessBus>,
-    memory: Arc<crate::outbox::memory::MemoryStore>,
+    flights: crate::components::cache::stage::Flights,
+    bus: Arc<crate::components::events::bus::InProcessBus>,
+    memory: Arc<crate::components::outbox::memory::MemoryStore>,
     in_process: bool,
 }
 
@@ -184,14 +184,14 @@ pub struct Runtime {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum CacheBackendKey {
     Memory,
-    Redis(crate::cache::redis::RedisSettings),
-    Tiered(crate::cache::redis::RedisSettings),
+    Redis(crate::components::cache::redis::RedisSettings),
+    Tiered(crate::components::cache::redis::RedisSettings),
 }
 
 /// Kafka clients, kept across reloads.
 #[derive(Default)]
 struct EventsState {
-    producers: crate::events::build::Producers,
+    producers: crate::components::events::build::Producers,
     consumers: std::collections::HashMap<String, RunningConsumer>,
 }
 
@@ -199,18 +199,18 @@ struct EventsState {
 #[derive(Default)]
 struct OutboxState {
     databases: Databases,
-    relays: std::collections::HashMap<String, crate::outbox::relay::Relay>,
+    relays: std::collections::HashMap<String, crate::components::outbox::relay::Relay>,
 }
 
-type Databases = std::collections::HashMap<crate::outbox::postgres::PgSettings, Arc<crate::outbox::postgres::Database>>;
+type Databases = std::collections::HashMap<crate::components::outbox::postgres::PgSettings, Arc<crate::components::outbox::postgres::Database>>;
 
 enum RunningConsumer {
-    Kafka(crate::events::kafka::Consumer),
-    Bus(#[allow(dead_code)] crate::events::bus::BusConsumer),
+    Kafka(crate::components::events::kafka::Consumer),
+    Bus(#[allow(dead_code)] crate::components::events::bus::BusConsumer),
 }
 
 #[derive(Default)]
-struct Caches(std::collections::HashMap<CacheBackendKey, Arc<dyn crate::cache::Cache>>);
+struct Caches(std::collections::HashMap<CacheBackendKey, Arc<dyn crate::components::cache::Cache>>);
 
 /// What building a snapshot needs besides the configuration.
 struct Parts<'a> {
@@ -219,9 +219,9 @@ struct Parts<'a> {
     metrics: &'a Metrics,
     overrides: &'a Overrides,
     traces: &'a Option<Arc<Traces>>,
-    flights: &'a crate::cache::stage::Flights,
-    bus: &'a Arc<crate::events::bus::InProcessBus>,
-    memory: &'a Arc<crate::outbox::memory::MemoryStore>,
+    flights: &'a crate::components::cache::stage::Flights,
+    bus: &'a Arc<crate::components::events::bus::InProcessBus>,
+    memory: &'a Arc<crate::components::outbox::memory::MemoryStore>,
     in_process: bool,
 }
 
@@ -251,9 +251,9 @@ impl Runtime {
         in_process: bool,
     ) -> Result<Self, Invalid> {
         let clients = Clients::new();
-        let flights = crate::cache::stage::Flights::default();
-        let bus = Arc::new(crate::events::bus::InProcessBus::default());
-        let memory = Arc::new(crate::outbox::memory::MemoryStore::default());
+        let flights = crate::components::cache::stage::Flights::default();
+        let bus = Arc::new(crate::components::events::bus::InProcessBus::default());
+        let memory = Arc::new(crate::components::outbox::memory::MemoryStore::default());
         let mut upstreams = Upstreams::default();
         let mut caches = Caches::default();
         let mut events = EventsState::default();
@@ -360,26 +360,26 @@ impl Runtime {
                 outbox.databases = next_databases;
                 reconcile_relays(&mut outbox, &snapshot.relays, &self.health, &self.metrics);
                 if outbox.databases.is_empty() {
-                    self.health.retain(|name| name != crate::outbox::COMPONENT);
+                    self.health.retain(|name| name != crate::components::outbox::COMPONENT);
                 }
                 let tables: Vec<String> = snapshot
                     .relays
                     .iter()
-                    .map(|r| format!("{}{}", crate::outbox::relay::COMPONENT_PREFIX, r.source.name()))
+                    .map(|r| format!("{}{}", crate::components::outbox::relay::COMPONENT_PREFIX, r.source.name()))
                     .collect();
                 self.health.retain(|name| {
-                    !name.starts_with(crate::outbox::relay::COMPONENT_PREFIX) || tables.iter().any(|t| t == name)
+                    !name.starts_with(crate::components::outbox::relay::COMPONENT_PREFIX) || tables.iter().any(|t| t == name)
                 });
                 events.producers = next_producers;
                 reconcile_consumers(&mut events, &snapshot.consumers, &self.bus, &self.health, &self.metrics);
                 if events.producers.is_empty() && events.consumers.is_empty() {
-                    self.health.retain(|name| name != crate::events::kafka::COMPONENT);
+                    self.health.retain(|name| name != crate::components::events::kafka::COMPONENT);
                 }
             }
             if built.is_ok() {
                 *caches = next_caches;
                 if !caches.0.keys().any(|k| matches!(k, CacheBackendKey::Redis(_) | CacheBackendKey::Tiered(_))) {
-                    self.health.retain(|name| name != crate::cache::redis::COMPONENT);
+                    self.health.retain(|name| name != crate::components::cache::redis::COMPONENT);
                 }
             }
             if built.is_ok() {
@@ -439,7 +439,7 @@ impl Runtime {
             }
         }
         for producer in events.producers.values() {
-            if let Err(error) = producer.flush(crate::events::build::FLUSH_TIMEOUT) {
+            if let Err(error) = producer.flush(crate::components::events::build::FLUSH_TIMEOUT) {
                 tracing::warn!(%error, "events still unacknowledged at shutdown");
             }
         }
@@ -468,7 +468,7 @@ fn build(
     loaded: &Loaded,
     upstreams: &mut Upstreams,
     caches: &mut Caches,
-    producers: &mut crate::events::build::Producers,
+    producers: &mut crate::components::events::build::Producers,
     databases: &mut Databases,
     parts: &Parts<'_>,
 ) -> Result<Snapshot, Invalid> {
@@ -496,7 +496,7 @@ fn build(
         }
     };
     let previous_producers = producers.clone();
-    let events = match crate::events::build::build(
+    let events = match crate::components::events::build::build(
         loaded,
         producers,
         parts.bus,
@@ -509,7 +509,7 @@ fn build(
         Ok(events) => events,
         Err(more) => {
             problems.extend(more);
-            crate::events::build::Built::default()
+            crate::components::events::build::Built::default()
         }
     };
     let mut events = events;
@@ -528,7 +528,7 @@ fn build(
     let mut ingest_routes = Vec::new();
     ingest_routes.extend(outbox.routes);
     for (name, path, ingest) in events.ingests {
-        match crate::events::build::ingest_matcher(&path) {
+        match crate::components::events::build::ingest_matcher(&path) {
             Ok(matcher) => ingest_routes.push(Arc::new(Route {
                 name: format!("events-{name}"),
                 matcher,
@@ -541,7 +541,7 @@ fn build(
                 clients: clients.clone(),
                 traces: traces.clone(),
                 request_duration: metrics.request_duration.with_label_values(&[&format!("events-{name}")]),
-                requests: crate::metrics::RouteCounters::new(&format!("events-{name}")),
+                requests: crate::kernel::metrics::RouteCounters::new(&format!("events-{name}")),
                 metrics: metrics.clone(),
             })),
             Err(e) => {
@@ -629,7 +629,7 @@ fn route(
         clients: clients.clone(),
         traces: traces.clone(),
         request_duration: metrics.request_duration.with_label_values(&[&spec.name]),
-        requests: crate::metrics::RouteCounters::new(&spec.name),
+        requests: crate::kernel::metrics::RouteCounters::new(&spec.name),
         metrics: metrics.clone(),
     })
 }
@@ -639,11 +639,11 @@ fn route(
 /// pod's own, and deleting from a shared Redis twice is harmless.
 fn invalidation_consumers(
     loaded: &Loaded,
-    invalidator: &Arc<crate::cache::Invalidator>,
-    kafka: Option<&crate::events::kafka::KafkaSettings>,
+    invalidator: &Arc<crate::components::cache::Invalidator>,
+    kafka: Option<&crate::components::events::kafka::KafkaSettings>,
     in_process: bool,
-) -> Vec<crate::events::build::ConsumerPlan> {
-    use crate::events::build::{ConsumerPlan, PlanSource};
+) -> Vec<crate::components::events::build::ConsumerPlan> {
+    use crate::components::events::build::{ConsumerPlan, PlanSource};
     let mut plans = Vec::new();
     let pod = std::env::var("UMW_POD_NAME").unwrap_or_else(|_| format!("{:08x}", fastrand::u32(..)));
     for policy in &loaded.bundle.cache_policies {
@@ -667,7 +667,7 @@ fn invalidation_consumers(
                 })
                 .collect();
             let name = format!("cache-{}", policy.name_any());
-            let handler: Arc<dyn crate::events::kafka::Handler> =
+            let handler: Arc<dyn crate::components::events::kafka::Handler> =
                 Arc::new(InvalidationHandler { policy: name.clone(), rules, invalidator: invalidator.clone() });
             let spec = serde_json::to_string(&invalidation.events).unwrap_or_default();
             let plan = if in_process {
@@ -683,7 +683,7 @@ fn invalidation_consumers(
                 ConsumerPlan {
                     key: format!("{name}|{topic}|{group}|{spec}|{connection:?}|{}", invalidator.prefix),
                     route: name.clone(),
-                    source: PlanSource::Kafka(Box::new(crate::events::kafka::ConsumerSettings {
+                    source: PlanSource::Kafka(Box::new(crate::components::events::kafka::ConsumerSettings {
                         connection: connection.clone(),
                         topic: topic.to_string(),
                         group,
@@ -710,26 +710,26 @@ struct InvalidationRule {
 struct InvalidationHandler {
     policy: String,
     rules: Vec<InvalidationRule>,
-    invalidator: Arc<crate::cache::Invalidator>,
+    invalidator: Arc<crate::components::cache::Invalidator>,
 }
 
-impl crate::events::kafka::Handler for InvalidationHandler {
+impl crate::components::events::kafka::Handler for InvalidationHandler {
     fn handle(
         &self,
-        message: crate::events::kafka::Incoming,
+        message: crate::components::events::kafka::Incoming,
         _stopping: Arc<std::sync::atomic::AtomicBool>,
     ) -> BoxFuture<'static, bool> {
         use cloudevents::AttributesReader as _;
-        let event = crate::events::envelope::from_kafka(message.headers.clone(), message.payload.clone())
-            .or_else(|_| crate::events::envelope::plain(&message, "invalidation"));
-        let mut what = crate::cache::Invalidation::default();
+        let event = crate::components::events::envelope::from_kafka(message.headers.clone(), message.payload.clone())
+            .or_else(|_| crate::components::events::envelope::plain(&message, "invalidation"));
+        let mut what = crate::components::cache::Invalidation::default();
         if let Ok(event) = &event {
             for rule in &self.rules {
                 if rule.event_type.as_deref().is_some_and(|t| t != event.ty()) {
                     continue;
                 }
                 let render = |parts: &Option<Vec<umw_crds::template::Part>>| {
-                    parts.as_ref().map(|p| crate::events::render_event(p, event)).filter(|v| !v.is_empty())
+                    parts.as_ref().map(|p| crate::components::events::render_event(p, event)).filter(|v| !v.is_empty())
                 };
                 what.keys.extend(render(&rule.key));
                 what.prefixes.extend(render(&rule.prefix));
@@ -765,14 +765,14 @@ impl crate::events::kafka::Handler for InvalidationHandler {
 /// Starts the consumers the snapshot asks for and stops the others; unchanged ones keep running.
 fn reconcile_consumers(
     events: &mut EventsState,
-    plans: &[crate::events::build::ConsumerPlan],
-    bus: &crate::events::bus::InProcessBus,
+    plans: &[crate::components::events::build::ConsumerPlan],
+    bus: &crate::components::events::bus::InProcessBus,
     health: &Health,
     metrics: &Metrics,
 ) {
-    use crate::events::build::PlanSource;
+    use crate::components::events::build::PlanSource;
     // Kafka consumers that go, by route: a replacement waits for its predecessor to leave the group.
-    let mut leaving: std::collections::HashMap<String, crate::events::kafka::Consumer> =
+    let mut leaving: std::collections::HashMap<String, crate::components::events::kafka::Consumer> =
         std::collections::HashMap::new();
     let gone: Vec<String> =
         events.consumers.keys().filter(|key| !plans.iter().any(|p| &p.key == *key)).cloned().collect();
@@ -788,9 +788,9 @@ fn reconcile_consumers(
         }
         let started = match &plan.source {
             PlanSource::Bus(topic) => {
-                Ok(RunningConsumer::Bus(crate::events::bus::BusConsumer::start(bus, topic, plan.handler.clone())))
+                Ok(RunningConsumer::Bus(crate::components::events::bus::BusConsumer::start(bus, topic, plan.handler.clone())))
             }
-            PlanSource::Kafka(settings) => crate::events::kafka::Consumer::start(
+            PlanSource::Kafka(settings) => crate::components::events::kafka::Consumer::start(
                 settings,
                 plan.handler.clone(),
                 health.clone(),
@@ -807,7 +807,7 @@ fn reconcile_consumers(
             Err(error) => {
                 tracing::error!(route = %plan.route, %error, "cannot start the consumer");
                 health.set(
-                    crate::events::kafka::COMPONENT,
+                    crate::components::events::kafka::COMPONENT,
                     State::Down,
                     format!("consumer of event route {}: {error}", plan.route),
                     false,
@@ -820,8 +820,8 @@ fn reconcile_consumers(
 /// The cache stage for the configuration's CachePolicies, with their backends (reused from `caches` when
 /// the settings did not change). `None` without CachePolicies.
 /// The warm-up of every CachePolicy, together; the shortest interval wins.
-fn warmup_plan(bundle: &Bundle) -> crate::cache::warmup::Plan {
-    let mut plan = crate::cache::warmup::Plan::default();
+fn warmup_plan(bundle: &Bundle) -> crate::components::cache::warmup::Plan {
+    let mut plan = crate::components::cache::warmup::Plan::default();
     for warmup in bundle.cache_policies.iter().filter_map(|p| p.spec.warmup.as_ref()) {
         plan.paths.extend(warmup.paths.iter().cloned());
         if let Some(interval) = &warmup.interval {
@@ -832,7 +832,7 @@ fn warmup_plan(bundle: &Bundle) -> crate::cache::warmup::Plan {
     plan
 }
 
-type CacheParts = (Option<Arc<dyn Stage>>, Option<Arc<crate::cache::Invalidator>>);
+type CacheParts = (Option<Arc<dyn Stage>>, Option<Arc<crate::components::cache::Invalidator>>);
 
 fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Result<CacheParts, Vec<String>> {
     use umw_crds::cache_policy::{CacheBackend, CacheableMethod};
@@ -854,12 +854,12 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
                 let ca_cert = redis.ca_cert.as_ref().map(umw_crds::config::resolve).transpose();
                 match (url, password, ca_cert) {
                     (Ok(url), Ok(password), Ok(ca_cert)) => {
-                        let settings = crate::cache::redis::RedisSettings {
+                        let settings = crate::components::cache::redis::RedisSettings {
                             url,
                             password,
                             ca_cert,
                             cluster: redis.mode == umw_crds::middleware::RedisMode::Cluster,
-                            timeout: duration_or(redis.timeout.as_ref(), crate::cache::redis::OPERATION_TIMEOUT),
+                            timeout: duration_or(redis.timeout.as_ref(), crate::components::cache::redis::OPERATION_TIMEOUT),
                         };
                         if spec.backend == Some(CacheBackend::Tiered) {
                             CacheBackendKey::Tiered(settings)
@@ -881,12 +881,12 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
         let cache = match caches.0.get(&wanted).or_else(|| used.0.get(&wanted)) {
             Some(cache) => cache.clone(),
             None => {
-                let cache: Arc<dyn crate::cache::Cache> = match &wanted {
+                let cache: Arc<dyn crate::components::cache::Cache> = match &wanted {
                     CacheBackendKey::Memory => {
-                        Arc::new(crate::cache::memory::MemoryCache::new(crate::cache::memory::DEFAULT_MAX_BYTES))
+                        Arc::new(crate::components::cache::memory::MemoryCache::new(crate::components::cache::memory::DEFAULT_MAX_BYTES))
                     }
                     CacheBackendKey::Redis(settings) => {
-                        match crate::cache::redis::RedisCache::new(
+                        match crate::components::cache::redis::RedisCache::new(
                             settings,
                             parts.health.clone(),
                             parts.metrics.clone(),
@@ -901,10 +901,10 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
                     CacheBackendKey::Tiered(settings) => {
                         let channel = format!("umw:{}:l1", loaded.middleware());
                         let tiered =
-                            crate::cache::redis::RedisCache::new(settings, parts.health.clone(), parts.metrics.clone())
+                            crate::components::cache::redis::RedisCache::new(settings, parts.health.clone(), parts.metrics.clone())
                                 .map_err(|e| e.to_string())
                                 .and_then(|redis| {
-                                    crate::cache::tiered::TieredCache::new(Arc::new(redis), channel)
+                                    crate::components::cache::tiered::TieredCache::new(Arc::new(redis), channel)
                                         .map_err(|e| e.to_string())
                                 });
                         match tiered {
@@ -943,7 +943,7 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
                 problems.push(format!("{at}: spec.rules[{i}].key.headers: not a header name"));
                 continue;
             };
-            rules.push(crate::cache::stage::Rule {
+            rules.push(crate::components::cache::stage::Rule {
                 routes: routes.clone(),
                 path_prefix: rule.matches.path_prefix.clone(),
                 get: methods.is_empty() || methods.contains(&CacheableMethod::Get),
@@ -983,14 +983,14 @@ fn cache_stage(loaded: &Loaded, caches: &mut Caches, parts: &Parts<'_>) -> Resul
         return Ok((None, None));
     }
     let prefix = format!("umw:{}:", loaded.middleware());
-    let invalidator = crate::cache::Invalidator {
+    let invalidator = crate::components::cache::Invalidator {
         prefix: prefix.clone(),
         caches: used.0.values().cloned().collect(),
         tokens,
         metrics: parts.metrics.clone(),
     };
     *caches = used;
-    let stage = crate::cache::stage::CacheStage::new(rules, prefix, parts.flights.clone(), parts.metrics.clone());
+    let stage = crate::components::cache::stage::CacheStage::new(rules, prefix, parts.flights.clone(), parts.metrics.clone());
     Ok((Some(Arc::new(stage)), Some(Arc::new(invalidator))))
 }
 
@@ -1035,28 +1035,28 @@ struct OutboxParts {
     /// The routes of command handlers (after every other route: reached only through their command).
     handlers: Vec<Arc<Route>>,
     relays: Vec<RelayPlan>,
-    store: Option<Arc<dyn crate::outbox::OutboxStore>>,
+    store: Option<Arc<dyn crate::components::outbox::OutboxStore>>,
 }
 
 /// Where commands are kept and relayed to: the store, its database, the publisher, and a description of
 /// the connections (part of the relays' keys).
 type Backends = (
-    Arc<dyn crate::outbox::OutboxStore>,
-    Option<Arc<crate::outbox::postgres::Database>>,
-    Arc<dyn crate::events::bus::Publisher>,
+    Arc<dyn crate::components::outbox::OutboxStore>,
+    Option<Arc<crate::components::outbox::postgres::Database>>,
+    Arc<dyn crate::components::events::bus::Publisher>,
     String,
 );
 
 /// The outbox relay publishes through the event producer: this adapts one to the other.
 struct EventSink {
-    publisher: Arc<dyn crate::events::bus::Publisher>,
-    format: crate::events::envelope::Format,
+    publisher: Arc<dyn crate::components::events::bus::Publisher>,
+    format: crate::components::events::envelope::Format,
 }
 
-impl crate::outbox::Sink for EventSink {
-    fn publish<'a>(&'a self, record: &'a crate::outbox::Record) -> BoxFuture<'a, Result<(), crate::outbox::SinkError>> {
-        use crate::events::kafka::PublishError;
-        use crate::outbox::SinkError;
+impl crate::components::outbox::Sink for EventSink {
+    fn publish<'a>(&'a self, record: &'a crate::components::outbox::Record) -> BoxFuture<'a, Result<(), crate::components::outbox::SinkError>> {
+        use crate::components::events::kafka::PublishError;
+        use crate::components::outbox::SinkError;
         use cloudevents::{EventBuilder as _, EventBuilderV10};
         Box::pin(async move {
             let mut builder = EventBuilderV10::new().id(&record.id).ty(&record.ty).source(record.source.as_str());
@@ -1072,7 +1072,7 @@ impl crate::outbox::Sink for EventSink {
             let content_type = record.content_type.as_deref().unwrap_or("application/octet-stream");
             builder = builder.data(content_type, record.data.clone());
             let event = builder.build().map_err(|e| SinkError::Refused(format!("not a valid CloudEvent: {e}")))?;
-            let mut wire = crate::events::envelope::to_kafka(&event, self.format).map_err(SinkError::Refused)?;
+            let mut wire = crate::components::events::envelope::to_kafka(&event, self.format).map_err(SinkError::Refused)?;
             wire.headers.extend(record.headers.iter().cloned());
             let key = record.key.as_deref().map(str::as_bytes);
             match self.publisher.publish(&record.topic, key, &wire).await {
@@ -1087,12 +1087,12 @@ impl crate::outbox::Sink for EventSink {
 }
 
 /// The PostgreSQL connection of the Middleware, with its Secrets resolved.
-fn pg_settings(loaded: &Loaded) -> Result<Option<crate::outbox::postgres::PgSettings>, String> {
-    use crate::outbox::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_STATEMENT_TIMEOUT};
+fn pg_settings(loaded: &Loaded) -> Result<Option<crate::components::outbox::postgres::PgSettings>, String> {
+    use crate::components::outbox::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_STATEMENT_TIMEOUT};
     use umw_crds::config::resolve;
     let Some(pg) = &loaded.bundle.middleware.spec.connections.postgres else { return Ok(None) };
     let field = |name: &str, e: String| format!("spec.connections.postgres.{name}: {e}");
-    Ok(Some(crate::outbox::postgres::PgSettings {
+    Ok(Some(crate::components::outbox::postgres::PgSettings {
         url: resolve(&pg.url).map_err(|e| field("url", e))?,
         ca_cert: pg.ca_cert.as_ref().map(resolve).transpose().map_err(|e| field("caCert", e))?,
         max_connections: pg.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
@@ -1107,14 +1107,14 @@ fn pg_settings(loaded: &Loaded) -> Result<Option<crate::outbox::postgres::PgSett
 #[allow(clippy::too_many_arguments)]
 fn outbox_parts(
     loaded: &Loaded,
-    events: &crate::events::build::Built,
-    producers: &mut crate::events::build::Producers,
-    previous_producers: &crate::events::build::Producers,
+    events: &crate::components::events::build::Built,
+    producers: &mut crate::components::events::build::Producers,
+    previous_producers: &crate::components::events::build::Producers,
     databases: &mut Databases,
     upstreams: &mut Upstreams,
     parts: &Parts<'_>,
 ) -> Result<OutboxParts, Vec<String>> {
-    use crate::outbox::{self, commands, postgres, relay};
+    use crate::components::outbox::{self, commands, postgres, relay};
     let bundle = &loaded.bundle;
     let spec = &bundle.middleware.spec;
     let outbox_routes: Vec<_> = bundle.event_routes.iter().filter(|r| r.spec.source.outbox.is_some()).collect();
@@ -1157,7 +1157,7 @@ fn outbox_parts(
         };
         let producer = match producers.get(&kafka).or_else(|| previous_producers.get(&kafka)) {
             Some(existing) => existing.clone(),
-            None => match crate::events::kafka::Producer::new(&kafka, parts.health.clone(), parts.metrics.clone()) {
+            None => match crate::components::events::kafka::Producer::new(&kafka, parts.health.clone(), parts.metrics.clone()) {
                 Ok(producer) => Arc::new(producer),
                 Err(e) => return Err(vec![format!("{at}: {e}")]),
             },
@@ -1174,7 +1174,7 @@ fn outbox_parts(
         built.relays.push(RelayPlan {
             key: format!("commands|{connection}|{settings:?}"),
             source: store.source(),
-            sink: binary(crate::events::envelope::Format::Binary),
+            sink: binary(crate::components::events::envelope::Format::Binary),
             settings: settings.clone(),
         });
         built.store = Some(store.clone());
@@ -1237,9 +1237,9 @@ fn outbox_parts(
                         let call: commands::Handler = Arc::new(move |request, info| {
                             let handler = handler.clone();
                             Box::pin(async move {
-                                match crate::proxy::forward(request, &info, &handler).await {
+                                match crate::components::proxy::forward(request, &info, &handler).await {
                                     Ok(response) => response,
-                                    Err(error) => crate::proxy::error_response(error, &info, &handler),
+                                    Err(error) => crate::components::proxy::error_response(error, &info, &handler),
                                 }
                             })
                         });
@@ -1306,7 +1306,7 @@ fn outbox_parts(
         let (Some(source), Some(destination)) = (&route.spec.source.outbox, &route.spec.destination.kafka) else {
             continue;
         };
-        let format = crate::events::format_of(route.spec.format);
+        let format = crate::components::events::format_of(route.spec.format);
         let Some(database) = &database else {
             // Application tables live in PostgreSQL; the in-process backends (and `check`) have none.
             tracing::warn!(
@@ -1364,7 +1364,7 @@ fn endpoint_route(
         clients: parts.clients.clone(),
         traces: parts.traces.clone(),
         request_duration: parts.metrics.request_duration.with_label_values(&[name]),
-        requests: crate::metrics::RouteCounters::new(name),
+        requests: crate::kernel::metrics::RouteCounters::new(name),
         metrics: parts.metrics.clone(),
     }
 }
@@ -1378,7 +1378,7 @@ fn reconcile_relays(outbox: &mut OutboxState, plans: &[RelayPlan], health: &Heal
             continue;
         }
         tracing::info!(table = %plan.source.name(), "outbox relay started");
-        let relay = crate::outbox::relay::Relay::start(
+        let relay = crate::components::outbox::relay::Relay::start(
             plan.source.clone(),
             plan.sink.clone(),
             plan.settings.clone(),

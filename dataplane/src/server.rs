@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
 use crate::chain::{Chain, ClientAddr};
-use crate::inbound::{self, Limits, Watched};
-use crate::metrics::Metrics;
+use crate::kernel::inbound::{self, Limits, Watched};
+use crate::kernel::metrics::Metrics;
 
 /// Serves `chain` on `listener` until `shutdown` resolves, then drains for at most `drain`.
 pub async fn serve(

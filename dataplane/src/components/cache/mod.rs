@@ -88,7 +88,7 @@ pub struct Invalidator {
     pub caches: Vec<std::sync::Arc<dyn Cache>>,
     /// Bearer tokens the admin API accepts (empty: the admin API is off).
     pub tokens: Vec<String>,
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: crate::kernel::metrics::Metrics,
 }
 
 impl Invalidator {

@@ -17,12 +17,12 @@ use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use opentelemetry::KeyValue;
 
-use crate::breaker::Admission;
+use crate::kernel::breaker::Admission;
 use crate::chain::RequestInfo;
-use crate::metrics::status_class;
-use crate::problem::{Problem, kinds};
+use crate::kernel::metrics::status_class;
+use crate::kernel::problem::{Problem, kinds};
 use crate::runtime::Route;
-use crate::trace::{TRACEPARENT, new_span_id};
+use crate::kernel::trace::{TRACEPARENT, new_span_id};
 use upstream::{Protocol, Upstream};
 
 /// Bodies up to this size are kept so that a retry can send them again; larger ones are streamed once.
@@ -151,8 +151,8 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
             Ok(Ok(response)) => Ok(response.map(Body::new)),
             Ok(Err(error)) => Err(classify(error, &upstream.label)),
             // The client was still sending its body at the deadline: its wait, not the upstream's.
-            Err(_) if parts.extensions.get::<crate::inbound::BodyProgress>().is_some_and(|b| b.waiting_on_client()) => {
-                route.metrics.http_refused.with_label_values(&[crate::inbound::reasons::BODY_TIMEOUT]).inc();
+            Err(_) if parts.extensions.get::<crate::kernel::inbound::BodyProgress>().is_some_and(|b| b.waiting_on_client()) => {
+                route.metrics.http_refused.with_label_values(&[crate::kernel::inbound::reasons::BODY_TIMEOUT]).inc();
                 Err(ProxyError::BodyTimeout)
             }
             Err(_) => Err(ProxyError::Timeout { upstream: upstream.label.clone() }),
@@ -230,7 +230,7 @@ pub fn body_error(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) ->
     let error = error.into();
     if is_length_limit(error.as_ref()) {
         ProxyError::BodyTooLarge
-    } else if crate::inbound::is_body_timeout(error.as_ref()) {
+    } else if crate::kernel::inbound::is_body_timeout(error.as_ref()) {
         ProxyError::BodyTimeout
     } else {
         ProxyError::BodyUnreadable(error.to_string())
@@ -252,7 +252,7 @@ fn classify(error: hyper_util::client::legacy::Error, upstream: &str) -> ProxyEr
     if is_length_limit(&error) {
         return ProxyError::BodyTooLarge;
     }
-    if crate::inbound::is_body_timeout(&error) {
+    if crate::kernel::inbound::is_body_timeout(&error) {
         return ProxyError::BodyTimeout;
     }
     // A failure of the client's own body surfaces as a body error inside hyper's error.

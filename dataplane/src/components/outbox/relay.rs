@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 
 use super::{Record, Sink, SinkError, StoreError};
-use crate::health::{Health, State};
-use crate::metrics::Metrics;
+use crate::kernel::health::{Health, State};
+use crate::kernel::metrics::Metrics;
 
 /// A claimed row.
 #[derive(Clone, Debug)]

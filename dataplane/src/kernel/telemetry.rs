@@ -7,7 +7,7 @@
 //! Traces: when an OTLP endpoint is configured (`spec.observability.otlpEndpoint`, or the standard
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), every sampled request is exported
 //! as a server span, and every upstream attempt as a client span under it, over OTLP/gRPC. The spans carry
-//! the ids that the gateway propagated in `traceparent` ([`crate::trace`]), so the trace the upstream
+//! the ids that the gateway propagated in `traceparent` ([`crate::kernel::trace`]), so the trace the upstream
 //! continues is the one the collector receives.
 
 use std::cell::Cell;
@@ -25,7 +25,7 @@ use tracing_subscriber::reload;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use umw_crds::middleware::{LogFormat, Observability};
 
-use crate::trace::TraceContext;
+use crate::kernel::trace::TraceContext;
 
 /// Default share of new traces that are sampled, as documented on `samplingRatio`.
 pub const DEFAULT_SAMPLING_RATIO: f64 = 0.1;
@@ -129,7 +129,7 @@ impl Traces {
         }
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            // The gateway decides sampling itself (see `crate::trace`) and builds only sampled spans.
+            // The gateway decides sampling itself (see `crate::kernel::trace`) and builds only sampled spans.
             .with_sampler(Sampler::AlwaysOn)
             .with_id_generator(GatewayIds)
             .with_resource(resource.build())

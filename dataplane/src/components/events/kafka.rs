@@ -23,8 +23,8 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::Semaphore;
 
 use super::envelope::Wire;
-use crate::health::{Health, State};
-use crate::metrics::Metrics;
+use crate::kernel::health::{Health, State};
+use crate::kernel::metrics::Metrics;
 
 /// The name of the Kafka component in `/status`.
 pub const COMPONENT: &str = "kafka";

@@ -28,9 +28,9 @@ use umw_crds::template::{self, Part};
 use self::bus::Publisher;
 use self::envelope::{Defaults, Format, Wire};
 use self::kafka::{Incoming, PublishError};
-use crate::metrics::Metrics;
-use crate::problem::{FieldProblem, Kind, Problem};
-use crate::proxy::upstream::Clients;
+use crate::kernel::metrics::Metrics;
+use crate::kernel::problem::{FieldProblem, Kind, Problem};
+use crate::components::proxy::upstream::Clients;
 
 /// Problems of event ingest.
 pub mod kinds {
@@ -87,7 +87,7 @@ pub struct EventRouteRuntime {
     pub defaults: Defaults,
     pub metrics: Metrics,
     /// Where spans go (when the Middleware has an OTLP endpoint).
-    pub traces: Option<Arc<crate::telemetry::Traces>>,
+    pub traces: Option<Arc<crate::kernel::telemetry::Traces>>,
 }
 
 /// Why one delivery attempt failed.
@@ -105,7 +105,7 @@ impl EventRouteRuntime {
         destination: Destination,
         dead_letter: Option<DeadLetter>,
         metrics: Metrics,
-        traces: Option<Arc<crate::telemetry::Traces>>,
+        traces: Option<Arc<crate::kernel::telemetry::Traces>>,
     ) -> Result<Self, String> {
         use kube::ResourceExt as _;
         let spec = &route.spec;
@@ -199,7 +199,7 @@ impl EventRouteRuntime {
                     request = request.header(name, value);
                 }
                 if let Some(traceparent) = traceparent {
-                    request = request.header(crate::trace::TRACEPARENT, traceparent);
+                    request = request.header(crate::kernel::trace::TRACEPARENT, traceparent);
                 }
                 let request = request
                     .body(Body::from(wire.body))
@@ -237,11 +237,11 @@ impl EventRouteRuntime {
     /// The whole delivery is a span continuing the event's trace (`traceparent` extension), when sampled.
     pub async fn deliver(&self, event: &Event, stopping: &AtomicBool) -> Result<u32, (DeliveryError, u32)> {
         let started = std::time::SystemTime::now();
-        let parent = envelope::attribute(event, envelope::TRACEPARENT).and_then(|t| crate::trace::parse(&t));
-        let span_id = crate::trace::new_span_id();
+        let parent = envelope::attribute(event, envelope::TRACEPARENT).and_then(|t| crate::kernel::trace::parse(&t));
+        let span_id = crate::kernel::trace::new_span_id();
         let traceparent = parent.map(|(trace_id, _, flags)| {
             let context =
-                crate::trace::TraceContext { trace_id, span_id, parent_span_id: None, sampled: flags & 1 == 1 };
+                crate::kernel::trace::TraceContext { trace_id, span_id, parent_span_id: None, sampled: flags & 1 == 1 };
             context.traceparent(span_id).to_str().unwrap_or_default().to_string()
         });
         let result = self.deliver_attempts(event, stopping, traceparent.as_deref()).await;
@@ -360,10 +360,10 @@ pub struct Ingest {
 impl Ingest {
     /// Publishes the request's event(s). The events continue the request's trace from a producer span
     /// (exported when the request is sampled), so that consumers continue it in turn.
-    pub async fn handle(&self, request: Request<Body>, trace: &crate::trace::TraceContext) -> Response {
+    pub async fn handle(&self, request: Request<Body>, trace: &crate::kernel::trace::TraceContext) -> Response {
         let route = &self.route;
         let started = std::time::SystemTime::now();
-        let producer_span = crate::trace::new_span_id();
+        let producer_span = crate::kernel::trace::new_span_id();
         let traceparent = trace.traceparent(producer_span).to_str().ok().map(str::to_string);
         let response = self.handle_inner(request, traceparent).await;
         if let Some(traces) = &route.traces
@@ -397,7 +397,7 @@ impl Ingest {
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             // Not an event: the body did not arrive (counted with the listener's refusals when it timed out).
-            Err(error) => return crate::proxy::body_error(error).problem(&route.name).into_response(),
+            Err(error) => return crate::components::proxy::body_error(error).problem(&route.name).into_response(),
         };
         let batch = parts
             .headers

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::problem::Kind;
+use crate::kernel::problem::Kind;
 
 /// Problems of commands.
 pub mod kinds {

@@ -88,7 +88,7 @@ pub struct Metrics {
     pub connections_accepted: IntCounter,
     /// Open connections on the traffic listener.
     pub connections_open: IntGauge,
-    /// Requests and connections refused before routing, by reason (see [`crate::inbound::reasons`]).
+    /// Requests and connections refused before routing, by reason (see [`crate::kernel::inbound::reasons`]).
     pub http_refused: IntCounterVec,
 }
 
@@ -289,7 +289,7 @@ impl Metrics {
                     "Requests and connections refused before routing, by reason",
                     &["reason"],
                 )?;
-                for reason in crate::inbound::reasons::ALL {
+                for reason in crate::kernel::inbound::reasons::ALL {
                     family.with_label_values(&[reason]);
                 }
                 family

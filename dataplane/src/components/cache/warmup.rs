@@ -12,7 +12,7 @@ use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
 
 use crate::chain::{Chain, ClientAddr};
-use crate::health::State;
+use crate::kernel::health::State;
 use crate::runtime::Runtime;
 
 /// The warm-up component in `/status`.

@@ -2,7 +2,7 @@
 //!
 //! The data plane makes its own ids rather than asking a tracing SDK, so that propagation costs next to
 //! nothing when no exporter is configured; when one is, the spans it exports carry these same ids
-//! ([`crate::telemetry`]).
+//! ([`crate::kernel::telemetry`]).
 
 use http::{HeaderMap, HeaderValue};
 

@@ -16,8 +16,8 @@ use super::{
     COMMANDS_TABLE, COMPONENT, CommandRecord, CommandState, DeadRow, EventState, NewCommand, OutboxStore, Record,
     Recorded, StoreError,
 };
-use crate::health::{Health, State};
-use crate::metrics::Metrics;
+use crate::kernel::health::{Health, State};
+use crate::kernel::metrics::Metrics;
 
 /// How to reach the database; equal settings share one pool across reloads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

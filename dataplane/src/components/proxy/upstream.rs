@@ -16,9 +16,9 @@ use umw_crds::middleware::{Upstream as UpstreamSpec, UpstreamProtocol};
 use umw_crds::validate::duration_or;
 
 use super::budget::RetryBudget;
-use crate::breaker::{Admission, Breaker, BreakerState};
-use crate::health::{Health, State};
-use crate::metrics::Metrics;
+use crate::kernel::breaker::{Admission, Breaker, BreakerState};
+use crate::kernel::health::{Health, State};
+use crate::kernel::metrics::Metrics;
 
 /// Default of `circuitBreaker.openFor`.
 pub const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(10);
@@ -198,7 +198,7 @@ pub struct Upstream {
     pub host: Option<HeaderValue>,
     pub breaker: Breaker,
     pub budget: RetryBudget,
-    pub counters: crate::metrics::UpstreamCounters,
+    pub counters: crate::kernel::metrics::UpstreamCounters,
     /// Set when a reload drops the upstream: requests still in flight finish, but its state no longer
     /// shows in `/status` or the breaker gauge.
     retired: std::sync::atomic::AtomicBool,
@@ -214,7 +214,7 @@ impl Upstream {
         let authority = Authority::try_from(target.connect.as_str()).map_err(|_| bad())?;
         let host = target.host.as_deref().map(HeaderValue::try_from).transpose().map_err(|_| bad())?;
         let breaker = Breaker::new(target.breaker.0, target.breaker.1);
-        let counters = crate::metrics::UpstreamCounters::new(&metrics, &label);
+        let counters = crate::kernel::metrics::UpstreamCounters::new(&metrics, &label);
         Ok(Self {
             target,
             label,

@@ -21,9 +21,9 @@ use umw_crds::template::{self, Part};
 use super::kinds;
 use super::{CommandRecord, NewCommand, OutboxStore, Record, Recorded, StoreError};
 use crate::chain::RequestInfo;
-use crate::metrics::Metrics;
-use crate::problem::Problem;
-use crate::telemetry::Traces;
+use crate::kernel::metrics::Metrics;
+use crate::kernel::problem::Problem;
+use crate::kernel::telemetry::Traces;
 
 /// Calls the command's handler upstream (the runtime wires it to the proxy).
 pub type Handler = Arc<dyn Fn(Request<Body>, RequestInfo) -> BoxFuture<'static, Response> + Send + Sync>;
@@ -93,7 +93,7 @@ impl Command {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
                 self.count("invalid");
-                return crate::proxy::body_error(error).problem(&self.name).into_response();
+                return crate::components::proxy::body_error(error).problem(&self.name).into_response();
             }
         };
         let data: serde_json::Value = match serde_json::from_slice(&bytes) {
@@ -290,7 +290,7 @@ impl Command {
         traces.child_span(
             info.trace.trace_id,
             info.trace.span_id,
-            crate::trace::new_span_id(),
+            crate::kernel::trace::new_span_id(),
             name.to_string(),
             SpanKind::Client,
             started,

@@ -11,8 +11,8 @@ use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Cache, CacheError, Entry};
-use crate::breaker::{Admission, Breaker, BreakerState};
-use crate::health::{Health, State};
+use crate::kernel::breaker::{Admission, Breaker, BreakerState};
+use crate::kernel::health::{Health, State};
 
 /// Default deadline of one Redis operation: a cache that answers later than this is worse than none.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_millis(250);
@@ -46,7 +46,7 @@ pub struct RedisCache {
     breaker: Breaker,
     timeout: Duration,
     health: Health,
-    metrics: crate::metrics::Metrics,
+    metrics: crate::kernel::metrics::Metrics,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -61,7 +61,7 @@ impl RedisCache {
     pub fn new(
         settings: &RedisSettings,
         health: Health,
-        metrics: crate::metrics::Metrics,
+        metrics: crate::kernel::metrics::Metrics,
     ) -> Result<Self, SettingsError> {
         let connection: Arc<arc_swap::ArcSwapOption<Connection>> = Arc::default();
         health.set(COMPONENT, State::Starting, "connecting", false);

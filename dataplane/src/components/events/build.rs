@@ -13,11 +13,11 @@ use umw_crds::validate::duration_or;
 use super::bus::{InProcessBus, Publisher};
 use super::kafka::{self, ConsumerSettings, KafkaSettings, Producer};
 use super::{DeadLetter, Destination, EventRouteRuntime, Ingest, KafkaSourceHandler, format_of};
-use crate::config::Loaded;
-use crate::health::Health;
-use crate::metrics::Metrics;
-use crate::proxy::upstream::Clients;
-use crate::routing::Matcher;
+use crate::kernel::config::Loaded;
+use crate::kernel::health::Health;
+use crate::kernel::metrics::Metrics;
+use crate::components::proxy::upstream::Clients;
+use crate::kernel::routing::Matcher;
 
 /// Producers by settings, kept across reloads.
 pub type Producers = HashMap<KafkaSettings, Arc<Producer>>;
@@ -110,7 +110,7 @@ pub fn build(
     clients: &Clients,
     health: &Health,
     metrics: &Metrics,
-    traces: &Option<Arc<crate::telemetry::Traces>>,
+    traces: &Option<Arc<crate::kernel::telemetry::Traces>>,
     in_process: bool,
 ) -> Result<Built, Vec<String>> {
     let bundle = &loaded.bundle;

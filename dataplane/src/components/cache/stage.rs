@@ -20,7 +20,7 @@ use http_body_util::BodyExt as _;
 use super::entry::now_ms;
 use super::{Cache, CacheError, Entry};
 use crate::chain::{Next, RequestInfo};
-use crate::metrics::Metrics;
+use crate::kernel::metrics::Metrics;
 use crate::runtime::Stage;
 
 /// The `Cache-Status` header (RFC 9211).
@@ -71,7 +71,7 @@ fn render_tags(rule: &Rule, request: &Request<Body>) -> Vec<String> {
                     (k == n).then(|| v.to_string())
                 }),
                 ("header", Some(n)) => request.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string),
-                ("host", None) => crate::routing::host_of(request),
+                ("host", None) => crate::kernel::routing::host_of(request),
                 _ => None,
             })
         })
@@ -195,7 +195,7 @@ fn span(info: &RequestInfo, rule: &Rule, op: &str, started: std::time::SystemTim
         opentelemetry::KeyValue::new("umw.cache.backend", rule.cache.backend()),
         opentelemetry::KeyValue::new("umw.cache.result", result.to_string()),
     ];
-    traces.client_span(&info.trace, crate::trace::new_span_id(), format!("cache {op}"), started, attributes, false);
+    traces.client_span(&info.trace, crate::kernel::trace::new_span_id(), format!("cache {op}"), started, attributes, false);
 }
 
 /// What came of asking for the lock shared with other replicas.
@@ -387,7 +387,7 @@ impl Inner {
         let mut key = String::with_capacity(128);
         key.push_str(&self.prefix);
         key.push_str("GET:");
-        key.push_str(&crate::routing::host_of(request).unwrap_or_default());
+        key.push_str(&crate::kernel::routing::host_of(request).unwrap_or_default());
         key.push_str(request.uri().path());
         if let Some(query) = request.uri().query() {
             if rule.query_params.is_empty() {

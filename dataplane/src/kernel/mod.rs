@@ -1,0 +1,14 @@
+//! The kernel: what every component shares and nothing else. It imports no component, and components
+//! import only the kernel (and `umw-crds`): the request context, the stage contract and its phases, the
+//! endpoint trait, the component contract with its ports, tasks, pooled HTTP clients, health, problems,
+//! metrics, traces and the loaded configuration.
+
+pub mod breaker;
+pub mod config;
+pub mod health;
+pub mod inbound;
+pub mod metrics;
+pub mod problem;
+pub mod routing;
+pub mod telemetry;
+pub mod trace;
