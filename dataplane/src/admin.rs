@@ -67,7 +67,7 @@ impl Admin {
             routes: snapshot
                 .routes
                 .iter()
-                .map(|r| RouteStatus { name: r.name.clone(), upstream: r.target_label() })
+                .map(|(r, _)| RouteStatus { name: r.name.clone(), upstream: r.target_label() })
                 .collect(),
         }
     }
@@ -86,8 +86,6 @@ pub fn router(admin: Arc<Admin>) -> Router {
             }),
         )
         .route("/status", get(|State(admin): State<Arc<Admin>>| async move { axum::Json(admin.status()) }))
-        .route("/cache/invalidate", axum::routing::post(invalidate))
-        .route("/outbox/dead", get(dead_letters))
         .route(
             "/metrics",
             get(|State(admin): State<Arc<Admin>>| async move {
@@ -95,108 +93,16 @@ pub fn router(admin: Arc<Admin>) -> Router {
                     .into_response()
             }),
         )
+        .fallback(component_route)
         .with_state(admin)
 }
 
-/// `POST /cache/invalidate` with `Authorization: Bearer <adminToken>` and a JSON body
-/// `{"keys": [...], "prefixes": [...], "tags": [...]}`; answers `{"deleted": N}`.
-async fn invalidate(
-    State(admin): State<Arc<Admin>>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
-) -> axum::response::Response {
-    use crate::kernel::problem::{Kind, Problem, kinds};
-    const UNAUTHORIZED: Kind =
-        Kind { slug: "unauthorized", title: "A valid admin token is needed", status: StatusCode::UNAUTHORIZED };
-    const NO_ADMIN_API: Kind =
-        Kind { slug: "no-admin-api", title: "No CachePolicy enables the admin API", status: StatusCode::NOT_FOUND };
+/// The admin endpoints the components of the running snapshot add (`/cache/invalidate`, `/outbox/dead`).
+async fn component_route(State(admin): State<Arc<Admin>>, request: axum::extract::Request) -> axum::response::Response {
     let snapshot = admin.runtime.snapshot();
-    let Some(invalidator) = snapshot.invalidator.clone().filter(|i| !i.tokens.is_empty()) else {
-        return Problem::new(NO_ADMIN_API, "set spec.invalidation.adminApi and adminToken on a CachePolicy")
-            .into_response();
-    };
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, token)| token.trim());
-    if !invalidator.accepts(token) {
-        admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "unauthorized"]).inc();
-        return Problem::new(UNAUTHORIZED, "present the CachePolicy's adminToken as a bearer token").into_response();
-    }
-    let bad_request = || admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "bad_request"]).inc();
-    let what: crate::components::cache::Invalidation = match serde_json::from_slice(&body) {
-        Ok(what) => what,
-        Err(error) => {
-            bad_request();
-            return Problem::new(
-                kinds::BAD_REQUEST,
-                format!("expected {{\"keys\": [], \"prefixes\": [], \"tags\": []}}: {error}"),
-            )
-            .into_response();
-        }
-    };
-    if what.keys.is_empty() && what.prefixes.is_empty() && what.tags.is_empty() {
-        bad_request();
-        return Problem::new(kinds::BAD_REQUEST, "name at least one of keys, prefixes and tags").into_response();
-    }
-    if what.prefixes.iter().any(String::is_empty) {
-        bad_request();
-        return Problem::new(
-            kinds::BAD_REQUEST,
-            "an empty prefix would delete every entry; name a prefix (every entry of a path: \"GET:host/path\")",
-        )
-        .into_response();
-    }
-    match invalidator.invalidate(&what).await {
-        Ok(deleted) => {
-            tracing::info!(
-                keys = what.keys.len(),
-                prefixes = what.prefixes.len(),
-                tags = what.tags.len(),
-                deleted,
-                "cache invalidated"
-            );
-            axum::Json(serde_json::json!({ "deleted": deleted })).into_response()
-        }
-        Err(error) => {
-            admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "cache_unavailable"]).inc();
-            tracing::warn!(%error, "cache invalidation failed");
-            Problem::new(kinds::UPSTREAM_UNAVAILABLE, format!("the cache could not be invalidated: {}", error.kind()))
-                .into_response()
-        }
-    }
-}
-
-/// `GET /outbox/dead?limit=N`: the outbox rows that failed for good (newest first, at most 1000), with the
-/// table they came from and the last error.
-async fn dead_letters(
-    State(admin): State<Arc<Admin>>,
-    query: axum::extract::Query<std::collections::HashMap<String, String>>,
-) -> axum::response::Response {
-    use crate::kernel::problem::{Kind, Problem, kinds};
-    const NO_OUTBOX: Kind =
-        Kind { slug: "no-outbox", title: "This Middleware defines no commands", status: StatusCode::NOT_FOUND };
-    let Some(store) = admin.runtime.snapshot().outbox.clone() else {
-        admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "no_outbox"]).inc();
-        return Problem::new(NO_OUTBOX, "the outbox exists once spec.commands is set").into_response();
-    };
-    let limit = match query.get("limit").map(|l| l.parse::<u32>()) {
-        None => 100,
-        Some(Ok(limit)) if (1..=1000).contains(&limit) => limit,
-        Some(_) => {
-            admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "bad_request"]).inc();
-            return Problem::new(kinds::BAD_REQUEST, "limit must be a number from 1 to 1000").into_response();
-        }
-    };
-    match store.dead(limit).await {
-        Ok(rows) => axum::Json(serde_json::json!({ "rows": rows })).into_response(),
-        Err(error) => {
-            admin.runtime.metrics.gateway_errors.with_label_values(&["admin", "outbox_unavailable"]).inc();
-            tracing::warn!(%error, "the dead-letter table could not be read");
-            Problem::new(kinds::UPSTREAM_UNAVAILABLE, "the outbox store is unavailable").into_response()
-        }
+    match snapshot.admin_route(request.method(), request.uri().path()) {
+        Some(route) => (route.handler)(request).await,
+        None => (StatusCode::NOT_FOUND, "no such admin endpoint\n").into_response(),
     }
 }
 

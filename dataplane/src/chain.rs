@@ -1,16 +1,15 @@
-//! The HTTP middleware chain, built in one function: one tower layer per concern, in the order of the
-//! design. The listener hands every request to this chain; the handler at its end proxies.
+//! The HTTP middleware chain: the fixed steps every request takes, one tower layer per concern, then the
+//! pipeline the snapshot compiled for the request's route.
 //!
 //! ```text
-//! request id → trace → route → metrics → timeout → body limit → authentication → rate limit
-//!            → authorization → request validation → cache → handler (proxy)
+//! request id → trace → route → metrics → timeout → body limit → the route's pipeline:
+//!     authentication → rate limit → authorization → request validation → cache → endpoint (proxy, ...)
 //! ```
 //!
 //! `route` (selecting the route once, so that metrics, timeouts and limits can be per route) is the one
-//! step the design's list leaves implicit. Authentication, rate limiting, authorization and caching are
-//! slots: each snapshot may fill them with a [`Stage`](crate::runtime::Stage); empty ones pass requests on.
+//! step the design's list leaves implicit. A route's pipeline holds only the stages that apply to it, in
+//! [`Phase`](crate::kernel::stage::Phase) order: a phase no component fills costs nothing.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -19,71 +18,23 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use http::{HeaderName, HeaderValue, Method, Request};
+use http::{HeaderValue, Method, Request};
 use http_body::Body as _;
-use http_body_util::{BodyExt as _, Limited};
+use http_body_util::Limited;
 use opentelemetry::KeyValue;
 use tower::ServiceBuilder;
 
 use crate::kernel::metrics::{method_label, status_class};
-use crate::kernel::problem::{FieldProblem, Problem, kinds};
-use crate::components::proxy;
-use crate::runtime::{Endpoint, Route, Runtime, Snapshot, Stage};
+use crate::kernel::problem::{Problem, kinds};
+use crate::kernel::stage::Handle;
 use crate::kernel::trace::TraceContext;
+use crate::runtime::{Runtime, Snapshot};
 
-/// Request and response header carrying the request id.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The peer address of the connection, set by the listener.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
-
-/// What the chain knows about a request, in its extensions.
-#[derive(Clone)]
-pub struct RequestInfo {
-    pub id: HeaderValue,
-    pub client: SocketAddr,
-    /// The configuration the request is served under, from start to end.
-    pub snapshot: Arc<Snapshot>,
-    pub trace: TraceContext,
-    pub route: Option<Arc<Route>>,
-    /// When the route's timeout expires.
-    pub deadline: Option<Instant>,
-}
-
-/// The chain from some step on: what a layer calls to pass the request on. It is also the chain as a
-/// tower service (see [`build`]).
-#[derive(Clone)]
-pub struct Next(Arc<dyn Handle>);
-
-/// One step of the chain with everything after it.
-trait Handle: Send + Sync + 'static {
-    fn handle(&self, request: Request<Body>) -> BoxFuture<'static, Response>;
-}
-
-impl Next {
-    /// Passes the request to the rest of the chain.
-    pub fn run(self, request: Request<Body>) -> BoxFuture<'static, Response> {
-        self.0.handle(request)
-    }
-}
+pub use crate::kernel::context::{ClientAddr, REQUEST_ID, RequestInfo};
+pub use crate::kernel::stage::Next;
 
 /// The chain as a service.
 pub type Chain = Next;
-
-impl tower::Service<Request<Body>> for Next {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = futures::future::Map<BoxFuture<'static, Response>, fn(Response) -> Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        self.0.handle(request).map(Ok)
-    }
-}
 
 /// A tower layer made of an async function of (state, request, rest of the chain). The chain is built
 /// once; a request costs each step one boxed future and no service clones.
@@ -118,7 +69,7 @@ where
     type Service = Next;
 
     fn layer(&self, next: Next) -> Next {
-        Next(Arc::new(Linked { step: self.clone(), next }))
+        Next::new(Arc::new(Linked { step: self.clone(), next }))
     }
 }
 
@@ -140,14 +91,25 @@ where
     Step { state, f }
 }
 
-/// The end of the chain.
-struct Handler;
+/// The end of the fixed steps: the pipeline `select_route` chose.
+struct Dispatch;
 
-impl Handle for Handler {
-    fn handle(&self, request: Request<Body>) -> BoxFuture<'static, Response> {
-        Box::pin(handler(request))
+impl Handle for Dispatch {
+    fn handle(&self, mut request: Request<Body>) -> BoxFuture<'static, Response> {
+        match request.extensions_mut().remove::<Pipeline>() {
+            Some(Pipeline(pipeline)) => pipeline.run(request),
+            None => Box::pin(async { Problem::new(kinds::NO_ROUTE, "no route").into_response() }),
+        }
     }
 }
+
+/// The pipeline of the request's route (or of requests no route takes), from `select_route` to `Dispatch`.
+#[derive(Clone)]
+struct Pipeline(Next);
+
+/// The snapshot a request is served under, from start to end.
+#[derive(Clone)]
+struct Current(Arc<Snapshot>);
 
 /// Builds the chain over the runtime's current snapshot.
 pub fn build(runtime: Arc<Runtime>) -> Chain {
@@ -168,18 +130,8 @@ pub fn build(runtime: Arc<Runtime>) -> Chain {
         .layer(step(timeout))
         // Body limit: the route's maximum body, answered 413, checked before anything reads the body.
         .layer(step(body_limit))
-        // Authentication (slot): who is calling.
-        .layer(step(authentication))
-        // Rate limit (slot): how often they may.
-        .layer(step(rate_limit))
-        // Authorization (slot): whether they may do this.
-        .layer(step(authorization))
-        // Request validation: the route's JSON Schema on the body, answered 422 with every violation.
-        .layer(step(validate_request))
-        // Cache (slot): answer from the cache or let the handler answer and keep the response.
-        .layer(step(cache))
-        // Handler: proxy to the route's upstream.
-        .service(Next(Arc::new(Handler)))
+        // The route's pipeline: authentication, rate limit, authorization, validation, cache, endpoint.
+        .service(Next::new(Arc::new(Dispatch)))
 }
 
 async fn guard(request: Request<Body>, next: Next) -> Response {
@@ -218,11 +170,15 @@ fn unsafe_path(path: &str) -> Option<&'static str> {
 }
 
 fn info(request: &Request<Body>) -> Option<&RequestInfo> {
-    request.extensions().get::<RequestInfo>()
+    RequestInfo::of(request)
 }
 
 fn info_mut(request: &mut Request<Body>) -> Option<&mut RequestInfo> {
-    request.extensions_mut().get_mut::<RequestInfo>()
+    RequestInfo::of_mut(request)
+}
+
+fn current(request: &Request<Body>) -> Option<&Arc<Snapshot>> {
+    request.extensions().get::<Current>().map(|c| &c.0)
 }
 
 async fn request_id(runtime: Arc<Runtime>, mut request: Request<Body>, next: Next) -> Response {
@@ -248,11 +204,12 @@ async fn request_id(runtime: Arc<Runtime>, mut request: Request<Body>, next: Nex
     request.extensions_mut().insert(RequestInfo {
         id: id.clone(),
         client,
-        snapshot,
         trace,
         route: None,
         deadline: None,
+        principal: None,
     });
+    request.extensions_mut().insert(Current(snapshot));
     let mut response = next.run(request).await;
     response.headers_mut().insert(REQUEST_ID, id);
     response
@@ -260,7 +217,7 @@ async fn request_id(runtime: Arc<Runtime>, mut request: Request<Body>, next: Nex
 
 async fn trace(request: Request<Body>, next: Next) -> Response {
     let Some(info) = info(&request) else { return next.run(request).await };
-    let Some(traces) = info.snapshot.traces.clone().filter(|_| info.trace.sampled) else {
+    let Some(traces) = current(&request).and_then(|s| s.traces.clone()).filter(|_| info.trace.sampled) else {
         return next.run(request).await;
     };
     let context = info.trace;
@@ -292,11 +249,16 @@ async fn trace(request: Request<Body>, next: Next) -> Response {
 struct RouteName(String);
 
 async fn select_route(mut request: Request<Body>, next: Next) -> Response {
-    let route = info(&request).and_then(|i| i.snapshot.route_for(&request).cloned());
+    let Some(snapshot) = current(&request).cloned() else { return next.run(request).await };
+    let (route, pipeline) = match snapshot.route_for(&request) {
+        Some((route, pipeline)) => (Some(route.clone()), pipeline.clone()),
+        None => (None, snapshot.fallback.clone()),
+    };
     let name = route.as_ref().map(|r| r.name.clone());
     if let Some(info) = info_mut(&mut request) {
         info.route = route;
     }
+    request.extensions_mut().insert(Pipeline(pipeline));
     let mut response = next.run(request).await;
     if let Some(name) = name {
         response.extensions_mut().insert(RouteName(name));
@@ -307,7 +269,7 @@ async fn select_route(mut request: Request<Body>, next: Next) -> Response {
 async fn metrics(request: Request<Body>, next: Next) -> Response {
     let Some(info) = info(&request) else { return next.run(request).await };
     let route = info.route.clone();
-    let metrics = info.snapshot.metrics.clone();
+    let Some(metrics) = current(&request).map(|s| s.metrics.clone()) else { return next.run(request).await };
     let method = request.method().clone();
     let started = Instant::now();
     // Counts the request as in flight until the future ends, however it ends: a client that goes away
@@ -357,7 +319,7 @@ async fn timeout(mut request: Request<Body>, next: Next) -> Response {
         Err(_) if body.is_some_and(|body| body.waiting_on_client()) => {
             route.metrics.gateway_errors.with_label_values(&[&route.name, "body_timeout"]).inc();
             route.metrics.http_refused.with_label_values(&[crate::kernel::inbound::reasons::BODY_TIMEOUT]).inc();
-            proxy::ProxyError::BodyTimeout.problem(&route.name).into_response()
+            crate::kernel::body::BodyError::Timeout.problem(&route.name).into_response()
         }
         Err(_) => {
             route.metrics.gateway_errors.with_label_values(&[&route.name, "timeout"]).inc();
@@ -387,141 +349,49 @@ async fn body_limit(request: Request<Body>, next: Next) -> Response {
     next.run(request).await
 }
 
-async fn slot(stage: Option<Arc<dyn Stage>>, request: Request<Body>, next: Next) -> Response {
-    match stage {
-        Some(stage) => stage.call(request, next).await,
-        None => next.run(request).await,
-    }
-}
-
-async fn authentication(request: Request<Body>, next: Next) -> Response {
-    let stage = info(&request).and_then(|i| i.snapshot.stages.authentication.clone());
-    slot(stage, request, next).await
-}
-
-async fn rate_limit(request: Request<Body>, next: Next) -> Response {
-    let stage = info(&request).and_then(|i| i.snapshot.stages.rate_limit.clone());
-    slot(stage, request, next).await
-}
-
-async fn authorization(request: Request<Body>, next: Next) -> Response {
-    let stage = info(&request).and_then(|i| i.snapshot.stages.authorization.clone());
-    slot(stage, request, next).await
-}
-
-async fn cache(request: Request<Body>, next: Next) -> Response {
-    let stage = info(&request).and_then(|i| i.snapshot.stages.cache.clone());
-    slot(stage, request, next).await
-}
-
-/// Largest body checked against a route's schema (larger ones are refused with 413).
-const MAX_VALIDATED_BODY: usize = 1024 * 1024;
-
-/// Most violations listed in one response.
-const MAX_SCHEMA_ERRORS: usize = 50;
-
-async fn validate_request(request: Request<Body>, next: Next) -> Response {
-    let Some(route) = info(&request).and_then(|i| i.route.clone()) else { return next.run(request).await };
-    let Some(schema) = route.schema.clone() else { return next.run(request).await };
-    if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE)
-        && request.body().size_hint().exact() == Some(0)
-    {
-        return next.run(request).await;
-    }
-    // A command's schema is the command's, not that of the route the data plane made for it.
-    let command = match &route.endpoint {
-        Some(crate::runtime::Endpoint::Command(command)) => Some(command),
-        _ => None,
-    };
-    let invalid = |detail: String, errors: Vec<FieldProblem>| {
-        route.metrics.gateway_errors.with_label_values(&[&route.name, "invalid_body"]).inc();
-        if let Some(command) = &command {
-            route.metrics.commands.with_label_values(&[&command.name, "invalid"]).inc();
-        }
-        Problem::new(kinds::INVALID_BODY, detail).with_errors(errors).into_response()
-    };
-    let (parts, body) = request.into_parts();
-    // A body checked against a schema is held in memory whole: at most MAX_VALIDATED_BODY of it.
-    let bytes = match Limited::new(body, MAX_VALIDATED_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
-            let error = proxy::body_error(error);
-            route.metrics.gateway_errors.with_label_values(&[&route.name, error.kind()]).inc();
-            return error.problem(&route.name).into_response();
-        }
-    };
-    let check = {
-        let bytes = bytes.clone();
-        move || -> Result<Vec<FieldProblem>, String> {
-            let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-            Ok(schema
-                .iter_errors(&value)
-                .take(MAX_SCHEMA_ERRORS)
-                .map(|e| FieldProblem { pointer: e.instance_path().to_string(), detail: e.to_string() })
-                .collect())
-        }
-    };
-    // Large bodies are parsed and checked off the request threads, so that one does not stall the others.
-    let checked = if bytes.len() > 64 * 1024 {
-        tokio::task::spawn_blocking(check).await.unwrap_or_else(|_| Err("the check failed".into()))
-    } else {
-        check()
-    };
-    let errors = match checked {
-        Ok(errors) => errors,
-        Err(error) => {
-            return invalid(
-                format!("the body is not JSON ({error})"),
-                vec![FieldProblem { pointer: String::new(), detail: "not JSON".into() }],
-            );
-        }
-    };
-    if !errors.is_empty() {
-        let of = match &command {
-            Some(command) => format!("command {}", command.name),
-            None => format!("route {}", route.name),
-        };
-        return invalid(format!("{} violation(s) of the schema of {of}", errors.len()), errors);
-    }
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
-}
-
-async fn handler(request: Request<Body>) -> Response {
-    let Some(info) = info(&request).cloned() else {
-        return Problem::new(kinds::NO_ROUTE, "no route").into_response();
-    };
-    let Some(route) = info.route.clone() else {
-        info.snapshot.metrics.gateway_errors.with_label_values(&["none", "no_route"]).inc();
-        return Problem::new(
-            kinds::NO_ROUTE,
-            format!("no route of this gateway takes {} {}", request.method(), request.uri().path()),
-        )
-        .into_response();
-    };
-    match &route.endpoint {
-        Some(Endpoint::Ingest(ingest)) => return ingest.handle(request, &info.trace).await,
-        Some(Endpoint::Command(command)) => return command.handle(request, info).await,
-        Some(Endpoint::CommandStatus(status)) => return status.handle(request).await,
-        None => {}
-    }
-    match proxy::forward(request, &info, &route).await {
-        Ok(response) => response,
-        Err(error) => proxy::error_response(error, &info, &route),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::components::proxy::component::Proxy;
+    use crate::kernel::component::{BuildCx, Built, Component, Env, StageEntry};
     use crate::kernel::config;
     use crate::kernel::health::Health;
     use crate::kernel::metrics::Metrics;
-    use crate::components::proxy::upstream::Overrides;
-    use crate::runtime::Stages;
+    use crate::kernel::net::Overrides;
+    use crate::kernel::stage::{Phase, Stage};
     use crate::kernel::telemetry::LogControl;
     use tower::ServiceExt as _;
+
+    /// The stages of each phase, for every route.
+    #[derive(Default)]
+    struct Stages {
+        authentication: Option<Arc<dyn Stage>>,
+        rate_limit: Option<Arc<dyn Stage>>,
+        authorization: Option<Arc<dyn Stage>>,
+        cache: Option<Arc<dyn Stage>>,
+    }
+
+    impl Component for Stages {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+
+        fn build(&self, _: &config::Loaded, _: &mut BuildCx<'_>) -> Result<Built, Vec<String>> {
+            let phases = [
+                (Phase::Authenticate, &self.authentication),
+                (Phase::RateLimit, &self.rate_limit),
+                (Phase::Authorize, &self.authorization),
+                (Phase::Cache, &self.cache),
+            ];
+            let stages = phases
+                .into_iter()
+                .filter_map(|(phase, stage)| stage.clone().map(|stage| StageEntry::everywhere(phase, stage)))
+                .collect();
+            Ok(Built { stages, ..Built::default() })
+        }
+    }
 
     /// A stage that records its name and then answers, or passes on.
     struct Recorder {
@@ -560,17 +430,9 @@ mod tests {
         let yaml = "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {name: t}\nspec:\n  routes:\n    - name: orders\n      match: {pathPrefix: /orders}\n      upstream: {url: 'http://127.0.0.1:9'}\n      maxBodyBytes: 16\n      requestSchema: {type: object, required: [sku]}\n";
         let files = config::Files { files: vec![("t.yaml".into(), yaml.into())] };
         let loaded = config::parse(&files).unwrap();
-        let runtime = Runtime::new(
-            &loaded,
-            Metrics::new().unwrap(),
-            Health::default(),
-            Overrides::default(),
-            None,
-            LogControl::disabled(),
-        )
-        .unwrap();
-        runtime.set_stages(stages(log));
-        Arc::new(runtime)
+        let env = Env::new(Metrics::new().unwrap(), Health::default(), None, Overrides::default());
+        let components: Vec<Arc<dyn Component>> = vec![Arc::new(Proxy::default()), Arc::new(stages(log))];
+        Arc::new(Runtime::new(&loaded, components, env, LogControl::disabled()).unwrap())
     }
 
     fn recorder(

@@ -8,6 +8,7 @@
 //! configuration snapshot and swaps snapshots atomically.
 
 pub mod admin;
+pub mod app;
 pub mod chain;
 pub mod components;
 pub mod kernel;

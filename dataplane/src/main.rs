@@ -4,20 +4,18 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use umw_crds::middleware::LogFormat;
-use umw_dataplane::admin::{self, Admin};
-use umw_dataplane::health::{Health, State};
-use umw_dataplane::metrics::Metrics;
-use umw_dataplane::proxy::upstream::Overrides;
-use umw_dataplane::runtime::Runtime;
-use umw_dataplane::telemetry::{self, LogControl, Traces};
-use umw_dataplane::{chain, config, reload, server};
+use umw_dataplane::app::{self, App, Options};
+use umw_dataplane::config;
+use umw_dataplane::kernel::component::Env;
+use umw_dataplane::kernel::health::Health;
+use umw_dataplane::kernel::metrics::Metrics;
+use umw_dataplane::kernel::net::Overrides;
+use umw_dataplane::kernel::telemetry::{self, LogControl};
 
 /// mimalloc rather than the system allocator: a proxy allocates and frees small buffers on every request,
 /// and glibc's allocator showed up as a seventh of the CPU time under load.
@@ -62,6 +60,11 @@ struct Cli {
     /// After accepting stops, how long in-flight requests may take before their connections are closed.
     #[arg(long, global = true, env = "UMW_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// After draining, how long consumers (committing), outbox relays (finishing their batch) and producers
+    /// (waiting for acknowledgements) may take to stop, all at once. The shutdown delay, the drain timeout
+    /// and this together must fit in the pod's termination grace period.
+    #[arg(long, global = true, env = "UMW_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    stop_timeout: Duration,
     /// Where the reason the data plane could not start is written, when the file exists: Kubernetes' default
     /// `terminationMessagePath`, which the kubelet creates and shows in the pod's status.
     #[arg(long, global = true, env = "UMW_TERMINATION_LOG", default_value = "/dev/termination-log")]
@@ -159,23 +162,16 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
     let metrics = Metrics::new().context("registering metrics")?;
     // Building the runtime compiles every route, schema, template and upstream, as a start would; with
     // the in-process backends, so that checking neither needs the Secrets nor contacts Redis or Kafka.
-    let runtime = Runtime::with_options(
-        loaded,
-        metrics,
-        Health::default(),
-        cli.resolve.clone(),
-        None,
-        LogControl::disabled(),
-        true,
-    )
-    .map_err(|invalid| anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  ")))?;
+    let env = Env::new(metrics, Health::default(), None, cli.resolve.clone()).in_process(true);
+    let runtime = app::runtime(loaded, env, LogControl::disabled())
+        .map_err(|invalid| anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  ")))?;
     let snapshot = runtime.snapshot();
     let b = &loaded.bundle;
     println!(
         "{}: Middleware {} with {} route(s), {} CachePolicy, {} EventRoute, {} AuthPolicy; configuration hash {} (as /status reports it)",
         path.display(),
         loaded.middleware(),
-        snapshot.routes.iter().filter(|r| r.endpoint.is_none()).count(),
+        b.middleware.spec.routes.len(),
         b.cache_policies.len(),
         b.event_routes.len(),
         b.auth_policies.len(),
@@ -196,6 +192,7 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
     for policy in snapshot.policies.iter().filter(|p| !p.enforced) {
         println!("  note: {} {} is accepted but not enforced: {}", policy.kind, policy.name, policy.message);
     }
+    runtime.shutdown(std::time::Instant::now()).await;
     Ok(())
 }
 
@@ -203,87 +200,20 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
     let spec = &loaded.bundle.middleware.spec;
     let format = cli.log_format.unwrap_or(spec.observability.log_format);
     let log = telemetry::init_logs(format, spec.observability.log_level.as_deref());
-    let metrics = Metrics::new().context("registering metrics")?;
-    let health = Health::default();
-    health.set("http", State::Starting, "binding the listener", true);
-    let traces = Traces::from_config(&spec.observability, &loaded.middleware())?.map(Arc::new);
-    if let Some(traces) = &traces {
-        tracing::info!(endpoint = %umw_crds::redact::url(&traces.endpoint), "exporting traces over OTLP/gRPC");
-    }
-    let runtime = Arc::new(
-        Runtime::with_options(
-            &loaded,
-            metrics.clone(),
-            health.clone(),
-            cli.resolve.clone(),
-            traces.clone(),
-            log,
-            cli.in_process_backends,
-        )
-        .map_err(|invalid| anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  ")))?,
-    );
-
-    let http_address = cli.http_address.unwrap_or_else(|| admin::default_address(spec.listeners.http.port));
-    let admin_address = cli.admin_address.unwrap_or_else(|| admin::default_address(spec.listeners.admin_port));
-    let http = tokio::net::TcpListener::bind(http_address).await.with_context(|| format!("binding {http_address}"))?;
-    let admin_listener =
-        tokio::net::TcpListener::bind(admin_address).await.with_context(|| format!("binding {admin_address}"))?;
-    let http_address = http.local_addr()?;
-    health.set("http", State::Up, format!("listening on {http_address}"), true);
-    tracing::info!(
-        middleware = %loaded.middleware(),
-        config = %loaded.hash,
-        http = %http_address,
-        admin = %admin_listener.local_addr()?,
-        routes = loaded.bundle.middleware.spec.routes.len(),
-        commands = loaded.bundle.middleware.spec.commands.len(),
-        event_routes = loaded.bundle.event_routes.len(),
-        "serving"
-    );
-
-    let admin = Arc::new(Admin {
-        runtime: runtime.clone(),
-        shutting_down: false.into(),
-        config_path: path.display().to_string(),
-    });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
+    let options = Options {
+        config: path,
+        http_address: cli.http_address,
+        admin_address: cli.admin_address,
+        overrides: cli.resolve.clone(),
+        in_process: cli.in_process_backends,
+        reload_interval: cli.reload_interval,
+        shutdown_delay: cli.shutdown_delay,
+        drain_timeout: cli.drain_timeout,
+        stop_timeout: cli.stop_timeout,
     };
-    let admin_task = tokio::spawn(admin::serve(admin_listener, admin.clone(), stopped()));
-    let watcher = tokio::spawn(reload::watch(reload::Watcher::new(path, files, runtime.clone()), cli.reload_interval));
-    let (accepting_tx, accepting_rx) = tokio::sync::watch::channel(true);
-    let stop_accepting = async move {
-        let mut rx = accepting_rx;
-        let _ = rx.wait_for(|accepting| !*accepting).await;
-    };
-    let chain = chain::build(runtime.clone());
-    // Warm-up fetches through the chain; readiness waits for its first round.
-    umw_dataplane::cache::warmup::announce(&runtime);
-    let warmup = tokio::spawn(umw_dataplane::cache::warmup::run(runtime.clone(), chain.clone()));
-    let limits = umw_dataplane::inbound::Limits::from_spec(&spec.listeners.http);
-    let traffic = tokio::spawn(server::serve(http, chain, metrics, limits, stop_accepting, cli.drain_timeout));
-
+    let app = App::start(options, files, loaded, log).await?;
     shutdown_signal().await;
-    tracing::info!(delay = ?cli.shutdown_delay, "shutting down: readiness is now false");
-    admin.shutting_down.store(true, Ordering::Relaxed);
-    tokio::time::sleep(cli.shutdown_delay).await;
-    let _ = accepting_tx.send(false);
-    let _ = traffic.await;
-    watcher.abort();
-    warmup.abort();
-    // Consumers finish the messages in hand and commit; producers wait for their acknowledgements.
-    let events = runtime.clone();
-    tokio::task::spawn_blocking(move || events.stop_events()).await.ok();
-    let _ = stop_tx.send(true);
-    let _ = admin_task.await;
-    if let Some(traces) = traces {
-        tokio::task::spawn_blocking(move || traces.shutdown()).await.ok();
-    }
-    tracing::info!("stopped");
+    app.shutdown().await;
     Ok(())
 }
 

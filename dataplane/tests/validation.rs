@@ -8,9 +8,9 @@
 use serde_json::{Value, json};
 use umw_dataplane::config::{self, Files};
 use umw_dataplane::health::Health;
+use umw_dataplane::kernel::component::Env;
 use umw_dataplane::metrics::Metrics;
 use umw_dataplane::proxy::upstream::Overrides;
-use umw_dataplane::runtime::Runtime;
 use umw_dataplane::telemetry::LogControl;
 
 /// Every kind of resource with most of its optional fields set.
@@ -221,9 +221,8 @@ fn files(documents: &[Value]) -> Files {
 
 fn build(loaded: &config::Loaded) -> Result<(), String> {
     let metrics = Metrics::new().map_err(|e| e.to_string())?;
-    Runtime::with_options(loaded, metrics, Health::default(), Overrides::default(), None, LogControl::disabled(), true)
-        .map(|_| ())
-        .map_err(|invalid| invalid.to_string())
+    let env = Env::new(metrics, Health::default(), None, Overrides::default()).in_process(true);
+    umw_dataplane::app::runtime(loaded, env, LogControl::disabled()).map(|_| ()).map_err(|invalid| invalid.to_string())
 }
 
 /// Replaces the node at `at` with `value`.

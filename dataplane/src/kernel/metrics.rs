@@ -90,6 +90,8 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     /// Requests and connections refused before routing, by reason (see [`crate::kernel::inbound::reasons`]).
     pub http_refused: IntCounterVec,
+    /// Background tasks started, stopped, replaced or failed to start, by component, kind and event.
+    pub tasks: IntCounterVec,
 }
 
 impl Metrics {
@@ -294,6 +296,11 @@ impl Metrics {
                 }
                 family
             },
+            tasks: counter_vec(
+                "umw_tasks_total",
+                "Background tasks (consumers, relays, warm-up, producer flushes) by component, kind and event (started, stopped, replaced, failed)",
+                &["component", "kind", "event"],
+            )?,
             registry,
         };
         #[cfg(target_os = "linux")]

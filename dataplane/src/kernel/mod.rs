@@ -3,12 +3,22 @@
 //! endpoint trait, the component contract with its ports, tasks, pooled HTTP clients, health, problems,
 //! metrics, traces and the loaded configuration.
 
+pub mod body;
 pub mod breaker;
+pub mod component;
 pub mod config;
+pub mod context;
+pub mod endpoint;
 pub mod health;
 pub mod inbound;
 pub mod metrics;
+pub mod net;
+pub mod ports;
 pub mod problem;
 pub mod routing;
+pub mod secret;
+pub mod stage;
+pub mod task;
 pub mod telemetry;
 pub mod trace;
+pub mod validate;

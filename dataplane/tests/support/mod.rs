@@ -20,13 +20,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use umw_dataplane::admin::{self, Admin};
-use umw_dataplane::health::{Health, State as HealthState};
-use umw_dataplane::metrics::Metrics;
-use umw_dataplane::proxy::upstream::Overrides;
+use umw_dataplane::app::{App, Options};
+use umw_dataplane::config;
+use umw_dataplane::kernel::net::Overrides;
 use umw_dataplane::runtime::Runtime;
-use umw_dataplane::telemetry::{LogControl, Traces};
-use umw_dataplane::{chain, config, reload, server};
+use umw_dataplane::telemetry::LogControl;
 
 /// A test upstream. Every request is counted; `/echo` answers with what arrived.
 pub struct Upstream {
@@ -184,8 +182,7 @@ pub struct Gateway {
     pub config_file: PathBuf,
     pub runtime: Arc<Runtime>,
     dir: PathBuf,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    app: App,
 }
 
 /// A Middleware document with these routes (YAML list items, indented by four spaces) and extra spec.
@@ -216,54 +213,18 @@ impl Gateway {
         let config_file = dir.join("config.yaml");
         std::fs::write(&config_file, yaml).unwrap();
         let (files, loaded) = config::load(&config_file).unwrap_or_else(|e| panic!("test configuration: {e}"));
-        let metrics = Metrics::new().unwrap();
-        let health = Health::default();
-        let traces =
-            Traces::from_config(&loaded.bundle.middleware.spec.observability, "gw/test").unwrap().map(Arc::new);
-        let runtime = Arc::new(
-            Runtime::with_options(
-                &loaded,
-                metrics.clone(),
-                health.clone(),
-                overrides,
-                traces,
-                LogControl::disabled(),
-                in_process,
-            )
-            .unwrap(),
-        );
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = http.local_addr().unwrap();
-        let admin_address = admin_listener.local_addr().unwrap();
-        health.set("http", HealthState::Up, "", true);
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = move || {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }
+        // The process's own wiring (listeners, reload watcher, warm-up, supervisor), on loopback.
+        let options = Options {
+            http_address: Some("127.0.0.1:0".parse().unwrap()),
+            admin_address: Some("127.0.0.1:0".parse().unwrap()),
+            overrides,
+            in_process,
+            reload_interval: Duration::from_millis(100),
+            drain_timeout: Duration::from_secs(5),
+            ..Options::new(config_file.clone())
         };
-        let admin = Arc::new(Admin {
-            runtime: runtime.clone(),
-            shutting_down: false.into(),
-            config_path: config_file.display().to_string(),
-        });
-        let mut tasks = Vec::new();
-        let s = stopped();
-        tasks.push(tokio::spawn(async move {
-            let _ = admin::serve(admin_listener, admin, s).await;
-        }));
-        tasks.push(tokio::spawn(reload::watch(
-            reload::Watcher::new(config_file.clone(), files, runtime.clone()),
-            Duration::from_millis(100),
-        )));
-        let chain = chain::build(runtime.clone());
-        umw_dataplane::cache::warmup::announce(&runtime);
-        tasks.push(tokio::spawn(umw_dataplane::cache::warmup::run(runtime.clone(), chain.clone())));
-        let limits = umw_dataplane::inbound::Limits::from_spec(&loaded.bundle.middleware.spec.listeners.http);
-        tasks.push(tokio::spawn(server::serve(http, chain, metrics, limits, stopped(), Duration::from_secs(5))));
-        Self { address, admin: admin_address, config_file, runtime, dir, stop, tasks }
+        let app = App::start(options, files, loaded, LogControl::disabled()).await.unwrap_or_else(|e| panic!("{e:#}"));
+        Self { address: app.http, admin: app.admin, config_file, runtime: app.runtime.clone(), dir, app }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -300,10 +261,7 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.app.abort();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,10 +1,13 @@
 //! Response caching: the [`Cache`] trait with an in-process ([`memory`]) and a Redis ([`redis`])
 //! implementation, and the chain's cache stage ([`stage`]) that applies CachePolicy rules.
 //!
-//! The cache component imports nothing of its siblings: the runtime builds it from a snapshot and puts
-//! its stage in the chain's cache slot.
+//! [`component`] builds it from the CachePolicies: a cache stage per route that a rule covers, the
+//! `/cache/invalidate` admin endpoint, event-driven invalidation through the events' `Subscribe` port, and
+//! the warm-up task.
 
+pub mod component;
 pub mod entry;
+mod invalidation;
 pub mod memory;
 pub mod redis;
 pub mod stage;
@@ -68,18 +71,7 @@ pub trait Cache: Send + Sync + 'static {
     fn unlock<'a>(&'a self, key: &'a str, token: &'a str) -> BoxFuture<'a, Result<(), CacheError>>;
 }
 
-/// What to invalidate: keys and key prefixes (after the Middleware's own prefix, e.g.
-/// `GET:shop.example/products/1`), and tags. The admin API takes it as JSON; events will map to it.
-#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Invalidation {
-    #[serde(default)]
-    pub keys: Vec<String>,
-    #[serde(default)]
-    pub prefixes: Vec<String>,
-    #[serde(default)]
-    pub tags: Vec<String>,
-}
+pub use crate::kernel::ports::Invalidation;
 
 /// Invalidation over the caches of one configuration: what the admin API and event consumers call.
 pub struct Invalidator {
@@ -89,6 +81,12 @@ pub struct Invalidator {
     /// Bearer tokens the admin API accepts (empty: the admin API is off).
     pub tokens: Vec<String>,
     pub metrics: crate::kernel::metrics::Metrics,
+}
+
+impl crate::kernel::ports::Invalidate for Invalidator {
+    fn invalidate<'a>(&'a self, what: &'a Invalidation) -> BoxFuture<'a, Result<usize, String>> {
+        Box::pin(async move { Invalidator::invalidate(self, what).await.map_err(|e| e.to_string()) })
+    }
 }
 
 impl Invalidator {

@@ -2,7 +2,7 @@
 //! backoff and jitter), a deadline on every operation, and a circuit breaker so that a Redis that is down
 //! or slow costs requests nothing but a miss. Its health is the `redis` component in `/status`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,7 +12,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{Cache, CacheError, Entry};
 use crate::kernel::breaker::{Admission, Breaker, BreakerState};
-use crate::kernel::health::{Health, State};
+use crate::kernel::health::{Health, HealthHandle, State};
+use crate::kernel::secret::Secret;
 
 /// Default deadline of one Redis operation: a cache that answers later than this is worse than none.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_millis(250);
@@ -24,7 +25,7 @@ pub const COMPONENT: &str = "redis";
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RedisSettings {
     pub url: String,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// PEM roots for `rediss://` instead of the system's.
     pub ca_cert: Option<String>,
     pub cluster: bool,
@@ -45,9 +46,11 @@ pub struct RedisCache {
     pubsub: Option<redis::Client>,
     breaker: Breaker,
     timeout: Duration,
-    health: Health,
+    health: HealthHandle,
     metrics: crate::kernel::metrics::Metrics,
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// Connecting, in the background once activated.
+    connect: Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Why the settings cannot make a client.
@@ -56,15 +59,16 @@ pub struct RedisCache {
 pub struct SettingsError(String);
 
 impl RedisCache {
-    /// Creates the client and starts connecting in the background; until connected, every operation is
-    /// a miss. Needs a Tokio runtime.
+    /// Creates the client; it connects in the background once [activated](Self::activate), and until
+    /// connected every operation is a miss.
     pub fn new(
         settings: &RedisSettings,
-        health: Health,
+        health: &Health,
         metrics: crate::kernel::metrics::Metrics,
     ) -> Result<Self, SettingsError> {
         let connection: Arc<arc_swap::ArcSwapOption<Connection>> = Arc::default();
-        health.set(COMPONENT, State::Starting, "connecting", false);
+        let health = health.handle(COMPONENT, false);
+        health.set(State::Starting, "connecting");
         let settings_ = settings.clone();
         let slot = connection.clone();
         let health_ = health.clone();
@@ -73,7 +77,7 @@ impl RedisCache {
                 redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
                     .map_err(|e| SettingsError(e.to_string()))?;
             if let Some(password) = &settings.password {
-                let with = info.redis_settings().clone().set_password(password.clone());
+                let with = info.redis_settings().clone().set_password(password.expose());
                 info = info.set_redis_settings(with);
             }
             client(info, settings).ok()
@@ -83,7 +87,7 @@ impl RedisCache {
                 .connection_timeout(Duration::from_secs(2))
                 .response_timeout(settings.timeout * 5);
             if let Some(password) = &settings.password {
-                builder = builder.password(password.clone());
+                builder = builder.password(password.expose());
             }
             if let Some(ca) = &settings.ca_cert {
                 builder = builder.certs(certificates(ca));
@@ -94,13 +98,12 @@ impl RedisCache {
                 redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
                     .map_err(|e| SettingsError(e.to_string()))?;
             if let Some(password) = &settings.password {
-                let settings = info.redis_settings().clone().set_password(password.clone());
+                let settings = info.redis_settings().clone().set_password(password.expose());
                 info = info.set_redis_settings(settings);
             }
             (Some(client(info, settings)?), None)
         };
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| SettingsError("no async runtime".into()))?;
-        let task = handle.spawn(async move {
+        let connect = Box::pin(async move {
             let mut delay = Duration::from_millis(100);
             loop {
                 let attempt: Result<Connection, String> = match (&standalone, &cluster) {
@@ -109,28 +112,35 @@ impl RedisCache {
                             .set_connection_timeout(Some(Duration::from_secs(2)))
                             .set_response_timeout(Some(settings_.timeout * 5))
                             .set_number_of_retries(3);
-                        match tokio::time::timeout(Duration::from_secs(3), ConnectionManager::new_with_config(client.clone(), config)).await {
+                        match tokio::time::timeout(
+                            Duration::from_secs(3),
+                            ConnectionManager::new_with_config(client.clone(), config),
+                        )
+                        .await
+                        {
                             Ok(Ok(manager)) => Ok(Connection::Standalone(manager)),
                             Ok(Err(e)) => Err(e.to_string()),
                             Err(_) => Err("connecting timed out".into()),
                         }
                     }
-                    (None, Some(client)) => match tokio::time::timeout(Duration::from_secs(3), client.get_async_connection()).await {
-                        Ok(Ok(connection)) => Ok(Connection::Cluster(connection)),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("connecting timed out".into()),
-                    },
+                    (None, Some(client)) => {
+                        match tokio::time::timeout(Duration::from_secs(3), client.get_async_connection()).await {
+                            Ok(Ok(connection)) => Ok(Connection::Cluster(connection)),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("connecting timed out".into()),
+                        }
+                    }
                     (None, None) => return,
                 };
                 match attempt {
                     Ok(connection) => {
                         slot.store(Some(Arc::new(connection)));
-                        health_.set(COMPONENT, State::Up, format!("connected to {}", redact(&settings_.url)), false);
+                        health_.set(State::Up, format!("connected to {}", redact(&settings_.url)));
                         tracing::info!(url = %redact(&settings_.url), cluster = settings_.cluster, "connected to Redis");
                         return;
                     }
                     Err(error) => {
-                        health_.set(COMPONENT, State::Down, format!("cannot connect: {error}"), false);
+                        health_.set(State::Down, format!("cannot connect: {error}"));
                         tracing::warn!(%error, retry_in = ?delay, "cannot connect to Redis; the cache misses until it can");
                         // Exponential backoff with jitter, up to 5 s.
                         tokio::time::sleep(delay.mul_f64(0.5 + fastrand::f64())).await;
@@ -146,8 +156,21 @@ impl RedisCache {
             timeout: settings.timeout,
             health,
             metrics,
-            task: Some(task),
+            connect: Mutex::new(Some(connect)),
+            task: Mutex::new(None),
         })
+    }
+
+    /// Starts connecting and shows the client in `/status` (once the snapshot that uses it is committed).
+    /// Needs a Tokio runtime.
+    pub fn activate(&self) {
+        if let (Ok(mut connect), Ok(handle)) = (self.connect.lock(), tokio::runtime::Handle::try_current())
+            && let Some(connect) = connect.take()
+            && let Ok(mut task) = self.task.lock()
+        {
+            *task = Some(handle.spawn(connect));
+        }
+        self.health.activate();
     }
 
     async fn run<T: redis::FromRedisValue>(&self, op: &'static str, command: redis::Cmd) -> Result<T, CacheError> {
@@ -173,16 +196,11 @@ impl RedisCache {
         match transition {
             Some(BreakerState::Open) => {
                 let reason = outcome.as_ref().err().map(ToString::to_string).unwrap_or_default();
-                self.health.set(
-                    COMPONENT,
-                    State::Degraded,
-                    format!("failing, requests go to the upstreams: {reason}"),
-                    false,
-                );
+                self.health.set(State::Degraded, format!("failing, requests go to the upstreams: {reason}"));
                 tracing::warn!(%reason, "Redis keeps failing; serving from the upstreams without the cache for a while");
             }
             Some(BreakerState::Closed) => {
-                self.health.set(COMPONENT, State::Up, "answering again", false);
+                self.health.set(State::Up, "answering again");
                 tracing::info!("Redis answers again; caching resumes");
             }
             _ => {}
@@ -211,7 +229,7 @@ impl RedisCache {
 
 impl Drop for RedisCache {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        if let Some(task) = self.task.get_mut().ok().and_then(Option::take) {
             task.abort();
         }
     }

@@ -19,9 +19,9 @@ use http_body_util::BodyExt as _;
 
 use super::entry::now_ms;
 use super::{Cache, CacheError, Entry};
-use crate::chain::{Next, RequestInfo};
+use crate::kernel::context::RequestInfo;
 use crate::kernel::metrics::Metrics;
-use crate::runtime::Stage;
+use crate::kernel::stage::{Next, Stage};
 
 /// The `Cache-Status` header (RFC 9211).
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -109,6 +109,23 @@ impl CacheStage {
     pub fn new(rules: Vec<Rule>, prefix: String, flights: Flights, metrics: Metrics) -> Self {
         Self { inner: Arc::new(Inner { rules, prefix, flights, metrics }) }
     }
+
+    /// The stage for one route: only the rules that name it (or every route), or `None` when no rule
+    /// does, so that the route's pipeline has no cache stage at all.
+    pub fn for_route(&self, route: &str) -> Option<Self> {
+        let rules: Vec<Rule> = self
+            .inner
+            .rules
+            .iter()
+            .filter(|r| r.routes.as_ref().is_none_or(|routes| routes.iter().any(|r| r == route)))
+            .cloned()
+            .collect();
+        if rules.is_empty() {
+            return None;
+        }
+        let inner = &self.inner;
+        Some(Self::new(rules, inner.prefix.clone(), inner.flights.clone(), inner.metrics.clone()))
+    }
 }
 
 impl Stage for CacheStage {
@@ -182,7 +199,7 @@ impl Flights {
 
 /// A client span for a cache operation of a sampled request (exported when traces are).
 fn span(info: &RequestInfo, rule: &Rule, op: &str, started: std::time::SystemTime, result: &str) {
-    let Some(traces) = info.snapshot.traces.as_ref() else { return };
+    let Some(traces) = info.route.as_ref().and_then(|r| r.traces.as_ref()) else { return };
     if !info.trace.sampled {
         return;
     }
@@ -195,7 +212,14 @@ fn span(info: &RequestInfo, rule: &Rule, op: &str, started: std::time::SystemTim
         opentelemetry::KeyValue::new("umw.cache.backend", rule.cache.backend()),
         opentelemetry::KeyValue::new("umw.cache.result", result.to_string()),
     ];
-    traces.client_span(&info.trace, crate::kernel::trace::new_span_id(), format!("cache {op}"), started, attributes, false);
+    traces.client_span(
+        &info.trace,
+        crate::kernel::trace::new_span_id(),
+        format!("cache {op}"),
+        started,
+        attributes,
+        false,
+    );
 }
 
 /// What came of asking for the lock shared with other replicas.
@@ -244,8 +268,12 @@ impl Inner {
         };
         let count = |result: &str| self.metrics.cache_requests.with_label_values(&[&route, result]).inc();
         let asked = directives(request.headers());
-        // A shared cache keeps nothing for a request that asked it not to, or that carries credentials.
-        if asked.contains_key("no-store") || request.headers().contains_key(header::AUTHORIZATION) {
+        // A shared cache keeps nothing for a request that asked it not to, or that carries credentials
+        // (an Authorization header, or a principal an authentication stage established).
+        if asked.contains_key("no-store")
+            || request.headers().contains_key(header::AUTHORIZATION)
+            || info.principal.is_some()
+        {
             count("bypass");
             return with_status(next.run(request).await, "umw; fwd=bypass");
         }

@@ -28,18 +28,27 @@ pub struct TieredCache {
     id: String,
     /// True while the subscription is up: only then is L1 trusted.
     coherent: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl TieredCache {
-    /// `channel` is per Middleware (`<prefix>l1`). Needs a Tokio runtime.
-    pub fn new(l2: Arc<RedisCache>, channel: String) -> Result<Self, CacheError> {
+    /// `channel` is per Middleware (`<prefix>l1`). The in-process tier is used once
+    /// [activated](Self::activate) and subscribed.
+    pub fn new(l2: Arc<RedisCache>, channel: String) -> Self {
         let l1 = Arc::new(MemoryCache::new(L1_BYTES));
         let id = format!("{:016x}", fastrand::u64(..));
         let coherent = Arc::new(AtomicBool::new(false));
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| CacheError::Unavailable)?;
-        let task = handle.spawn(listen(l1.clone(), l2.clone(), channel.clone(), id.clone(), coherent.clone()));
-        Ok(Self { l1, l2, channel, id, coherent, task })
+        Self { l1, l2, channel, id, coherent, task: std::sync::Mutex::new(None) }
+    }
+
+    /// Connects Redis and subscribes to the other replicas' invalidations. Needs a Tokio runtime.
+    pub fn activate(&self) {
+        self.l2.activate();
+        let (Ok(mut task), Ok(handle)) = (self.task.lock(), tokio::runtime::Handle::try_current()) else { return };
+        if task.is_none() {
+            let (l1, l2, channel, id) = (self.l1.clone(), self.l2.clone(), self.channel.clone(), self.id.clone());
+            *task = Some(handle.spawn(listen(l1, l2, channel, id, self.coherent.clone())));
+        }
     }
 
     fn l1(&self) -> Option<&MemoryCache> {
@@ -58,7 +67,9 @@ impl TieredCache {
 
 impl Drop for TieredCache {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
     }
 }
 

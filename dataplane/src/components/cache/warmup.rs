@@ -3,20 +3,23 @@
 //! entries (`Cache-Control: no-cache`). A path is `/products/1` (host `localhost`) or an absolute URL, whose
 //! host becomes the request's `Host` and so part of the key.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use http::{HeaderValue, Request, header};
 use http_body_util::BodyExt as _;
-use tower::ServiceExt as _;
 
-use crate::chain::{Chain, ClientAddr};
+use crate::kernel::context::ClientAddr;
 use crate::kernel::health::State;
-use crate::runtime::Runtime;
+use crate::kernel::metrics::Metrics;
+use crate::kernel::ports::Loopback;
+use crate::kernel::task::{Aborting, TaskCx};
 
 /// The warm-up component in `/status`.
 pub const COMPONENT: &str = "cache warm-up";
+
+/// How long the body of one warm-up response may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a configuration asks to warm.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,46 +28,31 @@ pub struct Plan {
     pub interval: Option<Duration>,
 }
 
-/// Marks readiness as waiting for the first warm-up, when the configuration has one.
-pub fn announce(runtime: &Runtime) {
-    if !runtime.snapshot().warmup.paths.is_empty() {
-        runtime.health.set(COMPONENT, State::Starting, "fetching the warm-up paths", true);
-    }
-}
-
-/// Warms at start, then on each plan's interval, following reloads. Runs until dropped.
-pub async fn run(runtime: Arc<Runtime>, chain: Chain) {
-    let mut hash = String::new();
-    let mut next: Option<tokio::time::Instant> = None;
-    loop {
-        let snapshot = runtime.snapshot();
-        let plan = snapshot.warmup.clone();
-        let changed = snapshot.hash != hash;
-        let due = next.is_some_and(|at| tokio::time::Instant::now() >= at);
-        if changed || due {
-            hash = snapshot.hash.clone();
-            if plan.paths.is_empty() {
-                runtime.health.retain(|name| name != COMPONENT);
-                next = None;
-            } else {
-                // The first warm-up of a configuration fills the cache; later ones refresh it.
-                let refresh = due && !changed;
-                let (ok, failed) = warm(&chain, &plan, refresh, &runtime).await;
-                let message = match failed.first() {
-                    None => format!("{ok} path(s) fetched"),
-                    Some(first) => format!("{ok} path(s) fetched, {} failed (first: {first})", failed.len()),
-                };
-                let state = if failed.is_empty() { State::Up } else { State::Degraded };
-                // Warm-up decides readiness once, at start: after that the pod is ready whatever happens.
-                runtime.health.set(COMPONENT, state, message, false);
-                next = plan.interval.map(|i| tokio::time::Instant::now() + i);
-            }
+/// Warms now, then every interval, until stopped. On the process's first snapshot readiness waits for the
+/// first round; after that the pod is ready whatever warm-up finds.
+pub fn start(plan: Plan, cx: &TaskCx) -> Aborting {
+    let health = cx.health.handle(COMPONENT, cx.first);
+    health.set(State::Starting, "fetching the warm-up paths");
+    health.activate();
+    let (loopback, metrics) = (cx.loopback.clone(), cx.metrics.clone());
+    Aborting(tokio::spawn(async move {
+        let mut refresh = false;
+        loop {
+            let (ok, failed) = warm(&loopback, &plan, refresh, &metrics).await;
+            let message = match failed.first() {
+                None => format!("{ok} path(s) fetched"),
+                Some(first) => format!("{ok} path(s) fetched, {} failed (first: {first})", failed.len()),
+            };
+            health.set(if failed.is_empty() { State::Up } else { State::Degraded }, message);
+            let Some(interval) = plan.interval else { return std::future::pending().await };
+            tokio::time::sleep(interval).await;
+            // The first warm-up of a configuration fills the cache; later ones refresh it.
+            refresh = true;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    }))
 }
 
-async fn warm(chain: &Chain, plan: &Plan, refresh: bool, runtime: &Runtime) -> (usize, Vec<String>) {
+async fn warm(loopback: &Loopback, plan: &Plan, refresh: bool, metrics: &Metrics) -> (usize, Vec<String>) {
     let mut ok = 0;
     let mut failed = Vec::new();
     for path in &plan.paths {
@@ -86,18 +74,16 @@ async fn warm(chain: &Chain, plan: &Plan, refresh: bool, runtime: &Runtime) -> (
             request.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         }
         request.extensions_mut().insert(ClientAddr(std::net::SocketAddr::from(([127, 0, 0, 1], 0))));
-        let response = match chain.clone().oneshot(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
-        };
+        let response = loopback.send(request).await;
         let status = response.status();
-        let _ = response.into_body().collect().await;
+        // The route's timeout ends with the response head; a body that trickles must not hold warm-up.
+        let _ = tokio::time::timeout(BODY_TIMEOUT, response.into_body().collect()).await;
         if status.is_success() {
             ok += 1;
-            runtime.metrics.cache_warmups.with_label_values(&["ok"]).inc();
+            metrics.cache_warmups.with_label_values(&["ok"]).inc();
         } else {
             failed.push(format!("{path}: {status}"));
-            runtime.metrics.cache_warmups.with_label_values(&["error"]).inc();
+            metrics.cache_warmups.with_label_values(&["error"]).inc();
         }
     }
     (ok, failed)

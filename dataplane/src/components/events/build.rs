@@ -16,20 +16,23 @@ use super::{DeadLetter, Destination, EventRouteRuntime, Ingest, KafkaSourceHandl
 use crate::kernel::config::Loaded;
 use crate::kernel::health::Health;
 use crate::kernel::metrics::Metrics;
-use crate::components::proxy::upstream::Clients;
+use crate::kernel::net::Clients;
 use crate::kernel::routing::Matcher;
+use crate::kernel::task::version_of;
 
 /// Producers by settings, kept across reloads.
 pub type Producers = HashMap<KafkaSettings, Arc<Producer>>;
 
-/// A consumer the configuration asks for; `key` changes whenever anything it depends on does.
+/// A consumer the configuration asks for; `version` changes whenever anything it depends on does.
 #[derive(Clone)]
 pub struct ConsumerPlan {
-    pub key: String,
+    pub version: u64,
     /// The event route.
     pub route: String,
     pub source: PlanSource,
     pub handler: Arc<dyn kafka::Handler>,
+    /// For [`PlanSource::Bus`].
+    pub bus: Option<Arc<InProcessBus>>,
 }
 
 /// What a consumer reads.
@@ -63,7 +66,7 @@ pub fn kafka_settings(kafka: &KafkaConnection, loaded: &Loaded) -> Result<KafkaS
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_else(|| "PLAIN".into());
-            Some((mechanism, user, password))
+            Some((mechanism, user, crate::kernel::secret::Secret::from(password)))
         }
         None => None,
     };
@@ -135,7 +138,7 @@ pub fn build(
             used.insert(settings.clone(), existing.clone());
             return Some(existing);
         }
-        match Producer::new(settings, health.clone(), metrics.clone()) {
+        match Producer::new(settings, health, metrics.clone()) {
             Ok(producer) => {
                 let producer = Arc::new(producer);
                 used.insert(settings.clone(), producer.clone());
@@ -212,15 +215,16 @@ pub fn build(
             let handler: Arc<dyn kafka::Handler> = Arc::new(KafkaSourceHandler { route: runtime });
             let plan = if in_process {
                 ConsumerPlan {
-                    key: format!("bus|{}|{spec_text}", route.name_any()),
+                    version: version_of(&("bus", &spec_text)),
                     route: route.name_any(),
                     source: PlanSource::Bus(source.topic.clone()),
                     handler,
+                    bus: Some(bus.clone()),
                 }
             } else {
                 let Some(connection) = settings.clone() else { continue };
                 ConsumerPlan {
-                    key: format!("{}|{}|{group}|{spec_text}|{connection:?}", route.name_any(), source.topic),
+                    version: version_of(&(&source.topic, &group, &spec_text, &connection)),
                     route: route.name_any(),
                     source: PlanSource::Kafka(Box::new(ConsumerSettings {
                         connection,
@@ -230,6 +234,7 @@ pub fn build(
                         from_latest: false,
                     })),
                     handler,
+                    bus: None,
                 }
             };
             built.consumers.push(plan);

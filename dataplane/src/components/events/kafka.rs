@@ -23,8 +23,9 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::Semaphore;
 
 use super::envelope::Wire;
-use crate::kernel::health::{Health, State};
+use crate::kernel::health::{Health, HealthHandle, State};
 use crate::kernel::metrics::Metrics;
+use crate::kernel::secret::Secret;
 
 /// The name of the Kafka component in `/status`.
 pub const COMPONENT: &str = "kafka";
@@ -39,7 +40,7 @@ pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     /// Mechanism, user name, password.
-    pub sasl: Option<(String, String, String)>,
+    pub sasl: Option<(String, String, Secret)>,
     pub tls: bool,
     pub ca_cert: Option<String>,
     pub acks: &'static str,
@@ -71,7 +72,7 @@ impl KafkaSettings {
         };
         config.set("security.protocol", protocol);
         if let Some((mechanism, user, password)) = &self.sasl {
-            config.set("sasl.mechanism", mechanism).set("sasl.username", user).set("sasl.password", password);
+            config.set("sasl.mechanism", mechanism).set("sasl.username", user).set("sasl.password", password.expose());
         }
         if let Some(ca) = &self.ca_cert {
             config.set("ssl.ca.pem", ca);
@@ -89,6 +90,9 @@ pub enum PublishError {
     /// No broker is reachable.
     #[error("Kafka is unavailable: {0}")]
     Unavailable(String),
+    /// The event was handed to a broker that did not acknowledge it in time: it may have been written.
+    #[error("Kafka is unavailable: {0}")]
+    TimedOut(String),
     /// The broker did not take the event this time.
     #[error("Kafka did not acknowledge the event: {0}")]
     Failed(String),
@@ -106,7 +110,7 @@ impl PublishError {
     pub fn outcome(&self) -> &'static str {
         match self {
             PublishError::Full(_) => "full",
-            PublishError::Unavailable(_) => "unavailable",
+            PublishError::Unavailable(_) | PublishError::TimedOut(_) => "unavailable",
             PublishError::Failed(_) | PublishError::Refused(_) => "error",
         }
     }
@@ -126,7 +130,7 @@ const DOWN: u8 = 2;
 
 /// Feeds the client's view of the brokers into `/status` and the lag gauge.
 pub struct Context {
-    health: Health,
+    health: HealthHandle,
     state: Arc<AtomicU8>,
     /// For consumers: the lag gauge of their event route.
     lag: Option<prometheus::IntGauge>,
@@ -139,10 +143,10 @@ impl Context {
         let new = if up { UP } else { DOWN };
         if self.state.swap(new, Ordering::Relaxed) != new {
             if up {
-                self.health.set(COMPONENT, State::Up, message, false);
+                self.health.set(State::Up, message);
                 tracing::info!("Kafka reachable again");
             } else {
-                self.health.set(COMPONENT, State::Down, message.clone(), false);
+                self.health.set(State::Down, message.clone());
                 tracing::warn!(%message, "Kafka unreachable");
             }
         }
@@ -231,6 +235,7 @@ pub struct Producer {
     /// While no broker is connected, asks for metadata every second: librdkafka connects only when it has
     /// something to do, and events are refused meanwhile.
     probe: Option<tokio::task::JoinHandle<()>>,
+    health: HealthHandle,
     metrics: Metrics,
 }
 
@@ -243,7 +248,8 @@ impl Drop for Producer {
 }
 
 impl Producer {
-    pub fn new(settings: &KafkaSettings, health: Health, metrics: Metrics) -> Result<Self, String> {
+    /// The client connects at once; its health shows once [activated](Self::activate).
+    pub fn new(settings: &KafkaSettings, health: &Health, metrics: Metrics) -> Result<Self, String> {
         let mut config = settings.client_config();
         let idempotent = settings.acks == "all";
         config
@@ -258,8 +264,9 @@ impl Producer {
             config.set("batch.size", batch.to_string());
         }
         let state = Arc::new(AtomicU8::new(UNKNOWN));
-        health.set(COMPONENT, State::Starting, "connecting", false);
-        let context = Context { health, state: state.clone(), lag: None, group: None };
+        let health = health.handle(COMPONENT, false);
+        health.set(State::Starting, "connecting");
+        let context = Context { health: health.clone(), state: state.clone(), lag: None, group: None };
         let inner: FutureProducer<Context> =
             config.create_with_context(context).map_err(|e| format!("Kafka producer settings: {e}"))?;
         Ok(Self {
@@ -270,8 +277,14 @@ impl Producer {
                 .map(|handle| handle.spawn(probe(inner.clone(), state.clone()))),
             inner,
             state,
+            health,
             metrics,
         })
+    }
+
+    /// Shows the producer in `/status` (once the snapshot that uses it is committed).
+    pub fn activate(&self) {
+        self.health.activate();
     }
 
     /// Publishes one record and waits for the broker's acknowledgement (`acks`).
@@ -328,9 +341,8 @@ impl Producer {
                     tracing::warn!(%topic, "publishing to a topic that does not exist; create it (brokers here do not create topics on their own)");
                     PublishError::Failed(format!("topic {topic} does not exist"))
                 }
-                Some(RDKafkaErrorCode::MessageTimedOut) | Some(RDKafkaErrorCode::AllBrokersDown) => {
-                    PublishError::Unavailable(error.to_string())
-                }
+                Some(RDKafkaErrorCode::MessageTimedOut) => PublishError::TimedOut(error.to_string()),
+                Some(RDKafkaErrorCode::AllBrokersDown) => PublishError::Unavailable(error.to_string()),
                 Some(
                     RDKafkaErrorCode::MessageSizeTooLarge
                     | RDKafkaErrorCode::InvalidMessage
@@ -582,7 +594,7 @@ impl Consumer {
     pub fn start(
         settings: &ConsumerSettings,
         handler: Arc<dyn Handler>,
-        health: Health,
+        health: HealthHandle,
         metrics: Metrics,
         previous: Option<Consumer>,
     ) -> Result<Self, String> {
@@ -640,8 +652,13 @@ impl Consumer {
     /// Stops consuming: the workers finish the message in hand, their offsets are committed, the member
     /// leaves the group. Blocks up to 15 s; call it off the async threads.
     pub fn stop(self) {
+        self.stop_within(STOP_WAIT);
+    }
+
+    /// [`Consumer::stop`], waiting at most `wait`.
+    pub fn stop_within(self, wait: Duration) {
         self.stop.store(true, Ordering::Relaxed);
-        if matches!(self.ended.recv_timeout(STOP_WAIT), Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
+        if matches!(self.ended.recv_timeout(wait.min(STOP_WAIT)), Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
             tracing::warn!("a consumer did not leave its group in time (brokers unreachable?); going on without it");
         }
     }

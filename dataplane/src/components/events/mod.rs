@@ -7,6 +7,7 @@
 
 pub mod build;
 pub mod bus;
+pub mod component;
 pub mod envelope;
 pub mod kafka;
 
@@ -29,8 +30,8 @@ use self::bus::Publisher;
 use self::envelope::{Defaults, Format, Wire};
 use self::kafka::{Incoming, PublishError};
 use crate::kernel::metrics::Metrics;
+use crate::kernel::net::Clients;
 use crate::kernel::problem::{FieldProblem, Kind, Problem};
-use crate::components::proxy::upstream::Clients;
 
 /// Problems of event ingest.
 pub mod kinds {
@@ -357,6 +358,17 @@ pub struct Ingest {
     pub route: Arc<EventRouteRuntime>,
 }
 
+impl crate::kernel::endpoint::Endpoint for Ingest {
+    fn call(&self, request: Request<Body>, info: crate::kernel::context::RequestInfo) -> BoxFuture<'static, Response> {
+        let route = self.route.clone();
+        Box::pin(async move { Ingest { route }.handle(request, &info.trace).await })
+    }
+
+    fn target(&self) -> String {
+        "events".to_string()
+    }
+}
+
 impl Ingest {
     /// Publishes the request's event(s). The events continue the request's trace from a producer span
     /// (exported when the request is sampled), so that consumers continue it in turn.
@@ -397,7 +409,7 @@ impl Ingest {
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             // Not an event: the body did not arrive (counted with the listener's refusals when it timed out).
-            Err(error) => return crate::components::proxy::body_error(error).problem(&route.name).into_response(),
+            Err(error) => return crate::kernel::body::body_error(error).problem(&route.name).into_response(),
         };
         let batch = parts
             .headers
@@ -452,7 +464,7 @@ impl Ingest {
                         route.count("failed");
                         let problem = match &error {
                             PublishError::Full(_) => Problem::new(kinds::EVENTS_UNAVAILABLE, error.to_string()).retry_after(1),
-                            PublishError::Unavailable(reason) if reason.contains("timed out") => Problem::new(
+                            PublishError::TimedOut(_) => Problem::new(
                                 kinds::EVENTS_UNAVAILABLE,
                                 format!("{error}; the event may have been written if the broker went away after receiving it: send it again with the same id (ce-id {id})"),
                             )

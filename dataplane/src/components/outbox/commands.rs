@@ -20,13 +20,14 @@ use umw_crds::template::{self, Part};
 
 use super::kinds;
 use super::{CommandRecord, NewCommand, OutboxStore, Record, Recorded, StoreError};
-use crate::chain::RequestInfo;
+use crate::kernel::context::RequestInfo;
+use crate::kernel::endpoint::Endpoint;
 use crate::kernel::metrics::Metrics;
 use crate::kernel::problem::Problem;
 use crate::kernel::telemetry::Traces;
 
-/// Calls the command's handler upstream (the runtime wires it to the proxy).
-pub type Handler = Arc<dyn Fn(Request<Body>, RequestInfo) -> BoxFuture<'static, Response> + Send + Sync>;
+/// Calls the command's handler upstream: a route of the proxy's (through the `Forward` port).
+pub type Handler = Arc<crate::kernel::endpoint::Route>;
 
 /// The header that marks a replayed response.
 pub const REPLAYED: &str = "idempotent-replayed";
@@ -50,6 +51,28 @@ pub struct Command {
     pub store: Arc<dyn OutboxStore>,
     pub metrics: Metrics,
     pub traces: Option<Arc<Traces>>,
+}
+
+/// A command is an endpoint behind `Arc`, so that its request future owns what it needs.
+pub struct CommandEndpoint(pub Arc<Command>);
+
+impl Endpoint for CommandEndpoint {
+    fn call(&self, request: Request<Body>, info: RequestInfo) -> BoxFuture<'static, Response> {
+        let command = self.0.clone();
+        Box::pin(async move { command.handle(request, info).await })
+    }
+
+    fn target(&self) -> String {
+        "commands".to_string()
+    }
+
+    fn schema_owner(&self) -> Option<String> {
+        Some(format!("command {}", self.0.name))
+    }
+
+    fn invalid_body(&self) {
+        self.0.count("invalid");
+    }
 }
 
 impl Command {
@@ -93,7 +116,7 @@ impl Command {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
                 self.count("invalid");
-                return crate::components::proxy::body_error(error).problem(&self.name).into_response();
+                return crate::kernel::body::body_error(error).problem(&self.name).into_response();
             }
         };
         let data: serde_json::Value = match serde_json::from_slice(&bytes) {
@@ -158,7 +181,10 @@ impl Command {
                 return Problem::new(kinds::INVALID_COMMAND, "the request cannot be sent to the handler")
                     .into_response();
             };
-            let response = handler(forward, info.clone()).await;
+            // The handler's route, with the command's deadline: its endpoint forwards to the upstream.
+            let mut through = info.clone();
+            through.route = Some(handler.clone());
+            let response = handler.endpoint.call(forward, through).await;
             let status = response.status();
             let retry_after = response
                 .headers()
@@ -321,6 +347,17 @@ fn location(response: &mut Response, id: uuid::Uuid) {
 pub struct Status {
     pub store: Arc<dyn OutboxStore>,
     pub metrics: Metrics,
+}
+
+impl Endpoint for Status {
+    fn call(&self, request: Request<Body>, _info: RequestInfo) -> BoxFuture<'static, Response> {
+        let status = Status { store: self.store.clone(), metrics: self.metrics.clone() };
+        Box::pin(async move { status.handle(request).await })
+    }
+
+    fn target(&self) -> String {
+        "commands".to_string()
+    }
 }
 
 impl Status {

@@ -9,10 +9,11 @@
 //! The same relay reads application-owned outbox tables (an `EventRoute` with an `outbox` source). An
 //! in-process store serves standalone use; it keeps nothing across a restart.
 //!
-//! This component publishes through the small [`Sink`] trait; the runtime adapts the event producer to
-//! it.
+//! This component publishes through the events component's `Publish` port, and command handlers are
+//! called through the proxy's `Forward` port ([`component`]).
 
 pub mod commands;
+pub mod component;
 pub mod memory;
 pub mod postgres;
 pub mod relay;
@@ -69,46 +70,7 @@ pub const COMPONENT: &str = "postgres";
 /// The table of events written by commands.
 pub const COMMANDS_TABLE: &str = "umw_outbox";
 
-/// An event as the relay publishes it: CloudEvents attributes, data, and extra Kafka headers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Record {
-    pub id: String,
-    pub topic: String,
-    /// The Kafka key; events of one key are published in order.
-    pub key: Option<String>,
-    pub ty: String,
-    pub source: String,
-    pub subject: Option<String>,
-    /// RFC 3339 time the event was recorded.
-    pub time: Option<String>,
-    pub data: Vec<u8>,
-    pub content_type: Option<String>,
-    /// CloudEvents extensions (`traceparent`, `commandid`).
-    pub extensions: Vec<(String, String)>,
-    /// Kafka headers besides the CloudEvents ones.
-    pub headers: Vec<(String, String)>,
-}
-
-/// Why a record was not published.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SinkError {
-    /// The broker cannot be reached, or pushes back: nothing is wrong with the record. The relay waits
-    /// and tries again without counting an attempt.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The broker did not take this record this time: counts as an attempt.
-    #[error("{0}")]
-    Failed(String),
-    /// The broker will never take this record (too large, malformed): dead-lettered at once.
-    #[error("{0}")]
-    Refused(String),
-}
-
-/// Where relayed records go (the event producer, adapted by the runtime).
-pub trait Sink: Send + Sync + 'static {
-    /// Publishes and waits for the broker's acknowledgement.
-    fn publish<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Result<(), SinkError>>;
-}
+pub use crate::kernel::ports::{Record, Sink, SinkError};
 
 /// Why the store could not do something.
 #[derive(Debug, Clone, thiserror::Error)]

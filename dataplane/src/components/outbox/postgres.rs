@@ -16,13 +16,15 @@ use super::{
     COMMANDS_TABLE, COMPONENT, CommandRecord, CommandState, DeadRow, EventState, NewCommand, OutboxStore, Record,
     Recorded, StoreError,
 };
-use crate::kernel::health::{Health, State};
+use crate::kernel::health::{Health, HealthHandle, State};
 use crate::kernel::metrics::Metrics;
+use crate::kernel::secret::Secret;
 
 /// How to reach the database; equal settings share one pool across reloads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PgSettings {
-    pub url: String,
+    /// May carry the password (in the user information or as `?password=`).
+    pub url: Secret,
     pub ca_cert: Option<String>,
     pub max_connections: u32,
     pub statement_timeout: Duration,
@@ -47,14 +49,21 @@ pub struct Database {
     pub pool: PgPool,
     /// How to open a connection outside the pool (the command writers own theirs).
     options: PgConnectOptions,
+    /// Deadline of a connection attempt (`connectTimeout`).
+    connect_timeout: Duration,
     ready: watch::Receiver<bool>,
-    migrations: tokio::task::JoinHandle<()>,
+    /// Preparing the schema, in the background once activated.
+    migrate: std::sync::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
+    migrations: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    health: HealthHandle,
     pub metrics: Metrics,
 }
 
 impl Drop for Database {
     fn drop(&mut self) {
-        self.migrations.abort();
+        if let Some(task) = self.migrations.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
     }
 }
 
@@ -64,13 +73,15 @@ pub fn redact(url: &str) -> String {
 }
 
 impl Database {
-    /// A lazily connecting pool; the migrations run in the background until they succeed.
-    pub fn new(settings: &PgSettings, health: Health, metrics: Metrics) -> Result<Arc<Self>, String> {
+    /// A lazily connecting pool; once [activated](Self::activate), the migrations run in the background
+    /// until they succeed.
+    pub fn new(settings: &PgSettings, health: &Health, metrics: Metrics) -> Result<Arc<Self>, String> {
+        let url = settings.url.expose();
         let mut options: PgConnectOptions =
-            settings.url.parse().map_err(|e| format!("spec.connections.postgres.url is not a PostgreSQL URL: {e}"))?;
+            url.parse().map_err(|e| format!("spec.connections.postgres.url is not a PostgreSQL URL: {e}"))?;
         if let Some(ca) = &settings.ca_cert {
             options = options.ssl_root_cert_from_pem(ca.as_bytes().to_vec());
-            if !settings.url.contains("sslmode=") {
+            if !url.contains("sslmode=") {
                 options = options.ssl_mode(PgSslMode::VerifyFull);
             }
         }
@@ -88,9 +99,30 @@ impl Database {
             .idle_timeout(Duration::from_secs(300))
             .connect_lazy_with(options.clone());
         let (ready_tx, ready) = watch::channel(false);
-        health.set(COMPONENT, State::Starting, "connecting", false);
-        let migrations = tokio::spawn(migrate_until_done(pool.clone(), redact(&settings.url), health, ready_tx));
-        Ok(Arc::new(Self { pool, options, ready, migrations, metrics }))
+        let health = health.handle(COMPONENT, false);
+        health.set(State::Starting, "connecting");
+        let migrate = Box::pin(migrate_until_done(pool.clone(), redact(url), health.clone(), ready_tx));
+        Ok(Arc::new(Self {
+            pool,
+            options,
+            connect_timeout: settings.connect_timeout,
+            ready,
+            migrate: std::sync::Mutex::new(Some(migrate)),
+            migrations: std::sync::Mutex::new(None),
+            health,
+            metrics,
+        }))
+    }
+
+    /// Starts preparing the schema and shows the database in `/status` (once the snapshot that uses it is
+    /// committed). Needs a Tokio runtime.
+    pub fn activate(&self) {
+        if let (Ok(mut migrate), Ok(mut task)) = (self.migrate.lock(), self.migrations.lock())
+            && let Some(migrate) = migrate.take()
+        {
+            *task = Some(tokio::spawn(migrate));
+        }
+        self.health.activate();
     }
 
     /// Waits (at most `timeout`) for the schema; false when it is not there yet.
@@ -100,18 +132,18 @@ impl Database {
     }
 }
 
-async fn migrate_until_done(pool: PgPool, url: String, health: Health, ready: watch::Sender<bool>) {
+async fn migrate_until_done(pool: PgPool, url: String, health: HealthHandle, ready: watch::Sender<bool>) {
     let mut failures = 0u32;
     loop {
         match migrate(&pool).await {
             Ok(version) => {
-                health.set(COMPONENT, State::Up, format!("connected to {url}, schema version {version}"), false);
+                health.set(State::Up, format!("connected to {url}, schema version {version}"));
                 let _ = ready.send(true);
                 return;
             }
             Err(error) => {
                 failures += 1;
-                health.set(COMPONENT, State::Down, format!("cannot prepare the schema in {url}: {error}"), false);
+                health.set(State::Down, format!("cannot prepare the schema in {url}: {error}"));
                 if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(%url, %error, "cannot reach PostgreSQL or prepare its schema; retrying");
                 }
@@ -224,13 +256,22 @@ async fn writer(db: Arc<Database>, queue: Arc<tokio::sync::Mutex<tokio::sync::mp
             group
         };
         if connection.is_none() {
-            match sqlx::PgConnection::connect_with(&db.options).await {
+            // A black-holed server would hold the writer for the system's connect timeout, and one that
+            // accepts but never finishes the handshake for ever.
+            let opened =
+                match tokio::time::timeout(db.connect_timeout, sqlx::PgConnection::connect_with(&db.options)).await {
+                    Ok(opened) => opened.map_err(store_error),
+                    Err(_) => Err(StoreError::Unavailable(format!(
+                        "connecting to PostgreSQL took longer than connectTimeout ({:?})",
+                        db.connect_timeout
+                    ))),
+                };
+            match opened {
                 Ok(opened) => {
                     connection = Some(opened);
                     failures = 0;
                 }
                 Err(error) => {
-                    let error = store_error(error);
                     for pending in group {
                         let _ = pending.done.send(Err(error.clone()));
                     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 
 use super::{Record, Sink, SinkError, StoreError};
-use crate::kernel::health::{Health, State};
+use crate::kernel::health::{HealthHandle, State};
 use crate::kernel::metrics::Metrics;
 
 /// A claimed row.
@@ -102,13 +102,27 @@ pub struct Relay {
     housekeeping: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The `/status` component of the relay of `table`: `postgres` for the commands' table (with the
+/// database), `outbox <table>` for an application's (so that a broken application table does not mark
+/// the database down).
+pub fn component_name(table: &str) -> String {
+    if table == super::COMMANDS_TABLE { super::COMPONENT.to_string() } else { format!("{COMPONENT_PREFIX}{table}") }
+}
+
+impl crate::kernel::task::Running for Relay {
+    fn stop(self: Box<Self>, deadline: std::time::Instant) -> futures::future::BoxFuture<'static, ()> {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        Box::pin(Relay::stop(*self, wait))
+    }
+}
+
 impl Relay {
     pub fn start(
         source: Arc<dyn Source>,
         sink: Arc<dyn Sink>,
         settings: Settings,
         metrics: Metrics,
-        health: Health,
+        health: HealthHandle,
     ) -> Self {
         let stopping = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Inner {
@@ -153,7 +167,7 @@ struct Inner {
     sink: Arc<dyn Sink>,
     settings: Settings,
     metrics: Metrics,
-    health: Health,
+    health: HealthHandle,
     stopping: Arc<AtomicBool>,
     /// Whether the last failure of an operation on the table has not been followed by a success yet.
     down: AtomicBool,
@@ -200,12 +214,7 @@ impl Inner {
                 }
             }
             if let Some(reason) = unavailable {
-                self.health.set(
-                    &self.component(),
-                    State::Up,
-                    format!("connected; relaying {table} waits for the broker: {reason}"),
-                    false,
-                );
+                self.health.set(State::Up, format!("connected; relaying {table} waits for the broker: {reason}"));
                 tokio::time::sleep(Duration::from_secs(1)).await;
             } else if idle {
                 self.source.wait(self.settings.poll_interval).await;
@@ -213,19 +222,9 @@ impl Inner {
         }
     }
 
-    /// The `/status` component of this relay: `postgres` for the commands' table, `outbox <table>` for an
-    /// application's (so that a broken application table does not mark the database down).
-    fn component(&self) -> String {
-        if self.source.name() == super::COMMANDS_TABLE {
-            super::COMPONENT.to_string()
-        } else {
-            format!("{}{}", COMPONENT_PREFIX, self.source.name())
-        }
-    }
-
     fn store_failed(&self, operation: &str, error: &StoreError, failures: u32) {
         self.metrics.postgres_errors.with_label_values(&[operation]).inc();
-        self.health.set(&self.component(), State::Down, error.to_string(), false);
+        self.health.set(State::Down, error.to_string());
         // After the state: a success racing with this failure then still finds the flag and clears it.
         self.down.store(true, Ordering::Relaxed);
         if failures <= 1 || failures.is_multiple_of(60) {
@@ -237,7 +236,7 @@ impl Inner {
     /// housekeeping) failed and whichever succeeds.
     fn recovered(&self) {
         if self.down.swap(false, Ordering::Relaxed) {
-            self.health.set(&self.component(), State::Up, format!("relaying {} again", self.source.name()), false);
+            self.health.set(State::Up, format!("relaying {} again", self.source.name()));
         }
     }
 
@@ -427,13 +426,13 @@ mod tests {
         }
     }
 
-    fn state(health: &Health) -> Option<State> {
+    fn state(health: &crate::kernel::health::Health) -> Option<State> {
         health.components().into_iter().find(|c| c.name == super::super::COMPONENT).map(|c| c.state)
     }
 
     #[tokio::test]
     async fn a_failure_outside_the_loops_is_cleared_by_the_next_success() {
-        let health = Health::default();
+        let health = crate::kernel::health::Health::default();
         let settings = Settings {
             batch: 10,
             max_attempts: 3,
@@ -442,7 +441,9 @@ mod tests {
         };
         let source = Arc::new(Flaky { failing: 1.into() });
         let metrics = Metrics::new().unwrap();
-        let relay = Relay::start(source, Arc::new(Nowhere), settings, metrics.clone(), health.clone());
+        let handle = health.handle(component_name(super::super::COMMANDS_TABLE), false);
+        handle.activate();
+        let relay = Relay::start(source, Arc::new(Nowhere), settings, metrics.clone(), handle);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(metrics.postgres_errors.with_label_values(&["depth"]).get(), 1, "the depth query failed once");
         // The loops' claims kept working: the component is up again, not left down until a loop fails.

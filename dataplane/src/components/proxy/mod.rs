@@ -3,25 +3,30 @@
 //! both sides.
 
 pub mod budget;
+pub mod component;
 pub mod headers;
 pub mod upstream;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use opentelemetry::KeyValue;
 
+use crate::kernel::body::{BodyError, is_length_limit};
 use crate::kernel::breaker::Admission;
-use crate::chain::RequestInfo;
+use crate::kernel::context::RequestInfo;
+use crate::kernel::endpoint::{Endpoint, Route};
 use crate::kernel::metrics::status_class;
+use crate::kernel::net::Clients;
 use crate::kernel::problem::{Problem, kinds};
-use crate::runtime::Route;
 use crate::kernel::trace::{TRACEPARENT, new_span_id};
 use upstream::{Protocol, Upstream};
 
@@ -96,14 +101,54 @@ fn idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
+/// Retries of a route.
+#[derive(Clone, Debug)]
+pub struct Retry {
+    pub attempts: u32,
+    pub backoff: Duration,
+    pub on_statuses: Vec<StatusCode>,
+}
+
+/// The end of a proxied route: its upstream, retries and the pooled clients.
+pub struct Proxied {
+    pub upstream: Arc<Upstream>,
+    pub retry: Option<Retry>,
+    pub clients: Clients,
+}
+
+impl Endpoint for Proxied {
+    fn call(&self, request: Request<Body>, info: RequestInfo) -> BoxFuture<'static, Response> {
+        let upstream = self.upstream.clone();
+        let retry = self.retry.clone();
+        let clients = self.clients.clone();
+        Box::pin(async move {
+            let Some(route) = info.route.clone() else {
+                return Problem::new(kinds::NO_ROUTE, "no route").into_response();
+            };
+            let proxied = Proxied { upstream, retry, clients };
+            match forward(request, &info, &route, &proxied).await {
+                Ok(response) => response,
+                Err(error) => error_response(error, &info, &route),
+            }
+        })
+    }
+
+    fn target(&self) -> String {
+        self.upstream.label.clone()
+    }
+}
+
 /// Sends `request` to the route's upstream and returns its response, or the error to answer with.
-pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) -> Result<Response, ProxyError> {
-    let Some(upstream) = route.upstream.as_ref() else {
-        return Err(ProxyError::BadRequest(format!("route {} has no upstream", route.name)));
-    };
+pub async fn forward(
+    request: Request<Body>,
+    info: &RequestInfo,
+    route: &Route,
+    proxied: &Proxied,
+) -> Result<Response, ProxyError> {
+    let upstream = &proxied.upstream;
     let (mut parts, body) = request.into_parts();
     let deadline = info.deadline.unwrap_or_else(|| Instant::now() + route.timeout);
-    let retry = route.retry.as_ref().filter(|_| idempotent(&parts.method));
+    let retry = proxied.retry.as_ref().filter(|_| idempotent(&parts.method));
 
     // A body is replayable when it is small and of known size; otherwise it is streamed once.
     let mut body = Some(body);
@@ -140,8 +185,8 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
         let outbound = upstream_request(&parts, headers, info, upstream, span_id, attempt_body)?;
         let started = (Instant::now(), SystemTime::now());
         let sent = match upstream.target.protocol {
-            Protocol::Http1 => tokio::time::timeout_at(deadline.into(), route.clients.http1.request(outbound)).await,
-            Protocol::H2c => tokio::time::timeout_at(deadline.into(), route.clients.h2c.request(outbound)).await,
+            Protocol::Http1 => tokio::time::timeout_at(deadline.into(), proxied.clients.http1.request(outbound)).await,
+            Protocol::H2c => tokio::time::timeout_at(deadline.into(), proxied.clients.h2c.request(outbound)).await,
         };
         let elapsed = started.0.elapsed();
         let metrics = upstream.metrics();
@@ -151,7 +196,12 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
             Ok(Ok(response)) => Ok(response.map(Body::new)),
             Ok(Err(error)) => Err(classify(error, &upstream.label)),
             // The client was still sending its body at the deadline: its wait, not the upstream's.
-            Err(_) if parts.extensions.get::<crate::kernel::inbound::BodyProgress>().is_some_and(|b| b.waiting_on_client()) => {
+            Err(_)
+                if parts
+                    .extensions
+                    .get::<crate::kernel::inbound::BodyProgress>()
+                    .is_some_and(|b| b.waiting_on_client()) =>
+            {
                 route.metrics.http_refused.with_label_values(&[crate::kernel::inbound::reasons::BODY_TIMEOUT]).inc();
                 Err(ProxyError::BodyTimeout)
             }
@@ -225,27 +275,19 @@ pub async fn forward(request: Request<Body>, info: &RequestInfo, route: &Route) 
     }
 }
 
-/// The error for a request body that could not be read: too large, or broken.
+/// The error for a request body that could not be read.
 pub fn body_error(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError {
-    let error = error.into();
-    if is_length_limit(error.as_ref()) {
-        ProxyError::BodyTooLarge
-    } else if crate::kernel::inbound::is_body_timeout(error.as_ref()) {
-        ProxyError::BodyTimeout
-    } else {
-        ProxyError::BodyUnreadable(error.to_string())
-    }
+    crate::kernel::body::body_error(error).into()
 }
 
-fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = current {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return true;
+impl From<BodyError> for ProxyError {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::TooLarge => ProxyError::BodyTooLarge,
+            BodyError::Timeout => ProxyError::BodyTimeout,
+            BodyError::Unreadable(e) => ProxyError::BodyUnreadable(e),
         }
-        current = e.source();
     }
-    false
 }
 
 fn classify(error: hyper_util::client::legacy::Error, upstream: &str) -> ProxyError {
@@ -338,6 +380,3 @@ pub fn error_response(error: ProxyError, info: &RequestInfo, route: &Route) -> R
     }
     error.problem(&route.name).into_response()
 }
-
-/// Status returned when the client went away (never sent: nobody is listening).
-pub const CLIENT_CLOSED: StatusCode = StatusCode::BAD_REQUEST;

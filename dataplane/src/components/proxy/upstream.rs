@@ -1,118 +1,23 @@
 //! Upstreams: where a route's requests go, with the state that outlives a configuration reload (pooled
 //! connections, the circuit breaker, the retry budget).
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use http::HeaderValue;
 use http::uri::{Authority, Scheme};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use umw_crds::middleware::{Upstream as UpstreamSpec, UpstreamProtocol};
 use umw_crds::validate::duration_or;
 
 use super::budget::RetryBudget;
 use crate::kernel::breaker::{Admission, Breaker, BreakerState};
-use crate::kernel::health::{Health, State};
+use crate::kernel::health::{Health, HealthHandle, State};
 use crate::kernel::metrics::Metrics;
+pub use crate::kernel::net::{Clients, Overrides};
 
 /// Default of `circuitBreaker.openFor`.
 pub const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(10);
 /// Default of `circuitBreaker.consecutiveFailures`.
 pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
-
-type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
-
-/// The connection pools, one per protocol, shared by every upstream and kept across reloads.
-#[derive(Clone)]
-pub struct Clients {
-    pub http1: Client<HttpsConnector, Body>,
-    pub h2c: Client<HttpConnector, Body>,
-}
-
-impl Clients {
-    pub fn new() -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        // TCP keep-alive finds pooled connections whose peer vanished without a reset.
-        http.set_keepalive(Some(Duration::from_secs(30)));
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let builder = match builder.with_native_roots() {
-            Ok(builder) => builder,
-            Err(error) => {
-                tracing::warn!(%error, "no system CA certificates; https:// upstreams will fail verification");
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config_without_roots())
-            }
-        };
-        let https = builder.https_or_http().enable_http1().enable_http2().wrap_connector(http.clone());
-        let http1 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(https);
-        // HTTP/2 multiplexes on few connections, so a dead one would take every request with it: pings find
-        // it within 30 s.
-        let h2c = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .http2_keep_alive_while_idle(true)
-            .build(http);
-        Self { http1, h2c }
-    }
-}
-
-impl Default for Clients {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// A TLS configuration that trusts nothing: https:// upstreams fail with a verification error (which the
-/// log explains) instead of the process failing to start.
-fn config_without_roots() -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth())
-        // The ring provider supports the default protocol versions; this branch is unreachable in practice.
-        .unwrap_or_else(|_| {
-            rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()
-        })
-}
-
-/// `--resolve NAME:PORT=ADDRESS`: connect to ADDRESS for an upstream named NAME:PORT (a Service name and
-/// port, or a URL's host and port), as curl's `--resolve` does. For running the data plane outside a
-/// cluster against upstreams that are Services inside one.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Overrides(pub BTreeMap<String, SocketAddr>);
-
-impl std::str::FromStr for Overrides {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let mut map = BTreeMap::new();
-        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (name, address) =
-                item.split_once('=').ok_or_else(|| format!("{item:?} is not NAME:PORT=ADDRESS:PORT"))?;
-            let address: SocketAddr =
-                address.parse().map_err(|_| format!("{address:?} in {item:?} is not an IP address and port"))?;
-            if !name.contains(':') {
-                return Err(format!("{name:?} in {item:?} needs a port (NAME:PORT)"));
-            }
-            map.insert(name.to_ascii_lowercase(), address);
-        }
-        Ok(Self(map))
-    }
-}
 
 /// Where and how to reach one upstream.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -201,14 +106,15 @@ pub struct Upstream {
     pub counters: crate::kernel::metrics::UpstreamCounters,
     /// Set when a reload drops the upstream: requests still in flight finish, but its state no longer
     /// shows in `/status` or the breaker gauge.
-    retired: std::sync::atomic::AtomicBool,
-    health: Health,
+    health: HealthHandle,
     metrics: Metrics,
 }
 
 impl Upstream {
-    pub fn new(target: Target, health: Health, metrics: Metrics) -> Result<Self, UpstreamError> {
+    /// An upstream that reports to `health` once activated.
+    pub fn new(target: Target, health: &Health, metrics: Metrics) -> Result<Self, UpstreamError> {
         let label = target.label();
+        let health = health.handle(component_name(&label), false);
         let bad = || UpstreamError::BadUrl(format!("upstream {label:?} is not an address to connect to"));
         let scheme = Scheme::try_from(target.scheme.as_str()).map_err(|_| bad())?;
         let authority = Authority::try_from(target.connect.as_str()).map_err(|_| bad())?;
@@ -224,7 +130,6 @@ impl Upstream {
             breaker,
             budget: RetryBudget::default(),
             counters,
-            retired: std::sync::atomic::AtomicBool::new(false),
             health,
             metrics,
         })
@@ -251,39 +156,38 @@ impl Upstream {
 
     /// Puts the upstream into `/status` and the breaker gauge: when its configuration is swapped in.
     pub fn activate(&self) {
-        self.metrics.breaker_state.with_label_values(&[&self.label]).set(self.breaker.state().gauge());
-        let name = component_name(&self.label);
-        match self.breaker.state() {
-            BreakerState::Closed => self.health.set(&name, State::Up, "", false),
-            _ => self.health.set(&name, State::Degraded, "circuit breaker open", false),
+        if self.health.is_active() {
+            return;
         }
+        self.metrics.breaker_state.with_label_values(&[&self.label]).set(self.breaker.state().gauge());
+        match self.breaker.state() {
+            BreakerState::Closed => self.health.set(State::Up, ""),
+            _ => self.health.set(State::Degraded, "circuit breaker open"),
+        }
+        self.health.activate();
     }
 
     /// Takes the upstream out of `/status` and the metrics: a reload dropped it.
     pub fn retire(&self) {
-        self.retired.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.health.retire();
         let _ = self.metrics.breaker_state.remove_label_values(&[&self.label]);
     }
 
     fn transition(&self, state: BreakerState) {
         self.metrics.breaker_transitions.with_label_values(&[&self.label, state.label()]).inc();
-        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
+        if self.health.is_active() {
+            self.metrics.breaker_state.with_label_values(&[&self.label]).set(state.gauge());
         }
-        self.metrics.breaker_state.with_label_values(&[&self.label]).set(state.gauge());
-        let name = component_name(&self.label);
         match state {
             BreakerState::Closed => {
                 tracing::info!(upstream = %self.label, "circuit breaker closed: the upstream answers again");
-                self.health.set(&name, State::Up, "", false);
+                self.health.set(State::Up, "");
             }
             BreakerState::Open => {
                 tracing::warn!(upstream = %self.label, "circuit breaker open: the upstream keeps failing");
                 self.health.set(
-                    &name,
                     State::Degraded,
                     format!("circuit breaker open after {} failures in a row", self.target.breaker.0),
-                    false,
                 );
             }
             BreakerState::HalfOpen => {
@@ -301,10 +205,6 @@ impl Upstream {
 pub fn component_name(label: &str) -> String {
     format!("upstream {label}")
 }
-
-/// Upstreams of the running configuration, by target; a reload reuses the ones it keeps.
-#[derive(Default)]
-pub struct Upstreams(pub BTreeMap<Target, Arc<Upstream>>);
 
 #[cfg(test)]
 mod tests {

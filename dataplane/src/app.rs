@@ -1,0 +1,211 @@
+//! The process: the components it is made of, and the wiring that serves them (listeners, the reload
+//! watcher, the supervisor, the shutdown order). `main` and the tests both start the gateway here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::admin::{self, Admin};
+use crate::components::cache::component::CacheComponent;
+use crate::components::events::component::Events;
+use crate::components::outbox::component::Outbox;
+use crate::components::proxy::component::Proxy;
+use crate::kernel::component::{Component, Env};
+use crate::kernel::config::{self, Invalid, Loaded};
+use crate::kernel::health::{Health, State};
+use crate::kernel::metrics::Metrics;
+use crate::kernel::net::Overrides;
+use crate::kernel::telemetry::{LogControl, Traces};
+use crate::runtime::Runtime;
+use crate::{chain, reload, server};
+
+/// The components, in build order: a component may use the ports of those before it (events publish for
+/// the outbox and subscribe for the cache, the proxy forwards for command handlers).
+pub fn components() -> Vec<Arc<dyn Component>> {
+    vec![
+        Arc::new(Proxy::default()),
+        Arc::new(Events::default()),
+        Arc::new(CacheComponent::default()),
+        Arc::new(Outbox::default()),
+    ]
+}
+
+/// The runtime over every component: what `check` builds, and what [`App::start`] serves.
+pub fn runtime(loaded: &Loaded, env: Env, log: LogControl) -> Result<Runtime, Invalid> {
+    Runtime::new(loaded, components(), env, log)
+}
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A YAML file, or a directory of them.
+    pub config: PathBuf,
+    /// Defaults to the Middleware's `listeners.http.port` on all interfaces.
+    pub http_address: Option<SocketAddr>,
+    /// Defaults to the Middleware's `listeners.adminPort` on all interfaces.
+    pub admin_address: Option<SocketAddr>,
+    pub overrides: Overrides,
+    pub in_process: bool,
+    pub reload_interval: Duration,
+    /// On shutdown, how long to keep serving while readiness is already false.
+    pub shutdown_delay: Duration,
+    /// After accepting stops, how long in-flight requests may take.
+    pub drain_timeout: Duration,
+    /// Then, how long consumers, relays and producers may take to stop.
+    pub stop_timeout: Duration,
+}
+
+impl Options {
+    pub fn new(config: PathBuf) -> Self {
+        Self {
+            config,
+            http_address: None,
+            admin_address: None,
+            overrides: Overrides::default(),
+            in_process: false,
+            reload_interval: Duration::from_secs(2),
+            shutdown_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(20),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A serving gateway.
+pub struct App {
+    pub runtime: Arc<Runtime>,
+    /// Where traffic and the admin endpoints are served.
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    admin_state: Arc<Admin>,
+    traces: Option<Arc<Traces>>,
+    options: Options,
+    accepting: tokio::sync::watch::Sender<bool>,
+    stop_admin: tokio::sync::watch::Sender<bool>,
+    traffic: tokio::task::JoinHandle<()>,
+    admin_task: tokio::task::JoinHandle<()>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl App {
+    /// Builds the runtime from `loaded` (read from `options.config` as `files`), binds the listeners and
+    /// starts serving.
+    pub async fn start(
+        options: Options,
+        files: config::Files,
+        loaded: Loaded,
+        log: LogControl,
+    ) -> anyhow::Result<Self> {
+        let spec = &loaded.bundle.middleware.spec;
+        let metrics = Metrics::new().context("registering metrics")?;
+        let health = Health::default();
+        health.set("http", State::Starting, "binding the listener", true);
+        let traces = Traces::from_config(&spec.observability, &loaded.middleware())?.map(Arc::new);
+        if let Some(traces) = &traces {
+            tracing::info!(endpoint = %umw_crds::redact::url(&traces.endpoint), "exporting traces over OTLP/gRPC");
+        }
+        let env = Env::new(metrics.clone(), health.clone(), traces.clone(), options.overrides.clone())
+            .in_process(options.in_process);
+        let runtime = Arc::new(runtime(&loaded, env, log).map_err(|invalid| {
+            anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  "))
+        })?);
+
+        let http_address = options.http_address.unwrap_or_else(|| admin::default_address(spec.listeners.http.port));
+        let admin_address = options.admin_address.unwrap_or_else(|| admin::default_address(spec.listeners.admin_port));
+        let http =
+            tokio::net::TcpListener::bind(http_address).await.with_context(|| format!("binding {http_address}"))?;
+        let admin_listener =
+            tokio::net::TcpListener::bind(admin_address).await.with_context(|| format!("binding {admin_address}"))?;
+        let (http_address, admin_address) = (http.local_addr()?, admin_listener.local_addr()?);
+        health.set("http", State::Up, format!("listening on {http_address}"), true);
+        tracing::info!(
+            middleware = %loaded.middleware(),
+            config = %loaded.hash,
+            http = %http_address,
+            admin = %admin_address,
+            routes = spec.routes.len(),
+            commands = spec.commands.len(),
+            event_routes = loaded.bundle.event_routes.len(),
+            "serving"
+        );
+
+        let admin_state = Arc::new(Admin {
+            runtime: runtime.clone(),
+            shutting_down: false.into(),
+            config_path: options.config.display().to_string(),
+        });
+        let (stop_admin, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = async move {
+            let mut rx = stop_rx;
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let admin_task = {
+            let admin_state = admin_state.clone();
+            tokio::spawn(async move {
+                if let Err(error) = admin::serve(admin_listener, admin_state, stopped).await {
+                    tracing::error!(%error, "the admin listener failed");
+                }
+            })
+        };
+        let watcher = tokio::spawn(reload::watch(
+            reload::Watcher::new(options.config.clone(), files, runtime.clone()),
+            options.reload_interval,
+        ));
+        let (accepting, accepting_rx) = tokio::sync::watch::channel(true);
+        let stop_accepting = async move {
+            let mut rx = accepting_rx;
+            let _ = rx.wait_for(|accepting| !*accepting).await;
+        };
+        let chain = chain::build(runtime.clone());
+        // Warm-up fetches through the chain.
+        runtime.loopback().set(chain.clone());
+        let limits = crate::kernel::inbound::Limits::from_spec(&spec.listeners.http);
+        let traffic = tokio::spawn(server::serve(http, chain, metrics, limits, stop_accepting, options.drain_timeout));
+        Ok(Self {
+            runtime,
+            http: http_address,
+            admin: admin_address,
+            admin_state,
+            traces,
+            options,
+            accepting,
+            stop_admin,
+            traffic,
+            admin_task,
+            watcher,
+        })
+    }
+
+    /// The graceful stop: readiness turns false, traffic is served for `shutdown_delay` more, accepting
+    /// stops and in-flight requests drain (up to `drain_timeout`), then consumers commit, relays finish
+    /// their batch and producers flush (up to `stop_timeout`, all at once), and the admin listener closes.
+    pub async fn shutdown(self) {
+        let options = &self.options;
+        tracing::info!(delay = ?options.shutdown_delay, "shutting down: readiness is now false");
+        self.admin_state.shutting_down.store(true, Ordering::Relaxed);
+        tokio::time::sleep(options.shutdown_delay).await;
+        let _ = self.accepting.send(false);
+        let _ = self.traffic.await;
+        self.watcher.abort();
+        self.runtime.loopback().clear();
+        self.runtime.shutdown(Instant::now() + options.stop_timeout).await;
+        let _ = self.stop_admin.send(true);
+        let _ = self.admin_task.await;
+        if let Some(traces) = self.traces {
+            tokio::task::spawn_blocking(move || traces.shutdown()).await.ok();
+        }
+        tracing::info!("stopped");
+    }
+
+    /// Stops at once, without draining (tests).
+    pub fn abort(&self) {
+        self.traffic.abort();
+        self.admin_task.abort();
+        self.watcher.abort();
+        self.runtime.loopback().clear();
+    }
+}
