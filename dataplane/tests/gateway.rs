@@ -320,3 +320,45 @@ async fn malformed_requests_get_a_400_and_the_gateway_keeps_serving() {
     assert_eq!(get(&gw.url("/still-fine")).await.status, 200);
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test]
+async fn a_rejected_reload_leaves_nothing_behind_and_reverting_it_clears_the_rejection() {
+    let up = Upstream::start("up").await;
+    let good = middleware(&route("all", "{}", &up.url(), ""), "");
+    let gw = Gateway::start(&good).await;
+    let names = |status: &serde_json::Value| -> Vec<String> {
+        status["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect()
+    };
+    let before = names(&gw.status().await);
+
+    // Builds a Kafka producer (events), a new upstream (proxy) and then fails in the cache: the Redis URL
+    // is a Secret this process does not have. Nothing the build made may show.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let broken = format!(
+        "{}\n  connections:\n    kafka: {{bootstrapServers: {{value: '{closed}'}}}}\n    redis: {{url: {{secretKeyRef: {{name: absent, key: url}}}}}}\n\
+---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {{name: orders, namespace: gw}}\nspec:\n  targetRefs: [{{name: test}}]\n  source: {{http: {{path: /events/orders}}}}\n  destination: {{kafka: {{topic: orders}}}}\n\
+---\napiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: c, namespace: gw}}\nspec:\n  targetRefs: [{{name: test}}]\n  backend: redis\n  rules: [{{ttl: 30s}}]\n",
+        middleware(
+            &[route("all", "{}", &up.url(), ""), route("new", "{path: /new}", "http://127.0.0.1:9", "")].concat(),
+            ""
+        )
+    );
+    gw.write_config(&broken);
+    eventually("the reload rejected", Duration::from_secs(10), || async {
+        let status = gw.status().await;
+        status["components"].as_array().unwrap().iter().any(|c| c["name"] == "config" && c["state"] == "Degraded")
+    })
+    .await;
+    let status = gw.status().await;
+    assert!(status["components"].to_string().contains("absent"), "the rejection names the Secret: {status}");
+    assert_eq!(names(&status), before, "a rejected build leaves no component behind: {status}");
+    assert_eq!(status["routes"].as_array().unwrap().len(), 1, "the old routes still serve: {status}");
+
+    gw.write_config(&good);
+    eventually("the configuration accepted again", Duration::from_secs(10), || async {
+        let status = gw.status().await;
+        status["components"].as_array().unwrap().iter().all(|c| c["state"] == "Up")
+    })
+    .await;
+    assert_eq!(names(&gw.status().await), before);
+}

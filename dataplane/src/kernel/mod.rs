@@ -13,6 +13,7 @@ pub mod health;
 pub mod inbound;
 pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod ports;
 pub mod problem;
 pub mod routing;

@@ -15,8 +15,6 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::{Method, Request};
 use kube::ResourceExt as _;
-use serde::Serialize;
-use umw_crds::Policy;
 use umw_crds::config::Bundle;
 
 use crate::kernel::component::{AdminRoute, BuildCx, Built, Component, Env, OnCommit, RouteEntry, StageEntry};
@@ -25,22 +23,12 @@ use crate::kernel::context::RequestInfo;
 use crate::kernel::endpoint::Route;
 use crate::kernel::health::{Health, State};
 use crate::kernel::metrics::Metrics;
+pub use crate::kernel::policy::{PolicyState, policy_states};
 use crate::kernel::ports::{Loopback, Ports};
 use crate::kernel::stage::{Handle, Next, Phase, Stage};
 use crate::kernel::task::{TaskCx, TaskSpec};
 use crate::kernel::telemetry::{self, LogControl, Traces};
 use supervisor::Supervisor;
-
-/// Whether this data plane enforces a policy, as `/status` reports it to the operator.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PolicyState {
-    pub kind: String,
-    pub name: String,
-    pub enforced: bool,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub message: String,
-}
 
 /// One configuration, built.
 pub struct Snapshot {
@@ -309,32 +297,4 @@ impl Handle for NoRoute {
         let detail = format!("no route of this gateway takes {} {}", request.method(), request.uri().path());
         Box::pin(async move { Problem::new(kinds::NO_ROUTE, detail).into_response() })
     }
-}
-
-/// What this data-plane version does with each policy of the configuration: a policy is enforced when
-/// no field of it is one this version does not act on (the kinds say which, in
-/// [`Policy::not_enforced_fields`]).
-pub fn policy_states(bundle: &Bundle) -> Vec<PolicyState> {
-    fn of<P: Policy>(policies: &[P]) -> Vec<PolicyState> {
-        policies
-            .iter()
-            .map(|p| {
-                let fields = p.not_enforced_fields();
-                PolicyState {
-                    kind: P::kind(&()).to_string(),
-                    name: p.name_any(),
-                    enforced: fields.is_empty(),
-                    message: if fields.is_empty() {
-                        String::new()
-                    } else {
-                        format!("this data-plane version does not enforce {} yet", fields.join(", "))
-                    },
-                }
-            })
-            .collect()
-    }
-    let mut all = of(&bundle.cache_policies);
-    all.extend(of(&bundle.event_routes));
-    all.extend(of(&bundle.auth_policies));
-    all
 }
