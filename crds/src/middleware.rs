@@ -194,6 +194,12 @@ pub struct HttpListener {
     /// Defaults to 60s, as nginx's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_read_timeout: Option<Duration>,
+    /// Most connections a pod keeps open at once, 1 to 1000000; one more is closed as it is accepted.
+    /// Defaults to 10000. A connection counts whatever it carries (HTTP/1 keeps one request at a time, an
+    /// HTTP/2 connection up to 256 concurrent streams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections: Option<u32>,
 }
 
 impl Default for HttpListener {
@@ -204,6 +210,7 @@ impl Default for HttpListener {
             max_headers: None,
             header_read_timeout: None,
             body_read_timeout: None,
+            max_connections: None,
         }
     }
 }
@@ -217,6 +224,8 @@ impl HttpListener {
     pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
     /// [`HttpListener::body_read_timeout`] when absent.
     pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+    /// [`HttpListener::max_connections`] when absent.
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 }
 
 /// The gRPC listener.

@@ -73,6 +73,11 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
     {
         c.push("spec.listeners.http.maxHeaders", "must be between 1 and 1000");
     }
+    if let Some(count) = http.max_connections
+        && !(1..=1_000_000).contains(&count)
+    {
+        c.push("spec.listeners.http.maxConnections", "must be between 1 and 1000000");
+    }
     c.duration("spec.listeners.http.headerReadTimeout".into(), http.header_read_timeout.as_ref());
     c.duration("spec.listeners.http.bodyReadTimeout".into(), http.body_read_timeout.as_ref());
     if let Some(ws) = &listeners.websocket

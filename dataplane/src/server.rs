@@ -20,6 +20,13 @@ use crate::chain::{Chain, ClientAddr};
 use crate::kernel::inbound::{self, Limits, Watched};
 use crate::kernel::metrics::Metrics;
 
+/// Concurrent streams one HTTP/2 connection may open (hyper's default is 200; Envoy's 100; nginx's 128).
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// HTTP/2 pings on a connection that has been quiet this long...
+pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and the connection is closed when one is not answered within this.
+pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `chain` on `listener` until `shutdown` resolves, then drains for at most `drain`.
 pub async fn serve(
     listener: TcpListener,
@@ -37,10 +44,15 @@ pub async fn serve(
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers)
         .keep_alive(true);
+    // HTTP/2, explicitly: streams per connection bounded, and pings that find a peer that vanished.
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -56,8 +68,15 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
         metrics.connections_accepted.inc();
+        // Over the limit: closed at once, before it costs a task or a buffer.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics.http_refused.with_label_values(&[inbound::reasons::CONNECTION_LIMIT]).inc();
+            tracing::debug!(%peer, "closing a connection over maxConnections");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
         let chain = chain.clone();
         // Telling HTTP/1 from h2c reads the connection's first bytes with no time limit of hyper's own, and
         // hyper's header timeout starts only after that: until the first request, the limit is kept here.
@@ -80,6 +99,7 @@ pub async fn serve(
         let refused = metrics.http_refused.clone();
         open.inc();
         tokio::spawn(async move {
+            let _permit = permit;
             tokio::pin!(connection);
             let ended = tokio::select! {
                 ended = &mut connection => Some(ended),

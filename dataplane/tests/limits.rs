@@ -130,3 +130,73 @@ async fn a_body_that_stops_arriving_is_answered_408_not_504() {
     let answer = exchange(&gw, slow, Duration::from_secs(10)).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
 }
+
+#[tokio::test]
+async fn connections_over_max_connections_are_closed_as_they_are_accepted() {
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&config(&up.url(), "maxConnections: 2", "")).await;
+    // Two idle connections take the two places.
+    let first = TcpStream::connect(gw.address).await.unwrap();
+    let _second = TcpStream::connect(gw.address).await.unwrap();
+    support::eventually("both connections open", Duration::from_secs(5), || async {
+        gw.metric("umw_connections_open", &[]).await == 2.0
+    })
+    .await;
+    let request = b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let answer = exchange(&gw, request, Duration::from_secs(5)).await.expect("the third is closed at once");
+    assert_eq!(answer, "", "closed without an answer");
+    assert_eq!(refused(&gw, "connection_limit").await, 1.0);
+    assert_eq!(up.hits(), 0);
+    // A place that frees up is taken again.
+    drop(first);
+    support::eventually("a connection closed", Duration::from_secs(5), || async {
+        gw.metric("umw_connections_open", &[]).await == 1.0
+    })
+    .await;
+    let answer = exchange(&gw, request, Duration::from_secs(5)).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// A chunked body of `size` bytes (no Content-Length, so only counting it as it streams can refuse it).
+async fn chunked(gw: &Gateway, path: &str, size: usize) -> String {
+    let mut stream = TcpStream::connect(gw.address).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b' '; 64 * 1024];
+    let mut sent = 0;
+    // The gateway may answer (and close) before the whole body is sent: stop writing then.
+    while sent < size {
+        let n = chunk.len().min(size - sent);
+        let frame = [format!("{n:x}\r\n").as_bytes(), &chunk[..n], b"\r\n"].concat();
+        if stream.write_all(&frame).await.is_err() {
+            break;
+        }
+        sent += n;
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_answered_413_on_every_kind_of_route() {
+    let up = Upstream::start("up").await;
+    let routes = format!(
+        "    - name: proxied\n      match: {{pathPrefix: /upload}}\n      upstream: {{url: '{}'}}\n      maxBodyBytes: 1000\n    - name: validated\n      match: {{pathPrefix: /validated}}\n      upstream: {{url: '{}'}}\n      maxBodyBytes: 1000\n      requestSchema: {{type: object}}\n",
+        up.url(),
+        up.url()
+    );
+    // Connections are named as validation asks; the in-process backends stand in for them.
+    let extra = "  connections:\n    kafka: {bootstrapServers: {value: '127.0.0.1:9'}}\n    postgres: {url: {value: 'postgres://u@127.0.0.1:9/db'}}\n  commands:\n    - name: order\n      maxBodyBytes: 1000\n      event: {type: order.placed, topic: orders}\n---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {name: ingest, namespace: gw}\nspec:\n  targetRefs: [{name: test}]\n  source: {http: {path: /events/in}}\n  destination: {kafka: {topic: in}}\n";
+    let gw = Gateway::start_in_process(&middleware(&routes, extra)).await;
+    for (path, size) in
+        [("/upload", 5000), ("/validated", 5000), ("/commands/order", 5000), ("/events/in", 11 * 1024 * 1024)]
+    {
+        let answer = chunked(&gw, path, size).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+    }
+    assert_eq!(up.hits(), 0, "nothing over the limit reached the upstream");
+}

@@ -1,5 +1,6 @@
-//! A circuit breaker (per upstream, and around the Redis cache): closed → (N failures in a row) → open for a while → one trial request
-//! (half-open) → closed on success, open again on failure.
+//! A circuit breaker (per upstream, and around the Redis cache): closed → (N failures in a row) → open for
+//! a while → one trial request (half-open) → closed on success, open again on failure. Only the trial
+//! decides: a request admitted before the breaker opened that reports during the trial changes nothing.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -30,11 +31,15 @@ impl BreakerState {
     }
 }
 
+/// The one request that probes a half-open breaker; its report decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trial(u64);
+
 /// Whether a request may go to the upstream.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
-    /// Send it. `trial` is true for the one request that probes a half-open breaker.
-    Allowed { trial: bool },
+    /// Send it; report the outcome with its `trial`.
+    Allowed { trial: Option<Trial> },
     /// Do not: the breaker is open for about this long.
     Rejected { retry_after: Duration },
 }
@@ -50,6 +55,7 @@ enum Phase {
     /// A trial request is out since `started`; others are refused until it reports.
     HalfOpen {
         started: Instant,
+        trial: Trial,
     },
 }
 
@@ -58,36 +64,47 @@ pub struct Breaker {
     threshold: u32,
     open_for: Duration,
     phase: Mutex<Phase>,
+    /// The id of the next trial.
+    trials: std::sync::atomic::AtomicU64,
 }
 
 impl Breaker {
     pub fn new(threshold: u32, open_for: Duration) -> Self {
-        Self { threshold: threshold.max(1), open_for, phase: Mutex::new(Phase::Closed { failures: 0 }) }
+        Self {
+            threshold: threshold.max(1),
+            open_for,
+            phase: Mutex::new(Phase::Closed { failures: 0 }),
+            trials: std::sync::atomic::AtomicU64::new(1),
+        }
     }
 
     /// Asks to send a request now. A transition to half-open is returned alongside.
     pub fn admit(&self, now: Instant) -> (Admission, Option<BreakerState>) {
-        let Ok(mut phase) = self.phase.lock() else { return (Admission::Allowed { trial: false }, None) };
+        let Ok(mut phase) = self.phase.lock() else { return (Admission::Allowed { trial: None }, None) };
+        let next = || Trial(self.trials.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         match *phase {
-            Phase::Closed { .. } => (Admission::Allowed { trial: false }, None),
+            Phase::Closed { .. } => (Admission::Allowed { trial: None }, None),
             Phase::Open { until } if now < until => (Admission::Rejected { retry_after: until - now }, None),
             Phase::Open { .. } => {
-                *phase = Phase::HalfOpen { started: now };
-                (Admission::Allowed { trial: true }, Some(BreakerState::HalfOpen))
+                let trial = next();
+                *phase = Phase::HalfOpen { started: now, trial };
+                (Admission::Allowed { trial: Some(trial) }, Some(BreakerState::HalfOpen))
             }
             // A trial that never reported (its request was cancelled) must not stall the upstream forever.
-            Phase::HalfOpen { started } if now.duration_since(started) >= self.open_for => {
-                *phase = Phase::HalfOpen { started: now };
-                (Admission::Allowed { trial: true }, None)
+            Phase::HalfOpen { started, .. } if now.duration_since(started) >= self.open_for => {
+                let trial = next();
+                *phase = Phase::HalfOpen { started: now, trial };
+                (Admission::Allowed { trial: Some(trial) }, None)
             }
-            Phase::HalfOpen { started } => {
+            Phase::HalfOpen { started, .. } => {
                 (Admission::Rejected { retry_after: self.open_for.saturating_sub(now.duration_since(started)) }, None)
             }
         }
     }
 
-    /// Reports the outcome of an allowed request; returns the state entered, if it changed.
-    pub fn record(&self, success: bool, now: Instant) -> Option<BreakerState> {
+    /// Reports the outcome of an allowed request (with the trial its admission carried); returns the state
+    /// entered, if it changed.
+    pub fn record(&self, trial: Option<Trial>, success: bool, now: Instant) -> Option<BreakerState> {
         let Ok(mut phase) = self.phase.lock() else { return None };
         match (&mut *phase, success) {
             (Phase::Closed { failures }, true) => {
@@ -103,6 +120,8 @@ impl Breaker {
                     None
                 }
             }
+            // Only the trial decides; a request admitted before reports late and changes nothing.
+            (Phase::HalfOpen { trial: current, .. }, _) if trial != Some(*current) => None,
             (Phase::HalfOpen { .. }, true) => {
                 *phase = Phase::Closed { failures: 0 };
                 Some(BreakerState::Closed)
@@ -136,31 +155,48 @@ mod tests {
     fn opens_after_consecutive_failures_and_closes_after_a_good_trial() {
         let b = Breaker::new(3, Duration::from_secs(10));
         let t = Instant::now();
-        assert_eq!(b.record(false, t), None);
-        assert_eq!(b.record(true, t), None, "a success resets the count");
-        assert_eq!(b.record(false, t), None);
-        assert_eq!(b.record(false, t), None);
-        assert_eq!(b.record(false, t), Some(BreakerState::Open));
+        assert_eq!(b.record(None, false, t), None);
+        assert_eq!(b.record(None, true, t), None, "a success resets the count");
+        assert_eq!(b.record(None, false, t), None);
+        assert_eq!(b.record(None, false, t), None);
+        assert_eq!(b.record(None, false, t), Some(BreakerState::Open));
         assert_eq!(b.admit(t + Duration::from_secs(4)).0, Admission::Rejected { retry_after: Duration::from_secs(6) });
         let later = t + Duration::from_secs(10);
-        assert_eq!(b.admit(later), (Admission::Allowed { trial: true }, Some(BreakerState::HalfOpen)));
+        let (admission, transition) = b.admit(later);
+        let Admission::Allowed { trial: Some(trial) } = admission else { panic!("a trial: {admission:?}") };
+        assert_eq!(transition, Some(BreakerState::HalfOpen));
         assert!(matches!(b.admit(later).0, Admission::Rejected { .. }), "one trial at a time");
-        assert_eq!(b.record(true, later), Some(BreakerState::Closed));
-        assert_eq!(b.admit(later).0, Admission::Allowed { trial: false });
+        assert_eq!(b.record(Some(trial), true, later), Some(BreakerState::Closed));
+        assert_eq!(b.admit(later).0, Admission::Allowed { trial: None });
     }
 
     #[test]
     fn a_failed_trial_reopens_and_a_lost_trial_does_not_stall() {
         let b = Breaker::new(1, Duration::from_secs(5));
         let t = Instant::now();
-        assert_eq!(b.record(false, t), Some(BreakerState::Open));
+        assert_eq!(b.record(None, false, t), Some(BreakerState::Open));
         let t1 = t + Duration::from_secs(5);
-        assert_eq!(b.admit(t1).0, Admission::Allowed { trial: true });
-        assert_eq!(b.record(false, t1), Some(BreakerState::Open));
+        let Admission::Allowed { trial: trial @ Some(_) } = b.admit(t1).0 else { panic!("a trial") };
+        assert_eq!(b.record(trial, false, t1), Some(BreakerState::Open));
         let t2 = t1 + Duration::from_secs(5);
-        assert_eq!(b.admit(t2).0, Admission::Allowed { trial: true });
+        assert!(matches!(b.admit(t2).0, Admission::Allowed { trial: Some(_) }));
         // The trial's request is cancelled and never reports: another trial goes after open_for.
         assert!(matches!(b.admit(t2 + Duration::from_secs(1)).0, Admission::Rejected { .. }));
-        assert_eq!(b.admit(t2 + Duration::from_secs(5)).0, Admission::Allowed { trial: true });
+        assert!(matches!(b.admit(t2 + Duration::from_secs(5)).0, Admission::Allowed { trial: Some(_) }));
+    }
+
+    #[test]
+    fn only_the_trial_decides_a_half_open_breaker() {
+        let b = Breaker::new(1, Duration::from_secs(10));
+        let t = Instant::now();
+        // Admitted while closed, still out (route timeout 30 s) when the breaker opens and then half-opens.
+        let Admission::Allowed { trial: slow } = b.admit(t).0 else { panic!("closed admits") };
+        assert_eq!(b.record(None, false, t), Some(BreakerState::Open));
+        let t1 = t + Duration::from_secs(10);
+        let Admission::Allowed { trial: trial @ Some(_) } = b.admit(t1).0 else { panic!("a trial") };
+        assert_eq!(b.record(slow, true, t1), None, "a late success does not close the breaker");
+        assert_eq!(b.record(slow, false, t1), None, "nor does a late failure reopen it");
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.record(trial, true, t1), Some(BreakerState::Closed), "the trial does");
     }
 }

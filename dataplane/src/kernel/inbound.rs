@@ -24,6 +24,7 @@ pub struct Limits {
     pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +44,7 @@ impl Limits {
                 HttpListener::DEFAULT_HEADER_READ_TIMEOUT,
             ),
             body_read_timeout: duration_or(http.body_read_timeout.as_ref(), HttpListener::DEFAULT_BODY_READ_TIMEOUT),
+            max_connections: http.max_connections.unwrap_or(HttpListener::DEFAULT_MAX_CONNECTIONS) as usize,
         }
     }
 }
@@ -59,8 +61,10 @@ pub mod reasons {
     pub const HOST: &str = "host";
     /// A body that paused longer than `bodyReadTimeout`, or was still arriving at the route's deadline (`408`).
     pub const BODY_TIMEOUT: &str = "body_timeout";
+    /// A connection over `maxConnections` (closed as it is accepted).
+    pub const CONNECTION_LIMIT: &str = "connection_limit";
 
-    pub const ALL: [&str; 5] = [HEADERS_TOO_LARGE, HEADER_TIMEOUT, MALFORMED, HOST, BODY_TIMEOUT];
+    pub const ALL: [&str; 6] = [HEADERS_TOO_LARGE, HEADER_TIMEOUT, MALFORMED, HOST, BODY_TIMEOUT, CONNECTION_LIMIT];
 }
 
 /// Counts a connection that hyper ended with an error of the client's making, by its kind. Hyper's own

@@ -175,9 +175,10 @@ impl RedisCache {
 
     async fn run<T: redis::FromRedisValue>(&self, op: &'static str, command: redis::Cmd) -> Result<T, CacheError> {
         let Some(connection) = self.connection.load_full() else { return Err(CacheError::Unavailable) };
-        if let (Admission::Rejected { .. }, _) = self.breaker.admit(Instant::now()) {
-            return Err(CacheError::Unavailable);
-        }
+        let trial = match self.breaker.admit(Instant::now()).0 {
+            Admission::Allowed { trial } => trial,
+            Admission::Rejected { .. } => return Err(CacheError::Unavailable),
+        };
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, async {
             match connection.as_ref().clone() {
@@ -192,7 +193,7 @@ impl RedisCache {
             Ok(Err(error)) => Err(CacheError::Backend(error.to_string())),
             Err(_) => Err(CacheError::Timeout(self.timeout)),
         };
-        let transition = self.breaker.record(outcome.is_ok(), Instant::now());
+        let transition = self.breaker.record(trial, outcome.is_ok(), Instant::now());
         match transition {
             Some(BreakerState::Open) => {
                 let reason = outcome.as_ref().err().map(ToString::to_string).unwrap_or_default();

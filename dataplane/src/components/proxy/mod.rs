@@ -170,9 +170,12 @@ pub async fn forward(
     upstream.budget.record_request(Instant::now());
     let mut attempt = 0u32;
     loop {
-        if let Admission::Rejected { retry_after } = upstream.admit() {
-            return Err(ProxyError::BreakerOpen { upstream: upstream.label.clone(), retry_after });
-        }
+        let trial = match upstream.admit() {
+            Admission::Allowed { trial } => trial,
+            Admission::Rejected { retry_after } => {
+                return Err(ProxyError::BreakerOpen { upstream: upstream.label.clone(), retry_after });
+            }
+        };
         let attempt_body = match (&replay, body.take()) {
             (Some(bytes), _) => Body::from(bytes.clone()),
             (None, Some(body)) => body,
@@ -219,7 +222,7 @@ pub async fn forward(
         };
         upstream.counters.outcome(metrics, label);
         if !matches!(label, "client_error") {
-            upstream.record(!failed);
+            upstream.record(trial, !failed);
         }
         if let Some(traces) = &route.traces {
             let mut attributes = vec![

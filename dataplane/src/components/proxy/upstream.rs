@@ -9,7 +9,7 @@ use umw_crds::middleware::{Upstream as UpstreamSpec, UpstreamProtocol};
 use umw_crds::validate::duration_or;
 
 use super::budget::RetryBudget;
-use crate::kernel::breaker::{Admission, Breaker, BreakerState};
+use crate::kernel::breaker::{Admission, Breaker, BreakerState, Trial};
 use crate::kernel::health::{Health, HealthHandle, State};
 use crate::kernel::metrics::Metrics;
 pub use crate::kernel::net::{Clients, Overrides};
@@ -147,9 +147,9 @@ impl Upstream {
         admission
     }
 
-    /// Reports an attempt's outcome to the breaker.
-    pub fn record(&self, success: bool) {
-        if let Some(state) = self.breaker.record(success, Instant::now()) {
+    /// Reports an attempt's outcome to the breaker, with the trial its admission carried.
+    pub fn record(&self, trial: Option<Trial>, success: bool) {
+        if let Some(state) = self.breaker.record(trial, success, Instant::now()) {
             self.transition(state);
         }
     }
