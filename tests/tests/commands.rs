@@ -673,3 +673,127 @@ async fn a_statement_past_its_timeout_is_cancelled_and_the_command_answered_503(
     assert_eq!(after.status, StatusCode::ACCEPTED, "{}", after.text());
     assert_eq!(kafka.read("orders", 2, Duration::from_secs(20)).len(), 2);
 }
+
+/// A TCP forwarder to `target` that can turn into a black hole: connections it then accepts are held open
+/// and never answered, and the ones it was forwarding are cut.
+struct Forwarder {
+    address: std::net::SocketAddr,
+    black_hole: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let black_hole = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let switch = black_hole.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { continue };
+                if *switch.borrow() {
+                    held.push(client);
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut = switch.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|hole| *hole) => {}
+                    }
+                });
+            }
+        });
+        Self { address, black_hole, task }
+    }
+
+    fn black_hole(&self) {
+        self.black_hole.send_replace(true);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_writer_gives_up_connecting_after_connect_timeout() {
+    let (pg, kafka) = servers().await;
+    kafka.create_topic("orders", 3);
+    let forwarder = Forwarder::start(format!("{}:{}", pg.host, pg.port)).await;
+    let url = pg.url().replace(&format!("{}:{}", pg.host, pg.port), &forwarder.address.to_string());
+    let yaml = format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cmd}}\nspec:\n  connections:\n    postgres:\n      url: {{value: '{url}'}}\n      connectTimeout: 1s\n    kafka:\n      bootstrapServers: {{value: '{}'}}\n  commands:\n{PLACE_ORDER}",
+        kafka.bootstrap()
+    );
+    let gw = Gateway::start(&yaml).await;
+    postgres_up(&gw).await;
+    let order = r#"{"orderId": "o-1", "sku": "tea"}"#;
+    assert_eq!(post_command(&gw, "place-order", None, order).await.status, StatusCode::ACCEPTED);
+
+    // The writer's connection is cut, and a new one would hang: each command is answered 503 within about
+    // connectTimeout, not left to the route's 30 s timeout.
+    forwarder.black_hole();
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let reply = post_command(&gw, "place-order", None, order).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+        assert!(started.elapsed() < Duration::from_secs(10), "answered after {:?}", started.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_client_left_before_it_was_written_is_not_written() {
+    let (pg, kafka) = servers().await;
+    kafka.create_topic("orders", 3);
+    // A small connection budget: one writer, so that the second command waits behind the first.
+    let yaml = format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop, namespace: cmd}}\nspec:\n  connections:\n    postgres:\n      url: {{value: '{}'}}\n      maxConnections: 5\n    kafka:\n      bootstrapServers: {{value: '{}'}}\n  commands:\n{PLACE_ORDER}",
+        pg.url(),
+        kafka.bootstrap()
+    );
+    let gw = std::sync::Arc::new(Gateway::start(&yaml).await);
+    postgres_up(&gw).await;
+    let pg = std::sync::Arc::new(pg);
+    // Hold the commands' table, so that the writer waits inside its statement.
+    let lock = {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || {
+            pg.sql("BEGIN; LOCK TABLE umw_commands IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;")
+        })
+    };
+    let locked = "SELECT count(*) FROM pg_locks WHERE relation = 'umw_commands'::regclass";
+    eventually("the table locked", Duration::from_secs(10), || async {
+        pg.sql(&format!("{locked} AND granted")) == "1"
+    })
+    .await;
+    let first = {
+        let gw = gw.clone();
+        // Without idempotency keys: looking a key up would wait for the lock before the writer does.
+        tokio::spawn(async move { post_command(&gw, "place-order", None, r#"{"orderId": "o-1", "sku": "tea"}"#).await })
+    };
+    eventually("the writer waiting for the lock", Duration::from_secs(10), || async {
+        pg.sql(&format!("{locked} AND NOT granted")) != "0"
+    })
+    .await;
+    // The second client gives up while its command waits for the writer.
+    let second = tokio::time::timeout(
+        Duration::from_millis(500),
+        post_command(&gw, "place-order", None, r#"{"orderId": "o-2", "sku": "tea"}"#),
+    )
+    .await;
+    assert!(second.is_err(), "the second command waited behind the first");
+    lock.await.unwrap();
+    assert_eq!(first.await.unwrap().status, StatusCode::ACCEPTED);
+    eventually("the abandoned command counted", Duration::from_secs(10), || async {
+        gw.metric("umw_commands_total", &["outcome=\"abandoned\""]).await == 1.0
+    })
+    .await;
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_commands"), "1", "only the answered command is written");
+    assert_eq!(pg.sql("SELECT count(*) FROM umw_outbox"), "1", "and only its event");
+}

@@ -287,6 +287,21 @@ async fn writer(db: Arc<Database>, queue: Arc<tokio::sync::Mutex<tokio::sync::mp
                 }
             }
         }
+        // A command whose client is gone (it disconnected, or the route's timeout answered 504) while it
+        // waited here is not written: nobody would learn that it was.
+        let mut group = group;
+        group.retain(|pending| {
+            let gone = pending.done.is_closed();
+            if gone {
+                let name = &pending.command.record.command;
+                db.metrics.commands.with_label_values(&[name, "abandoned"]).inc();
+                tracing::debug!(command = %name, "the client left before the command was written; not written");
+            }
+            !gone
+        });
+        if group.is_empty() {
+            continue;
+        }
         let Some(open) = connection.as_mut() else { continue };
         let result = write_group(open, &group).await;
         if let Err(StoreError::Unavailable(_)) = &result {
@@ -298,7 +313,10 @@ async fn writer(db: Arc<Database>, queue: Arc<tokio::sync::Mutex<tokio::sync::mp
                 Ok(written) => Ok(written.contains(&pending.command.record.id)),
                 Err(error) => Err(error.clone()),
             };
-            let _ = pending.done.send(outcome);
+            if pending.done.send(outcome).is_err() && result.is_ok() {
+                // Written while its client left: the client's 504 (or nothing) hides a committed command.
+                db.metrics.commands.with_label_values(&[&pending.command.record.command, "unanswered"]).inc();
+            }
         }
     }
 }
