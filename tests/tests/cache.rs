@@ -371,7 +371,7 @@ async fn entries_are_invalidated_by_key_prefix_and_tag_through_the_authenticated
     for path in paths {
         get(&gw.url(path)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    stored(&redis, "umw:cache/shop:GET:*", paths.len()).await;
     for path in paths {
         assert!(cache_status(&get(&gw.url(path)).await).contains("hit"), "{path} is cached");
     }
@@ -492,7 +492,7 @@ async fn the_in_process_tier_stays_coherent_across_replicas_through_redis_pub_su
     // Give both subscriptions a moment to be up.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let first = get(&a.url("/respond?t=1")).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    stored(&redis, "umw:cache/shop:GET:*", 1).await;
     let from_b = get(&b.url("/respond?t=1")).await;
     assert!(cache_status(&from_b).contains("hit"), "B reads A's entry from Redis: {}", cache_status(&from_b));
     assert_eq!(from_b.body, first.body);
@@ -544,7 +544,7 @@ async fn events_on_a_kafka_topic_invalidate_entries_by_tag_and_key() {
     for path in ["/products/42", "/products/7", "/about"] {
         get(&gw.url(path)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    stored(&redis, "umw:cache/shop:GET:*", 3).await;
     for path in ["/products/42", "/products/7", "/about"] {
         assert!(cache_status(&get(&gw.url(path)).await).contains("hit"), "{path} is cached");
     }
@@ -584,4 +584,64 @@ async fn events_on_a_kafka_topic_invalidate_entries_by_tag_and_key() {
         2.0,
         "each event counted"
     );
+    // Every pod reads every event without a consumer group: none is left on the broker per pod or reload.
+    let bootstrap = kafka.bootstrap();
+    let groups = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let client: BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("a client");
+        let list = client.fetch_group_list(None, Duration::from_secs(10)).expect("the broker lists its groups");
+        list.groups().iter().map(|g| g.name().to_string()).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(groups.is_empty(), "no consumer group on the broker: {groups:?}");
+}
+
+/// Waits until Redis holds at least `n` keys matching `pattern` (the entries stored in the background).
+async fn stored(redis: &RedisServer, pattern: &str, n: usize) {
+    eventually(&format!("{n} entries stored"), Duration::from_secs(5), || async {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut redis.connection()).unwrap();
+        keys.len() >= n
+    })
+    .await;
+}
+
+/// How many SCANs the Redis server has run.
+fn scans(redis: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut redis.connection()).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidating_a_key_takes_its_variants_without_scanning_the_keyspace() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("up").await;
+    let yaml =
+        config(&up, &redis, "{ttl: 60s}") + "  invalidation:\n    adminApi: true\n    adminToken: {value: s3cret}\n";
+    let gw = Gateway::start(&yaml).await;
+    redis_ready(&gw).await;
+    let url = gw.url("/respond?vary=accept-language");
+    for lang in ["en", "de"] {
+        send(Method::GET, &url, &[("accept-language", lang)], Bytes::new()).await;
+        hit(&url, &[("accept-language", lang)]).await;
+    }
+    let before = scans(&redis);
+    let reply = send(
+        Method::POST,
+        &format!("http://{}/cache/invalidate", gw.admin),
+        &[("authorization", "Bearer s3cret"), ("content-type", "application/json")],
+        Bytes::from_static(br#"{"keys": ["GET:127.0.0.1/respond?vary=accept-language"]}"#),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["deleted"], 3, "the entry's marker and both variants: {}", reply.text());
+    assert_eq!(scans(&redis), before, "no SCAN of the keyspace");
+    for lang in ["en", "de"] {
+        let again = send(Method::GET, &url, &[("accept-language", lang)], Bytes::new()).await;
+        assert!(cache_status(&again).contains("miss"), "{lang}: {}", cache_status(&again));
+    }
 }

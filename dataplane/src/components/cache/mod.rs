@@ -95,6 +95,11 @@ impl Invalidator {
         format!("{prefix}tag:{tag}")
     }
 
+    /// The set of the variants of the entry under `key` (a response with `Vary`).
+    pub fn variants_key(key: &str) -> String {
+        format!("{key}|variants")
+    }
+
     /// Deletes what `what` names from every cache; returns how many entries went.
     pub async fn invalidate(&self, what: &Invalidation) -> Result<usize, CacheError> {
         let mut deleted = 0;
@@ -102,13 +107,9 @@ impl Invalidator {
             for key in &what.keys {
                 let full = format!("{}{key}", self.prefix);
                 deleted += cache.delete(&full).await?;
-                // A response with Vary has its variants under the key; a Cluster cannot look them up by
-                // prefix, so there they expire by themselves (the marker under the key is gone).
-                match cache.delete_prefix(&format!("{full}|vary")).await {
-                    Ok(n) => deleted += n,
-                    Err(CacheError::Backend(_)) => {}
-                    Err(error) => return Err(error),
-                }
+                // A response with Vary has its variants in a set under the key, as a tag has its entries:
+                // no scan of the keyspace.
+                deleted += cache.delete_tag(&Self::variants_key(&full)).await?;
                 self.count("key");
             }
             for prefix in &what.prefixes {

@@ -103,11 +103,17 @@ struct Inner {
     prefix: String,
     flights: Flights,
     metrics: Metrics,
+    /// Places for background stores.
+    stores: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most responses being stored in the background at once, per configuration.
+pub const MAX_PENDING_STORES: usize = 1024;
 
 impl CacheStage {
     pub fn new(rules: Vec<Rule>, prefix: String, flights: Flights, metrics: Metrics) -> Self {
-        Self { inner: Arc::new(Inner { rules, prefix, flights, metrics }) }
+        let stores = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_STORES));
+        Self { inner: Arc::new(Inner { rules, prefix, flights, metrics, stores }) }
     }
 
     /// The stage for one route: only the rules that name it (or every route), or `None` when no rule
@@ -124,7 +130,9 @@ impl CacheStage {
             return None;
         }
         let inner = &self.inner;
-        Some(Self::new(rules, inner.prefix.clone(), inner.flights.clone(), inner.metrics.clone()))
+        let (prefix, flights, metrics, stores) =
+            (inner.prefix.clone(), inner.flights.clone(), inner.metrics.clone(), inner.stores.clone());
+        Some(Self { inner: Arc::new(Inner { rules, prefix, flights, metrics, stores }) })
     }
 }
 
@@ -552,8 +560,18 @@ impl Inner {
                 .insert(CACHE_STATUS, HeaderValue::from_static("umw; fwd=miss; detail=cache-unavailable"));
             return response;
         }
+        // Stored in the background: the client does not wait for the cache. The stores in flight are
+        // bounded (each holds its entry): past the bound, a response is served without being kept.
+        let Ok(permit) = self.stores.clone().try_acquire_owned() else {
+            self.metrics.cache_stores.with_label_values(&[&route, "backlog"]).inc();
+            drop(flight);
+            let mut response = Response::from_parts(parts, Body::from(bytes));
+            response
+                .headers_mut()
+                .insert(CACHE_STATUS, HeaderValue::from_static("umw; fwd=miss; detail=store-backlog"));
+            return response;
+        };
         self.metrics.cache_stores.with_label_values(&[&route, "stored"]).inc();
-        // Stored in the background: the client does not wait for the cache.
         let store = {
             let inner = self.clone();
             let rule = rule.clone();
@@ -573,7 +591,12 @@ impl Inner {
                     if let Err(error) = rule.cache.put(&key, &marker, keep).await {
                         inner.backend_error(&rule, "set", &error);
                     }
-                    variant_key(&key, &entry.vary, &vary_source)
+                    let variant = variant_key(&key, &entry.vary, &vary_source);
+                    // Invalidating the key finds its variants here.
+                    if let Err(error) = rule.cache.tag(&super::Invalidator::variants_key(&key), &variant, keep).await {
+                        inner.backend_error(&rule, "tag", &error);
+                    }
+                    variant
                 };
                 let started = std::time::SystemTime::now();
                 let stored = rule.cache.put(&target, &entry, keep).await;
@@ -590,6 +613,7 @@ impl Inner {
                     }
                 }
                 drop(flight);
+                drop(permit);
             }
         };
         tokio::spawn(store);
@@ -785,6 +809,7 @@ mod tests {
             prefix: "umw:ns/shop:".into(),
             flights: Flights::default(),
             metrics: Metrics::new().unwrap(),
+            stores: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         let r = rule();
         let request = |uri: &str, lang: &str| {

@@ -15,7 +15,7 @@ use super::build::{self, ConsumerPlan, PlanSource, Producers};
 use super::bus::{BusConsumer, InProcessBus, Publisher};
 use super::envelope::{self, Format};
 use super::kafka::{self, ConsumerSettings, Incoming, KafkaSettings, Producer, PublishError};
-use crate::kernel::component::{BuildCx, Built, Component, Env, Precedence};
+use crate::kernel::component::{BuildCx, Built, Component, Precedence};
 use crate::kernel::config::Loaded;
 use crate::kernel::endpoint::Route;
 use crate::kernel::ports::{
@@ -70,8 +70,7 @@ impl Component for Events {
         let at = config.origin(&format!("Middleware/{}", config.bundle.middleware.name_any()));
         if env.in_process {
             cx.ports.provide::<dyn Publish>(Arc::new(Publishing { publisher: self.bus.clone(), connection: 0 }));
-            cx.ports
-                .provide::<dyn Subscribe>(Arc::new(Subscribing { via: Via::Bus(self.bus.clone()), env: env.clone() }));
+            cx.ports.provide::<dyn Subscribe>(Arc::new(Subscribing { via: Via::Bus(self.bus.clone()) }));
         } else if let Some(settings) = events.kafka {
             let producer = match producers.get(&settings) {
                 Some(producer) => Some(producer.clone()),
@@ -88,10 +87,7 @@ impl Component for Events {
                 let connection = version_of(&settings);
                 cx.ports.provide::<dyn Publish>(Arc::new(Publishing { publisher: producer, connection }));
             }
-            cx.ports.provide::<dyn Subscribe>(Arc::new(Subscribing {
-                via: Via::Kafka(Box::new(settings), config.namespace().to_string()),
-                env: env.clone(),
-            }));
+            cx.ports.provide::<dyn Subscribe>(Arc::new(Subscribing { via: Via::Kafka(Box::new(settings)) }));
         }
         if !problems.is_empty() {
             return Err(problems);
@@ -236,14 +232,12 @@ impl Sink for EventSink {
 
 enum Via {
     Bus(Arc<InProcessBus>),
-    /// The connection and the namespace (part of the group names).
-    Kafka(Box<KafkaSettings>, String),
+    Kafka(Box<KafkaSettings>),
 }
 
 /// The [`Subscribe`] port.
 struct Subscribing {
     via: Via,
-    env: Env,
 }
 
 impl Subscribe for Subscribing {
@@ -263,12 +257,12 @@ impl Subscribe for Subscribing {
                 handler,
                 bus: Some(bus.clone()),
             },
-            Via::Kafka(connection, namespace) => {
+            Via::Kafka(connection) => {
+                // Every pod reads every event: no consumer group (none left behind per pod or reload).
                 let Group::Broadcast = subscription.group;
-                // One group per pod, stable across reloads and restarts of the pod.
-                let group = format!("umw.{namespace}.{}.{}", subscription.owner, self.env.instance);
+                let group = String::new();
                 ConsumerPlan {
-                    version: version_of(&(version, &subscription, &group, connection.as_ref())),
+                    version: version_of(&(version, &subscription, connection.as_ref())),
                     route: subscription.owner.clone(),
                     source: PlanSource::Kafka(Box::new(ConsumerSettings {
                         connection: connection.as_ref().clone(),

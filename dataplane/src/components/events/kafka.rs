@@ -425,6 +425,8 @@ pub trait Handler: Send + Sync + 'static {
 pub struct ConsumerSettings {
     pub connection: KafkaSettings,
     pub topic: String,
+    /// The consumer group; empty for a broadcast consumer, which has none: it is assigned every partition
+    /// of the topic at its end when it starts, commits nothing, and leaves nothing on the broker.
     pub group: String,
     /// The event route, for logs and metrics.
     pub route: String,
@@ -462,6 +464,8 @@ struct Group {
     commits: std::sync::atomic::AtomicU64,
     topic: String,
     metrics: Metrics,
+    /// No group: nothing is committed.
+    broadcast: bool,
 }
 
 impl Group {
@@ -543,6 +547,9 @@ impl Group {
     /// Commits the handled offsets that moved since the last commit (of `only` these partitions); false
     /// when there was nothing to commit.
     fn commit(&self, consumer: &BaseConsumer<Context>, only: Option<&[i32]>, mode: CommitMode) -> bool {
+        if self.broadcast {
+            return false;
+        }
         let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = TopicPartitionList::new();
@@ -600,8 +607,13 @@ impl Consumer {
     ) -> Result<Self, String> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| "no async runtime".to_string())?;
         let mut config = settings.connection.client_config();
+        let broadcast = settings.group.is_empty();
+        // librdkafka wants a group id for assign() too; a consumer that is assigned its partitions and
+        // commits nothing never makes the group known to the brokers.
+        let group_id =
+            if broadcast { format!("umw-broadcast-{:016x}", fastrand::u64(..)) } else { settings.group.clone() };
+        config.set("group.id", &group_id);
         config
-            .set("group.id", &settings.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", if settings.from_latest { "latest" } else { "earliest" })
@@ -618,6 +630,7 @@ impl Consumer {
             commits: std::sync::atomic::AtomicU64::new(0),
             topic: settings.topic.clone(),
             metrics: metrics.clone(),
+            broadcast,
         });
         let context = Context {
             health,
@@ -639,7 +652,11 @@ impl Consumer {
                 if let Some(previous) = previous {
                     previous.stop();
                 }
-                if let Err(error) = consumer.subscribe(&[&topic]) {
+                if broadcast {
+                    if !assign_at_end(&consumer, &group, &topic, &stop_) {
+                        return;
+                    }
+                } else if let Err(error) = consumer.subscribe(&[&topic]) {
                     tracing::error!(route = %group.route, %error, "subscribing to {topic} failed");
                     return;
                 }
@@ -669,6 +686,45 @@ impl Drop for Consumer {
         // The poll thread stops on its own (committing what was handled); nothing waits for it here.
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Assigns every partition of `topic` at its current end (the high watermark, read now, so that what is
+/// published from here on is read), retrying until it can or the consumer stops.
+fn assign_at_end(consumer: &BaseConsumer<Context>, group: &Group, topic: &str, stop: &AtomicBool) -> bool {
+    let timeout = Duration::from_secs(5);
+    let mut delay = Duration::from_millis(200);
+    while !stop.load(Ordering::Relaxed) {
+        let assigned = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string()).and_then(|metadata| {
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if partitions.is_empty() {
+                return Err(format!("topic {topic} has no partitions (does it exist?)"));
+            }
+            let mut list = TopicPartitionList::new();
+            for partition in partitions {
+                let (_, high) = consumer.fetch_watermarks(topic, partition, timeout).map_err(|e| e.to_string())?;
+                list.add_partition_offset(topic, partition, Offset::Offset(high)).map_err(|e| e.to_string())?;
+            }
+            consumer.assign(&list).map_err(|e| e.to_string())?;
+            Ok(list)
+        });
+        match assigned {
+            Ok(list) => {
+                group.assigned(&list);
+                return true;
+            }
+            Err(error) => {
+                tracing::warn!(route = %group.route, %error, "cannot assign the partitions of {topic} yet; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    false
 }
 
 fn poll_loop(consumer: BaseConsumer<Context>, group: Arc<Group>, stop: Arc<AtomicBool>) {
@@ -764,6 +820,11 @@ fn poll_loop(consumer: BaseConsumer<Context>, group: Arc<Group>, stop: Arc<Atomi
             // Messages polled now are not handled, so not committed: the next owner gets them.
             let _ = consumer.poll(Duration::from_millis(50));
         }
+    }
+    if group.broadcast {
+        let _ = consumer.unassign();
+        tracing::info!(route = %group.route, "consumer stopped");
+        return;
     }
     consumer.unsubscribe();
     tracing::info!(route = %group.route, "consumer stopped; handled offsets committed");
