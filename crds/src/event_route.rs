@@ -217,9 +217,14 @@ pub struct HttpDestination {
     /// Deadline of one delivery attempt. Defaults to 10s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
-    /// Extra request headers.
+    /// Extra request headers. Values here are stored in the EventRoute and the data plane's ConfigMap: put
+    /// credentials in `headersFrom`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// Extra request headers whose values are Secret keys (`Authorization: Bearer ...`), read at run time;
+    /// a header may not be in both maps.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers_from: BTreeMap<String, crate::SecretKeyRef>,
 }
 
 /// A WebSocket room.
@@ -336,6 +341,15 @@ impl Policy for EventRoute {
         }
     }
 
+    fn secret_key_refs(&self) -> Vec<(&'static str, &crate::SecretKeyRef)> {
+        let webhook = self.spec.destination.http.as_ref();
+        webhook
+            .into_iter()
+            .flat_map(|w| w.headers_from.values())
+            .map(|r| ("spec.destination.http.headersFrom", r))
+            .collect()
+    }
+
     fn not_enforced_fields(&self) -> Vec<&'static str> {
         // WebSocket rooms land with the hub.
         let mut fields = Vec::new();
@@ -406,6 +420,20 @@ impl Policy for EventRoute {
                 }
                 if let Err(message) = header_value(value) {
                     out.push((format!("spec.destination.http.headers.{name}"), message));
+                }
+            }
+            for name in webhook.headers_from.keys() {
+                if http_token(name).is_none() {
+                    out.push((
+                        format!("spec.destination.http.headersFrom.{name}"),
+                        format!("{name:?} is not a header name"),
+                    ));
+                }
+                if webhook.headers.keys().any(|h| h.eq_ignore_ascii_case(name)) {
+                    out.push((
+                        format!("spec.destination.http.headersFrom.{name}"),
+                        "also in headers: set a header in one of the two".to_string(),
+                    ));
                 }
             }
         }

@@ -658,6 +658,10 @@ pub struct OutboxSettings {
     /// kept for their command's `idempotency.ttl`.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Duration>,
+    /// The bearer token the admin endpoint `/outbox/dead` requires (the dead-lettered rows carry business
+    /// data). Without it, `/outbox/dead` answers `404`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<ValueSource>,
 }
 
 /// A command: an HTTP request validated against a JSON Schema and recorded, with its event, in the outbox.

@@ -205,6 +205,13 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
     }
     c.duration("spec.outbox.pollInterval".into(), spec.outbox.poll_interval.as_ref());
     c.duration("spec.outbox.retention".into(), spec.outbox.retention.as_ref());
+    if let Some(token) = &spec.outbox.admin_token {
+        match (value_source(token), token.value.as_deref()) {
+            (Err(message), _) => c.push("spec.outbox.adminToken", message),
+            (Ok(()), Some("")) => c.push("spec.outbox.adminToken.value", "empty"),
+            _ => {}
+        }
+    }
     if let Some(redis) = &spec.connections.redis {
         c.duration("spec.connections.redis.timeout".into(), redis.timeout.as_ref());
     }

@@ -38,10 +38,15 @@ struct Running {
 
 impl Running {
     fn start(config: &std::path::Path, extra: &[&str]) -> Self {
+        Self::start_with_env(config, extra, &[])
+    }
+
+    fn start_with_env(config: &std::path::Path, extra: &[&str], env: &[(String, String)]) -> Self {
         let (http, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
         let mut child = Command::new(BIN)
             .args(["--config", &config.to_string_lossy(), "--http-address", &http, "--admin-address", &admin])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -231,10 +236,12 @@ async fn sigterm_turns_readiness_off_finishes_requests_in_flight_and_exits() {
 
     let url = format!("http://{}/slow/2500", dp.http);
     let in_flight = tokio::spawn(async move { get(&url).await.status });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The request has reached the upstream: it is in flight when the signal comes.
+    eventually("the request in flight", Duration::from_secs(5), || async { upstream.hits() == 1 }).await;
     dp.signal("-TERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let readyz = get(&format!("http://{}/readyz", dp.admin)).await;
+    let readyz_url = format!("http://{}/readyz", dp.admin);
+    eventually("readiness off", Duration::from_secs(5), || async { get(&readyz_url).await.status == 503 }).await;
+    let readyz = get(&readyz_url).await;
     assert_eq!(readyz.status, 503, "unready during the shutdown delay");
     assert!(readyz.text().contains("shutting down"));
     assert_eq!(get(&format!("http://{}/x", dp.http)).await.status, 200, "still serving during the delay");
@@ -287,5 +294,61 @@ async fn json_logs_carry_the_trace_and_request_ids() {
     assert_eq!(json["request_id"], "abc-1", "{line}");
     assert_eq!(json["route"], "broken");
     assert_eq!(json["level"], "WARN");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A webhook receiver on loopback that keeps the `Authorization` header of every request.
+async fn receiver() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    let app = axum::Router::new().fallback(move |headers: http::HeaderMap| {
+        let keep = keep.clone();
+        async move {
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            keep.lock().unwrap().push(auth);
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(support::serve_h1_and_h2c(listener, app));
+    (address, seen)
+}
+
+#[tokio::test]
+async fn webhook_headers_from_secrets_reach_the_webhook_and_nothing_else() {
+    let (webhook, seen) = receiver().await;
+    let dir = temp_dir("headers-from");
+    let config = dir.join("config.yaml");
+    let yaml = format!(
+        "{}---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {{name: hooks}}\nspec:\n  targetRefs: [{{name: test}}]\n  source: {{http: {{path: /events/in}}}}\n  destination: {{http: {{url: 'http://{webhook}/hook', headers: {{x-plain: shown}}, headersFrom: {{authorization: {{name: hooks-token, key: header}}}}}}}}\n",
+        middleware(
+            "    - name: all\n      match: {pathPrefix: /nothing}\n      upstream: {url: 'http://127.0.0.1:9'}\n",
+            ""
+        )
+    );
+    std::fs::write(&config, yaml).unwrap();
+    // The Secret's value, as the operator hands it to the pod.
+    let canary = format!("Bearer canary-{:016x}", fastrand::u64(..));
+    let var =
+        umw_crds::config::secret_env_var(&umw_crds::SecretKeyRef { name: "hooks-token".into(), key: "header".into() });
+    let dp = Running::start_with_env(&config, &[], &[(var, canary.clone())]);
+    dp.wait_ready().await;
+    let event = r#"{"specversion": "1.0", "id": "e-1", "type": "order.placed", "source": "/shop", "data": {"n": 1}}"#;
+    let reply = send(
+        Method::POST,
+        &format!("http://{}/events/in", dp.http),
+        &[("content-type", "application/cloudevents+json")],
+        Bytes::from_static(event.as_bytes()),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(seen.lock().unwrap().clone(), [canary.clone()], "the webhook got the Secret's value");
+    let status = get(&format!("http://{}/status", dp.admin)).await.text();
+    let metrics = get(&format!("http://{}/metrics", dp.admin)).await.text();
+    let secret = canary.trim_start_matches("Bearer ");
+    assert!(!status.contains(secret), "not in /status: {status}");
+    assert!(!metrics.contains(secret), "not in /metrics");
+    assert!(!dp.log().join("\n").contains(secret), "not in the logs: {:#?}", dp.log());
     std::fs::remove_dir_all(&dir).unwrap();
 }

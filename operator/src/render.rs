@@ -240,6 +240,9 @@ pub fn secret_uses(bundle: &Bundle) -> Vec<(String, SecretUse)> {
         .into_iter()
         .filter_map(|(field, v)| v.secret_key_ref.clone().map(|r| (field.to_string(), SecretUse::Key(r))))
         .collect();
+    if let Some(r) = bundle.middleware.spec.outbox.admin_token.as_ref().and_then(|t| t.secret_key_ref.clone()) {
+        uses.push(("spec.outbox.adminToken".to_string(), SecretUse::Key(r)));
+    }
     bundle.cache_policies.iter().for_each(|p| of_policy(p, &mut uses));
     bundle.event_routes.iter().for_each(|p| of_policy(p, &mut uses));
     bundle.auth_policies.iter().for_each(|p| of_policy(p, &mut uses));
@@ -613,6 +616,28 @@ mod tests {
         let secret_env = env.iter().find(|e| e.name.starts_with("UMW_SECRET_REDIS_CREDS_URL_")).unwrap();
         let selector = secret_env.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
         assert_eq!((selector.name.as_str(), selector.key.as_str()), ("redis-creds", "url"));
+    }
+
+    #[test]
+    fn webhook_headers_and_the_outbox_token_from_secrets_reach_the_pods_as_env_references() {
+        let mut spec = MiddlewareSpec::default();
+        spec.outbox.admin_token = Some(ValueSource::secret("outbox-admin", "token"));
+        let mut route: umw_crds::EventRoute = serde_yaml::from_str(
+            "apiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {name: hooks, namespace: shop}\nspec:\n  targetRefs: [{name: shop}]\n  source: {http: {path: /events/in}}\n  destination: {http: {url: 'https://hooks.example.com/', headersFrom: {authorization: {name: hooks-token, key: header}}}}\n",
+        )
+        .unwrap();
+        route.metadata.namespace = Some("shop".into());
+        let bundle = Bundle { middleware: middleware(spec), event_routes: vec![route], ..Bundle::default() };
+        let uses = secret_uses(&bundle);
+        let names: Vec<&str> = uses.iter().map(|(_, u)| u.secret_name()).collect();
+        assert_eq!(names, ["hooks-token", "outbox-admin"], "{uses:?}");
+        let desired = render(&bundle, &settings(), &BTreeMap::new()).unwrap();
+        let config = &desired.config_map.data.as_ref().unwrap()[CONFIG_FILE];
+        assert!(config.contains("hooks-token") && !config.contains("Bearer"), "only the reference: {config}");
+        let env = desired.deployment.spec.template.spec.unwrap().containers[0].env.clone().unwrap();
+        for prefix in ["UMW_SECRET_HOOKS_TOKEN_HEADER_", "UMW_SECRET_OUTBOX_ADMIN_TOKEN_"] {
+            assert!(env.iter().any(|e| e.name.starts_with(prefix) && e.value_from.is_some()), "{prefix} in {env:?}");
+        }
     }
 
     #[test]

@@ -461,7 +461,9 @@ async fn a_handler_accepts_or_rejects_commands_and_events_kafka_refuses_are_dead
     let commands = format!(
         "    - name: place-order\n      event: {{type: com.example.order.placed, topic: orders, keyTemplate: '{{{{ data.orderId }}}}'}}\n      handler: {{url: '{handler}'}}\n      maxBodyBytes: 3000000\n"
     );
-    let gw = Gateway::start(&middleware(&pg, &kafka, &commands, "  outbox: {maxAttempts: 3}\n")).await;
+    let gw =
+        Gateway::start(&middleware(&pg, &kafka, &commands, "  outbox: {maxAttempts: 3, adminToken: {value: d34d}}\n"))
+            .await;
     postgres_up(&gw).await;
 
     // Accepted by the handler: its answer is the command's result.
@@ -504,11 +506,17 @@ async fn a_handler_accepts_or_rejects_commands_and_events_kafka_refuses_are_dead
     .await;
     let state = get(&gw.url(&format!("/commands/{big_id}"))).await.json();
     assert!(state["events"][0]["lastError"].as_str().unwrap().contains("message.max.bytes"), "{state}");
-    let dead = send(Method::GET, &format!("http://{}/outbox/dead", gw.admin), &[], Bytes::new()).await.json();
+    let dead_url = format!("http://{}/outbox/dead", gw.admin);
+    let unauthorized = send(Method::GET, &dead_url, &[], Bytes::new()).await;
+    assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED, "the rows carry business data: a token is needed");
+    let wrong = send(Method::GET, &dead_url, &[("authorization", "Bearer nope")], Bytes::new()).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let token = [("authorization", "Bearer d34d")];
+    let dead = send(Method::GET, &dead_url, &token, Bytes::new()).await.json();
     assert_eq!(dead["rows"].as_array().unwrap().len(), 1, "{dead}");
     assert_eq!(dead["rows"][0]["table"], "umw_outbox");
     assert_eq!(dead["rows"][0]["key"], "o-9");
-    let bad_limit = send(Method::GET, &format!("http://{}/outbox/dead?limit=0", gw.admin), &[], Bytes::new()).await;
+    let bad_limit = send(Method::GET, &format!("{dead_url}?limit=0"), &token, Bytes::new()).await;
     assert_eq!(bad_limit.status, StatusCode::BAD_REQUEST);
     assert_eq!(gw.metric("umw_outbox_dead_lettered_total", &["table=\"umw_outbox\""]).await, 1.0);
     let records = kafka.read("orders", 2, Duration::from_secs(20));

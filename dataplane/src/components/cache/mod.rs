@@ -130,13 +130,6 @@ impl Invalidator {
 
     /// Whether `token` is one of the admin tokens, compared in constant time.
     pub fn accepts(&self, token: &str) -> bool {
-        self.tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+        self.tokens.iter().any(|t| crate::kernel::secret::constant_time_eq(t.as_bytes(), token.as_bytes()))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -7,7 +7,7 @@
 //! cannot hear the others drops its L1 and reads Redis alone until it can again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -28,6 +28,10 @@ pub struct TieredCache {
     id: String,
     /// True while the subscription is up: only then is L1 trusted.
     coherent: Arc<AtomicBool>,
+    /// Bumped by every invalidation of the in-process tier (local or heard): a read of Redis fills the tier
+    /// only if none happened meanwhile, so that a copy read just before an invalidation is not put back
+    /// after it.
+    generation: Arc<AtomicU64>,
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -38,7 +42,7 @@ impl TieredCache {
         let l1 = Arc::new(MemoryCache::new(L1_BYTES));
         let id = format!("{:016x}", fastrand::u64(..));
         let coherent = Arc::new(AtomicBool::new(false));
-        Self { l1, l2, channel, id, coherent, task: std::sync::Mutex::new(None) }
+        Self { l1, l2, channel, id, coherent, generation: Arc::default(), task: std::sync::Mutex::new(None) }
     }
 
     /// Connects Redis and subscribes to the other replicas' invalidations. Needs a Tokio runtime.
@@ -47,7 +51,8 @@ impl TieredCache {
         let (Ok(mut task), Ok(handle)) = (self.task.lock(), tokio::runtime::Handle::try_current()) else { return };
         if task.is_none() {
             let (l1, l2, channel, id) = (self.l1.clone(), self.l2.clone(), self.channel.clone(), self.id.clone());
-            *task = Some(handle.spawn(listen(l1, l2, channel, id, self.coherent.clone())));
+            let (coherent, generation) = (self.coherent.clone(), self.generation.clone());
+            *task = Some(handle.spawn(listen(l1, l2, channel, id, coherent, generation)));
         }
     }
 
@@ -74,7 +79,14 @@ impl Drop for TieredCache {
 }
 
 /// Listens for the other replicas' invalidations, reconnecting with backoff.
-async fn listen(l1: Arc<MemoryCache>, l2: Arc<RedisCache>, channel: String, id: String, coherent: Arc<AtomicBool>) {
+async fn listen(
+    l1: Arc<MemoryCache>,
+    l2: Arc<RedisCache>,
+    channel: String,
+    id: String,
+    coherent: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+) {
     let mut delay = Duration::from_millis(100);
     loop {
         match l2.subscriber(&channel).await {
@@ -88,6 +100,7 @@ async fn listen(l1: Arc<MemoryCache>, l2: Arc<RedisCache>, channel: String, id: 
                     if from == id {
                         continue;
                     }
+                    generation.fetch_add(1, Ordering::SeqCst);
                     apply(&l1, what).await;
                 }
             }
@@ -95,6 +108,7 @@ async fn listen(l1: Arc<MemoryCache>, l2: Arc<RedisCache>, channel: String, id: 
         }
         // Not hearing the others: forget what L1 holds and read Redis alone until subscribed again.
         coherent.store(false, Ordering::SeqCst);
+        generation.fetch_add(1, Ordering::SeqCst);
         l1.clear();
         tokio::time::sleep(delay.mul_f64(0.5 + fastrand::f64())).await;
         delay = (delay * 2).min(Duration::from_secs(5));
@@ -130,9 +144,16 @@ impl Cache for TieredCache {
             {
                 return Ok(Some(entry));
             }
+            let seen = self.generation.load(Ordering::SeqCst);
             let entry = self.l2.get(key).await?;
-            if let (Some(l1), Some(entry)) = (self.l1(), &entry) {
+            if let (Some(l1), Some(entry)) = (self.l1(), &entry)
+                && self.generation.load(Ordering::SeqCst) == seen
+            {
                 let _ = l1.put(key, entry, Duration::ZERO).await;
+                // An invalidation that came in while the copy was put: it may have deleted before the put.
+                if self.generation.load(Ordering::SeqCst) != seen {
+                    let _ = l1.delete(key).await;
+                }
             }
             Ok(entry)
         }
@@ -154,6 +175,7 @@ impl Cache for TieredCache {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
         async move {
             let deleted = self.l2.delete(key).await?;
+            self.generation.fetch_add(1, Ordering::SeqCst);
             let _ = self.l1.delete(key).await;
             self.tell_others(&format!("key:{key}")).await;
             Ok(deleted)
@@ -168,6 +190,7 @@ impl Cache for TieredCache {
     fn delete_tag<'a>(&'a self, tag_key: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
         async move {
             let deleted = self.l2.delete_tag(tag_key).await?;
+            self.generation.fetch_add(1, Ordering::SeqCst);
             self.l1.clear();
             self.tell_others("flush:").await;
             Ok(deleted)
@@ -178,6 +201,7 @@ impl Cache for TieredCache {
     fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<usize, CacheError>> {
         async move {
             let deleted = self.l2.delete_prefix(prefix).await?;
+            self.generation.fetch_add(1, Ordering::SeqCst);
             let _ = self.l1.delete_prefix(prefix).await;
             self.tell_others(&format!("prefix:{prefix}")).await;
             Ok(deleted)

@@ -184,6 +184,24 @@ pub fn build(
                     _ => problems.push(format!("{at}: spec.destination.http.headers: {name:?} is not a valid header")),
                 }
             }
+            // Values from Secrets: never in a message, and marked sensitive (HPACK does not index them).
+            for (name, reference) in &webhook.headers_from {
+                let source = umw_crds::ValueSource { value: None, secret_key_ref: Some(reference.clone()) };
+                let value = umw_crds::config::resolve(&source).and_then(|v| {
+                    http::HeaderValue::try_from(v)
+                        .map_err(|_| "the Secret's value is not a valid header value".to_string())
+                });
+                match (http::HeaderName::try_from(name.as_str()), value) {
+                    (Ok(name), Ok(mut value)) => {
+                        value.set_sensitive(true);
+                        headers.push((name, value));
+                    }
+                    (Err(_), _) => {
+                        problems.push(format!("{at}: spec.destination.http.headersFrom: {name:?} is not a header name"))
+                    }
+                    (_, Err(e)) => problems.push(format!("{at}: spec.destination.http.headersFrom.{name}: {e}")),
+                }
+            }
             Destination::Webhook {
                 url,
                 timeout: duration_or(webhook.timeout.as_ref(), super::DEFAULT_WEBHOOK_TIMEOUT),

@@ -40,8 +40,14 @@ pub struct Outbox {
     databases: Arc<Mutex<HashMap<PgSettings, Pooled>>>,
     /// Commands with `--in-process-backends`.
     memory: Arc<MemoryStore>,
-    /// The committed snapshot's store, for `/outbox/dead`.
-    current: Arc<arc_swap::ArcSwapOption<Arc<dyn OutboxStore>>>,
+    /// The committed snapshot's store and admin token, for `/outbox/dead`.
+    current: Arc<arc_swap::ArcSwapOption<DeadLetters>>,
+}
+
+/// What `/outbox/dead` reads, and the token it asks for.
+struct DeadLetters {
+    store: Arc<dyn OutboxStore>,
+    token: Option<String>,
 }
 
 /// A relay the configuration asks for.
@@ -230,8 +236,12 @@ impl Component for Outbox {
         if !problems.is_empty() {
             return Err(problems);
         }
-        let kept = (!spec.commands.is_empty()).then_some(store);
-        built.on_commit(move || current.store(kept.map(Arc::new)));
+        let token = match spec.outbox.admin_token.as_ref().map(umw_crds::config::resolve).transpose() {
+            Ok(token) => token.filter(|t| !t.is_empty()),
+            Err(e) => return Err(vec![format!("{at}: spec.outbox.adminToken: {e}")]),
+        };
+        let kept = (!spec.commands.is_empty()).then(|| Arc::new(DeadLetters { store, token }));
+        built.on_commit(move || current.store(kept));
         Ok(built)
     }
 }
@@ -318,16 +328,31 @@ fn pg_settings(loaded: &Loaded) -> Result<Option<PgSettings>, String> {
 
 /// `GET /outbox/dead?limit=N`: the outbox rows that failed for good (newest first, at most 1000), with the
 /// table they came from and the last error.
-fn dead_letters(current: Arc<arc_swap::ArcSwapOption<Arc<dyn OutboxStore>>>, metrics: Metrics) -> AdminHandler {
+fn dead_letters(current: Arc<arc_swap::ArcSwapOption<DeadLetters>>, metrics: Metrics) -> AdminHandler {
     Arc::new(move |request| {
         let (current, metrics) = (current.clone(), metrics.clone());
         Box::pin(async move {
             const NO_OUTBOX: Kind =
                 Kind { slug: "no-outbox", title: "This Middleware defines no commands", status: StatusCode::NOT_FOUND };
-            let Some(store) = current.load_full() else {
+            const NO_TOKEN: Kind =
+                Kind { slug: "no-admin-token", title: "No admin token is set", status: StatusCode::NOT_FOUND };
+            const UNAUTHORIZED: Kind =
+                Kind { slug: "unauthorized", title: "A valid admin token is needed", status: StatusCode::UNAUTHORIZED };
+            let Some(dead) = current.load_full() else {
                 metrics.gateway_errors.with_label_values(&["admin", "no_outbox"]).inc();
                 return Problem::new(NO_OUTBOX, "the outbox exists once spec.commands is set").into_response();
             };
+            let Some(token) = &dead.token else {
+                metrics.gateway_errors.with_label_values(&["admin", "no_admin_token"]).inc();
+                return Problem::new(NO_TOKEN, "dead-lettered rows are shown with spec.outbox.adminToken set")
+                    .into_response();
+            };
+            let presented = crate::kernel::context::bearer_token(request.headers());
+            if !crate::kernel::secret::constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+                metrics.gateway_errors.with_label_values(&["admin", "unauthorized"]).inc();
+                return Problem::new(UNAUTHORIZED, "present spec.outbox.adminToken as a bearer token").into_response();
+            }
+            let store = &dead.store;
             let limit = request
                 .uri()
                 .query()
