@@ -343,7 +343,7 @@ async fn webhook_headers_from_secrets_reach_the_webhook_and_nothing_else() {
     )
     .await;
     assert_eq!(reply.status, 202, "{}", reply.text());
-    assert_eq!(seen.lock().unwrap().clone(), [canary.clone()], "the webhook got the Secret's value");
+    assert_eq!(*seen.lock().unwrap(), vec![canary.clone()], "the webhook got the Secret's value");
     let status = get(&format!("http://{}/status", dp.admin)).await.text();
     let metrics = get(&format!("http://{}/metrics", dp.admin)).await.text();
     let secret = canary.trim_start_matches("Bearer ");
