@@ -473,3 +473,60 @@ async fn commands_on_a_middleware_are_recorded_in_postgres_and_relayed_to_kafka_
         assert!(state.contains(id.as_str()), "{state}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_secret_values_appear_in_no_log_status_config_map_condition_or_event() {
+    let ns = TestNamespace::new("dp-canary");
+    let upstream = TestUpstream::start("up").await;
+    let _kubelet = kubelet(&ns.name).await;
+    let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let canary = format!("canary{nanos:x}");
+    // Credentials of servers that are not there (closed ports): every client fails, retries and reports.
+    ns.must_apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: creds}}\nstringData:\n  redis: r-{canary}\n  kafka: k-{canary}\n  postgres: 'postgres://shop@127.0.0.1:1/shop?password=p-{canary}'\n  hook: 'Bearer h-{canary}'\n  outbox: o-{canary}\n  cache: c-{canary}\n"
+    ));
+    let secret = |key: &str| format!("{{secretKeyRef: {{name: creds, key: {key}}}}}");
+    let spec = format!(
+        "  connections:\n    redis: {{url: {{value: 'redis://127.0.0.1:1'}}, password: {}}}\n    kafka:\n      bootstrapServers: {{value: '127.0.0.1:1'}}\n      sasl: {{mechanism: PLAIN, username: {{value: shop}}, password: {}}}\n    postgres: {{url: {}}}\n  commands:\n  - {{name: order, event: {{type: order.placed, topic: orders}}}}\n  outbox: {{adminToken: {}}}\n",
+        secret("redis"),
+        secret("kafka"),
+        secret("postgres"),
+        secret("outbox")
+    );
+    ns.must_apply(&format!("{}{spec}", middleware_yaml(1, &route("products", "/products", &upstream.url()))));
+    ns.must_apply(&format!(
+        "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: products}}\nspec:\n  targetRefs: [{{name: shop}}]\n  backend: redis\n  rules: [{{ttl: 60s}}]\n  invalidation: {{adminApi: true, adminToken: {}}}\n---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {{name: hooks}}\nspec:\n  targetRefs: [{{name: shop}}]\n  source: {{http: {{path: /events/in}}}}\n  destination: {{http: {{url: 'http://127.0.0.1:1/hook', headersFrom: {{authorization: {{name: creds, key: hook}}}}}}}}\n  retry: {{maxAttempts: 2}}\n",
+        secret("cache")
+    ));
+    let api: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    ready_and_applied(&api).await;
+    // The scenario of the report: PostgreSQL is unreachable, and its URL carries the password.
+    middleware_condition(&api, types::DEGRADED, "True", |m| m.contains("postgres")).await;
+    let (pod, address, admin) = pods(&ns.name).await.remove(0);
+    // Failing deliveries and commands: every error path logs.
+    let event = r#"{"specversion": "1.0", "id": "e-1", "type": "t", "source": "/s", "data": {}}"#;
+    let _ = post_json(&address, "/events/in", event).await;
+    let _ = post_json(&address, "/commands/order", "{}").await;
+    let status = http("GET", &admin, "/status").await.map(|(_, body)| body).unwrap_or_default();
+    assert!(status.contains("postgres"), "the pod reports: {status}");
+
+    let log = control_plane().dir.join("pods").join(format!("{}_{pod}", ns.name)).join("dataplane.log");
+    // The warning that used to print the whole URL (after the first connection attempt times out).
+    let text = eventually("the PostgreSQL warning logged", WAIT, || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("cannot reach PostgreSQL").then_some(text)
+    })
+    .await;
+    let status = http("GET", &admin, "/status").await.map(|(_, body)| body).unwrap_or(status);
+    let mut places = vec![("the pod's /status".to_string(), status)];
+    places.push((format!("the pod's log {}", log.display()), text));
+    for kind in ["configmaps", "middlewares", "cachepolicies", "eventroutes", "events", "pods"] {
+        let out = ns.kubectl(&["get", kind, "-o", "yaml"]);
+        places.push((format!("kubectl get {kind}"), String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    assert!(places[1].1.contains("cannot reach PostgreSQL"), "the log was read: {}", places[1].1);
+    for (place, text) in &places {
+        assert!(!text.contains(&canary), "a Secret's value in {place}:\n{text}");
+    }
+}

@@ -106,9 +106,12 @@ impl Component for Outbox {
             retention: duration_or(spec.outbox.retention.as_ref(), super::DEFAULT_RETENTION),
         };
         let Some(publish) = cx.ports.get::<dyn Publish>() else {
-            return Err(vec![format!(
-                "{at}: commands and outbox sources are relayed to Kafka: set spec.connections.kafka"
-            )]);
+            return Err(vec![if spec.connections.kafka.is_some() && !env.in_process {
+                // The events component could not build the producer, and said why.
+                format!("{at}: commands and outbox sources are not relayed: the Kafka producer could not be built")
+            } else {
+                format!("{at}: commands and outbox sources are relayed to Kafka: set spec.connections.kafka")
+            }]);
         };
 
         // The store: in memory, or PostgreSQL (its pool reused while the settings are unchanged).
