@@ -645,10 +645,18 @@ async fn two_replicas_elect_one_leader_and_hand_over_on_shutdown() {
     let mut first = Operator::start(&ns.name, &[]);
     let leader_of = |op: &Operator| op.metrics().is_some_and(|m| m.lines().any(|l| l == "umw_operator_leader 1"));
     eventually("first replica leads", WAIT, || async { leader_of(&first).then_some(()) }).await;
+    let holder = ns.jsonpath("lease/umw-operator-leader", "{.spec.holderIdentity}");
+    assert!(!holder.is_empty(), "the leader holds the lease");
     let mut second = Operator::start(&ns.name, &[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(second.metrics().is_some(), "the standby serves its admin endpoints");
-    assert!(!leader_of(&second), "only one replica leads");
+    eventually("the standby's admin endpoints", WAIT, || async { second.metrics().map(|_| ()) }).await;
+    // Watched for longer than one lease duration (15 s): a standby that took over when the lease came up
+    // for renewal would show here.
+    let until = std::time::Instant::now() + Duration::from_secs(17);
+    while std::time::Instant::now() < until {
+        assert!(!leader_of(&second), "only one replica leads");
+        assert_eq!(ns.jsonpath("lease/umw-operator-leader", "{.spec.holderIdentity}"), holder, "the lease stays");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     let status = first.terminate().expect("the leader exits on SIGTERM");
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
