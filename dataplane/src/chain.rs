@@ -269,17 +269,19 @@ async fn select_route(mut request: Request<Body>, next: Next) -> Response {
 async fn metrics(request: Request<Body>, next: Next) -> Response {
     let Some(info) = info(&request) else { return next.run(request).await };
     let route = info.route.clone();
-    let Some(metrics) = current(&request).map(|s| s.metrics.clone()) else { return next.run(request).await };
+    // The snapshot's handles, by reference: one Arc for the request, not a clone of every handle.
+    let Some(snapshot) = current(&request).cloned() else { return next.run(request).await };
+    let metrics = &snapshot.metrics;
     let method = request.method().clone();
     let started = Instant::now();
     // Counts the request as in flight until the future ends, however it ends: a client that goes away
     // drops it, and the gauge must not drift.
-    let in_flight = InFlight::new(&metrics);
+    let in_flight = InFlight::new(metrics);
     let response = next.run(request).await;
     drop(in_flight);
     match &route {
         Some(route) => {
-            route.requests.inc(&metrics, &method, response.status());
+            route.requests.inc(metrics, &method, response.status());
             route.request_duration.observe(started.elapsed().as_secs_f64());
         }
         None => {
