@@ -8,14 +8,22 @@
 # worker thread), the upstream (an nginx answering a fixed 125-byte JSON) and the load generator on CPU 0.
 # Measures, per proxy: requests/s and latency percentiles with wrk (closed loop, CONNECTIONS
 # connections); added latency at 1000 requests/s with umw-load (open loop, against the upstream directly
-# as the baseline); resident memory idle and after load; and the data plane's start-to-ready time.
-# Needs Debian's nginx and wrk (apt-get install nginx wrk). Everything binds 127.0.0.1.
+# as the baseline); the proxy's CPU time per request, at a fixed rate (RATE, default 5000/s, 10 s; from
+# /proc/<pid>/stat) and under wrk, with how busy wrk's own core was (1.00: the load generator was the
+# limit); resident memory idle and after load; and the data plane's start-to-ready time.
+# BEFORE=path/to/an/older/umw-dataplane adds that build as a third proxy, in the same rounds.
+# Installs Debian's nginx and wrk when they are missing. Everything binds 127.0.0.1.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DURATION="${DURATION:-15}"
 ROUNDS="${ROUNDS:-2}"
 CONNECTIONS="${CONNECTIONS:-64}"
+RATE="${RATE:-5000}"
+BEFORE="${BEFORE:-}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
+  command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx wrk >/dev/null
+fi
 for tool in nginx wrk taskset python3; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx wrk util-linux python3" >&2; exit 1; }
 done
@@ -29,7 +37,14 @@ LOAD="$TARGET/release/umw-load"
 . "$ROOT/e2e/bench/lib.sh"
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
-nginx_rss_kib() { local total=0; for p in $(pgrep -f "nginx.*$1"); do total=$((total + $(rss_kib "$p"))); done; echo "$total"; }
+# nginx's master and its workers (the workers' command line does not name the configuration).
+nginx_pids() { echo "$1 $(pgrep -P "$1" | tr '\n' ' ')"; }
+nginx_rss_kib() { local total=0; for p in $(nginx_pids "$1"); do total=$((total + $(rss_kib "$p"))); done; echo "$total"; }
+# CPU 0's busy share (all processes: the load generator and the upstream) since the sample given.
+cpu0() { awk '/^cpu0 / {print $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat; }
+# CPU time (user + system) in clock ticks of the given processes.
+ticks() { local total=0; for p in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$total"; }
+HZ=$(getconf CLK_TCK)
 
 UP=$(free_port); NGX=$(free_port); UMW=$(free_port); ADMIN=$(free_port)
 BODY='{"products":[{"id":1,"name":"Kettle","price":29.0},{"id":2,"name":"Teapot","price":19.5},{"id":3,"name":"Mug","price":7.25}]}'
@@ -64,7 +79,7 @@ conf=$(nginx_conf proxy 10 "upstream app { server 127.0.0.1:$UP; keepalive 256; 
   server { listen 127.0.0.1:$NGX; location / { proxy_pass http://app; proxy_http_version 1.1;
     proxy_set_header Connection \"\"; proxy_set_header Host \$host;
     proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme; } }")
-taskset -c 1 "$NGINX" -c "$conf" -p "$WORK/proxy" & PIDS+=($!)
+taskset -c 1 "$NGINX" -c "$conf" -p "$WORK/proxy" & NGX_MASTER=$!; PIDS+=($NGX_MASTER)
 
 # The data plane, one worker thread on CPU 1, one catch-all route to the same upstream.
 cat > "$WORK/umw.yaml" <<YAML
@@ -82,9 +97,15 @@ taskset -c 1 "$DP" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$UMW" --a
   --worker-threads 1 2> "$WORK/umw.log" & DP_PID=$!; PIDS+=($DP_PID)
 until curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1; do sleep 0.002; done
 ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+if [ -n "$BEFORE" ]; then
+  OLD=$(free_port); OLD_ADMIN=$(free_port)
+  taskset -c 1 "$BEFORE" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$OLD" \
+    --admin-address "127.0.0.1:$OLD_ADMIN" --worker-threads 1 2> "$WORK/before.log" & OLD_PID=$!; PIDS+=($OLD_PID)
+  until curl -sf "http://127.0.0.1:$OLD_ADMIN/readyz" >/dev/null 2>&1; do sleep 0.01; done
+fi
 for port in $UP $NGX; do until curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1; do sleep 0.05; done; done
 sleep 1
-umw_idle=$(rss_kib $DP_PID); nginx_idle=$(nginx_rss_kib "$WORK/proxy")
+umw_idle=$(rss_kib $DP_PID); nginx_idle=$(nginx_rss_kib "$NGX_MASTER")
 
 # Start-to-ready of fresh processes (the first above included), median of 5.
 readies=("$ready_ms")
@@ -96,31 +117,69 @@ for _ in 1 2 3 4; do
 done
 ready_median=$(printf '%s\n' "${readies[@]}" | sort -n | sed -n 3p)
 
-wrk_run() { # port → "rps p50_ms p99_ms"
-  taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$1/" >/dev/null
-  taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/" | python3 -c '
+wrk_run() { # port pid... → "rps p50_ms p99_ms errors proxy_cpu_us_per_request wrk_core_busy"
+  local port=$1; shift
+  taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null
+  local before; before=$(ticks "$@")
+  local core; core=$(cpu0)
+  local out; out=$(taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/")
+  local spent=$(( $(ticks "$@") - before ))
+  # How busy the load generator's core was (wrk and the upstream): 1.00 means it, not the proxy, was the limit.
+  read -r total idle <<<"$core"; read -r total2 idle2 <<<"$(cpu0)"
+  out="$out
+WRK_BUSY $(python3 -c 'import sys; t, i = int(sys.argv[2]) - int(sys.argv[1]), int(sys.argv[4]) - int(sys.argv[3]); print("%.2f" % (1 - i / max(t, 1)))' "$total" "$total2" "$idle" "$idle2")"
+  echo "$out" | python3 -c '
 import re, sys
 text = sys.stdin.read()
+spent, hz, duration = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 def ms(v, unit): return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 p50, p99 = (ms(*re.search(r"\s" + p + r"%\s+([\d.]+)(us|ms|s)", text).groups()) for p in ("50", "99"))
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-print("%.0f %.3f %.3f %s" % (rps, p50, p99, errors.group(1) if errors else 0))'
+busy = float(re.search(r"WRK_BUSY ([\d.]+)", text).group(1))
+cpu_us = spent / hz * 1e6 / max(rps * duration, 1)
+print("%.0f %.3f %.3f %s %.2f %.2f" % (rps, p50, p99, errors.group(1) if errors else 0, cpu_us, busy))' "$spent" "$HZ" "$DURATION"
 }
+NGINX_PIDS=$(nginx_pids "$NGX_MASTER")
 
 echo "== wrk: $ROUNDS round(s) of ${DURATION}s, $CONNECTIONS connections, 1 proxy core" >&2
-declare -a N_RPS U_RPS N_P50 U_P50 N_P99 U_P99
+declare -a N_RPS U_RPS N_P50 U_P50 N_P99 U_P99 N_CPU U_CPU N_BUSY U_BUSY B_RPS B_CPU B_BUSY
 for round in $(seq 1 "$ROUNDS"); do
-  read -r rps p50 p99 err < <(wrk_run $NGX); N_RPS+=($rps); N_P50+=($p50); N_P99+=($p99)
-  echo "round $round nginx: $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err" >&2
-  read -r rps p50 p99 err < <(wrk_run $UMW); U_RPS+=($rps); U_P50+=($p50); U_P99+=($p99)
-  echo "round $round umw:   $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err" >&2
+  # shellcheck disable=SC2086
+  read -r rps p50 p99 err cpu busy < <(wrk_run $NGX $NGINX_PIDS)
+  N_RPS+=($rps); N_P50+=($p50); N_P99+=($p99); N_CPU+=($cpu); N_BUSY+=($busy)
+  echo "round $round nginx: $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err, ${cpu} µs CPU/request, wrk core ${busy}" >&2
+  read -r rps p50 p99 err cpu busy < <(wrk_run $UMW $DP_PID)
+  U_RPS+=($rps); U_P50+=($p50); U_P99+=($p99); U_CPU+=($cpu); U_BUSY+=($busy)
+  echo "round $round umw:   $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err, ${cpu} µs CPU/request, wrk core ${busy}" >&2
+  if [ -n "$BEFORE" ]; then
+    read -r rps p50 p99 err cpu busy < <(wrk_run $OLD $OLD_PID); B_RPS+=($rps); B_CPU+=($cpu); B_BUSY+=($busy)
+    echo "round $round before: $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err, ${cpu} µs CPU/request, wrk core ${busy}" >&2
+  fi
 done
-umw_hwm=$(hwm_kib $DP_PID); nginx_after=$(nginx_rss_kib "$WORK/proxy")
+umw_hwm=$(hwm_kib $DP_PID); nginx_after=$(nginx_rss_kib "$NGX_MASTER")
 
 mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.3f}")' "$@"; }
 n_rps=$(mean "${N_RPS[@]}"); u_rps=$(mean "${U_RPS[@]}")
 n_p50=$(mean "${N_P50[@]}"); u_p50=$(mean "${U_P50[@]}"); n_p99=$(mean "${N_P99[@]}"); u_p99=$(mean "${U_P99[@]}")
+n_cpu=$(mean "${N_CPU[@]}"); u_cpu=$(mean "${U_CPU[@]}"); n_busy=$(mean "${N_BUSY[@]}"); u_busy=$(mean "${U_BUSY[@]}")
+b_rps=0; b_cpu=0; b_busy=0
+if [ -n "$BEFORE" ]; then b_rps=$(mean "${B_RPS[@]}"); b_cpu=$(mean "${B_CPU[@]}"); b_busy=$(mean "${B_BUSY[@]}"); fi
+
+echo "== CPU per request at a fixed $RATE req/s for 10s" >&2
+fixed_cpu() { # port pid... → µs of the proxy's CPU per request sent
+  local port=$1; shift
+  local before; before=$(ticks "$@")
+  local result; result=$(taskset -c 0 "$LOAD" --url "http://127.0.0.1:$port/" --rate "$RATE" --duration 10s --connections 16)
+  local spent=$(( $(ticks "$@") - before ))
+  python3 -c 'import json, sys; r = json.loads(sys.argv[1]); print("%.2f %d" % (int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / max(r["sent"], 1), r["errors"]))' "$result" "$spent" "$HZ"
+}
+# shellcheck disable=SC2086
+read -r n_fixed n_fixed_err < <(fixed_cpu $NGX $NGINX_PIDS)
+read -r u_fixed u_fixed_err < <(fixed_cpu $UMW $DP_PID)
+b_fixed=0
+if [ -n "$BEFORE" ]; then read -r b_fixed _ < <(fixed_cpu $OLD $OLD_PID); fi
+echo "nginx ${n_fixed} µs/request ($n_fixed_err errors), umw ${u_fixed} µs/request ($u_fixed_err errors)${BEFORE:+, before $b_fixed µs/request}" >&2
 
 echo "== umw-load: 1000 req/s for 10s, direct and through each proxy" >&2
 load() { taskset -c 0 "$LOAD" --url "http://127.0.0.1:$1/" --rate 1000 --duration 10s --connections 16; }
@@ -128,16 +187,25 @@ direct=$(load $UP); via_nginx=$(load $NGX); via_umw=$(load $UMW)
 field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
 python3 - "$n_rps" "$u_rps" "$n_p50" "$u_p50" "$n_p99" "$u_p99" "$direct" "$via_nginx" "$via_umw" \
-  "$umw_idle" "$umw_hwm" "$nginx_idle" "$nginx_after" "$ready_median" "$CONNECTIONS" "$DURATION" "$ROUNDS" <<'PY'
+  "$umw_idle" "$umw_hwm" "$nginx_idle" "$nginx_after" "$ready_median" "$CONNECTIONS" "$DURATION" "$ROUNDS" \
+  "$n_cpu" "$u_cpu" "$n_busy" "$u_busy" "$n_fixed" "$u_fixed" "$RATE" "$b_rps" "$b_cpu" "$b_busy" "$b_fixed" <<'PY'
 import json, sys
 a = sys.argv[1:]
 n_rps, u_rps, n_p50, u_p50, n_p99, u_p99 = map(float, a[0:6])
 direct, nginx, umw = (json.loads(x) for x in a[6:9])
 umw_idle, umw_hwm, nginx_idle, nginx_after, ready = map(int, a[9:14])
 conns, duration, rounds = a[14:17]
+n_cpu, u_cpu, n_busy, u_busy, n_fixed, u_fixed = map(float, a[17:23])
+rate = a[23]
+b_rps, b_cpu, b_busy, b_fixed = map(float, a[24:28])
 print(f"| Figure | nginx | umw-dataplane | ratio (umw/nginx) |")
 print(f"|---|---|---|---|")
 print(f"| Requests/s (wrk, {conns} connections, {rounds}×{duration}s, mean) | {n_rps:,.0f} | {u_rps:,.0f} | **{u_rps/n_rps:.2f}×** |")
+print(f"| Proxy CPU per request, at {rate} req/s (umw-load, 10 s) | {n_fixed:.1f} µs | {u_fixed:.1f} µs | **{u_fixed/n_fixed:.2f}×** |")
+print(f"| Proxy CPU per request under wrk | {n_cpu:.1f} µs | {u_cpu:.1f} µs | {u_cpu/n_cpu:.2f}× |")
+print(f"| Load generator's core busy under wrk (wrk and the upstream; 1.00: it was the limit) | {n_busy:.2f} | {u_busy:.2f} | |")
+if b_rps:
+    print(f"| The build given as BEFORE: requests/s, CPU/request at {rate} req/s, under wrk, wrk's core | | {b_rps:,.0f}, {b_fixed:.1f} µs, {b_cpu:.1f} µs, {b_busy:.2f} | now/before: {u_rps/b_rps:.2f}× req/s, {u_fixed/b_fixed:.2f}× CPU |")
 print(f"| p50 latency under that load | {n_p50:.3f} ms | {u_p50:.3f} ms | {u_p50/n_p50:.2f}× |")
 print(f"| p99 latency under that load | {n_p99:.3f} ms | {u_p99:.3f} ms | {u_p99/n_p99:.2f}× |")
 for p in ("p50", "p99"):
