@@ -25,10 +25,6 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 struct Running {
     child: Child,
     http: String,
@@ -41,10 +37,12 @@ impl Running {
         Self::start_with_env(config, extra, &[])
     }
 
+    /// Starts the binary on port 0 for both listeners (no port picked here and released for it to take,
+    /// which a parallel test could take first) and reads the bound addresses from its `serving` line.
     fn start_with_env(config: &std::path::Path, extra: &[&str], env: &[(String, String)]) -> Self {
-        let (http, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let any = "127.0.0.1:0";
         let mut child = Command::new(BIN)
-            .args(["--config", &config.to_string_lossy(), "--http-address", &http, "--admin-address", &admin])
+            .args(["--config", &config.to_string_lossy(), "--http-address", any, "--admin-address", any])
             .args(extra)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
@@ -60,6 +58,19 @@ impl Running {
                 lines.lock().unwrap().push(line);
             }
         });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (http, admin) = loop {
+            let serving = stderr.lock().unwrap().iter().find_map(|line| {
+                let line: serde_json::Value = serde_json::from_str(line).ok()?;
+                (line["message"] == "serving")
+                    .then(|| Some((line["http"].as_str()?.to_string(), line["admin"].as_str()?.to_string())))?
+            });
+            if let Some(addresses) = serving {
+                break addresses;
+            }
+            assert!(Instant::now() < deadline, "the data plane never logged `serving`: {:#?}", stderr.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        };
         Self { child, http, admin, stderr }
     }
 

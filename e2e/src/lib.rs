@@ -450,7 +450,8 @@ impl Operator {
             kubeconfig,
             child: None,
             namespace: namespace.to_string(),
-            admin_port: free_port(),
+            // Bound by the operator itself at its first start (a restart keeps it).
+            admin_port: 0,
             extra: if extra.iter().any(|a| a.starts_with("--lease-namespace")) {
                 extra.iter().map(|s| s.to_string()).collect()
             } else {
@@ -464,6 +465,7 @@ impl Operator {
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("operator log file");
+        let offset = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
         let child = Command::new(operator_binary())
             .args(["--namespace", &self.namespace])
             .args(["--admin-address", &format!("127.0.0.1:{}", self.admin_port)])
@@ -476,6 +478,33 @@ impl Operator {
             .spawn()
             .expect("starting umw-operator");
         self.child = Some(child);
+        if self.admin_port == 0 {
+            self.admin_port = self.bound_admin_port(offset);
+        }
+    }
+
+    /// The admin port from the `admin endpoints listening` line logged after `offset`; 0 if the process
+    /// exits (or 60 s pass) first.
+    fn bound_admin_port(&mut self, offset: usize) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let port = text.get(offset..).unwrap_or("").lines().find_map(|line| {
+                let (_, rest) = line.split_once("admin endpoints listening")?;
+                let address = rest.split_once("address=")?.1;
+                let address: String =
+                    address.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
+                address.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+            });
+            if let Some(port) = port {
+                return port;
+            }
+            if self.child.as_mut().is_none_or(|c| c.try_wait().is_ok_and(|s| s.is_some())) {
+                return 0;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        0
     }
 
     /// Kills the process (SIGKILL: no graceful shutdown, as a crash or eviction would).

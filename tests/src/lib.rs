@@ -295,7 +295,8 @@ pub fn dataplane_binary() -> std::path::PathBuf {
     bin
 }
 
-/// A data-plane process on loopback ports chosen once (a restart keeps them), logging to `log`.
+/// A data-plane process on loopback ports it binds itself at its first start (read from its `serving` log
+/// line; a restart keeps them), logging to `log`.
 pub struct DataPlaneProcess {
     pub http: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
@@ -306,20 +307,16 @@ pub struct DataPlaneProcess {
 
 impl DataPlaneProcess {
     pub fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
-        let address = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let mut process = Self {
-            http: address(free_port()),
-            admin: address(free_port()),
-            config: config.to_path_buf(),
-            log: log.to_path_buf(),
-            child: None,
-        };
+        let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut process =
+            Self { http: any, admin: any, config: config.to_path_buf(), log: log.to_path_buf(), child: None };
         process.spawn();
         process
     }
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("the log file");
+        let offset = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
         let child = Command::new(dataplane_binary())
             .args(["--config", &self.config.to_string_lossy()])
             .args(["--http-address", &self.http.to_string(), "--admin-address", &self.admin.to_string()])
@@ -329,6 +326,23 @@ impl DataPlaneProcess {
             .spawn()
             .expect("starting umw-dataplane");
         self.child = Some(child);
+        if self.http.port() == 0 || self.admin.port() == 0 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let serving = text.get(offset..).unwrap_or("").lines().find_map(|line| {
+                    let line: serde_json::Value = serde_json::from_str(line).ok()?;
+                    (line["message"] == "serving").then_some(())?;
+                    Some((line["http"].as_str()?.parse().ok()?, line["admin"].as_str()?.parse().ok()?))
+                });
+                if let Some((http, admin)) = serving {
+                    (self.http, self.admin) = (http, admin);
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the data plane never logged `serving`: {}", self.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
