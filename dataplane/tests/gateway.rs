@@ -191,7 +191,7 @@ async fn a_failing_upstream_opens_its_circuit_breaker_and_recovers() {
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502_at_once() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (_closed, closed) = support::closed_address();
     let gw = Gateway::start(&middleware(&route("gone", "{}", &format!("http://{closed}"), "      timeout: 10s\n"), ""))
         .await;
     let started = Instant::now();
@@ -336,7 +336,7 @@ async fn a_rejected_reload_leaves_nothing_behind_and_reverting_it_clears_the_rej
 
     // Builds a Kafka producer (events), a new upstream (proxy) and then fails in the cache: the Redis URL
     // is a Secret this process does not have. Nothing the build made may show.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (_closed, closed) = support::closed_address();
     let broken = format!(
         "{}\n  connections:\n    kafka: {{bootstrapServers: {{value: '{closed}'}}}}\n    redis: {{url: {{secretKeyRef: {{name: absent, key: url}}}}}}\n\
 ---\napiVersion: umw.dev/v1alpha1\nkind: EventRoute\nmetadata: {{name: orders, namespace: gw}}\nspec:\n  targetRefs: [{{name: test}}]\n  source: {{http: {{path: /events/orders}}}}\n  destination: {{kafka: {{topic: orders}}}}\n\

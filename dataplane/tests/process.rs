@@ -272,7 +272,7 @@ async fn sigterm_turns_readiness_off_finishes_requests_in_flight_and_exits() {
 
 #[tokio::test]
 async fn json_logs_carry_the_trace_and_request_ids() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (_closed, closed) = support::closed_address();
     let dir = temp_dir("logs");
     let config = dir.join("config.yaml");
     std::fs::write(

@@ -24,8 +24,8 @@ DP="$TARGET/release/umw-dataplane"
 # shellcheck source=lib.sh
 . "$ROOT/e2e/bench/lib.sh"
 
-UP=$(free_port); SLOW=$(free_port); NGX=$(free_port); MEM=$(free_port); RED=$(free_port); REDIS=$(free_port)
-A1=$(free_port); A2=$(free_port)
+reserve_port UP; reserve_port SLOW; reserve_port NGX; reserve_port MEM; reserve_port RED; reserve_port REDIS
+reserve_port A1; reserve_port A2
 BODY='{"products":[{"id":1,"name":"Kettle","price":29.0},{"id":2,"name":"Teapot","price":19.5},{"id":3,"name":"Mug","price":7.25}]}'
 
 mkdir -p "$WORK/up/logs" "$WORK/proxy/logs" "$WORK/proxy/cache"

@@ -28,7 +28,7 @@ done
 # shellcheck source=kafka-bench.sh
 . "$ROOT/e2e/bench/kafka-bench.sh"
 
-BROKER=$(free_port); CONTROLLER=$(free_port); PG=$(free_port)
+reserve_port BROKER; reserve_port CONTROLLER; reserve_port PG
 BOOT="127.0.0.1:$BROKER"
 bash "$KAFKA" start "$WORK/kafka" "$BROKER" "$CONTROLLER" > "$WORK/kafka.out" 2>&1 & PIDS+=($!)
 bash "$ROOT/e2e/testenv/postgres.sh" start "$WORK/pg" "$PG" max_connections=200 shared_buffers=256MB > "$WORK/pg.out" 2>&1 & PIDS+=($!)
@@ -51,7 +51,7 @@ spec:
       schema: {type: object, required: [orderId, sku], properties: {orderId: {type: string}, sku: {type: string}, quantity: {type: integer, minimum: 1}}}
       event: {type: com.example.order.placed, topic: orders}
 YAML
-HTTP=$(free_port); ADMIN=$(free_port)
+reserve_port HTTP; reserve_port ADMIN
 "$DP" --config "$WORK/commands.yaml" --http-address "127.0.0.1:$HTTP" --admin-address "127.0.0.1:$ADMIN" > "$WORK/dp.log" 2>&1 & PIDS+=($!)
 BODY='{"orderId":"o-12345","sku":"kettle","quantity":2,"customer":"c-987","note":"leave at the door"}'
 for _ in $(seq 1 300); do

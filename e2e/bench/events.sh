@@ -31,7 +31,7 @@ wait_http() { # URL
   echo "timed out waiting for $1" >&2; exit 1
 }
 
-BROKER=$(free_port); CONTROLLER=$(free_port); HOOK=$(free_port)
+reserve_port BROKER; reserve_port CONTROLLER; reserve_port HOOK
 BOOT="127.0.0.1:$BROKER"
 bash "$KAFKA" start "$WORK/kafka" "$BROKER" "$CONTROLLER" > "$WORK/kafka.out" 2>&1 & PIDS+=($!)
 wait_for "$WORK/kafka/kafka.log" "Kafka Server started" 60
@@ -65,7 +65,7 @@ spec:
   source: {http: {path: /events/bench}}
   destination: {kafka: {topic: ingest}}
 YAML
-IN=$(free_port); IN_ADMIN=$(free_port)
+reserve_port IN; reserve_port IN_ADMIN
 taskset -c 1 "$DP" --config "$WORK/ingest.yaml" --http-address "127.0.0.1:$IN" --admin-address "127.0.0.1:$IN_ADMIN" \
   > "$WORK/ingest.log" 2>&1 & PIDS+=($!)
 wait_http "http://127.0.0.1:$IN_ADMIN/readyz"
@@ -138,7 +138,7 @@ spec:
   source: {kafka: {topic: consume, group: bench}}
   destination: {http: {url: 'http://127.0.0.1:$HOOK/hook'}}
 YAML
-OUT=$(free_port); OUT_ADMIN=$(free_port)
+reserve_port OUT; reserve_port OUT_ADMIN
 START=$(date +%s.%N)
 taskset -c 1 "$DP" --config "$WORK/consume.yaml" --http-address "127.0.0.1:$OUT" --admin-address "127.0.0.1:$OUT_ADMIN" \
   > "$WORK/consume.log" 2>&1 & PIDS+=($!)

@@ -46,7 +46,7 @@ cpu0() { awk '/^cpu0 / {print $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat; }
 ticks() { local total=0; for p in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$total"; }
 HZ=$(getconf CLK_TCK)
 
-UP=$(free_port); NGX=$(free_port); UMW=$(free_port); ADMIN=$(free_port)
+reserve_port UP; reserve_port NGX; reserve_port UMW; reserve_port ADMIN
 BODY='{"products":[{"id":1,"name":"Kettle","price":29.0},{"id":2,"name":"Teapot","price":19.5},{"id":3,"name":"Mug","price":7.25}]}'
 
 nginx_conf() { # name cpu body
@@ -98,7 +98,7 @@ taskset -c 1 "$DP" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$UMW" --a
 until curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1; do sleep 0.002; done
 ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
 if [ -n "$BEFORE" ]; then
-  OLD=$(free_port); OLD_ADMIN=$(free_port)
+  reserve_port OLD; reserve_port OLD_ADMIN
   taskset -c 1 "$BEFORE" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$OLD" \
     --admin-address "127.0.0.1:$OLD_ADMIN" --worker-threads 1 2> "$WORK/before.log" & OLD_PID=$!; PIDS+=($OLD_PID)
   until curl -sf "http://127.0.0.1:$OLD_ADMIN/readyz" >/dev/null 2>&1; do sleep 0.01; done
@@ -110,7 +110,7 @@ umw_idle=$(rss_kib $DP_PID); nginx_idle=$(nginx_rss_kib "$NGX_MASTER")
 # Start-to-ready of fresh processes (the first above included), median of 5.
 readies=("$ready_ms")
 for _ in 1 2 3 4; do
-  p=$(free_port); a=$(free_port); t0=$(date +%s%N)
+  reserve_port p; reserve_port a; t0=$(date +%s%N)
   "$DP" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$p" --admin-address "127.0.0.1:$a" 2>/dev/null & pid=$!
   until curl -sf "http://127.0.0.1:$a/readyz" >/dev/null 2>&1; do sleep 0.002; done
   readies+=($(( ($(date +%s%N) - t0) / 1000000 ))); kill $pid; wait $pid 2>/dev/null || true

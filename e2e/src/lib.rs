@@ -432,11 +432,14 @@ pub fn operator_binary() -> PathBuf {
     binary
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// An address on loopback that refuses connections for as long as the returned socket lives: the socket is
+/// bound but never listens, so the port is neither served nor given to anyone else meanwhile (a listener
+/// bound to port 0 and dropped frees its port for the next `bind(0)` on the machine).
+pub fn closed_address() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("binding a loopback port");
+    let address = socket.local_addr().expect("the bound address");
+    (socket, address)
 }
 
 impl Operator {

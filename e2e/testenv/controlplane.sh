@@ -16,14 +16,13 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.sh
 . "$HERE/versions.sh"
+# shellcheck source=ports.sh
+. "$HERE/ports.sh"
 BIN="$UMW_TESTENV_BIN"
 
 log() { printf '[controlplane] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
 
 # Everything: a real node first (node.sh), while the pods' mounts are still there to be undone.
 stop() {
@@ -106,7 +105,7 @@ start() {
   certs "$dir/pki" "$address"
 
   local etcd_port peer_port api_port
-  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+  reserve_port etcd_port; reserve_port peer_port; reserve_port api_port "$address"
 
   # Each server gets its own session, so that a Ctrl-C meant for the caller (make dev) does not stop the
   # control plane before the operator has released its lease; the reaper below stops it afterwards.

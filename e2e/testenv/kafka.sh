@@ -21,6 +21,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.sh
 . "$HERE/versions.sh"
+# shellcheck source=ports.sh
+. "$HERE/ports.sh"
 
 KAFKA_HOME="$UMW_TESTENV_CACHE/kafka-$KAFKA_VERSION"
 LIB="$KAFKA_HOME/lib"
@@ -40,9 +42,6 @@ jvm() {
   if [ -f "$ARCHIVE" ]; then JAVA+=(-XX:SharedArchiveFile="$ARCHIVE"); fi
 }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
 
 # A cluster id as Kafka makes them: 16 random bytes in URL-safe base64, unpadded, not starting with '-'.
 cluster_id() {
@@ -159,7 +158,7 @@ tool() {
 # Runs a broker once, with a topic and a few records, and archives the classes it loaded when it exits.
 make_archive() {
   local dir="$KAFKA_HOME/archive-run" port cport pid ok=""
-  port=$(free_port); cport=$(free_port)
+  reserve_port port; reserve_port cport
   rm -rf "$dir"
   write_config "$dir" "$port" "$cport"
   format "$dir"

@@ -29,6 +29,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.sh
 . "$HERE/versions.sh"
+# shellcheck source=ports.sh
+. "$HERE/ports.sh"
 BIN="$UMW_TESTENV_BIN"
 BRIDGE=$UMW_NODE_BRIDGE
 SUBNET=$UMW_NODE_SUBNET
@@ -48,9 +50,6 @@ HOST_PATHS=(/var/lib/kubelet /var/log/containers /var/log/pods /var/lib/cni /run
 log() { printf '[node] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
 
 ctr_() { ctr --address "$ND/containerd/containerd.sock" --namespace k8s.io "$@"; }
 kubectl_() { "$BIN/kubectl" --kubeconfig "$DIR/kubeconfig" "$@"; }
@@ -296,7 +295,7 @@ TOML
 
 start_kubelet() {
   local port
-  port=$(free_port)
+  reserve_port port
   mkdir -p "$ND/kubelet" "$ND/pod-logs" "$ND/volume-plugins"
   cat > "$ND/kubelet-config.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -347,9 +346,11 @@ YAML
 }
 
 start_services() {
+  local scheduler_port healthz_port metrics_port
+  reserve_port scheduler_port; reserve_port healthz_port; reserve_port metrics_port
   daemon kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$DIR/kubeconfig" --leader-elect=false \
     --authentication-kubeconfig "$DIR/kubeconfig" --authorization-kubeconfig "$DIR/kubeconfig" \
-    --bind-address 127.0.0.1 --secure-port "$(free_port)" --v=1
+    --bind-address 127.0.0.1 --secure-port "$scheduler_port" --v=1
   cat > "$ND/kube-proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
@@ -358,8 +359,8 @@ clientConnection: {kubeconfig: $DIR/kubeconfig}
 hostnameOverride: $NODE_NAME
 clusterCIDR: $SUBNET
 nodePortAddresses: [$NODE_IP/32]
-healthzBindAddress: 127.0.0.1:$(free_port)
-metricsBindAddress: 127.0.0.1:$(free_port)
+healthzBindAddress: 127.0.0.1:$healthz_port
+metricsBindAddress: 127.0.0.1:$metrics_port
 # Leave the host's connection-tracking settings alone.
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 YAML

@@ -276,7 +276,7 @@ async fn kstatus_reads_every_kind_in_every_state_as_intended() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_is_down_gets_problems_fast_opens_the_breaker_and_degrades_the_middleware() {
     let ns = TestNamespace::new("dp-down");
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (_closed, closed) = umw_e2e::closed_address();
     let _kubelet = kubelet(&ns.name).await;
     let _operator = Operator::start(&ns.name, &["--health-interval", "1s"]);
     let routes = format!(

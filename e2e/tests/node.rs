@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 use umw_crds::Middleware;
 use umw_crds::conditions::{self, types};
 use umw_e2e::node::{Process, images, real_node};
-use umw_e2e::{TestNamespace, TestUpstream, eventually, free_port, http, http_raw, post_json, repo_root};
+use umw_e2e::{TestNamespace, TestUpstream, eventually, http, http_raw, post_json, repo_root};
 use umw_tests::{KafkaBroker, PostgresServer, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -44,7 +44,7 @@ fn the_images_start_as_a_non_root_user_with_every_library_they_need() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("kind: CustomResourceDefinition"), "{}", text(&out));
 
     // The data plane serves examples/shop/ (in-process backends) from its image, as its image's user.
-    let (http_port, admin_port) = (free_port(), free_port());
+    let (http_port, admin_port) = (umw_tests::ports::reserve(), umw_tests::ports::reserve());
     let id = format!("umw-image-dataplane-{}", std::process::id());
     let config = repo_root().join("examples/shop");
     let mount = format!("type=bind,src={},dst=/etc/umw,options=rbind:ro", config.display());
@@ -75,7 +75,7 @@ fn the_images_start_as_a_non_root_user_with_every_library_they_need() {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     let ready = loop {
-        let answer = umw_e2e::http_get(admin_port, "/readyz");
+        let answer = umw_e2e::http_get(admin_port.get(), "/readyz");
         if answer.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 200")) || Instant::now() > deadline {
             break answer;
         }

@@ -11,13 +11,15 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Headers as _, Message as _};
 
-use crate::free_port;
+use crate::ports;
 
 pub struct KafkaBroker {
     /// The address clients connect to: 127.0.0.1 unless started with [`KafkaBroker::start_on`].
     pub host: String,
     pub port: u16,
     controller_port: u16,
+    /// Keep both ports for this broker (restarts included).
+    _ports: [ports::Port; 2],
     dir: PathBuf,
     child: Option<Child>,
     /// Times the broker started (its log keeps the lines of earlier runs).
@@ -64,10 +66,12 @@ impl KafkaBroker {
     pub fn start_on(host: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
+        let (port, controller) = (ports::reserve_on(host), ports::reserve());
         let mut broker = Self {
             host: host.to_string(),
-            port: crate::free_port_on(host),
-            controller_port: free_port(),
+            port: port.get(),
+            controller_port: controller.get(),
+            _ports: [port, controller],
             dir,
             child: None,
             started: 0,
@@ -83,10 +87,12 @@ impl KafkaBroker {
         let dir = std::env::temp_dir().join(format!("umw-kafka-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
         let sasl = Some((user.to_string(), password.to_string()));
+        let (port, controller) = (ports::reserve(), ports::reserve());
         let mut broker = Self {
             host: "127.0.0.1".into(),
-            port: free_port(),
-            controller_port: free_port(),
+            port: port.get(),
+            controller_port: controller.get(),
+            _ports: [port, controller],
             dir,
             child: None,
             started: 0,
@@ -107,10 +113,12 @@ impl KafkaBroker {
         // Kafka's PEM key store: the private key and the certificate chain in one file.
         std::fs::write(certs.join("server.pem"), format!("{}{}", read("server.key"), read("server.crt"))).unwrap();
         let ca_cert = Some(read("ca.crt"));
+        let (port, controller) = (ports::reserve(), ports::reserve());
         let mut broker = Self {
             host: "127.0.0.1".into(),
-            port: free_port(),
-            controller_port: free_port(),
+            port: port.get(),
+            controller_port: controller.get(),
+            _ports: [port, controller],
             dir,
             child: None,
             started: 0,

@@ -1,6 +1,6 @@
 #![forbid(unsafe_code)]
 //! Data-plane integration tests against real backends. This library starts them: a private
-//! `redis-server` per test on a free loopback port (Debian's `redis-server`; `make test` installs it when
+//! `redis-server` per test on a loopback port reserved for it ([`ports`]) (Debian's `redis-server`; `make test` installs it when
 //! missing), a private Apache Kafka broker ([`KafkaBroker`]) and a private PostgreSQL ([`PostgresServer`]). A test that needs a server it cannot
 //! start fails, naming the command to run.
 
@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod kafka;
+pub mod ports;
 pub mod postgres;
 pub use kafka::KafkaBroker;
 pub use postgres::PostgresServer;
@@ -17,6 +18,8 @@ pub struct RedisServer {
     /// The address it listens on: 127.0.0.1 unless started with [`RedisServer::start_on`].
     pub host: String,
     pub port: u16,
+    /// Keeps `port` for this server (restarts included).
+    _port: ports::Port,
     child: Option<Child>,
     dir: std::path::PathBuf,
     /// Extra server arguments, kept for restarts (TLS, password).
@@ -64,18 +67,6 @@ pub fn make_certificates(dir: &std::path::Path) {
     ]);
 }
 
-pub(crate) fn free_port() -> u16 {
-    free_port_on("127.0.0.1")
-}
-
-/// A port free on `host` (an address of this machine).
-pub(crate) fn free_port_on(host: &str) -> u16 {
-    std::net::TcpListener::bind((host, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port on {host}: {e}"))
-}
-
 impl RedisServer {
     pub fn start() -> Self {
         Self::start_on("127.0.0.1")
@@ -86,9 +77,11 @@ impl RedisServer {
     pub fn start_on(host: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("umw-redis-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir).expect("a temp directory");
+        let port = ports::reserve_on(host);
         let mut server = Self {
             host: host.to_string(),
-            port: free_port_on(host),
+            port: port.get(),
+            _port: port,
             child: None,
             dir,
             extra: Vec::new(),
@@ -121,9 +114,11 @@ impl RedisServer {
             "--requirepass".into(),
             password.into(),
         ];
+        let port = ports::reserve();
         let mut server = Self {
             host: "127.0.0.1".into(),
-            port: free_port(),
+            port: port.get(),
+            _port: port,
             child: None,
             dir,
             extra,
@@ -231,9 +226,11 @@ impl RedisCluster {
             .map(|_| {
                 let dir = std::env::temp_dir().join(format!("umw-redis-{}-{}", std::process::id(), fastrand::u32(..)));
                 std::fs::create_dir_all(&dir).expect("a temp directory");
+                let port = ports::reserve();
                 let mut node = RedisServer {
                     host: "127.0.0.1".into(),
-                    port: free_port(),
+                    port: port.get(),
+                    _port: port,
                     child: None,
                     dir,
                     extra: Vec::new(),

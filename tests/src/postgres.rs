@@ -14,6 +14,8 @@ pub struct PostgresServer {
     /// The address it listens on: 127.0.0.1 unless started with [`PostgresServer::start_on`].
     pub host: String,
     pub port: u16,
+    /// Keeps `port` for this server (restarts included).
+    _port: crate::ports::Port,
     dir: PathBuf,
     bin: PathBuf,
     child: Option<Child>,
@@ -84,9 +86,11 @@ impl PostgresServer {
         } else {
             None
         };
+        let port = crate::ports::reserve_on(host);
         let mut server = Self {
             host: host.to_string(),
-            port: crate::free_port_on(host),
+            port: port.get(),
+            _port: port,
             dir,
             bin: bin_dir(),
             child: None,

@@ -26,6 +26,16 @@ use umw_dataplane::kernel::net::Overrides;
 use umw_dataplane::runtime::Runtime;
 use umw_dataplane::telemetry::LogControl;
 
+/// An address on loopback that refuses connections for as long as the returned socket lives: the socket is
+/// bound but never listens, so the port is neither served nor given to anyone else meanwhile (a listener
+/// bound to port 0 and dropped frees its port for the next `bind(0)` on the machine).
+pub fn closed_address() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("binding a loopback port");
+    let address = socket.local_addr().expect("the bound address");
+    (socket, address)
+}
+
 /// A test upstream. Every request is counted; `/echo` answers with what arrived.
 pub struct Upstream {
     pub address: SocketAddr,
