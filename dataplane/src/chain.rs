@@ -1,5 +1,5 @@
-//! The HTTP middleware chain: the fixed steps every request takes, one tower layer per concern, then the
-//! pipeline the snapshot compiled for the request's route.
+//! The HTTP middleware chain: the fixed steps every request takes, then the pipeline the snapshot compiled
+//! for the request's route.
 //!
 //! ```text
 //! request id → trace → route → metrics → timeout → body limit → the route's pipeline:
@@ -22,13 +22,13 @@ use http::{HeaderValue, Method, Request};
 use http_body::Body as _;
 use http_body_util::Limited;
 use opentelemetry::KeyValue;
-use tower::ServiceBuilder;
 
+use crate::kernel::endpoint::Route;
 use crate::kernel::metrics::{method_label, status_class};
 use crate::kernel::problem::{Problem, kinds};
 use crate::kernel::stage::Handle;
 use crate::kernel::trace::TraceContext;
-use crate::runtime::{Runtime, Snapshot};
+use crate::runtime::Runtime;
 
 pub use crate::kernel::context::{ClientAddr, REQUEST_ID, RequestInfo};
 pub use crate::kernel::stage::Next;
@@ -36,112 +36,31 @@ pub use crate::kernel::stage::Next;
 /// The chain as a service.
 pub type Chain = Next;
 
-/// A tower layer made of an async function of (state, request, rest of the chain). The chain is built
-/// once; a request costs each step one boxed future and no service clones.
-#[derive(Clone)]
-struct Step<T, F> {
-    state: T,
-    f: F,
-}
-
-struct Linked<T, F> {
-    step: Step<T, F>,
-    next: Next,
-}
-
-impl<T, F, Fut> Handle for Linked<T, F>
-where
-    T: Clone + Send + Sync + 'static,
-    F: Fn(T, Request<Body>, Next) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Response> + Send + 'static,
-{
-    fn handle(&self, request: Request<Body>) -> BoxFuture<'static, Response> {
-        Box::pin((self.step.f)(self.step.state.clone(), request, self.next.clone()))
-    }
-}
-
-impl<T, F, Fut> tower::Layer<Next> for Step<T, F>
-where
-    T: Clone + Send + Sync + 'static,
-    F: Fn(T, Request<Body>, Next) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response> + Send + 'static,
-{
-    type Service = Next;
-
-    fn layer(&self, next: Next) -> Next {
-        Next::new(Arc::new(Linked { step: self.clone(), next }))
-    }
-}
-
-/// A step without state.
-fn step<F, Fut>(f: F) -> Step<(), impl Fn((), Request<Body>, Next) -> Fut + Clone + Send + Sync + 'static>
-where
-    F: Fn(Request<Body>, Next) -> Fut + Copy + Send + Sync + 'static,
-    Fut: Future<Output = Response> + Send + 'static,
-{
-    Step { state: (), f: move |(), request, next| f(request, next) }
-}
-
-/// A step with state handed to every call.
-fn step_with<T, F, Fut>(state: T, f: F) -> Step<T, F>
-where
-    F: Fn(T, Request<Body>, Next) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response> + Send + 'static,
-{
-    Step { state, f }
-}
-
-/// The end of the fixed steps: the pipeline `select_route` chose.
-struct Dispatch;
-
-impl Handle for Dispatch {
-    fn handle(&self, mut request: Request<Body>) -> BoxFuture<'static, Response> {
-        match request.extensions_mut().remove::<Pipeline>() {
-            Some(Pipeline(pipeline)) => pipeline.run(request),
-            None => Box::pin(async { Problem::new(kinds::NO_ROUTE, "no route").into_response() }),
-        }
-    }
-}
-
-/// The pipeline of the request's route (or of requests no route takes), from `select_route` to `Dispatch`.
-#[derive(Clone)]
-struct Pipeline(Next);
-
-/// The snapshot a request is served under, from start to end.
-#[derive(Clone)]
-struct Current(Arc<Snapshot>);
-
-/// Builds the chain over the runtime's current snapshot.
+/// Builds the chain over the runtime's current snapshot. The fixed steps are one function: a request costs
+/// them one boxed future, and its route's pipeline one per stage it holds and one for the endpoint.
 pub fn build(runtime: Arc<Runtime>) -> Chain {
-    ServiceBuilder::new()
-        // Guard: a bug that panics answers 500 with a problem and is counted, instead of dropping the
-        // connection; requests no route could serve safely (CONNECT, paths with dot-segments or encoded
-        // separators, which upstreams would resolve differently from the route match) are refused here.
-        .layer(step(guard))
-        // Request id: keep the caller's X-Request-Id (if sane) or make one; it goes upstream and back.
-        .layer(step_with(runtime, request_id))
-        // Trace: continue the caller's W3C trace or start one; export the server span when sampled.
-        .layer(step(trace))
-        // Route: the first route that matches; everything after may depend on it.
-        .layer(step(select_route))
-        // Metrics: rate, errors and duration per route, requests in flight.
-        .layer(step(metrics))
-        // Timeout: the route's deadline for the whole exchange, answered 504.
-        .layer(step(timeout))
-        // Body limit: the route's maximum body, answered 413, checked before anything reads the body.
-        .layer(step(body_limit))
-        // The route's pipeline: authentication, rate limit, authorization, validation, cache, endpoint.
-        .service(Next::new(Arc::new(Dispatch)))
+    Next::new(Arc::new(Fixed(runtime)))
 }
 
-async fn guard(request: Request<Body>, next: Next) -> Response {
+struct Fixed(Arc<Runtime>);
+
+impl Handle for Fixed {
+    fn handle(&self, request: Request<Body>) -> BoxFuture<'static, Response> {
+        Box::pin(guard(self.0.clone(), request))
+    }
+}
+
+/// A bug that panics answers 500 with a problem and is counted, instead of dropping the connection;
+/// requests no route could serve safely (CONNECT, paths with dot-segments or encoded separators, which
+/// upstreams would resolve differently from the route match) are refused here.
+async fn guard(runtime: Arc<Runtime>, request: Request<Body>) -> Response {
     if request.method() == Method::CONNECT {
         return Problem::new(kinds::METHOD_NOT_ALLOWED, "CONNECT is not served by this gateway").into_response();
     }
     if let Some(reason) = unsafe_path(request.uri().path()) {
         return Problem::new(kinds::BAD_REQUEST, format!("the request path {reason}")).into_response();
     }
-    match std::panic::AssertUnwindSafe(next.run(request)).catch_unwind().await {
+    match std::panic::AssertUnwindSafe(serve(runtime, request)).catch_unwind().await {
         Ok(response) => response,
         Err(panic) => {
             let what =
@@ -169,30 +88,17 @@ fn unsafe_path(path: &str) -> Option<&'static str> {
     encoded.then_some("contains an encoded dot, slash or backslash")
 }
 
-fn info(request: &Request<Body>) -> Option<&RequestInfo> {
-    RequestInfo::of(request)
-}
-
-fn info_mut(request: &mut Request<Body>) -> Option<&mut RequestInfo> {
-    RequestInfo::of_mut(request)
-}
-
-fn current(request: &Request<Body>) -> Option<&Arc<Snapshot>> {
-    request.extensions().get::<Current>().map(|c| &c.0)
-}
-
-async fn request_id(runtime: Arc<Runtime>, mut request: Request<Body>, next: Next) -> Response {
-    let id = match request.headers().get(&REQUEST_ID) {
-        Some(v) if v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()) => v.clone(),
-        _ => {
-            let id = format!("{:032x}", fastrand::u128(..));
-            // Hex digits are always a valid header value.
-            let id = HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("0"));
-            request.headers_mut().insert(REQUEST_ID, id.clone());
-            id
-        }
-    };
-    let client = request.extensions().get::<ClientAddr>().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+/// The fixed steps around the route's pipeline, in this order (each one's work after the pipeline in the
+/// reverse order):
+///
+/// 1. Request id: keep the caller's `X-Request-Id` (if sane) or make one; it goes upstream and back.
+/// 2. Trace: continue the caller's W3C trace or start one; export the server span when sampled.
+/// 3. Route: the first route that matches; everything after may depend on it.
+/// 4. Metrics: rate, errors and duration per route, requests in flight.
+/// 5. Timeout: the route's deadline for the whole exchange, answered 504.
+/// 6. Body limit: the route's maximum body, answered 413, checked before anything reads the body.
+async fn serve(runtime: Arc<Runtime>, mut request: Request<Body>) -> Response {
+    let id = request_id(&mut request);
     let snapshot = runtime.snapshot();
     if let Some(reason) = crate::kernel::inbound::host_problem(&request) {
         snapshot.metrics.http_refused.with_label_values(&[crate::kernel::inbound::reasons::HOST]).inc();
@@ -201,94 +107,96 @@ async fn request_id(runtime: Arc<Runtime>, mut request: Request<Body>, next: Nex
         return response;
     }
     let trace = TraceContext::from_headers(request.headers(), snapshot.sampling_ratio);
+    let span = snapshot.traces.as_ref().filter(|_| trace.sampled).map(|traces| ServerSpan {
+        traces,
+        started: SystemTime::now(),
+        method: request.method().clone(),
+        path: request.uri().path().to_string(),
+    });
+    let (route, pipeline) = match snapshot.route_for(&request) {
+        Some((route, pipeline)) => (Some(route), pipeline.clone()),
+        None => (None, snapshot.fallback.clone()),
+    };
+    let method = request.method().clone();
+    let client = request.extensions().get::<ClientAddr>().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+    // Durations are bounded by validation; a deadline past the clock's range means none.
+    let started = Instant::now();
+    let deadline = route.and_then(|route| started.checked_add(route.timeout));
     request.extensions_mut().insert(RequestInfo {
         id: id.clone(),
         client,
         trace,
-        route: None,
-        deadline: None,
+        route: route.cloned(),
+        deadline,
         principal: None,
     });
-    request.extensions_mut().insert(Current(snapshot));
-    let mut response = next.run(request).await;
+    // Counts the request as in flight until the future ends, however it ends: a client that goes away
+    // drops it, and the gauge must not drift.
+    let in_flight = InFlight::new(&snapshot.metrics);
+    let mut response = match (route, deadline) {
+        (Some(route), Some(deadline)) => {
+            let body = request.extensions().get::<crate::kernel::inbound::BodyProgress>().cloned();
+            within(route, deadline, body, limit_body(route, request, pipeline)).await
+        }
+        (Some(route), None) => limit_body(route, request, pipeline).await,
+        (None, _) => pipeline.run(request).await,
+    };
+    drop(in_flight);
+    match route {
+        Some(route) => {
+            route.requests.inc(&snapshot.metrics, &method, response.status());
+            route.request_duration.observe(started.elapsed().as_secs_f64());
+        }
+        None => {
+            let labels = ["none", method_label(&method), status_class(response.status())];
+            snapshot.metrics.requests.with_label_values(&labels).inc();
+        }
+    }
+    if let Some(span) = span {
+        span.end(&trace, route.map(|r| r.name.as_str()), response.status());
+    }
     response.headers_mut().insert(REQUEST_ID, id);
     response
 }
 
-async fn trace(request: Request<Body>, next: Next) -> Response {
-    let Some(info) = info(&request) else { return next.run(request).await };
-    let Some(traces) = current(&request).and_then(|s| s.traces.clone()).filter(|_| info.trace.sampled) else {
-        return next.run(request).await;
-    };
-    let context = info.trace;
-    let started = SystemTime::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    // The route is selected after this layer; read it back from the response.
-    let response = next.run(request).await;
-    let route = response.extensions().get::<RouteName>().map(|r| r.0.clone());
-    let status = response.status();
-    let mut attributes = vec![
-        KeyValue::new("http.request.method", method.to_string()),
-        KeyValue::new("url.path", path),
-        KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
-    ];
-    if let Some(route) = &route {
-        attributes.push(KeyValue::new("http.route", route.clone()));
-    }
-    let name = match &route {
-        Some(route) => format!("{method} {route}"),
-        None => method.to_string(),
-    };
-    traces.server_span(&context, name, started, attributes, status.is_server_error());
-    response
-}
-
-/// The route that served a response, for the layers outside `select_route`.
-#[derive(Clone)]
-struct RouteName(String);
-
-async fn select_route(mut request: Request<Body>, next: Next) -> Response {
-    let Some(snapshot) = current(&request).cloned() else { return next.run(request).await };
-    let (route, pipeline) = match snapshot.route_for(&request) {
-        Some((route, pipeline)) => (Some(route.clone()), pipeline.clone()),
-        None => (None, snapshot.fallback.clone()),
-    };
-    let name = route.as_ref().map(|r| r.name.clone());
-    if let Some(info) = info_mut(&mut request) {
-        info.route = route;
-    }
-    request.extensions_mut().insert(Pipeline(pipeline));
-    let mut response = next.run(request).await;
-    if let Some(name) = name {
-        response.extensions_mut().insert(RouteName(name));
-    }
-    response
-}
-
-async fn metrics(request: Request<Body>, next: Next) -> Response {
-    let Some(info) = info(&request) else { return next.run(request).await };
-    let route = info.route.clone();
-    // The snapshot's handles, by reference: one Arc for the request, not a clone of every handle.
-    let Some(snapshot) = current(&request).cloned() else { return next.run(request).await };
-    let metrics = &snapshot.metrics;
-    let method = request.method().clone();
-    let started = Instant::now();
-    // Counts the request as in flight until the future ends, however it ends: a client that goes away
-    // drops it, and the gauge must not drift.
-    let in_flight = InFlight::new(metrics);
-    let response = next.run(request).await;
-    drop(in_flight);
-    match &route {
-        Some(route) => {
-            route.requests.inc(metrics, &method, response.status());
-            route.request_duration.observe(started.elapsed().as_secs_f64());
-        }
-        None => {
-            metrics.requests.with_label_values(&["none", method_label(&method), status_class(response.status())]).inc();
+/// The caller's request id if it is sane, else a new one (set on the request).
+fn request_id(request: &mut Request<Body>) -> HeaderValue {
+    match request.headers().get(&REQUEST_ID) {
+        Some(v) if v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()) => v.clone(),
+        _ => {
+            let id = format!("{:032x}", fastrand::u128(..));
+            // Hex digits are always a valid header value.
+            let id = HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("0"));
+            request.headers_mut().insert(REQUEST_ID, id.clone());
+            id
         }
     }
-    response
+}
+
+/// The server span of a sampled request, exported when it ends.
+struct ServerSpan<'a> {
+    traces: &'a Arc<crate::kernel::telemetry::Traces>,
+    started: SystemTime,
+    method: Method,
+    path: String,
+}
+
+impl ServerSpan<'_> {
+    fn end(self, trace: &TraceContext, route: Option<&str>, status: http::StatusCode) {
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", self.method.to_string()),
+            KeyValue::new("url.path", self.path),
+            KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+        ];
+        if let Some(route) = route {
+            attributes.push(KeyValue::new("http.route", route.to_string()));
+        }
+        let name = match route {
+            Some(route) => format!("{} {route}", self.method),
+            None => self.method.to_string(),
+        };
+        self.traces.server_span(trace, name, self.started, attributes, status.is_server_error());
+    }
 }
 
 /// The in-flight gauge, incremented while alive.
@@ -307,15 +215,14 @@ impl Drop for InFlight {
     }
 }
 
-async fn timeout(mut request: Request<Body>, next: Next) -> Response {
-    let Some(route) = info(&request).and_then(|i| i.route.clone()) else { return next.run(request).await };
-    // Durations are bounded by validation; a deadline past the clock's range means none.
-    let Some(deadline) = Instant::now().checked_add(route.timeout) else { return next.run(request).await };
-    if let Some(info) = info_mut(&mut request) {
-        info.deadline = Some(deadline);
-    }
-    let body = request.extensions().get::<crate::kernel::inbound::BodyProgress>().cloned();
-    match tokio::time::timeout_at(deadline.into(), next.run(request)).await {
+/// The exchange under the route's deadline, answered 504 when it passes.
+async fn within(
+    route: &Route,
+    deadline: Instant,
+    body: Option<crate::kernel::inbound::BodyProgress>,
+    exchange: impl Future<Output = Response>,
+) -> Response {
+    match tokio::time::timeout_at(deadline.into(), exchange).await {
         Ok(response) => response,
         // The body's reader is waiting for the client: the wait is the client's, not the upstream's.
         Err(_) if body.is_some_and(|body| body.waiting_on_client()) => {
@@ -334,21 +241,20 @@ async fn timeout(mut request: Request<Body>, next: Next) -> Response {
     }
 }
 
-async fn body_limit(request: Request<Body>, next: Next) -> Response {
-    let Some(route) = info(&request).and_then(|i| i.route.clone()) else { return next.run(request).await };
+/// The route's body limit, then its pipeline.
+fn limit_body(route: &Route, request: Request<Body>, pipeline: Next) -> BoxFuture<'static, Response> {
     // A declared length (Content-Length, or a body of known size) is checked at once.
     if request.body().size_hint().lower() > route.max_body {
         route.metrics.gateway_errors.with_label_values(&[&route.name, "body_too_large"]).inc();
-        return Problem::new(
+        let problem = Problem::new(
             kinds::BODY_TOO_LARGE,
             format!("the request body exceeds the limit of route {} ({} bytes)", route.name, route.max_body),
-        )
-        .into_response();
+        );
+        return Box::pin(std::future::ready(problem.into_response()));
     }
     // Bodies without a declared length are counted as they stream.
     let limit = usize::try_from(route.max_body).unwrap_or(usize::MAX);
-    let request = request.map(|body| Body::new(Limited::new(body, limit)));
-    next.run(request).await
+    pipeline.run(request.map(|body| Body::new(Limited::new(body, limit))))
 }
 
 #[cfg(test)]
