@@ -8,7 +8,7 @@
 # worker thread), the upstream (an nginx answering a fixed 125-byte JSON) and the load generator on CPU 0.
 # Measures, per proxy: requests/s and latency percentiles with wrk (closed loop, CONNECTIONS
 # connections); added latency at 1000 requests/s with umw-load (open loop, against the upstream directly
-# as the baseline); the proxy's CPU time per request, at a fixed rate (RATE, default 5000/s, 10 s; from
+# as the baseline); the proxy's CPU time per request, at a fixed rate (RATE, default 5000/s, ROUNDS × 10 s in alternating order; from
 # /proc/<pid>/stat) and under wrk, with how busy wrk's own core was (1.00: the load generator was the
 # limit); resident memory idle and after load; and the data plane's start-to-ready time.
 # BEFORE=path/to/an/older/umw-dataplane adds that build as a third proxy, in the same rounds.
@@ -166,7 +166,7 @@ n_cpu=$(mean "${N_CPU[@]}"); u_cpu=$(mean "${U_CPU[@]}"); n_busy=$(mean "${N_BUS
 b_rps=0; b_cpu=0; b_busy=0
 if [ -n "$BEFORE" ]; then b_rps=$(mean "${B_RPS[@]}"); b_cpu=$(mean "${B_CPU[@]}"); b_busy=$(mean "${B_BUSY[@]}"); fi
 
-echo "== CPU per request at a fixed $RATE req/s for 10s" >&2
+echo "== CPU per request at a fixed $RATE req/s, $ROUNDS round(s) of 10s" >&2
 fixed_cpu() { # port pid... → µs of the proxy's CPU per request sent
   local port=$1; shift
   local before; before=$(ticks "$@")
@@ -174,11 +174,23 @@ fixed_cpu() { # port pid... → µs of the proxy's CPU per request sent
   local spent=$(( $(ticks "$@") - before ))
   python3 -c 'import json, sys; r = json.loads(sys.argv[1]); print("%.2f %d" % (int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / max(r["sent"], 1), r["errors"]))' "$result" "$spent" "$HZ"
 }
-# shellcheck disable=SC2086
-read -r n_fixed n_fixed_err < <(fixed_cpu $NGX $NGINX_PIDS)
-read -r u_fixed u_fixed_err < <(fixed_cpu $UMW $DP_PID)
-b_fixed=0
-if [ -n "$BEFORE" ]; then read -r b_fixed _ < <(fixed_cpu $OLD $OLD_PID); fi
+# ROUNDS rounds, the order reversed every other round (a drift of the machine then favours no one); the mean.
+n_all=(); u_all=(); b_all=(); n_fixed_err=0; u_fixed_err=0
+for round in $(seq 1 "$ROUNDS"); do
+  order="n u b"; [ $((round % 2)) -eq 0 ] && order="b u n"
+  for who in $order; do
+    case $who in
+      # shellcheck disable=SC2086
+      n) read -r v e < <(fixed_cpu $NGX $NGINX_PIDS); n_all+=("$v"); n_fixed_err=$((n_fixed_err + e)) ;;
+      u) read -r v e < <(fixed_cpu $UMW $DP_PID); u_all+=("$v"); u_fixed_err=$((u_fixed_err + e)) ;;
+      b) [ -n "$BEFORE" ] || continue; read -r v _ < <(fixed_cpu $OLD $OLD_PID); b_all+=("$v") ;;
+    esac
+  done
+  echo "round $round at $RATE req/s: nginx ${n_all[-1]}, umw ${u_all[-1]}${BEFORE:+, before ${b_all[-1]}} µs/request" >&2
+done
+mean() { printf '%s\n' "$@" | awk '{ s += $1; n++ } END { printf "%.2f", n ? s / n : 0 }'; }
+n_fixed=$(mean "${n_all[@]}"); u_fixed=$(mean "${u_all[@]}"); b_fixed=0
+if [ -n "$BEFORE" ]; then b_fixed=$(mean "${b_all[@]}"); fi
 echo "nginx ${n_fixed} µs/request ($n_fixed_err errors), umw ${u_fixed} µs/request ($u_fixed_err errors)${BEFORE:+, before $b_fixed µs/request}" >&2
 
 echo "== umw-load: 1000 req/s for 10s, direct and through each proxy" >&2
@@ -201,7 +213,7 @@ b_rps, b_cpu, b_busy, b_fixed = map(float, a[24:28])
 print(f"| Figure | nginx | umw-dataplane | ratio (umw/nginx) |")
 print(f"|---|---|---|---|")
 print(f"| Requests/s (wrk, {conns} connections, {rounds}×{duration}s, mean) | {n_rps:,.0f} | {u_rps:,.0f} | **{u_rps/n_rps:.2f}×** |")
-print(f"| Proxy CPU per request, at {rate} req/s (umw-load, 10 s) | {n_fixed:.1f} µs | {u_fixed:.1f} µs | **{u_fixed/n_fixed:.2f}×** |")
+print(f"| Proxy CPU per request, at {rate} req/s (umw-load, {rounds}×10 s, mean) | {n_fixed:.1f} µs | {u_fixed:.1f} µs | **{u_fixed/n_fixed:.2f}×** |")
 print(f"| Proxy CPU per request under wrk | {n_cpu:.1f} µs | {u_cpu:.1f} µs | {u_cpu/n_cpu:.2f}× |")
 print(f"| Load generator's core busy under wrk (wrk and the upstream; 1.00: it was the limit) | {n_busy:.2f} | {u_busy:.2f} | |")
 if b_rps:
