@@ -36,6 +36,9 @@ pub mod reasons {
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// Writing a child has failed for longer than the operator's `--apply-stall-after` with an error the
+    /// API server may get over (a 5xx, a timeout); the operator keeps retrying.
+    pub const APPLY_FAILING: &str = "ApplyFailing";
     pub const AS_EXPECTED: &str = "AsExpected";
     pub const HEALTH_NOT_REPORTED: &str = "HealthNotReported";
     pub const HEALTH_UNKNOWN: &str = "HealthUnknown";

@@ -79,7 +79,7 @@ certs() {
   openssl genrsa -out sa.key 2048 2>/dev/null
   openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
   cat > serving.ext <<EXT
-subjectAltName=IP:$address,IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
+subjectAltName=IP:$address,IP:127.0.0.1,IP:$UMW_KUBERNETES_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
 extendedKeyUsage=serverAuth
 EXT
   openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
@@ -133,7 +133,7 @@ AP
     --client-ca-file "$dir/pki/ca.crt" \
     --kubelet-client-certificate "$dir/pki/kube-apiserver-kubelet-client.crt" \
     --kubelet-client-key "$dir/pki/kube-apiserver-kubelet-client.key" \
-    --service-cluster-ip-range 10.0.0.0/24 \
+    --service-cluster-ip-range "$UMW_SERVICE_CIDR" \
     --authorization-mode RBAC \
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$dir/pki/sa.pub" \

@@ -10,7 +10,7 @@
 #   node.sh stop DIR     # everything stopped and the host restored (controlplane.sh stop calls it)
 #
 # The node is named `localhost`, its IP is ${UMW_NODE_IP} on the bridge ${UMW_NODE_BRIDGE}, pods get
-# addresses in ${UMW_NODE_SUBNET}, Services in 10.0.0.0/24 (the API server's range) and names under
+# addresses in ${UMW_NODE_SUBNET}, Services in ${UMW_SERVICE_CIDR} (the API server's range) and names under
 # cluster.local from CoreDNS on the node IP. Servers that pods must reach (Kafka, Redis, PostgreSQL,
 # upstreams) listen on the node IP; the host reaches pod IPs and, through kube-proxy, ClusterIPs.
 #
@@ -35,7 +35,7 @@ BIN="$UMW_TESTENV_BIN"
 BRIDGE=$UMW_NODE_BRIDGE
 SUBNET=$UMW_NODE_SUBNET
 NODE_IP=$UMW_NODE_IP
-SERVICE_CIDR=10.0.0.0/24
+SERVICE_CIDR=$UMW_SERVICE_CIDR
 NODE_NAME=localhost
 # Kernel settings that kubelet, kube-proxy or this script may change; `stop` puts back what it recorded.
 # (Writing net.ipv4.ip_forward resets accept_redirects and the forwarding defaults: those come after it.)

@@ -16,3 +16,7 @@ PAUSE_VERSION="${PAUSE_VERSION:-3.10}"
 UMW_NODE_BRIDGE="${UMW_NODE_BRIDGE:-umw0}"
 UMW_NODE_SUBNET="${UMW_NODE_SUBNET:-10.88.7.0/24}"
 UMW_NODE_IP="${UMW_NODE_IP:-10.88.7.1}"
+# The API server's Service range, a /12 as a real cluster's default (a /24 holds 253 Services: a benchmark
+# of 1,000 Middlewares filled it), and the first address in it, which the `kubernetes` Service gets.
+UMW_SERVICE_CIDR="${UMW_SERVICE_CIDR:-10.96.0.0/12}"
+UMW_KUBERNETES_SERVICE_IP="${UMW_KUBERNETES_SERVICE_IP:-10.96.0.1}"

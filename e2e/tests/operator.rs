@@ -460,6 +460,58 @@ async fn a_child_the_api_server_refuses_stalls_the_middleware_with_its_message()
     .await;
 }
 
+/// A cluster-scoped object deleted when dropped.
+struct ClusterObject(&'static str, String);
+
+impl Drop for ClusterObject {
+    fn drop(&mut self) {
+        let _ = control_plane().kubectl(&["delete", self.0, &self.1, "--ignore-not-found", "--wait=false"]);
+    }
+}
+
+#[tokio::test]
+async fn writes_that_keep_failing_with_a_server_error_show_on_the_status_and_clear_when_they_pass() {
+    let ns = TestNamespace::new("failing");
+    let _operator = Operator::start(&ns.name, &["--apply-stall-after", "3s"]);
+    // A validating webhook for this namespace's Services that is down (a port that refuses connections):
+    // the API server answers every Service write 500 "failed calling webhook", as it would with a full
+    // Service IP range or an admission controller that is unreachable.
+    let (_closed, closed) = umw_e2e::closed_address();
+    let webhook = ClusterObject("validatingwebhookconfiguration", format!("umw-test-down-{}", ns.name));
+    let config = format!(
+        "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingWebhookConfiguration\nmetadata:\n  name: {name}\nwebhooks:\n- name: down.umw.test\n  clientConfig: {{url: 'https://{closed}/validate'}}\n  rules: [{{operations: [CREATE, UPDATE], apiGroups: [''], apiVersions: [v1], resources: [services]}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n  failurePolicy: Fail\n  sideEffects: None\n  admissionReviewVersions: [v1]\n  timeoutSeconds: 2\n",
+        name = webhook.1,
+        ns = ns.name,
+    );
+    let out = control_plane().kubectl_stdin(&["apply", "-f", "-"], Some(&config));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    ns.must_apply(&middleware_yaml("shop", ""));
+    let mws: Api<Middleware> = Api::namespaced(client().await, &ns.name);
+    let mw = eventually("Stalled=True/ApplyFailing", WAIT, || async {
+        let mw = get(&mws, "shop").await?;
+        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::TRUE, reasons::APPLY_FAILING)))
+            .then_some(mw)
+    })
+    .await;
+    let status = mw.status.unwrap();
+    let message = &conditions::find(&status.conditions, types::STALLED).unwrap().message;
+    assert!(message.contains("failed calling webhook") && message.contains("keeps retrying"), "{message}");
+    let ready = conditions::find(&status.conditions, types::READY).unwrap();
+    assert_eq!(ready.status, status::FALSE, "{ready:?}");
+
+    // The webhook gone, the next retry writes the Service and the condition clears.
+    drop(webhook);
+    eventually("Stalled=False once the writes pass", WAIT, || async {
+        let mw = get(&mws, "shop").await?;
+        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::FALSE, reasons::AS_EXPECTED)))
+            .then_some(())
+    })
+    .await;
+    let services: Api<Service> = Api::namespaced(client().await, &ns.name);
+    assert!(get(&services, "umw-shop").await.is_some(), "the Service was written");
+}
+
 #[tokio::test]
 async fn restarting_the_operator_converges_without_duplicates_and_a_steady_state_writes_nothing() {
     let ns = TestNamespace::new("restart");

@@ -74,6 +74,10 @@ struct RunArgs {
     /// Retry interval of a Middleware waiting for a missing Secret, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     stall_retry: Duration,
+    /// How long writing a Middleware's children may keep failing with a server error or a timeout before
+    /// its status says so (Stalled, ApplyFailing), e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    apply_stall_after: Duration,
     /// How often each data-plane pod's /status is read, e.g. 5s.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     health_interval: Duration,
@@ -175,6 +179,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         api_timeout: args.api_timeout,
         resync: args.resync,
         stall_retry: args.stall_retry,
+        apply_stall_after: args.apply_stall_after,
         instance: identity.clone(),
         health: health::PollSettings {
             interval: args.health_interval,

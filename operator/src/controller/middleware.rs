@@ -61,7 +61,23 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
                 // The API server refused what we rendered from the spec (e.g. an invalid pod label): only
                 // the user can fix that, so it is a condition, not an error to retry.
                 Some(message) => stall = Some(Stall { reason: reasons::APPLY_FAILED, message }),
-                None => return Err(error),
+                None => {
+                    // Worth retrying (a 5xx, a timeout), and retried with backoff; but one that goes on
+                    // (a full Service IP range, a webhook that is down) must show where users look.
+                    // The message names the bound, not the time so far: a retry that fails alike writes nothing.
+                    let bound = ctx.config.apply_stall_after;
+                    if ctx.failing_for(&key).is_some_and(|failing| failing >= bound) {
+                        let stall = Stall {
+                            reason: reasons::APPLY_FAILING,
+                            message: format!(
+                                "writing this Middleware's children has failed for more than {bound:?}: {error}; the operator keeps retrying"
+                            ),
+                        };
+                        ctx.metrics.reconcile_stalled.with_label_values(&[stall.reason]).inc();
+                        report_failing(&mw, &bundle, &desired, &stall, &ctx).await;
+                    }
+                    return Err(error);
+                }
             },
         }
     }
@@ -84,6 +100,20 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
         Some(_) => Action::requeue(ctx.config.stall_retry),
         None => Action::requeue(ctx.config.resync),
     })
+}
+
+/// Writes the status of a Middleware whose children cannot be written (best effort: the reconcile fails and
+/// is retried either way).
+async fn report_failing(mw: &Middleware, bundle: &Bundle, desired: &Desired, stall: &Stall, ctx: &Context) {
+    let namespace = mw.namespace().unwrap_or_default();
+    let deployment = ctx.stores.deployments.get(&ObjectRef::new(&child_name(mw)).within(&namespace));
+    let now = Time(Timestamp::now());
+    let pods = health::current(mw, &ctx.stores.pods.state(), ctx.health.get(&namespace, &mw.name_any()));
+    let mut status = status_of(mw, deployment.as_deref(), desired, Some(stall), &pods, &now);
+    status.policies = attached(bundle, &pods, &desired.config_hash);
+    if let Err(error) = write_status(mw, status, ctx).await {
+        tracing::warn!(%error, "could not report the failing writes on the Middleware's status");
+    }
 }
 
 /// When the API server refused a child for a reason the user must fix, the message to show them.

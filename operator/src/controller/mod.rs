@@ -44,6 +44,9 @@ pub struct Config {
     pub resync: Duration,
     /// Retry interval of a stalled Middleware (a safety net: the Secrets it uses are watched).
     pub stall_retry: Duration,
+    /// How long writing a Middleware's children may keep failing with an error worth retrying before the
+    /// Middleware says so (`Stalled`, `ApplyFailing`, with the API server's message).
+    pub apply_stall_after: Duration,
     /// Name of this replica, for Events.
     pub instance: String,
     /// How the data-plane pods' health is read.
@@ -141,7 +144,13 @@ pub struct Context {
     /// Who uses which Secret, and the keys of the Secret versions read.
     pub secrets: Arc<Secrets>,
     /// Consecutive failures per object, for per-object backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<HashMap<String, Failures>>,
+}
+
+/// An object's reconciles failing in a row.
+struct Failures {
+    count: u32,
+    since: std::time::Instant,
 }
 
 /// Errors of a reconcile. Problems the user must fix are not errors: they become conditions.
@@ -214,13 +223,21 @@ impl Context {
         }
     }
 
+    /// How long the object's reconciles have been failing in a row (`None`: the last one succeeded). A
+    /// failure counts from the first of the row.
+    fn failing_for(&self, key: &str) -> Option<Duration> {
+        self.failures.lock().ok()?.get(key).map(|f| f.since.elapsed())
+    }
+
     /// Exponential backoff per object: 1s, 2s, 4s, ... up to 5 minutes.
     fn backoff(&self, key: &str) -> Duration {
         let attempt = match self.failures.lock() {
             Ok(mut failures) => {
-                let n = failures.entry(key.to_string()).or_insert(0);
-                *n = n.saturating_add(1);
-                *n
+                let entry = failures
+                    .entry(key.to_string())
+                    .or_insert_with(|| Failures { count: 0, since: std::time::Instant::now() });
+                entry.count = entry.count.saturating_add(1);
+                entry.count
             }
             Err(_) => 1,
         };
