@@ -435,6 +435,15 @@ async fn secrets_are_watched_created_and_deleted_ones_are_acted_on_in_seconds_an
     assert!(message.contains("Secret \"redis\" does not exist"), "{message}");
 }
 
+/// Waits until the Middleware `name` has `Stalled` with this status and reason, and returns it.
+async fn stalled_with(api: &Api<Middleware>, name: &str, want: (&'static str, &'static str)) -> Middleware {
+    eventually(&format!("{name}: Stalled={want:?}"), WAIT, || async {
+        let mw = get(api, name).await?;
+        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some(want)).then_some(mw)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_child_the_api_server_refuses_stalls_the_middleware_with_its_message() {
     let ns = TestNamespace::new("refused");
@@ -442,22 +451,12 @@ async fn a_child_the_api_server_refuses_stalls_the_middleware_with_its_message()
     // The schema cannot check label syntax; the API server refuses the Deployment.
     ns.must_apply(&middleware_yaml("shop", "  pod:\n    labels: {\"not a label\": x}\n"));
     let mws: Api<Middleware> = Api::namespaced(client().await, &ns.name);
-    let mw = eventually("Stalled=True/ApplyFailed", WAIT, || async {
-        let mw = get(&mws, "shop").await?;
-        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::TRUE, reasons::APPLY_FAILED)))
-            .then_some(mw)
-    })
-    .await;
+    let mw = stalled_with(&mws, "shop", (status::TRUE, reasons::APPLY_FAILED)).await;
     let message = conditions::find(&mw.status.unwrap().conditions, types::STALLED).unwrap().message.clone();
     assert!(message.contains("not a label") && message.contains("correct the Middleware spec"), "{message}");
 
     ns.must_apply(&middleware_yaml("shop", "  pod:\n    labels: {team: a}\n"));
-    eventually("Stalled=False after the fix", WAIT, || async {
-        let mw = get(&mws, "shop").await?;
-        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::FALSE, reasons::AS_EXPECTED)))
-            .then_some(())
-    })
-    .await;
+    stalled_with(&mws, "shop", (status::FALSE, reasons::AS_EXPECTED)).await;
 }
 
 /// A cluster-scoped object deleted when dropped.
@@ -488,12 +487,7 @@ async fn writes_that_keep_failing_with_a_server_error_show_on_the_status_and_cle
 
     ns.must_apply(&middleware_yaml("shop", ""));
     let mws: Api<Middleware> = Api::namespaced(client().await, &ns.name);
-    let mw = eventually("Stalled=True/ApplyFailing", WAIT, || async {
-        let mw = get(&mws, "shop").await?;
-        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::TRUE, reasons::APPLY_FAILING)))
-            .then_some(mw)
-    })
-    .await;
+    let mw = stalled_with(&mws, "shop", (status::TRUE, reasons::APPLY_FAILING)).await;
     let status = mw.status.unwrap();
     let message = &conditions::find(&status.conditions, types::STALLED).unwrap().message;
     assert!(message.contains("failed calling webhook") && message.contains("keeps retrying"), "{message}");
@@ -502,12 +496,7 @@ async fn writes_that_keep_failing_with_a_server_error_show_on_the_status_and_cle
 
     // The webhook gone, the next retry writes the Service and the condition clears.
     drop(webhook);
-    eventually("Stalled=False once the writes pass", WAIT, || async {
-        let mw = get(&mws, "shop").await?;
-        (condition_of(&mw.status.as_ref()?.conditions, types::STALLED) == Some((status::FALSE, reasons::AS_EXPECTED)))
-            .then_some(())
-    })
-    .await;
+    stalled_with(&mws, "shop", (status::FALSE, reasons::AS_EXPECTED)).await;
     let services: Api<Service> = Api::namespaced(client().await, &ns.name);
     assert!(get(&services, "umw-shop").await.is_some(), "the Service was written");
 }

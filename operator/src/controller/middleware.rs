@@ -74,7 +74,10 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
                             ),
                         };
                         ctx.metrics.reconcile_stalled.with_label_values(&[stall.reason]).inc();
-                        report_failing(&mw, &bundle, &desired, &stall, &ctx).await;
+                        // Best effort: the reconcile fails and is retried either way.
+                        if let Err(error) = report(&mw, &bundle, &desired, Some(&stall), &ctx).await {
+                            tracing::warn!(%error, "could not report the failing writes on the Middleware's status");
+                        }
                     }
                     return Err(error);
                 }
@@ -86,12 +89,7 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
         ctx.metrics.reconcile_stalled.with_label_values(&[stall.reason]).inc();
         tracing::info!(reason = stall.reason, message = %stall.message, "stalled until the user acts");
     }
-    let deployment = ctx.stores.deployments.get(&ObjectRef::new(&child_name(&mw)).within(&namespace));
-    let now = Time(Timestamp::now());
-    let pods = health::current(&mw, &ctx.stores.pods.state(), ctx.health.get(&namespace, &mw.name_any()));
-    let mut new_status = status_of(&mw, deployment.as_deref(), &desired, stall.as_ref(), &pods, &now);
-    new_status.policies = attached(&bundle, &pods, &desired.config_hash);
-    write_status(&mw, new_status, &ctx).await?;
+    report(&mw, &bundle, &desired, stall.as_ref(), &ctx).await?;
 
     ctx.succeeded(&key);
     timer.observe_duration();
@@ -102,18 +100,21 @@ pub async fn reconcile(mw: Arc<Middleware>, ctx: Arc<Context>) -> Result<Action,
     })
 }
 
-/// Writes the status of a Middleware whose children cannot be written (best effort: the reconcile fails and
-/// is retried either way).
-async fn report_failing(mw: &Middleware, bundle: &Bundle, desired: &Desired, stall: &Stall, ctx: &Context) {
+/// Writes the Middleware's status from what it has now: its Deployment, its pods and the stall, if any.
+async fn report(
+    mw: &Middleware,
+    bundle: &Bundle,
+    desired: &Desired,
+    stall: Option<&Stall>,
+    ctx: &Context,
+) -> Result<(), Error> {
     let namespace = mw.namespace().unwrap_or_default();
     let deployment = ctx.stores.deployments.get(&ObjectRef::new(&child_name(mw)).within(&namespace));
     let now = Time(Timestamp::now());
     let pods = health::current(mw, &ctx.stores.pods.state(), ctx.health.get(&namespace, &mw.name_any()));
-    let mut status = status_of(mw, deployment.as_deref(), desired, Some(stall), &pods, &now);
+    let mut status = status_of(mw, deployment.as_deref(), desired, stall, &pods, &now);
     status.policies = attached(bundle, &pods, &desired.config_hash);
-    if let Err(error) = write_status(mw, status, ctx).await {
-        tracing::warn!(%error, "could not report the failing writes on the Middleware's status");
-    }
+    write_status(mw, status, ctx).await
 }
 
 /// When the API server refused a child for a reason the user must fix, the message to show them.
