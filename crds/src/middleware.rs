@@ -200,6 +200,124 @@ pub struct HttpListener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_connections: Option<u32>,
+    /// TLS on this listener: with it, the port speaks HTTPS only (HTTP/2 and HTTP/1.1 chosen by ALPN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+}
+
+/// TLS termination. Certificates are read from files that are watched: a renewed certificate (a Secret
+/// updated by cert-manager, a file replaced in place) is served from the next handshake on, without a
+/// restart, and one that cannot be used is refused while the previous one stays in service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerTls {
+    /// Certificates with their keys, 1 to 16. A client that names a host (SNI) gets the first certificate
+    /// whose subject alternative names cover it; one that names none, or a host no certificate covers,
+    /// gets the first.
+    #[schemars(length(min = 1, max = 16))]
+    pub certificates: Vec<TlsCertificate>,
+    /// Oldest protocol version accepted: `TLS12` (default) or `TLS13`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub min_version: TlsVersion,
+    /// Client certificates (mutual TLS), verified against a certificate authority. The verified
+    /// certificate's subject, names and hash are passed on to the upstream in `x-forwarded-client-cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificates: Option<ClientCertificates>,
+}
+
+/// A certificate chain and its private key, in PEM: a `kubernetes.io/tls` Secret in the Middleware's
+/// namespace (keys `tls.crt` and `tls.key`), or two files (standalone use). Exactly one of the two.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.secretName) != (has(self.certFile) && has(self.keyFile)) && has(self.certFile) == has(self.keyFile)",
+    "message": "a certificate needs exactly one of secretName or certFile with keyFile"
+}]))]
+pub struct TlsCertificate {
+    /// A `kubernetes.io/tls` Secret in the Middleware's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+    /// Path of the certificate chain (PEM, the server's certificate first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub cert_file: Option<String>,
+    /// Path of the private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub key_file: Option<String>,
+}
+
+/// A TLS protocol version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "TLS12")]
+    Tls12,
+    #[serde(rename = "TLS13")]
+    Tls13,
+}
+
+/// Which clients must show a certificate, and who signs them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.caSecretName) != has(self.caFile)",
+    "message": "clientCertificates needs exactly one of caSecretName or caFile"
+}]))]
+pub struct ClientCertificates {
+    /// A Secret in the Middleware's namespace whose key `ca.crt` holds the authority's certificates (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_secret_name: Option<String>,
+    /// Path of the authority's certificates (PEM), for standalone use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub ca_file: Option<String>,
+    /// `Require` (default): a client without a valid certificate fails the handshake. `Optional`: a client
+    /// may show none, but one it shows must be valid.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mode: ClientCertificateMode,
+}
+
+/// Whether a client certificate is required.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ClientCertificateMode {
+    #[default]
+    Require,
+    Optional,
+}
+
+impl TlsCertificate {
+    /// A certificate from a `kubernetes.io/tls` Secret.
+    pub fn secret(name: impl Into<String>) -> Self {
+        Self { secret_name: Some(name.into()), ..Self::default() }
+    }
+}
+
+/// Secret keys of a `kubernetes.io/tls` Secret and of a CA bundle Secret.
+pub mod tls_keys {
+    pub const CERT: &str = "tls.crt";
+    pub const KEY: &str = "tls.key";
+    pub const CA: &str = "ca.crt";
+}
+
+impl ListenerTls {
+    /// Every Secret the listener reads, with the field that names it.
+    pub fn secret_names(&self) -> Vec<(String, &str)> {
+        let mut out: Vec<(String, &str)> = self
+            .certificates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                c.secret_name.as_deref().map(|n| (format!("spec.listeners.http.tls.certificates[{i}].secretName"), n))
+            })
+            .collect();
+        if let Some(name) = self.client_certificates.as_ref().and_then(|c| c.ca_secret_name.as_deref()) {
+            out.push(("spec.listeners.http.tls.clientCertificates.caSecretName".into(), name));
+        }
+        out
+    }
 }
 
 impl Default for HttpListener {
@@ -211,6 +329,7 @@ impl Default for HttpListener {
             header_read_timeout: None,
             body_read_timeout: None,
             max_connections: None,
+            tls: None,
         }
     }
 }

@@ -80,6 +80,9 @@ pub fn validate(bundle: &Bundle) -> Vec<Violation> {
     }
     c.duration("spec.listeners.http.headerReadTimeout".into(), http.header_read_timeout.as_ref());
     c.duration("spec.listeners.http.bodyReadTimeout".into(), http.body_read_timeout.as_ref());
+    if let Some(tls) = &http.tls {
+        tls_rules(&mut c, tls);
+    }
     if let Some(ws) = &listeners.websocket
         && !ws.path.starts_with('/')
     {
@@ -323,6 +326,50 @@ fn route_rules(c: &mut Collector<'_>, at: &str, route: &Route) {
     {
         c.push(format!("{at}.requestSchema"), message);
     }
+}
+
+fn tls_rules(c: &mut Collector<'_>, tls: &crate::middleware::ListenerTls) {
+    let at = "spec.listeners.http.tls";
+    if !(1..=16).contains(&tls.certificates.len()) {
+        c.push(format!("{at}.certificates"), "needs 1 to 16 certificates");
+    }
+    for (i, certificate) in tls.certificates.iter().enumerate() {
+        let files = (certificate.cert_file.as_deref(), certificate.key_file.as_deref());
+        match (certificate.secret_name.as_deref(), files) {
+            (Some(name), (None, None)) => {
+                if !is_dns_subdomain(name) {
+                    c.push(format!("{at}.certificates[{i}].secretName"), "must be a Secret's name");
+                }
+            }
+            (None, (Some(cert), Some(key))) => {
+                if cert.is_empty() || key.is_empty() {
+                    c.push(format!("{at}.certificates[{i}]"), "certFile and keyFile must not be empty");
+                }
+            }
+            _ => c.push(
+                format!("{at}.certificates[{i}]"),
+                "a certificate needs exactly one of secretName or certFile with keyFile",
+            ),
+        }
+    }
+    if let Some(clients) = &tls.client_certificates {
+        match (clients.ca_secret_name.as_deref(), clients.ca_file.as_deref()) {
+            (Some(name), None) if !is_dns_subdomain(name) => {
+                c.push(format!("{at}.clientCertificates.caSecretName"), "must be a Secret's name");
+            }
+            (None, Some("")) => c.push(format!("{at}.clientCertificates.caFile"), "must not be empty"),
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => c.push(
+                format!("{at}.clientCertificates"),
+                "clientCertificates needs exactly one of caSecretName or caFile",
+            ),
+        }
+    }
+}
+
+/// A Kubernetes object name: lower-case DNS labels joined by dots, at most 253 characters.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn upstream_rules(c: &mut Collector<'_>, at: &str, upstream: &Upstream) {
@@ -581,6 +628,34 @@ mod tests {
             assert!(found.iter().any(|f| f.starts_with(expected)), "missing {expected:?} in {found:#?}");
         }
         assert_eq!(found.len(), 10, "{found:#?}");
+    }
+
+    #[test]
+    fn tls_certificates_name_a_secret_or_two_files() {
+        let tls = |tls: &str| {
+            let b = bundle(&format!(
+                "apiVersion: umw.dev/v1alpha1\nkind: Middleware\nmetadata: {{name: shop}}\nspec:\n  listeners: {{http: {{tls: {tls}}}}}\n"
+            ));
+            validate(&b).iter().map(|v| format!("{}: {}", v.path, v.message)).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            tls("{certificates: [{secretName: shop-tls}, {certFile: a.crt, keyFile: a.key}]}"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            tls("{certificates: [{secretName: shop-tls, certFile: a.crt, keyFile: a.key}, {certFile: a.crt}, {}]}"),
+            [0, 1, 2].map(|i| format!(
+                "spec.listeners.http.tls.certificates[{i}]: a certificate needs exactly one of secretName or certFile with keyFile"
+            ))
+        );
+        assert_eq!(tls("{certificates: []}"), ["spec.listeners.http.tls.certificates: needs 1 to 16 certificates"]);
+        assert_eq!(
+            tls("{certificates: [{secretName: Shop_TLS}], clientCertificates: {caSecretName: ca, caFile: ca.crt}}"),
+            [
+                "spec.listeners.http.tls.certificates[0].secretName: must be a Secret's name",
+                "spec.listeners.http.tls.clientCertificates: clientCertificates needs exactly one of caSecretName or caFile"
+            ]
+        );
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// Then, how long consumers, relays and producers may take to stop.
     pub stop_timeout: Duration,
+    /// Where the Secrets named by `listeners.http.tls` are, one directory per Secret.
+    pub tls_dir: PathBuf,
 }
 
 impl Options {
@@ -71,6 +73,7 @@ impl Options {
             shutdown_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(20),
             stop_timeout: Duration::from_secs(10),
+            tls_dir: PathBuf::from(crate::tls::DEFAULT_TLS_DIR),
         }
     }
 }
@@ -89,6 +92,7 @@ pub struct App {
     traffic: tokio::task::JoinHandle<()>,
     admin_task: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
+    tls_watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl App {
@@ -114,6 +118,15 @@ impl App {
             anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  "))
         })?);
 
+        let tls = match &spec.listeners.http.tls {
+            None => None,
+            Some(tls) => {
+                let sources = crate::tls::Sources::new(tls, &options.tls_dir);
+                let tls = crate::tls::Tls::load(sources, &metrics, health.clone())
+                    .map_err(|error| anyhow::anyhow!("spec.listeners.http.tls: {error}"))?;
+                Some(Arc::new(tls))
+            }
+        };
         let http_address = options.http_address.unwrap_or_else(|| admin::default_address(spec.listeners.http.port));
         let admin_address = options.admin_address.unwrap_or_else(|| admin::default_address(spec.listeners.admin_port));
         let http =
@@ -121,7 +134,8 @@ impl App {
         let admin_listener =
             tokio::net::TcpListener::bind(admin_address).await.with_context(|| format!("binding {admin_address}"))?;
         let (http_address, admin_address) = (http.local_addr()?, admin_listener.local_addr()?);
-        health.set("http", State::Up, format!("listening on {http_address}"), true);
+        let scheme = if tls.is_some() { "HTTPS" } else { "HTTP" };
+        health.set("http", State::Up, format!("{scheme} on {http_address}"), true);
         tracing::info!(
             middleware = %loaded.middleware(),
             config = %loaded.hash,
@@ -164,7 +178,9 @@ impl App {
         // Warm-up fetches through the chain.
         runtime.loopback().set(chain.clone());
         let limits = crate::kernel::inbound::Limits::from_spec(&spec.listeners.http);
-        let traffic = tokio::spawn(server::serve(http, chain, metrics, limits, stop_accepting, options.drain_timeout));
+        let tls_watcher = tls.clone().map(|tls| tokio::spawn(crate::tls::watch(tls, options.reload_interval)));
+        let traffic =
+            tokio::spawn(server::serve(http, chain, metrics, limits, tls, stop_accepting, options.drain_timeout));
         Ok(Self {
             runtime,
             http: http_address,
@@ -177,6 +193,7 @@ impl App {
             traffic,
             admin_task,
             watcher,
+            tls_watcher,
         })
     }
 
@@ -191,6 +208,9 @@ impl App {
         let _ = self.accepting.send(false);
         let _ = self.traffic.await;
         self.watcher.abort();
+        if let Some(tls_watcher) = &self.tls_watcher {
+            tls_watcher.abort();
+        }
         self.runtime.loopback().clear();
         self.runtime.shutdown(Instant::now() + options.stop_timeout).await;
         let _ = self.stop_admin.send(true);
@@ -206,6 +226,9 @@ impl App {
         self.traffic.abort();
         self.admin_task.abort();
         self.watcher.abort();
+        if let Some(tls_watcher) = &self.tls_watcher {
+            tls_watcher.abort();
+        }
         self.runtime.loopback().clear();
     }
 }

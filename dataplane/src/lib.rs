@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod reload;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 
 pub use components::{cache, events, outbox, proxy};
 pub use kernel::{breaker, config, health, inbound, metrics, problem, routing, telemetry, trace};

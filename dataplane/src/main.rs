@@ -65,6 +65,10 @@ struct Cli {
     /// and this together must fit in the pod's termination grace period.
     #[arg(long, global = true, env = "UMW_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     stop_timeout: Duration,
+    /// Where the Secrets that `listeners.http.tls` names are found, one directory per Secret holding its
+    /// keys as files (`tls.crt`, `tls.key`, `ca.crt`): where the operator mounts them.
+    #[arg(long, global = true, env = "UMW_TLS_DIR", default_value = umw_dataplane::tls::DEFAULT_TLS_DIR)]
+    tls_dir: PathBuf,
     /// Where the reason the data plane could not start is written, when the file exists: Kubernetes' default
     /// `terminationMessagePath`, which the kubelet creates and shows in the pod's status.
     #[arg(long, global = true, env = "UMW_TERMINATION_LOG", default_value = "/dev/termination-log")]
@@ -162,7 +166,7 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
     let metrics = Metrics::new().context("registering metrics")?;
     // Building the runtime compiles every route, schema, template and upstream, as a start would; with
     // the in-process backends, so that checking neither needs the Secrets nor contacts Redis or Kafka.
-    let env = Env::new(metrics, Health::default(), None, cli.resolve.clone()).in_process(true);
+    let env = Env::new(metrics.clone(), Health::default(), None, cli.resolve.clone()).in_process(true);
     let runtime = app::runtime(loaded, env, LogControl::disabled())
         .map_err(|invalid| anyhow::anyhow!("the configuration is not valid:\n  {}", invalid.problems.join("\n  ")))?;
     let snapshot = runtime.snapshot();
@@ -189,6 +193,15 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
             b.middleware.spec.commands.len()
         );
     }
+    if let Some(tls) = &b.middleware.spec.listeners.http.tls {
+        // The certificates are read and checked as a start would read them (from --tls-dir for Secrets).
+        let health = Health::default();
+        umw_dataplane::tls::Tls::load(umw_dataplane::tls::Sources::new(tls, &cli.tls_dir), &metrics, health.clone())
+            .map_err(|error| anyhow::anyhow!("spec.listeners.http.tls: {error}"))?;
+        if let Some(component) = health.components().into_iter().find(|c| c.name == "tls") {
+            println!("  TLS: {}", component.message);
+        }
+    }
     for policy in snapshot.policies.iter().filter(|p| !p.enforced) {
         println!("  note: {} {} is accepted but not enforced: {}", policy.kind, policy.name, policy.message);
     }
@@ -210,6 +223,7 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
         shutdown_delay: cli.shutdown_delay,
         drain_timeout: cli.drain_timeout,
         stop_timeout: cli.stop_timeout,
+        tls_dir: cli.tls_dir.clone(),
     };
     let app = App::start(options, files, loaded, log).await?;
     shutdown_signal().await;

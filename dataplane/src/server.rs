@@ -1,8 +1,9 @@
-//! The traffic listener: accepts connections (HTTP/1.1 and h2c on one port) and hands every request to
-//! the chain, within the listener's [`Limits`]. On shutdown it stops accepting, lets in-flight requests
-//! finish within a deadline, and closes what is left.
+//! The traffic listener: accepts connections (HTTP/1.1 and h2c on one port, or HTTPS with HTTP/2 and
+//! HTTP/1.1 by ALPN) and hands every request to the chain, within the listener's [`Limits`]. On shutdown it
+//! stops accepting, lets in-flight requests finish within a deadline, and closes what is left.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,14 +12,16 @@ use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt as _;
 
 use crate::chain::{Chain, ClientAddr};
 use crate::kernel::inbound::{self, Limits, Watched};
 use crate::kernel::metrics::Metrics;
+use crate::tls::{CLIENT_CERT_HEADER, ClientCertificate, Tls};
 
 /// Concurrent streams one HTTP/2 connection may open (hyper's default is 200; Envoy's 100; nginx's 128).
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -27,12 +30,14 @@ pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and the connection is closed when one is not answered within this.
 pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `chain` on `listener` until `shutdown` resolves, then drains for at most `drain`.
+/// Serves `chain` on `listener` until `shutdown` resolves, then drains for at most `drain`. With `tls`,
+/// every connection is a TLS handshake first (within the header timeout).
 pub async fn serve(
     listener: TcpListener,
     chain: Chain,
     metrics: Metrics,
     limits: Limits,
+    tls: Option<Arc<Tls>>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
@@ -52,6 +57,7 @@ pub async fn serve(
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
         .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    let builder = Arc::new(builder);
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -77,47 +83,22 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let chain = chain.clone();
-        // Telling HTTP/1 from h2c reads the connection's first bytes with no time limit of hyper's own, and
-        // hyper's header timeout starts only after that: until the first request, the limit is kept here.
-        let started = Arc::new(AtomicBool::new(false));
-        let service = {
-            let started = started.clone();
-            let body_timeouts = metrics.http_refused.with_label_values(&[inbound::reasons::BODY_TIMEOUT]);
-            tower::service_fn(move |request: http::Request<Incoming>| {
-                started.store(true, Ordering::Relaxed);
-                let mut request = request.map(Body::new);
-                request.extensions_mut().insert(ClientAddr(peer));
-                Watched::watch(&mut request, limits.body_read_timeout, &body_timeouts);
-                chain.clone().oneshot(request)
-            })
+        let connection = Connection {
+            chain: chain.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            metrics: metrics.clone(),
+            limits,
+            peer,
         };
-        let connection =
-            builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
-        let connection = graceful.watch(connection.into_owned());
         let open = metrics.connections_open.clone();
-        let refused = metrics.http_refused.clone();
         open.inc();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            tokio::pin!(connection);
-            let ended = tokio::select! {
-                ended = &mut connection => Some(ended),
-                () = tokio::time::sleep(limits.header_read_timeout) => None,
-            };
-            let ended = match ended {
-                Some(ended) => ended,
-                None if !started.load(Ordering::Relaxed) => {
-                    refused.with_label_values(&[inbound::reasons::HEADER_TIMEOUT]).inc();
-                    tracing::debug!(%peer, "closing a connection that sent no request in time");
-                    open.dec();
-                    return;
-                }
-                None => connection.await,
-            };
-            if let Err(error) = ended {
-                inbound::count_connection_error(&refused, error.as_ref(), started.load(Ordering::Relaxed));
-                tracing::debug!(%error, %peer, "connection ended with an error");
+            match tls {
+                None => connection.serve(stream, None).await,
+                Some(tls) => connection.handshake(stream, &tls).await,
             }
             open.dec();
         });
@@ -127,5 +108,98 @@ pub async fn serve(
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("drained"),
         _ = tokio::time::sleep(drain) => tracing::warn!("drain deadline passed; closing the remaining connections"),
+    }
+}
+
+/// What serving one accepted connection needs.
+struct Connection {
+    chain: Chain,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    metrics: Metrics,
+    limits: Limits,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    /// The TLS handshake, within the header timeout, then HTTP over it.
+    async fn handshake(self, stream: TcpStream, tls: &Tls) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+        let peer = self.peer;
+        let stream = match tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                let outcome = crate::tls::failure_outcome(&error);
+                tls.handshakes.with_label_values(&[outcome]).inc();
+                tracing::debug!(%error, %peer, outcome, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tls.handshakes.with_label_values(&[crate::tls::outcomes::TIMEOUT]).inc();
+                tracing::debug!(%peer, "closing a connection whose TLS handshake did not finish in time");
+                return;
+            }
+        };
+        let session = stream.get_ref().1;
+        let outcome = match session.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => crate::tls::outcomes::RESUMED,
+            _ => crate::tls::outcomes::FULL,
+        };
+        tls.handshakes.with_label_values(&[outcome]).inc();
+        let client = ClientCertificate::of(session).map(Arc::new);
+        self.serve(stream, client).await;
+    }
+
+    /// HTTP/1.1 or HTTP/2 on `io` until the client or the drain ends it.
+    async fn serve<IO>(self, io: IO, client: Option<Arc<ClientCertificate>>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self { chain, builder, watcher, metrics, limits, peer } = self;
+        // Telling HTTP/1 from h2c reads the connection's first bytes with no time limit of hyper's own, and
+        // hyper's header timeout starts only after that: until the first request, the limit is kept here.
+        let started = Arc::new(AtomicBool::new(false));
+        let service = {
+            let started = started.clone();
+            let body_timeouts = metrics.http_refused.with_label_values(&[inbound::reasons::BODY_TIMEOUT]);
+            let client_header = client.as_ref().and_then(|c| c.header_value());
+            tower::service_fn(move |request: http::Request<Incoming>| {
+                started.store(true, Ordering::Relaxed);
+                let mut request = request.map(Body::new);
+                request.extensions_mut().insert(ClientAddr(peer));
+                // What a client claims about its own certificate is never passed on; a verified one is.
+                let headers = request.headers_mut();
+                headers.remove(CLIENT_CERT_HEADER);
+                if let Some(value) = &client_header {
+                    headers.insert(CLIENT_CERT_HEADER, value.clone());
+                }
+                if let Some(client) = &client {
+                    request.extensions_mut().insert(client.clone());
+                }
+                Watched::watch(&mut request, limits.body_read_timeout, &body_timeouts);
+                chain.clone().oneshot(request)
+            })
+        };
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
+        let connection = watcher.watch(connection.into_owned());
+        let refused = &metrics.http_refused;
+        tokio::pin!(connection);
+        let ended = tokio::select! {
+            ended = &mut connection => Some(ended),
+            () = tokio::time::sleep(limits.header_read_timeout) => None,
+        };
+        let ended = match ended {
+            Some(ended) => ended,
+            None if !started.load(Ordering::Relaxed) => {
+                refused.with_label_values(&[inbound::reasons::HEADER_TIMEOUT]).inc();
+                tracing::debug!(%peer, "closing a connection that sent no request in time");
+                return;
+            }
+            None => connection.await,
+        };
+        if let Err(error) = ended {
+            inbound::count_connection_error(refused, error.as_ref(), started.load(Ordering::Relaxed));
+            tracing::debug!(%error, %peer, "connection ended with an error");
+        }
     }
 }

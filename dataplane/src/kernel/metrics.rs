@@ -92,6 +92,12 @@ pub struct Metrics {
     pub http_refused: IntCounterVec,
     /// Background tasks started, stopped, replaced or failed to start, by component, kind and event.
     pub tasks: IntCounterVec,
+    /// TLS handshakes on the traffic listener, by outcome (see [`crate::tls::outcomes`]).
+    pub tls_handshakes: IntCounterVec,
+    /// Rotations of the listener's certificates, by outcome (`applied`, `rejected`).
+    pub tls_reloads: IntCounterVec,
+    /// When each served certificate expires, in Unix seconds, by certificate (its Secret or file).
+    pub tls_certificate_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -295,6 +301,33 @@ impl Metrics {
                     family.with_label_values(&[reason]);
                 }
                 family
+            },
+            tls_handshakes: {
+                let family = counter_vec(
+                    "umw_tls_handshakes_total",
+                    "TLS handshakes on the traffic listener, by outcome",
+                    &["outcome"],
+                )?;
+                for outcome in crate::tls::outcomes::ALL {
+                    family.with_label_values(&[outcome]);
+                }
+                family
+            },
+            tls_reloads: counter_vec(
+                "umw_tls_reloads_total",
+                "Rotations of the traffic listener's certificates, by outcome (applied, rejected)",
+                &["outcome"],
+            )?,
+            tls_certificate_expiry: {
+                let metric = IntGaugeVec::new(
+                    Opts::new(
+                        "umw_tls_certificate_expiry_timestamp_seconds",
+                        "When each certificate the traffic listener serves expires, in Unix seconds",
+                    ),
+                    &["certificate"],
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
             },
             tasks: counter_vec(
                 "umw_tasks_total",

@@ -23,3 +23,4 @@ pub mod task;
 pub mod telemetry;
 pub mod trace;
 pub mod validate;
+pub mod x509;
