@@ -2,7 +2,7 @@
 SHELL := bash
 CARGO ?= cargo
 
-.PHONY: help run dev test testenv images build lint crds bench bench-gateway bench-cache bench-events bench-commands clean-testenv
+.PHONY: help run dev test testenv images build lint crds bench bench-gateway bench-tls bench-cache bench-events bench-commands clean-testenv
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ bench: build testenv ## Operator benchmark: 200 Middlewares (see docs/benchmarks
 
 bench-gateway: ## Data plane vs nginx as a reverse proxy (see docs/benchmarks.md; needs nginx and wrk)
 	bash e2e/bench/gateway.sh
+
+bench-tls: ## HTTPS termination vs nginx with ssl: keep-alive requests/s and new handshakes/s (see docs/benchmarks.md)
+	bash e2e/bench/tls.sh
 
 bench-cache: ## Cache hits vs nginx proxy_cache, and the thundering herd (see docs/benchmarks.md)
 	bash e2e/bench/cache.sh

@@ -400,6 +400,39 @@ pub async fn http_host(method: &str, address: &str, host: &str, path: &str) -> O
     tokio::time::timeout(Duration::from_secs(10), attempt).await.ok().flatten()
 }
 
+/// `GET path` over HTTPS (HTTP/1.1) to `address`, asking for `sni` and trusting only the authorities in
+/// `ca_pem`: the status and the DER of the certificate the server showed.
+pub async fn https_get(address: &str, sni: &str, ca_pem: &[u8], path: &str) -> Option<(u16, Vec<u8>)> {
+    use rustls::pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(address).await.ok()?;
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).ok()?;
+        let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.ok()?;
+        let served = stream.get_ref().1.peer_certificates()?.first()?.to_vec();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        // A TLS peer may close without close_notify; what was read is enough.
+        let _ = stream.read_to_end(&mut response).await;
+        let text = String::from_utf8_lossy(&response).to_string();
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        Some((status, served))
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt).await.ok().flatten()
+}
+
 /// `POST path` with a JSON body; the status and the body of the answer.
 pub async fn post_json(address: &str, path: &str, body: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

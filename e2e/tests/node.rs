@@ -16,13 +16,75 @@ use kube::{Client, ResourceExt};
 use umw_crds::Middleware;
 use umw_crds::conditions::{self, types};
 use umw_e2e::node::{Process, images, real_node};
-use umw_e2e::{TestNamespace, TestUpstream, eventually, http, http_raw, post_json, repo_root};
+use umw_e2e::{TestNamespace, TestUpstream, eventually, http, http_raw, https_get, post_json, repo_root};
 use umw_tests::{KafkaBroker, PostgresServer, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(180);
 
 fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// A certificate authority and server certificates for `shop.test`, made with `openssl`.
+struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("umw-node-pki-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { dir }
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl").args(args).current_dir(&self.dir).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    }
+
+    fn authority(&self) {
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let out = ["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=shop-test-ca"];
+        self.openssl(&[&["req", "-x509"][..], &ec, &out].concat());
+    }
+
+    fn server(&self, name: &str) {
+        let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+        std::fs::write(self.dir.join("server.ext"), "subjectAltName=DNS:shop.test\nextendedKeyUsage=serverAuth\n")
+            .unwrap();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        self.openssl(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", "/CN=shop.test"]].concat());
+        let ca = ["-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "server.ext"];
+        self.openssl(&[&["x509", "-req", "-in", &csr, "-out", &crt][..], &ca].concat());
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(name)).unwrap()
+    }
+
+    fn der(&self, name: &str) -> Vec<u8> {
+        use rustls::pki_types::pem::PemObject as _;
+        rustls::pki_types::CertificateDer::from_pem_slice(&self.read(&format!("{name}.crt"))).unwrap().to_vec()
+    }
+
+    /// A `kubernetes.io/tls` Secret holding `name`'s certificate and key.
+    fn tls_secret(&self, secret: &str, name: &str) -> String {
+        let text = |f: String| String::from_utf8(self.read(&f)).unwrap();
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": secret},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": text(format!("{name}.crt")), "tls.key": text(format!("{name}.key"))},
+        })
+        .to_string()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Each image, started by containerd and runc as a user would run it (`docker run IMAGE`): with the
@@ -370,6 +432,52 @@ async fn helm_install_and_the_shop_example_on_a_real_node() {
     let (code, body) =
         post_json(&address, "/commands/place-order", r#"{"orderId": "o-3", "sku": "mug"}"#).await.unwrap();
     assert_eq!(code, 202, "a command through a pod with the rotated password: {body}");
+
+    // HTTPS from a Secret: turning TLS on rolls the pods once (new mounts); a renewed certificate written
+    // to the same Secret reaches the running pods through the kubelet's volume update, without a restart.
+    let pki = Pki::new();
+    pki.authority();
+    pki.server("first");
+    pki.server("renewed");
+    app.must_apply(&pki.tls_secret("shop-tls", "first"));
+    let before: Vec<String> = shop_pods(&client, &app.name).await.into_iter().map(|p| p.0).collect();
+    let out = app.kubectl(&[
+        "patch",
+        "middleware",
+        "shop",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec": {"listeners": {"http": {"tls": {"certificates": [{"secretName": "shop-tls"}]}}}}}"#,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ca = pki.read("ca.crt");
+    let tls_pods = eventually("new pods serving HTTPS", WAIT, || async {
+        let now = shop_pods(&client, &app.name).await;
+        if now.len() != 2 || now.iter().any(|p| before.contains(&p.0)) {
+            return None;
+        }
+        for (_, ip, _) in &now {
+            let (code, served) = https_get(&format!("{ip}:8080"), "shop.test", &ca, "/products").await?;
+            (code == 200 && served == pki.der("first")).then_some(())?;
+        }
+        Some(now)
+    })
+    .await;
+    ready_with(&api, &["redis", "kafka", "postgres"]).await;
+    app.must_apply(&pki.tls_secret("shop-tls", "renewed"));
+    for (pod, ip, _) in &tls_pods {
+        eventually(&format!("{pod} serving the renewed certificate"), WAIT, || async {
+            let (code, served) = https_get(&format!("{ip}:8080"), "shop.test", &ca, "/products").await?;
+            (code == 200 && served == pki.der("renewed")).then_some(())
+        })
+        .await;
+    }
+    let now: Vec<String> = shop_pods(&client, &app.name).await.into_iter().map(|p| p.0).collect();
+    assert_eq!(now, tls_pods.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), "the same pods");
+    for name in &now {
+        assert_eq!(restarts(&pod_api.get(name).await.unwrap()), 0, "{name} rotated without a restart");
+    }
 
     // kubectl delete: the Middleware's children and pods go, and so do their containers on the node.
     assert!(!node.containers_in(&app.name).is_empty(), "the example's containers run on the node");

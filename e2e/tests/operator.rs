@@ -435,6 +435,56 @@ async fn secrets_are_watched_created_and_deleted_ones_are_acted_on_in_seconds_an
     assert!(message.contains("Secret \"redis\" does not exist"), "{message}");
 }
 
+#[tokio::test]
+async fn a_tls_secret_must_hold_its_keys_and_a_renewed_one_does_not_roll_the_pods() {
+    let ns = TestNamespace::new("tls-secret");
+    let _operator = Operator::start(&ns.name, &["--stall-retry", "2s"]);
+    let tls = "  listeners:\n    http:\n      tls:\n        certificates: [{secretName: shop-tls}]\n        clientCertificates: {caSecretName: clients}\n";
+    ns.must_apply(&middleware_yaml("shop", tls));
+    let client = client().await;
+    let mws: Api<Middleware> = Api::namespaced(client.clone(), &ns.name);
+    let message =
+        |mw: Middleware| conditions::find(&mw.status.unwrap().conditions, types::STALLED).unwrap().message.clone();
+    let mw = stalled_with(&mws, "shop", (status::TRUE, reasons::SECRET_NOT_FOUND)).await;
+    let text = message(mw);
+    assert!(
+        text.contains("Secret \"clients\" does not exist")
+            && text.contains("spec.listeners.http.tls.clientCertificates.caSecretName"),
+        "{text}"
+    );
+    ns.must_apply("apiVersion: v1\nkind: Secret\nmetadata: {name: clients}\nstringData: {ca.crt: pem}\n");
+    // A Secret without its private key is named with the key it lacks.
+    ns.must_apply("apiVersion: v1\nkind: Secret\nmetadata: {name: shop-tls}\nstringData: {tls.crt: pem}\n");
+    let mw = eventually("the missing key reported", WAIT, || async {
+        let mw = get(&mws, "shop").await?;
+        let stalled = conditions::find(&mw.status.as_ref()?.conditions, types::STALLED)?;
+        stalled.message.contains("has no key \"tls.key\"").then_some(mw)
+    })
+    .await;
+    assert!(message(mw).contains("spec.listeners.http.tls.certificates[0].secretName"));
+    ns.must_apply(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-tls}\nstringData: {tls.crt: pem, tls.key: pem}\n",
+    );
+    stalled_with(&mws, "shop", (status::FALSE, reasons::AS_EXPECTED)).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployment = eventually("the Deployment", WAIT, || async { get(&deployments, "umw-shop").await }).await;
+    let pod = deployment.spec.template.spec.clone().unwrap();
+    let mounts: Vec<String> = pod.containers[0].volume_mounts.iter().flatten().map(|m| m.mount_path.clone()).collect();
+    assert!(mounts.contains(&"/etc/umw/tls/shop-tls".to_string()), "{mounts:?}");
+    assert!(mounts.contains(&"/etc/umw/tls/clients".to_string()), "{mounts:?}");
+    let generation = deployment.metadata.generation;
+
+    // A renewed certificate (cert-manager writes the same Secret): the pods read it in place.
+    ns.must_apply(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-tls}\nstringData: {tls.crt: renewed, tls.key: renewed}\n",
+    );
+    let out = ns.kubectl(&["annotate", "--overwrite", "middleware/shop", "touch=after-renewal"]);
+    assert!(out.status.success());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = get(&deployments, "umw-shop").await.unwrap();
+    assert_eq!(after.metadata.generation, generation, "the Deployment was not changed by the renewal");
+}
+
 /// Waits until the Middleware `name` has `Stalled` with this status and reason, and returns it.
 async fn stalled_with(api: &Api<Middleware>, name: &str, want: (&'static str, &'static str)) -> Middleware {
     eventually(&format!("{name}: Stalled={want:?}"), WAIT, || async {

@@ -185,7 +185,8 @@ fn service(mw: &Middleware) -> Service {
         app_protocol: Some(app_protocol.into()),
         ..ServicePort::default()
     };
-    let mut ports = vec![port("http", listeners.http.port, "http")];
+    let app_protocol = if listeners.http.tls.is_some() { "https" } else { "http" };
+    let mut ports = vec![port("http", listeners.http.port, app_protocol)];
     if let Some(grpc) = &listeners.grpc {
         ports.push(port("grpc", grpc.port, "kubernetes.io/h2c"));
     }
@@ -203,21 +204,32 @@ fn service(mw: &Middleware) -> Service {
     }
 }
 
-/// A Secret the pods need: one key (as an env var) or the whole Secret (as files).
+/// A Secret the pods need: one key (as an env var), the whole Secret (as files), or certificates as files
+/// that the data plane watches.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SecretUse {
     Key(SecretKeyRef),
     Whole(String),
+    /// Mounted under [`TLS_DIR`] and re-read by the data plane when it changes: these keys must exist, and
+    /// a new version is served in place, without rolling the pods.
+    Watched {
+        name: String,
+        keys: Vec<&'static str>,
+    },
 }
 
 impl SecretUse {
     pub fn secret_name(&self) -> &str {
         match self {
             SecretUse::Key(r) => &r.name,
-            SecretUse::Whole(name) => name,
+            SecretUse::Whole(name) | SecretUse::Watched { name, .. } => name,
         }
     }
 }
+
+/// Where the Secrets of the listener's TLS are mounted, one directory per Secret (the data plane's
+/// default `--tls-dir`).
+pub const TLS_DIR: &str = "/etc/umw/tls";
 
 /// Every Secret the pods need, from the Middleware and its accepted policies, with the field that names
 /// it (for messages), in a stable order.
@@ -243,6 +255,14 @@ pub fn secret_uses(bundle: &Bundle) -> Vec<(String, SecretUse)> {
     if let Some(r) = bundle.middleware.spec.outbox.admin_token.as_ref().and_then(|t| t.secret_key_ref.clone()) {
         uses.push(("spec.outbox.adminToken".to_string(), SecretUse::Key(r)));
     }
+    if let Some(tls) = &bundle.middleware.spec.listeners.http.tls {
+        use umw_crds::middleware::tls_keys;
+        for (field, name) in tls.secret_names() {
+            let keys =
+                if field.ends_with("caSecretName") { vec![tls_keys::CA] } else { vec![tls_keys::CERT, tls_keys::KEY] };
+            uses.push((field, SecretUse::Watched { name: name.to_string(), keys }));
+        }
+    }
     bundle.cache_policies.iter().for_each(|p| of_policy(p, &mut uses));
     bundle.event_routes.iter().for_each(|p| of_policy(p, &mut uses));
     bundle.auth_policies.iter().for_each(|p| of_policy(p, &mut uses));
@@ -264,6 +284,12 @@ fn deployment(bundle: &Bundle, settings: &Settings, secrets_hash: &str) -> Deplo
     let mut wholes: Vec<&str> =
         uses.iter().filter_map(|(_, u)| if let SecretUse::Whole(n) = u { Some(n.as_str()) } else { None }).collect();
     wholes.dedup();
+    let mut watched: Vec<&str> = uses
+        .iter()
+        .filter_map(|(_, u)| if let SecretUse::Watched { name, .. } = u { Some(name.as_str()) } else { None })
+        .collect();
+    watched.sort_unstable();
+    watched.dedup();
     let listeners = &spec.listeners;
     let container_port = |name: &str, port: u16| ContainerPort {
         name: Some(name.into()),
@@ -277,8 +303,11 @@ fn deployment(bundle: &Bundle, settings: &Settings, secrets_hash: &str) -> Deplo
     }
     ports.push(container_port("admin", listeners.admin_port));
 
-    let mut env =
-        vec![field_env("UMW_POD_NAME", "metadata.name"), field_env("UMW_POD_NAMESPACE", "metadata.namespace")];
+    let mut env = vec![
+        field_env("UMW_POD_NAME", "metadata.name"),
+        field_env("UMW_POD_NAMESPACE", "metadata.namespace"),
+        worker_threads_env(),
+    ];
     env.extend(keys.into_iter().map(|secret| EnvVar {
         name: secret_env_var(secret),
         value_from: Some(EnvVarSource {
@@ -329,6 +358,13 @@ fn deployment(bundle: &Bundle, settings: &Settings, secrets_hash: &str) -> Deplo
                 read_only: Some(true),
                 ..VolumeMount::default()
             }))
+            // Whole directories, not subPath mounts: the kubelet updates those in place when the Secret changes.
+            .chain(watched.iter().enumerate().map(|(i, name)| VolumeMount {
+                name: format!("tls-{i}"),
+                mount_path: format!("{TLS_DIR}/{name}"),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }))
             .collect(),
         ),
         security_context: Some(SecurityContext {
@@ -370,6 +406,15 @@ fn deployment(bundle: &Bundle, settings: &Settings, secrets_hash: &str) -> Deplo
                 })
                 .chain(wholes.iter().enumerate().map(|(i, name)| Volume {
                     name: format!("secret-{i}"),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(name.to_string()),
+                        optional: Some(false),
+                        ..SecretVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                }))
+                .chain(watched.iter().enumerate().map(|(i, name)| Volume {
+                    name: format!("tls-{i}"),
                     secret: Some(SecretVolumeSource {
                         secret_name: Some(name.to_string()),
                         optional: Some(false),
@@ -423,6 +468,24 @@ fn field_env(name: &str, path: &str) -> EnvVar {
             field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
                 field_path: path.into(),
                 ..Default::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// `UMW_WORKER_THREADS` from the container's CPU limit, rounded up to whole cores by the kubelet (`500m`
+/// gives 1, `2500m` gives 3); without a limit, the node's allocatable CPUs. A runtime with more threads
+/// than the CPU quota allows is throttled in bursts, which shows as tail latency.
+fn worker_threads_env() -> EnvVar {
+    EnvVar {
+        name: "UMW_WORKER_THREADS".into(),
+        value_from: Some(EnvVarSource {
+            resource_field_ref: Some(k8s_openapi::api::core::v1::ResourceFieldSelector {
+                container_name: Some("dataplane".into()),
+                resource: "limits.cpu".into(),
+                divisor: Some(Quantity("1".into())),
             }),
             ..EnvVarSource::default()
         }),
@@ -578,6 +641,56 @@ mod tests {
         };
         assert_ne!(annotation(&before), annotation(&after));
         assert_eq!(before.config_hash, after.config_hash);
+    }
+
+    #[test]
+    fn tls_secrets_are_mounted_whole_for_the_data_plane_to_watch() {
+        use umw_crds::middleware::{ClientCertificates, ListenerTls, TlsCertificate};
+        let mut spec = MiddlewareSpec::default();
+        spec.listeners.http.tls = Some(ListenerTls {
+            certificates: vec![TlsCertificate::secret("shop-tls"), TlsCertificate::secret("api-tls")],
+            min_version: Default::default(),
+            client_certificates: Some(ClientCertificates {
+                ca_secret_name: Some("clients-ca".into()),
+                ..ClientCertificates::default()
+            }),
+        });
+        let bundle = Bundle { middleware: middleware(spec.clone()), ..Bundle::default() };
+        let uses: Vec<SecretUse> = secret_uses(&bundle).into_iter().map(|(_, u)| u).collect();
+        assert!(uses.contains(&SecretUse::Watched { name: "clients-ca".into(), keys: vec!["ca.crt"] }), "{uses:?}");
+        assert!(uses.contains(&SecretUse::Watched { name: "shop-tls".into(), keys: vec!["tls.crt", "tls.key"] }));
+        let desired = render_spec(spec);
+        let pod = desired.deployment.spec.template.spec.unwrap();
+        let mounts: Vec<(String, String)> = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| m.name.starts_with("tls-"))
+            .map(|m| (m.name.clone(), m.mount_path.clone()))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("tls-0".to_string(), "/etc/umw/tls/api-tls".to_string()),
+                ("tls-1".to_string(), "/etc/umw/tls/clients-ca".to_string()),
+                ("tls-2".to_string(), "/etc/umw/tls/shop-tls".to_string())
+            ]
+        );
+        assert!(pod.containers[0].volume_mounts.iter().flatten().all(|m| m.sub_path.is_none()));
+        let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == "tls-2").unwrap();
+        assert_eq!(volume.secret.unwrap().secret_name.as_deref(), Some("shop-tls"));
+        assert_eq!(desired.service.spec.unwrap().ports.unwrap()[0].app_protocol.as_deref(), Some("https"));
+    }
+
+    #[test]
+    fn worker_threads_follow_the_cpu_limit() {
+        let pod = render_spec(MiddlewareSpec::default()).deployment.spec.template.spec.unwrap();
+        let env = pod.containers[0].env.clone().unwrap();
+        let threads = env.iter().find(|e| e.name == "UMW_WORKER_THREADS").expect("UMW_WORKER_THREADS");
+        let field = threads.value_from.as_ref().unwrap().resource_field_ref.as_ref().unwrap();
+        assert_eq!((field.resource.as_str(), field.container_name.as_deref()), ("limits.cpu", Some("dataplane")));
+        assert_eq!(field.divisor, Some(Quantity("1".into())), "whole cores, rounded up");
+        assert_eq!(pod.containers[0].name, "dataplane");
     }
 
     #[test]

@@ -186,6 +186,15 @@ async fn check(bundle: &Bundle, ctx: &Context) -> Result<(Option<Stall>, BTreeMa
                     Some(_) => None,
                 }
             }
+            (Some(version), SecretUse::Watched { keys: needed, .. }) => {
+                match secret_keys(ctx, &namespace, &secret_name, version).await? {
+                    None => Some(format!("Secret {secret_name:?} does not exist in namespace {namespace:?}")),
+                    Some(keys) => needed
+                        .iter()
+                        .find(|key| !keys.contains(**key as &str))
+                        .map(|key| format!("Secret {secret_name:?} has no key {key:?}")),
+                }
+            }
             (Some(_), SecretUse::Whole(_)) => None,
         };
         if let Some(missing) = missing {
@@ -195,7 +204,8 @@ async fn check(bundle: &Bundle, ctx: &Context) -> Result<(Option<Stall>, BTreeMa
             };
             return Ok((Some(stall), versions));
         }
-        if let Some(version) = version {
+        // A watched Secret's new version is read by the pods in place; it does not roll them.
+        if let Some(version) = version.filter(|_| !matches!(secret_use, SecretUse::Watched { .. })) {
             versions.insert(secret_name, version);
         }
     }
