@@ -118,16 +118,16 @@ pub struct PollSettings {
 pub fn pods_of<'a>(mw: &Middleware, pods: &'a [Arc<Pod>]) -> Vec<&'a Arc<Pod>> {
     let namespace = mw.namespace();
     let name = mw.name_any();
+    let prefix = format!("umw-{name}-");
     let mut out: Vec<&Arc<Pod>> = pods
         .iter()
-        .filter(|p| p.namespace() == namespace)
+        .filter(|p| p.metadata.namespace == namespace)
         .filter(|p| p.labels().get("app.kubernetes.io/instance") == Some(&name))
         .filter(|p| p.labels().get("app.kubernetes.io/name").map(String::as_str) == Some("umw-dataplane"))
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         // Only pods of the Middleware's own Deployment: labels alone can be copied by anyone who may create
         // pods, and what these pods report decides the Middleware's status.
         .filter(|p| {
-            let prefix = format!("umw-{name}-");
             p.metadata.owner_references.iter().flatten().any(|o| {
                 o.kind == "ReplicaSet"
                     && o.controller == Some(true)
@@ -244,6 +244,20 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
+/// Pods by namespace and `app.kubernetes.io/instance`: built once per poll, so that finding a
+/// Middleware's pods costs its own pods, not every pod.
+fn index(pods: &[Arc<Pod>]) -> HashMap<(String, String), Vec<Arc<Pod>>> {
+    let mut out: HashMap<(String, String), Vec<Arc<Pod>>> = HashMap::new();
+    for pod in pods {
+        if let (Some(namespace), Some(instance)) =
+            (pod.metadata.namespace.as_ref(), pod.labels().get("app.kubernetes.io/instance"))
+        {
+            out.entry((namespace.clone(), instance.clone())).or_default().push(pod.clone());
+        }
+    }
+    out
+}
+
 /// Polls every Middleware's pods until the task is dropped; sends the Middlewares whose health changed.
 pub async fn poll(
     middlewares: Store<Middleware>,
@@ -263,11 +277,13 @@ pub async fn poll(
     let mut failures: HashMap<String, u32> = HashMap::new();
     loop {
         ticker.tick().await;
-        let all_pods = pods.state();
+        let by_instance = index(&pods.state());
         let mws = middlewares.state();
         let mut jobs = Vec::new();
         for mw in &mws {
-            for pod in pods_of(mw, &all_pods) {
+            let key = (mw.namespace().unwrap_or_default(), mw.name_any());
+            let Some(candidates) = by_instance.get(&key) else { continue };
+            for pod in pods_of(mw, candidates) {
                 let key = format!("{}/{}", mw.namespace().unwrap_or_default(), mw.name_any());
                 // The port the operator rendered, not whatever the pod's spec claims.
                 jobs.push((key, pod.clone(), mw.spec.listeners.admin_port));

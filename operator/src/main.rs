@@ -87,6 +87,10 @@ struct RunArgs {
     /// Pods whose /status is read at the same time.
     #[arg(long, default_value_t = 16)]
     health_concurrency: usize,
+    /// Reconciles running at once, per controller: bounds the memory of a burst, such as a start over
+    /// thousands of Middlewares.
+    #[arg(long, default_value_t = 16)]
+    max_concurrent_reconciles: u16,
     /// Log format: json or text.
     #[arg(long, env = "UMW_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -186,6 +190,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             timeout: args.health_timeout,
             concurrency: args.health_concurrency,
         },
+        max_concurrent_reconciles: args.max_concurrent_reconciles,
     };
 
     let leader = args.leader_election.then(|| {

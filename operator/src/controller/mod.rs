@@ -27,7 +27,7 @@ use umw_crds::{AuthPolicy, CachePolicy, EventRoute, Middleware, Policy};
 
 use crate::metrics::Metrics;
 use crate::render::{MANAGED_BY, Settings};
-use crate::shared::{self, trigger};
+use crate::shared::{Subscription, Watch};
 
 /// The one field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "umw-operator";
@@ -51,6 +51,8 @@ pub struct Config {
     pub instance: String,
     /// How the data-plane pods' health is read.
     pub health: crate::health::PollSettings,
+    /// Reconciles running at once, per controller.
+    pub max_concurrent_reconciles: u16,
 }
 
 /// Read-only caches of every kind the controllers read.
@@ -113,6 +115,22 @@ impl Secrets {
         (seen == version).then(|| keys.clone())
     }
 
+    fn forget_keys(&self, namespace: &str, name: &str) {
+        if let Ok(mut cache) = self.keys.lock() {
+            cache.remove(&(namespace.to_string(), name.to_string()));
+        }
+    }
+
+    /// Forgets the Secret uses of Middlewares that no longer exist.
+    fn forget_users_except(&self, exists: impl Fn(&str, &str) -> bool) {
+        if let Ok(mut users) = self.users.lock() {
+            users.retain(|(namespace, _), names| {
+                names.retain(|mw| exists(namespace, mw));
+                !names.is_empty()
+            });
+        }
+    }
+
     pub fn remember_keys(&self, namespace: &str, name: &str, version: String, keys: BTreeSet<String>) {
         if let Ok(mut cache) = self.keys.lock() {
             cache.insert((namespace.to_string(), name.to_string()), (version, keys));
@@ -121,9 +139,16 @@ impl Secrets {
 }
 
 /// Mapper for the Middleware controller: a Secret event triggers the Middlewares that use the Secret.
-fn secret_users(secrets: Arc<Secrets>) -> impl Fn(PartialObjectMeta<Secret>) -> Vec<ObjectRef<Middleware>> {
+fn secret_users(
+    secrets: Arc<Secrets>,
+    store: Store<PartialObjectMeta<Secret>>,
+) -> impl Fn(PartialObjectMeta<Secret>) -> Vec<ObjectRef<Middleware>> {
     move |secret: PartialObjectMeta<Secret>| {
         let namespace = secret.namespace().unwrap_or_default();
+        // Deleted (gone from the store, which is updated first): its keys are no longer worth keeping.
+        if store.get(&ObjectRef::from_obj(&secret)).is_none() {
+            secrets.forget_keys(&namespace, &secret.name_any());
+        }
         secrets
             .users(&namespace, &secret.name_any())
             .into_iter()
@@ -229,6 +254,30 @@ impl Context {
         self.failures.lock().ok()?.get(key).map(|f| f.since.elapsed())
     }
 
+    /// Drops what is remembered about objects that no longer exist: a Middleware deleted while failing, or
+    /// after it used Secrets.
+    fn sweep(&self) {
+        let middlewares = &self.stores.middlewares;
+        let exists = |namespace: &str, name: &str| middlewares.get(&ObjectRef::new(name).within(namespace)).is_some();
+        self.secrets.forget_users_except(exists);
+        let stores = &self.stores;
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.retain(|key, _| {
+                let mut parts = key.splitn(3, '/');
+                let (Some(kind), Some(namespace), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+                    return false;
+                };
+                match kind {
+                    "Middleware" => stores.middlewares.get(&ObjectRef::new(name).within(namespace)).is_some(),
+                    "CachePolicy" => stores.cache_policies.get(&ObjectRef::new(name).within(namespace)).is_some(),
+                    "EventRoute" => stores.event_routes.get(&ObjectRef::new(name).within(namespace)).is_some(),
+                    "AuthPolicy" => stores.auth_policies.get(&ObjectRef::new(name).within(namespace)).is_some(),
+                    _ => false,
+                }
+            });
+        }
+    }
+
     /// Exponential backoff per object: 1s, 2s, 4s, ... up to 5 minutes.
     fn backoff(&self, key: &str) -> Duration {
         let attempt = match self.failures.lock() {
@@ -273,15 +322,25 @@ where
 /// Remembers the targets each policy had when last seen, so that a policy moved to another Middleware (or
 /// deleted) also triggers the one it left: that one must drop it from its configuration, and a policy that
 /// conflicted with it there may now win.
-#[derive(Default)]
-struct TargetMemory(Mutex<HashMap<(String, String), Vec<String>>>);
+/// A policy that is gone from the store (the event was its deletion) is forgotten once handled.
+struct TargetMemory<P: Resource<DynamicType = ()> + 'static> {
+    memory: Mutex<HashMap<(String, String), Vec<String>>>,
+    store: Store<P>,
+}
 
-impl TargetMemory {
+impl<P: Policy + Resource<DynamicType = ()> + Clone + 'static> TargetMemory<P> {
+    fn new(store: Store<P>) -> Self {
+        Self { memory: Mutex::new(HashMap::new()), store }
+    }
+
     /// The names of the Middlewares the policy targets now or targeted before.
-    fn now_and_before<P: Policy>(&self, policy: &P) -> Vec<String> {
+    fn now_and_before(&self, policy: &P) -> Vec<String> {
         let key = (policy.namespace().unwrap_or_default(), policy.name_any());
         let now: Vec<String> = policy.target_refs().iter().map(|t| t.name.clone()).collect();
-        let mut all = match self.0.lock() {
+        // The store is updated before the event is handed on: absent now means deleted.
+        let deleted = self.store.get(&ObjectRef::from_obj(policy)).is_none();
+        let mut all = match self.memory.lock() {
+            Ok(mut memory) if deleted => memory.remove(&key).unwrap_or_default(),
             Ok(mut memory) => memory.insert(key, now.clone()).unwrap_or_default(),
             Err(_) => Vec::new(),
         };
@@ -293,8 +352,10 @@ impl TargetMemory {
 }
 
 /// Mapper for the Middleware controller: a policy event triggers every Middleware it targets or targeted.
-fn target_middlewares<P: Policy>() -> impl Fn(P) -> Vec<ObjectRef<Middleware>> + Send + Sync + 'static {
-    let memory = TargetMemory::default();
+fn target_middlewares<P: Policy + Resource<DynamicType = ()> + Clone + Send + Sync + 'static>(
+    store: Store<P>,
+) -> impl Fn(P) -> Vec<ObjectRef<Middleware>> + Send + Sync + 'static {
+    let memory = TargetMemory::new(store);
     move |policy: P| {
         let namespace = policy.namespace().unwrap_or_default();
         memory.now_and_before(&policy).iter().map(|name| ObjectRef::new(name).within(&namespace)).collect()
@@ -315,41 +376,57 @@ pub async fn run(
     let ns = &config.namespace;
     let m = || metrics.clone();
 
-    // Subscribers: the Middleware controller, then one per policy controller.
-    let mut middlewares = shared::watch(api::<Middleware>(&client, ns), all.clone(), 4, m());
-    // Subscribers: the policy's own controller, its peers, the Middleware controller.
-    let mut cache_policies = shared::watch(api::<CachePolicy>(&client, ns), all.clone(), 3, m());
-    let mut event_routes = shared::watch(api::<EventRoute>(&client, ns), all.clone(), 3, m());
-    let mut auth_policies = shared::watch(api::<AuthPolicy>(&client, ns), all.clone(), 3, m());
-    let mut config_maps = shared::watch(api::<ConfigMap>(&client, ns), owned.clone(), 1, m());
-    let mut service_accounts = shared::watch(api::<ServiceAccount>(&client, ns), owned.clone(), 1, m());
-    let mut services = shared::watch(api::<Service>(&client, ns), owned.clone(), 1, m());
-    let mut deployments = shared::watch(api::<Deployment>(&client, ns), owned.clone(), 1, m());
-    let mut disruption_budgets = shared::watch(api::<PodDisruptionBudget>(&client, ns), owned.clone(), 1, m());
-    let mut autoscalers = shared::watch(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone(), 1, m());
+    let watch = |config: &watcher::Config| config.clone();
+    let mut middlewares = Watch::new(api::<Middleware>(&client, ns), watch(&all), m());
+    let mut cache_policies = Watch::new(api::<CachePolicy>(&client, ns), watch(&all), m());
+    let mut event_routes = Watch::new(api::<EventRoute>(&client, ns), watch(&all), m());
+    let mut auth_policies = Watch::new(api::<AuthPolicy>(&client, ns), watch(&all), m());
+    let mut config_maps = Watch::new(api::<ConfigMap>(&client, ns), watch(&owned), m());
+    let mut service_accounts = Watch::new(api::<ServiceAccount>(&client, ns), watch(&owned), m());
+    let mut services = Watch::new(api::<Service>(&client, ns), watch(&owned), m());
+    let mut deployments = Watch::new(api::<Deployment>(&client, ns), watch(&owned), m());
+    let mut disruption_budgets = Watch::new(api::<PodDisruptionBudget>(&client, ns), watch(&owned), m());
+    let mut autoscalers = Watch::new(api::<HorizontalPodAutoscaler>(&client, ns), watch(&owned), m());
     // Pods are read, never triggered on: the health poller notices what matters about them.
-    let pods = shared::watch(api::<Pod>(&client, ns), owned, 0, m());
+    let pods = Watch::new(api::<Pod>(&client, ns), watch(&owned), m());
     // Secrets: metadata only, so that one created, changed or deleted reaches its Middlewares in seconds.
-    // Annotations go at once: `kubectl apply` keeps a Secret's whole manifest, data included, in one.
-    let mut secrets =
-        shared::watch_with(api::<PartialObjectMeta<Secret>>(&client, ns), all.clone(), 1, m(), |secret| {
-            secret.metadata.annotations = None;
-            secret.metadata.managed_fields = None;
-        });
+    let mut secrets = Watch::new(api::<PartialObjectMeta<Secret>>(&client, ns), watch(&all), m());
+
+    // Who is triggered by what.
+    let middleware_triggers = MiddlewareTriggers {
+        middlewares: middlewares.subscribe(),
+        config_maps: config_maps.subscribe(),
+        service_accounts: service_accounts.subscribe(),
+        services: services.subscribe(),
+        deployments: deployments.subscribe(),
+        disruption_budgets: disruption_budgets.subscribe(),
+        autoscalers: autoscalers.subscribe(),
+        cache_policies: cache_policies.subscribe(),
+        event_routes: event_routes.subscribe(),
+        auth_policies: auth_policies.subscribe(),
+        secrets: secrets.subscribe(),
+    };
+    let cache_triggers = PolicyTriggers::of(&mut cache_policies, &mut middlewares);
+    let event_triggers = PolicyTriggers::of(&mut event_routes, &mut middlewares);
+    let auth_triggers = PolicyTriggers::of(&mut auth_policies, &mut middlewares);
 
     let stores = Stores {
-        middlewares: middlewares.store.clone(),
-        cache_policies: cache_policies.store.clone(),
-        event_routes: event_routes.store.clone(),
-        auth_policies: auth_policies.store.clone(),
-        config_maps: config_maps.store.clone(),
-        service_accounts: service_accounts.store.clone(),
-        services: services.store.clone(),
-        deployments: deployments.store.clone(),
-        disruption_budgets: disruption_budgets.store.clone(),
-        autoscalers: autoscalers.store.clone(),
-        pods: pods.store.clone(),
-        secrets: secrets.store.clone(),
+        middlewares: middlewares.start(slim::resource),
+        cache_policies: cache_policies.start(slim::resource),
+        event_routes: event_routes.start(slim::resource),
+        auth_policies: auth_policies.start(slim::resource),
+        config_maps: config_maps.start(slim::config_map),
+        service_accounts: service_accounts.start(slim::service_account),
+        services: services.start(slim::service),
+        deployments: deployments.start(slim::deployment),
+        disruption_budgets: disruption_budgets.start(slim::disruption_budget),
+        autoscalers: autoscalers.start(slim::autoscaler),
+        pods: pods.start(slim::pod),
+        // Annotations go at once: `kubectl apply` keeps a Secret's whole manifest, data included, in one.
+        secrets: secrets.start(|secret| {
+            secret.metadata.annotations = None;
+            secret.metadata.managed_fields = None;
+        }),
     };
     let secret_index = Arc::new(Secrets::default());
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(config.instance.clone()) };
@@ -388,6 +465,16 @@ pub async fn run(
     }
     synced();
     tracing::info!("caches synced; reconciling");
+    let sweeper = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+            loop {
+                ticks.tick().await;
+                ctx.sweep();
+            }
+        })
+    };
     let poller = tokio::spawn(crate::health::poll(
         stores.middlewares.clone(),
         stores.pods.clone(),
@@ -397,82 +484,184 @@ pub async fn run(
         metrics,
     ));
 
-    let mut mw_triggers = middlewares.triggers.drain(..);
-    let middleware_controller =
-        Controller::for_stream(trigger(take_next(&mut mw_triggers)), stores.middlewares.clone())
-            .owns_stream(trigger(take(&mut config_maps.triggers)))
-            .owns_stream(trigger(take(&mut service_accounts.triggers)))
-            .owns_stream(trigger(take(&mut services.triggers)))
-            .owns_stream(trigger(take(&mut deployments.triggers)))
-            .owns_stream(trigger(take(&mut disruption_budgets.triggers)))
-            .owns_stream(trigger(take(&mut autoscalers.triggers)))
-            .watches_stream(trigger(cache_policies.triggers.remove(2)), target_middlewares::<CachePolicy>())
-            .watches_stream(trigger(event_routes.triggers.remove(2)), target_middlewares::<EventRoute>())
-            .watches_stream(trigger(auth_policies.triggers.remove(2)), target_middlewares::<AuthPolicy>())
-            .watches_stream(trigger(take(&mut secrets.triggers)), secret_users(secret_index))
-            // The health poller asks for a reconcile when a Middleware's pods report something new.
-            .reconcile_on(futures::stream::unfold(health_triggers, |mut rx| async move {
-                rx.recv().await.map(|object| (object, rx))
-            }))
-            .graceful_shutdown_on(shutdown.clone())
-            .run(middleware::reconcile, error_policy, ctx.clone())
-            .for_each(|_| futures::future::ready(()));
+    let t = middleware_triggers;
+    let middleware_controller = Controller::for_stream(t.middlewares.stream(), stores.middlewares.clone())
+        .owns_stream(t.config_maps.stream())
+        .owns_stream(t.service_accounts.stream())
+        .owns_stream(t.services.stream())
+        .owns_stream(t.deployments.stream())
+        .owns_stream(t.disruption_budgets.stream())
+        .owns_stream(t.autoscalers.stream())
+        .watches_stream(t.cache_policies.stream(), target_middlewares(stores.cache_policies.clone()))
+        .watches_stream(t.event_routes.stream(), target_middlewares(stores.event_routes.clone()))
+        .watches_stream(t.auth_policies.stream(), target_middlewares(stores.auth_policies.clone()))
+        .watches_stream(t.secrets.stream(), secret_users(secret_index.clone(), stores.secrets.clone()))
+        // The health poller asks for a reconcile when a Middleware's pods report something new.
+        .reconcile_on(futures::stream::unfold(health_triggers, |mut rx| async move {
+            rx.recv().await.map(|object| (object, rx))
+        }))
+        .with_config(controller_config(ctx.config.max_concurrent_reconciles))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(middleware::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
 
-    let cache_controller = policy_controller(
-        cache_policies,
-        stores.cache_policies.clone(),
-        take_next(&mut mw_triggers),
-        ctx.clone(),
-        shutdown.clone(),
-    );
-    let event_controller = policy_controller(
-        event_routes,
-        stores.event_routes.clone(),
-        take_next(&mut mw_triggers),
-        ctx.clone(),
-        shutdown.clone(),
-    );
-    let auth_controller = policy_controller(
-        auth_policies,
-        stores.auth_policies.clone(),
-        take_next(&mut mw_triggers),
-        ctx.clone(),
-        shutdown.clone(),
-    );
+    let cache_controller =
+        policy_controller(cache_triggers, stores.cache_policies.clone(), ctx.clone(), shutdown.clone());
+    let event_controller =
+        policy_controller(event_triggers, stores.event_routes.clone(), ctx.clone(), shutdown.clone());
+    let auth_controller = policy_controller(auth_triggers, stores.auth_policies.clone(), ctx.clone(), shutdown.clone());
 
     futures::join!(middleware_controller, cache_controller, event_controller, auth_controller);
     poller.abort();
+    sweeper.abort();
 }
 
-fn take<T>(triggers: &mut Vec<T>) -> T {
-    // Each watch was created with one trigger per controller that takes one; see `run`.
-    triggers.remove(0)
+/// How often memory about deleted objects is dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The Middleware controller's subscriptions: its own kind, the children it owns, the policies and the
+/// Secrets that point at Middlewares.
+struct MiddlewareTriggers {
+    middlewares: Subscription<Middleware>,
+    config_maps: Subscription<ConfigMap>,
+    service_accounts: Subscription<ServiceAccount>,
+    services: Subscription<Service>,
+    deployments: Subscription<Deployment>,
+    disruption_budgets: Subscription<PodDisruptionBudget>,
+    autoscalers: Subscription<HorizontalPodAutoscaler>,
+    cache_policies: Subscription<CachePolicy>,
+    event_routes: Subscription<EventRoute>,
+    auth_policies: Subscription<AuthPolicy>,
+    secrets: Subscription<PartialObjectMeta<Secret>>,
 }
 
-fn take_next<T>(iter: &mut impl Iterator<Item = T>) -> T {
-    // `run` creates exactly as many subscribers as it takes; running out is a programming error caught by
-    // every e2e test, so this cannot fail at run time.
-    iter.next().expect("a trigger per subscriber")
+/// A policy controller's subscriptions: the policy, its peers (a deleted or changed peer can resolve a
+/// conflict) and the Middlewares it targets (a created target resolves `TargetNotFound`).
+struct PolicyTriggers<P: Resource<DynamicType = ()>> {
+    own: Subscription<P>,
+    peers: Subscription<P>,
+    targets: Subscription<Middleware>,
+}
+
+impl<P> PolicyTriggers<P>
+where
+    P: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    fn of(policies: &mut Watch<P>, middlewares: &mut Watch<Middleware>) -> Self {
+        Self { own: policies.subscribe(), peers: policies.subscribe(), targets: middlewares.subscribe() }
+    }
+}
+
+/// Reconciles running at once, per controller: bounds the memory of a burst (an operator start over
+/// thousands of objects) without slowing a steady state.
+fn controller_config(concurrency: u16) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(concurrency)
+}
+
+/// What the stores keep of each kind: what the reconcilers read, and no more. A watch event still carries
+/// the whole object; the store, which lives as long as the process, holds this much.
+mod slim {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
+    use kube::Resource;
+
+    use super::FIELD_MANAGER;
+
+    /// `kubectl apply`'s copy of the whole manifest.
+    const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+    /// Every kind: no managed fields, no copy of the last applied manifest.
+    pub fn resource<K: Resource>(object: &mut K) {
+        let meta = object.meta_mut();
+        meta.managed_fields = None;
+        if let Some(annotations) = meta.annotations.as_mut() {
+            annotations.remove(LAST_APPLIED);
+        }
+    }
+
+    /// Children are compared by their render hash and owner: their content is not read.
+    pub fn config_map(object: &mut ConfigMap) {
+        resource(object);
+        object.data = None;
+        object.binary_data = None;
+    }
+
+    pub fn service_account(object: &mut ServiceAccount) {
+        resource(object);
+        object.secrets = None;
+        object.image_pull_secrets = None;
+    }
+
+    pub fn service(object: &mut Service) {
+        resource(object);
+        object.spec = None;
+        object.status = None;
+    }
+
+    pub fn disruption_budget(object: &mut PodDisruptionBudget) {
+        resource(object);
+        object.spec = None;
+        object.status = None;
+    }
+
+    pub fn autoscaler(object: &mut HorizontalPodAutoscaler) {
+        resource(object);
+        object.spec = Default::default();
+        object.status = None;
+    }
+
+    /// The status and `spec.replicas` are read (rollout progress, the hand-over to an autoscaler), and
+    /// whether the operator's field manager owns `spec.replicas`; the pod template is not.
+    pub fn deployment(object: &mut Deployment) {
+        let owns_replicas = object.metadata.managed_fields.iter().flatten().any(|entry| {
+            entry.manager.as_deref() == Some(FIELD_MANAGER)
+                && entry
+                    .fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0.get("f:spec").and_then(|s| s.get("f:replicas")).is_some())
+        });
+        let ours = object
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .find(|entry| entry.manager.as_deref() == Some(FIELD_MANAGER))
+            .cloned();
+        resource(object);
+        object.metadata.managed_fields = ours.map(|mut entry| {
+            entry.fields_v1 = owns_replicas.then(|| FieldsV1(serde_json::json!({"f:spec": {"f:replicas": {}}})));
+            vec![entry]
+        });
+        object.spec.template = Default::default();
+    }
+
+    /// The health poller reads the pod's labels, owners, address, conditions and container states.
+    pub fn pod(object: &mut Pod) {
+        resource(object);
+        object.spec = None;
+    }
 }
 
 /// A controller for one policy kind: triggered by the policy, by its peers (a deleted or changed peer can
 /// resolve a conflict) and by the Middlewares it targets (a created target resolves `TargetNotFound`).
 async fn policy_controller<P>(
-    mut shared: shared::Shared<P>,
+    triggers: PolicyTriggers<P>,
     store: Store<P>,
-    middlewares: tokio::sync::mpsc::Receiver<Middleware>,
     ctx: Arc<Context>,
     shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
 ) where
     P: policy::PolicyKind + DeserializeOwned + Debug,
 {
-    let own = shared.triggers.remove(0);
-    let peers = shared.triggers.remove(0);
+    let PolicyTriggers { own, peers, targets } = triggers;
+    let concurrency = ctx.config.max_concurrent_reconciles;
     let by_target = store.clone();
     let by_peer = store.clone();
-    let memory = TargetMemory::default();
-    Controller::for_stream(trigger(own), store)
-        .watches_stream(trigger(middlewares), move |mw: Middleware| {
+    let memory = TargetMemory::new(store.clone());
+    Controller::for_stream(own.stream(), store)
+        .watches_stream(targets.stream(), move |mw: Middleware| {
             let (namespace, name) = (mw.namespace(), mw.name_any());
             by_target
                 .state()
@@ -481,7 +670,7 @@ async fn policy_controller<P>(
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .watches_stream(trigger(peers), move |changed: P| {
+        .watches_stream(peers.stream(), move |changed: P| {
             let namespace = changed.namespace();
             let targets = memory.now_and_before(&changed);
             by_peer
@@ -492,8 +681,53 @@ async fn policy_controller<P>(
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
         })
+        .with_config(controller_config(concurrency))
         .graceful_shutdown_on(shutdown)
         .run(policy::reconcile::<P>, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector;
+
+    fn policy(name: &str, target: &str) -> CachePolicy {
+        let mut policy: CachePolicy = serde_yaml::from_str(&format!(
+            "apiVersion: umw.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: {name}, namespace: ns}}\nspec: {{targetRefs: [{{name: {target}}}], rules: [{{ttl: 1s}}]}}\n"
+        ))
+        .unwrap();
+        policy.metadata.resource_version = Some("1".into());
+        policy
+    }
+
+    #[test]
+    fn a_deleted_policy_triggers_its_last_targets_once_and_is_forgotten() {
+        let (store, mut writer) = reflector::store::<CachePolicy>();
+        let memory = TargetMemory::new(store);
+        let first = policy("p", "a");
+        writer.apply_watcher_event(&watcher::Event::Apply(first.clone()));
+        assert_eq!(memory.now_and_before(&first), ["a"]);
+        let moved = policy("p", "b");
+        writer.apply_watcher_event(&watcher::Event::Apply(moved.clone()));
+        assert_eq!(memory.now_and_before(&moved), ["a", "b"], "the target it left, and the new one");
+        writer.apply_watcher_event(&watcher::Event::Delete(moved.clone()));
+        assert_eq!(memory.now_and_before(&moved), ["b"]);
+        assert!(memory.memory.lock().unwrap().is_empty(), "nothing kept about a deleted policy");
+    }
+
+    #[test]
+    fn secret_uses_of_deleted_middlewares_are_forgotten() {
+        let secrets = Secrets::default();
+        secrets.record("ns", "kept", &BTreeSet::from(["s".to_string()]));
+        secrets.record("ns", "deleted", &BTreeSet::from(["s".to_string(), "t".to_string()]));
+        secrets.forget_users_except(|_, mw| mw == "kept");
+        assert_eq!(secrets.users("ns", "s"), ["kept"]);
+        assert!(secrets.users("ns", "t").is_empty());
+        assert!(!secrets.users.lock().unwrap().contains_key(&("ns".to_string(), "t".to_string())));
+        secrets.remember_keys("ns", "s", "1".into(), BTreeSet::new());
+        secrets.forget_keys("ns", "s");
+        assert!(secrets.keys_at("ns", "s", "1").is_none());
+    }
 }
