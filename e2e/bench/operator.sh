@@ -6,6 +6,7 @@
 #
 #   make bench                              # N=200, a 2-minute steady state
 #   N=50 STEADY_SECONDS=30 bash e2e/bench/operator.sh
+#   OPERATOR_ARGS="--max-concurrent-reconciles 64" N=1000 bash e2e/bench/operator.sh   # extra operator flags
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -26,7 +27,7 @@ export KUBECONFIG="$DIR/kubeconfig"
 "$K" create namespace bench >/dev/null
 
 KUBECONFIG="$DIR/operator.kubeconfig" RUST_LOG=warn "$OPERATOR" --namespace bench --lease-namespace bench \
-  --admin-address 127.0.0.1:0 --resync "$RESYNC" > "$DIR/operator.log" 2>&1 &
+  --admin-address 127.0.0.1:0 --resync "$RESYNC" ${OPERATOR_ARGS:-} > "$DIR/operator.log" 2>&1 &
 OP_PID=$!
 trap 'kill $OP_PID 2>/dev/null || true' EXIT
 sleep 2
