@@ -75,7 +75,7 @@ conf=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP; location / { defau
 taskset -c 0 "$NGINX" -c "$conf" -p "$WORK/upstream" & PIDS+=($!)
 
 conf=$(nginx_conf proxy 10 "upstream app { server 127.0.0.1:$UP; keepalive 256; }
-  server { listen 127.0.0.1:$NGX ssl; http2 on;
+  server { listen 127.0.0.1:$NGX ssl http2;
     ssl_certificate $WORK/tls.crt; ssl_certificate_key $WORK/tls.key;
     ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;
     location / { proxy_pass http://app; proxy_http_version 1.1;

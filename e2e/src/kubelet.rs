@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Binding, ConfigMap, Container, Node, ObjectReference, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    Binding, ConfigMap, Container, Node, ObjectReference, Pod, ResourceFieldSelector, Secret,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -538,6 +540,8 @@ async fn environment(
                         "status.podIP" => ip.to_string(),
                         other => anyhow::bail!("field reference {other} is not supported by the process kubelet"),
                     }
+                } else if let Some(field) = &from.resource_field_ref {
+                    cpu_field(pod, container, field)?
                 } else if let Some(key) = &from.secret_key_ref {
                     let secret = secrets.get(&key.name).await?;
                     secret_value(&secret, &key.key)
@@ -559,6 +563,44 @@ async fn environment(
     }
     env.extend(settings.extra_env.iter().cloned());
     Ok(env)
+}
+
+/// A CPU resource field as the kubelet exposes it: the container's limit (or request) divided by the
+/// divisor and rounded up; without a limit, the node's CPUs.
+fn cpu_field(pod: &Pod, container: &Container, field: &ResourceFieldSelector) -> anyhow::Result<String> {
+    let target = match field.container_name.as_deref() {
+        Some(name) if name != container.name => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == name))
+            .ok_or_else(|| anyhow::anyhow!("resource field names container {name}, which the pod lacks"))?,
+        _ => container,
+    };
+    let resources = target.resources.as_ref();
+    let quantity = match field.resource.as_str() {
+        "limits.cpu" => resources.and_then(|r| r.limits.as_ref()).and_then(|l| l.get("cpu")),
+        "requests.cpu" => resources.and_then(|r| r.requests.as_ref()).and_then(|l| l.get("cpu")),
+        other => anyhow::bail!("resource field {other} is not supported by the process kubelet"),
+    };
+    let millis = match quantity {
+        Some(q) => cpu_millis(&q.0)?,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u64) * 1000,
+    };
+    let divisor = field.divisor.as_ref().map_or(Ok(1000), |d| cpu_millis(&d.0))?.max(1);
+    Ok(millis.div_ceil(divisor).max(1).to_string())
+}
+
+/// `2`, `1.5` or `500m` as thousandths of a core.
+fn cpu_millis(quantity: &str) -> anyhow::Result<u64> {
+    let invalid = || anyhow::anyhow!("CPU quantity {quantity:?} is not understood by the process kubelet");
+    if let Some(millis) = quantity.strip_suffix('m') {
+        return millis.parse().map_err(|_| invalid());
+    }
+    let cores: f64 = quantity.parse().map_err(|_| invalid())?;
+    if !(cores.is_finite() && cores >= 0.0) {
+        return Err(invalid());
+    }
+    Ok((cores * 1000.0).ceil() as u64)
 }
 
 fn secret_value(secret: &Secret, key: &str) -> Option<String> {
@@ -660,5 +702,43 @@ impl Volumes {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    fn container(limit: Option<&str>) -> Container {
+        Container {
+            name: "dataplane".into(),
+            resources: limit.map(|l| ResourceRequirements {
+                limits: Some([("cpu".to_string(), Quantity(l.into()))].into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn field(divisor: &str) -> ResourceFieldSelector {
+        ResourceFieldSelector {
+            container_name: Some("dataplane".into()),
+            resource: "limits.cpu".into(),
+            divisor: Some(Quantity(divisor.into())),
+        }
+    }
+
+    #[test]
+    fn a_cpu_limit_is_rounded_up_to_whole_divisors() {
+        let pod = Pod::default();
+        assert_eq!(cpu_field(&pod, &container(Some("500m")), &field("1")).unwrap(), "1");
+        assert_eq!(cpu_field(&pod, &container(Some("2500m")), &field("1")).unwrap(), "3");
+        assert_eq!(cpu_field(&pod, &container(Some("2")), &field("1")).unwrap(), "2");
+        assert_eq!(cpu_field(&pod, &container(Some("1.5")), &field("1m")).unwrap(), "1500");
+        let cores = std::thread::available_parallelism().unwrap().get().to_string();
+        assert_eq!(cpu_field(&pod, &container(None), &field("1")).unwrap(), cores);
+        assert!(cpu_field(&pod, &container(Some("lots")), &field("1")).is_err());
     }
 }
