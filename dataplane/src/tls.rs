@@ -34,32 +34,7 @@ const SESSION_CACHE_ENTRIES: usize = 4096;
 /// A certificate that expires sooner than this shows the `tls` component `Degraded`.
 const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Outcomes of a handshake, the `outcome` label of `umw_tls_handshakes_total`.
-pub mod outcomes {
-    pub const FULL: &str = "full";
-    pub const RESUMED: &str = "resumed";
-    pub const TIMEOUT: &str = "timeout";
-    pub const CLIENT_CERTIFICATE_MISSING: &str = "client_certificate_missing";
-    pub const CLIENT_CERTIFICATE_EXPIRED: &str = "client_certificate_expired";
-    pub const CLIENT_CERTIFICATE_INVALID: &str = "client_certificate_invalid";
-    /// The client refused the server's certificate (an alert naming the certificate).
-    pub const REFUSED_BY_CLIENT: &str = "refused_by_client";
-    /// No protocol version, cipher suite or ALPN protocol in common.
-    pub const INCOMPATIBLE: &str = "incompatible";
-    /// Anything else: not TLS, a broken message, the connection closed mid-handshake.
-    pub const ERROR: &str = "error";
-    pub const ALL: &[&str] = &[
-        FULL,
-        RESUMED,
-        TIMEOUT,
-        CLIENT_CERTIFICATE_MISSING,
-        CLIENT_CERTIFICATE_EXPIRED,
-        CLIENT_CERTIFICATE_INVALID,
-        REFUSED_BY_CLIENT,
-        INCOMPATIBLE,
-        ERROR,
-    ];
-}
+pub use crate::kernel::metrics::tls_outcomes as outcomes;
 
 /// The files of one certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]

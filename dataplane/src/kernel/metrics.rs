@@ -92,7 +92,7 @@ pub struct Metrics {
     pub http_refused: IntCounterVec,
     /// Background tasks started, stopped, replaced or failed to start, by component, kind and event.
     pub tasks: IntCounterVec,
-    /// TLS handshakes on the traffic listener, by outcome (see [`crate::tls::outcomes`]).
+    /// TLS handshakes on the traffic listener, by outcome (see [`tls_outcomes`]).
     pub tls_handshakes: IntCounterVec,
     /// Rotations of the listener's certificates, by outcome (`applied`, `rejected`).
     pub tls_reloads: IntCounterVec,
@@ -308,7 +308,7 @@ impl Metrics {
                     "TLS handshakes on the traffic listener, by outcome",
                     &["outcome"],
                 )?;
-                for outcome in crate::tls::outcomes::ALL {
+                for outcome in tls_outcomes::ALL {
                     family.with_label_values(&[outcome]);
                 }
                 family
@@ -448,4 +448,31 @@ pub fn status_class(status: http::StatusCode) -> &'static str {
         400..=499 => "4xx",
         _ => "5xx",
     }
+}
+
+/// Outcomes of a handshake, the `outcome` label of `umw_tls_handshakes_total`.
+pub mod tls_outcomes {
+    pub const FULL: &str = "full";
+    pub const RESUMED: &str = "resumed";
+    pub const TIMEOUT: &str = "timeout";
+    pub const CLIENT_CERTIFICATE_MISSING: &str = "client_certificate_missing";
+    pub const CLIENT_CERTIFICATE_EXPIRED: &str = "client_certificate_expired";
+    pub const CLIENT_CERTIFICATE_INVALID: &str = "client_certificate_invalid";
+    /// The client refused the server's certificate (an alert naming the certificate).
+    pub const REFUSED_BY_CLIENT: &str = "refused_by_client";
+    /// No protocol version, cipher suite or ALPN protocol in common.
+    pub const INCOMPATIBLE: &str = "incompatible";
+    /// Anything else: not TLS, a broken message, the connection closed mid-handshake.
+    pub const ERROR: &str = "error";
+    pub const ALL: &[&str] = &[
+        FULL,
+        RESUMED,
+        TIMEOUT,
+        CLIENT_CERTIFICATE_MISSING,
+        CLIENT_CERTIFICATE_EXPIRED,
+        CLIENT_CERTIFICATE_INVALID,
+        REFUSED_BY_CLIENT,
+        INCOMPATIBLE,
+        ERROR,
+    ];
 }
