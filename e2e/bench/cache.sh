@@ -8,12 +8,16 @@
 # proxy_cache, the data plane with its in-process cache, and the data plane with Redis (a private
 # redis-server on CPU 0); and the thundering herd: 1000 concurrent requests for one cold key through a
 # 300 ms upstream, counting the requests that reach the upstream (nginx with proxy_cache_lock on).
+# Each wrk run also reports the proxy's CPU time per request (from /proc/<pid>/stat) and how busy wrk's
+# core was (1.00: the load generator, not the proxy, was the limit).
+# BEFORE=path/to/an/older/umw-dataplane adds that build, with the in-process cache, in the same rounds.
 # Needs nginx, wrk and redis-server (apt-get install nginx wrk redis-server).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DURATION="${DURATION:-15}"
 ROUNDS="${ROUNDS:-2}"
 CONNECTIONS="${CONNECTIONS:-64}"
+BEFORE="${BEFORE:-}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 for tool in nginx wrk taskset python3 redis-server; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx wrk redis-server util-linux python3" >&2; exit 1; }
@@ -25,7 +29,7 @@ DP="$TARGET/release/umw-dataplane"
 . "$ROOT/e2e/bench/lib.sh"
 
 reserve_port UP; reserve_port SLOW; reserve_port NGX; reserve_port MEM; reserve_port RED; reserve_port REDIS
-reserve_port A1; reserve_port A2
+reserve_port A1; reserve_port A2; reserve_port OLD; reserve_port A3
 BODY='{"products":[{"id":1,"name":"Kettle","price":29.0},{"id":2,"name":"Teapot","price":19.5},{"id":3,"name":"Mug","price":7.25}]}'
 
 mkdir -p "$WORK/up/logs" "$WORK/proxy/logs" "$WORK/proxy/cache"
@@ -58,7 +62,7 @@ http { access_log off; client_body_temp_path $WORK/proxy/b; proxy_temp_path $WOR
     location /slow/ { proxy_pass http://slow; }
     location / { proxy_pass http://app; } } }
 CONF
-taskset -c 1 nginx -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy" & PIDS+=($!)
+taskset -c 1 nginx -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy" & NGX_MASTER=$!; PIDS+=($NGX_MASTER)
 
 dataplane_conf() { # redis?
   local connections="" 
@@ -88,34 +92,54 @@ spec:
 YAML
 }
 dataplane_conf memory > "$WORK/memory.yaml"; dataplane_conf redis > "$WORK/redis.yaml"
-taskset -c 1 "$DP" --config "$WORK/memory.yaml" --http-address "127.0.0.1:$MEM" --admin-address "127.0.0.1:$A1" --worker-threads 1 2>/dev/null & PIDS+=($!)
-taskset -c 1 "$DP" --config "$WORK/redis.yaml" --http-address "127.0.0.1:$RED" --admin-address "127.0.0.1:$A2" --worker-threads 1 2>/dev/null & PIDS+=($!)
-for port in $UP $NGX $MEM $RED; do until curl -sf "http://127.0.0.1:$port/products" >/dev/null 2>&1; do sleep 0.05; done; done
-for a in $A1 $A2; do until curl -sf "http://127.0.0.1:$a/readyz" >/dev/null 2>&1; do sleep 0.05; done; done
+taskset -c 1 "$DP" --config "$WORK/memory.yaml" --http-address "127.0.0.1:$MEM" --admin-address "127.0.0.1:$A1" --worker-threads 1 2>/dev/null & MEM_PID=$!; PIDS+=($MEM_PID)
+taskset -c 1 "$DP" --config "$WORK/redis.yaml" --http-address "127.0.0.1:$RED" --admin-address "127.0.0.1:$A2" --worker-threads 1 2>/dev/null & RED_PID=$!; PIDS+=($RED_PID)
+NAMES="nginx memory redis"; DP_PORTS="$MEM $RED"; ADMINS="$A1 $A2"
+if [ -n "$BEFORE" ]; then
+  taskset -c 1 "$BEFORE" --config "$WORK/memory.yaml" --http-address "127.0.0.1:$OLD" --admin-address "127.0.0.1:$A3" --worker-threads 1 2>/dev/null & OLD_PID=$!; PIDS+=($OLD_PID)
+  NAMES="$NAMES before"; DP_PORTS="$DP_PORTS $OLD"; ADMINS="$ADMINS $A3"
+fi
+for port in $UP $NGX $DP_PORTS; do until curl -sf "http://127.0.0.1:$port/products" >/dev/null 2>&1; do sleep 0.05; done; done
+for a in $ADMINS; do until curl -sf "http://127.0.0.1:$a/readyz" >/dev/null 2>&1; do sleep 0.05; done; done
 # Fill the caches, then check that each proxy answers the benchmark path from its cache.
-for port in $NGX $MEM $RED; do curl -s "http://127.0.0.1:$port/products" >/dev/null; sleep 0.3; done
+for port in $NGX $DP_PORTS; do curl -s "http://127.0.0.1:$port/products" >/dev/null; sleep 0.3; done
 curl -sI "http://127.0.0.1:$NGX/products" | grep -qi 'x-cache: HIT' || { echo "nginx does not answer from its cache" >&2; exit 1; }
-for port in $MEM $RED; do
+for port in $DP_PORTS; do
   curl -sI "http://127.0.0.1:$port/products" | grep -qi 'cache-status: umw; hit' || { echo "port $port does not answer from its cache" >&2; exit 1; }
 done
 
-wrk_run() { # port → "rps p50 p99"
-  taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$1/products" >/dev/null
-  taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$1/products" | python3 -c '
+wrk_run() { # port pid... → "rps p50 p99 cpu_us_per_request wrk_core_busy"
+  local port=$1; shift
+  taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/products" >/dev/null
+  local before core; before=$(ticks "$@"); core=$(cpu0)
+  local out; out=$(taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/products")
+  local spent=$(( $(ticks "$@") - before ))
+  echo "$out" | python3 -c '
 import re, sys
 text = sys.stdin.read()
+spent, hz, duration = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+total, idle = map(int, sys.argv[4].split()); total2, idle2 = map(int, sys.argv[5].split())
 def ms(v, unit): return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 p50, p99 = (ms(*re.search(r"\s" + p + r"%\s+([\d.]+)(us|ms|s)", text).groups()) for p in ("50", "99"))
-print("%.0f %.3f %.3f" % (rps, p50, p99))'
+busy = 1 - (idle2 - idle) / max(total2 - total, 1)
+print("%.0f %.3f %.3f %.2f %.2f" % (rps, p50, p99, spent / hz * 1e6 / max(rps * duration, 1), busy))' \
+    "$spent" "$HZ" "$DURATION" "$core" "$(cpu0)"
 }
-declare -A RPS P50 P99
+declare -A RPS P50 P99 CPU BUSY
 for round in $(seq 1 "$ROUNDS"); do
-  for name in nginx memory redis; do
-    case $name in nginx) port=$NGX ;; memory) port=$MEM ;; redis) port=$RED ;; esac
-    read -r rps p50 p99 < <(wrk_run "$port")
-    echo "round $round $name: $rps req/s p50 ${p50}ms p99 ${p99}ms" >&2
+  for name in $NAMES; do
+    case $name in
+      nginx) port=$NGX; pids=$(nginx_pids "$NGX_MASTER") ;;
+      memory) port=$MEM; pids=$MEM_PID ;;
+      redis) port=$RED; pids=$RED_PID ;;
+      before) port=$OLD; pids=$OLD_PID ;;
+    esac
+    # shellcheck disable=SC2086
+    read -r rps p50 p99 cpu busy < <(wrk_run "$port" $pids)
+    echo "round $round $name: $rps req/s p50 ${p50}ms p99 ${p99}ms, ${cpu} µs CPU/request, wrk core $busy" >&2
     RPS[$name]="${RPS[$name]:-} $rps"; P50[$name]="${P50[$name]:-} $p50"; P99[$name]="${P99[$name]:-} $p99"
+    CPU[$name]="${CPU[$name]:-} $cpu"; BUSY[$name]="${BUSY[$name]:-} $busy"
   done
 done
 
@@ -144,16 +168,28 @@ mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print("%.3f
 python3 - "$(mean ${RPS[nginx]})" "$(mean ${RPS[memory]})" "$(mean ${RPS[redis]})" \
   "$(mean ${P50[nginx]})" "$(mean ${P50[memory]})" "$(mean ${P50[redis]})" \
   "$(mean ${P99[nginx]})" "$(mean ${P99[memory]})" "$(mean ${P99[redis]})" \
-  "$herd_nginx" "$herd_mem" "$herd_red" "$ROUNDS" "$DURATION" "$CONNECTIONS" <<'PY'
+  "$herd_nginx" "$herd_mem" "$herd_red" "$ROUNDS" "$DURATION" "$CONNECTIONS" \
+  "$(mean ${CPU[nginx]})" "$(mean ${CPU[memory]})" "$(mean ${CPU[redis]})" \
+  "$(mean ${BUSY[nginx]})" "$(mean ${BUSY[memory]})" "$(mean ${BUSY[redis]})" \
+  "$([ -n "$BEFORE" ] && echo "$(mean ${RPS[before]}) $(mean ${CPU[before]})")" <<'PY'
 import sys
 a = sys.argv[1:]
 rn, rm, rr, pn, pm, pr, qn, qm, qr = map(float, a[:9])
 hn, hm, hr = a[9:12]
 rounds, duration, conns = a[12:15]
+cn, cm, cr, bn, bm, br = map(float, a[15:21])
+before = a[21].split()
 print("| Figure | nginx proxy_cache | umw, in-process cache | umw, Redis |")
 print("|---|---|---|---|")
 print(f"| Cache-hit requests/s ({conns} connections, {rounds}×{duration}s, mean) | {rn:,.0f} | {rm:,.0f} (**{rm/rn:.2f}×**) | {rr:,.0f} (**{rr/rn:.2f}×**) |")
 print(f"| p50 latency | {pn:.3f} ms | {pm:.3f} ms ({pm/pn:.2f}×) | {pr:.3f} ms ({pr/pn:.2f}×) |")
 print(f"| p99 latency | {qn:.3f} ms | {qm:.3f} ms ({qm/qn:.2f}×) | {qr:.3f} ms ({qr/qn:.2f}×) |")
+print(f"| Proxy CPU per request under wrk | {cn:.2f} µs | {cm:.2f} µs ({cm/cn:.2f}×) | {cr:.2f} µs ({cr/cn:.2f}×) |")
+print(f"| Load generator's core busy under wrk | {bn:.2f} | {bm:.2f} | {br:.2f} |")
 print(f"| 1000 concurrent requests for a cold key: requests that reached the upstream | {hn} | {hm} | {hr} |")
+if before:
+    br_rps, br_cpu = map(float, before)
+    print()
+    print(f"In-process cache, this build against BEFORE in the same rounds: {rm:,.0f} against {br_rps:,.0f} requests/s "
+          f"({rm/br_rps:.2f}×), {cm:.2f} against {br_cpu:.2f} µs of CPU per request ({cm/br_cpu:.2f}×).")
 PY

@@ -37,14 +37,7 @@ LOAD="$TARGET/release/umw-load"
 . "$ROOT/e2e/bench/lib.sh"
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
-# nginx's master and its workers (the workers' command line does not name the configuration).
-nginx_pids() { echo "$1 $(pgrep -P "$1" | tr '\n' ' ')"; }
 nginx_rss_kib() { local total=0; for p in $(nginx_pids "$1"); do total=$((total + $(rss_kib "$p"))); done; echo "$total"; }
-# CPU 0's busy share (all processes: the load generator and the upstream) since the sample given.
-cpu0() { awk '/^cpu0 / {print $2+$3+$4+$5+$6+$7+$8+$9, $5+$6}' /proc/stat; }
-# CPU time (user + system) in clock ticks of the given processes.
-ticks() { local total=0; for p in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$total"; }
-HZ=$(getconf CLK_TCK)
 
 reserve_port UP; reserve_port NGX; reserve_port UMW; reserve_port ADMIN
 BODY='{"products":[{"id":1,"name":"Kettle","price":29.0},{"id":2,"name":"Teapot","price":19.5},{"id":3,"name":"Mug","price":7.25}]}'

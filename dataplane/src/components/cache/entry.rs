@@ -5,13 +5,16 @@
 //! the same for headers (name, value), then the body.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 const MAGIC: &[u8; 4] = b"UMW1";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub status: u16,
-    pub headers: Vec<(String, Bytes)>,
+    /// The response's headers, parsed once when the entry is made or read, so that a hit copies a map
+    /// of shared values instead of parsing every header again.
+    pub headers: HeaderMap,
     pub body: Bytes,
     /// When it was stored, in milliseconds since the epoch.
     pub stored_ms: u64,
@@ -26,7 +29,7 @@ pub struct Entry {
 impl Entry {
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(
-            64 + self.body.len() + self.headers.iter().map(|(n, v)| n.len() + v.len() + 8).sum::<usize>(),
+            64 + self.body.len() + self.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 8).sum::<usize>(),
         );
         out.put_slice(MAGIC);
         out.put_u16(self.status);
@@ -39,8 +42,8 @@ impl Entry {
         }
         out.put_u16(self.headers.len() as u16);
         for (name, value) in &self.headers {
-            put_bytes(&mut out, name.as_bytes());
-            put_bytes(&mut out, value);
+            put_bytes(&mut out, name.as_str().as_bytes());
+            put_bytes(&mut out, value.as_bytes());
         }
         out.put_slice(&self.body);
         out.freeze()
@@ -65,18 +68,19 @@ impl Entry {
             return None;
         }
         let header_count = usize::from(data.get_u16());
-        let mut headers = Vec::with_capacity(header_count);
+        let mut headers = HeaderMap::with_capacity(header_count);
         for _ in 0..header_count {
-            let name = String::from_utf8(take_bytes(&mut data)?.to_vec()).ok()?;
-            let value = take_bytes(&mut data)?;
-            headers.push((name, value));
+            let name = HeaderName::from_bytes(&take_bytes(&mut data)?).ok()?;
+            let value = HeaderValue::from_maybe_shared(take_bytes(&mut data)?).ok()?;
+            headers.append(name, value);
         }
         Some(Entry { status, headers, body: data, stored_ms, fresh_until_ms, stale_until_ms, vary })
     }
 
     /// Bytes the entry takes in memory, roughly.
     pub fn weight(&self) -> u32 {
-        let size = self.body.len() + self.headers.iter().map(|(n, v)| n.len() + v.len() + 16).sum::<usize>() + 128;
+        let size =
+            self.body.len() + self.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 16).sum::<usize>() + 128;
         u32::try_from(size).unwrap_or(u32::MAX)
     }
 }
@@ -107,10 +111,17 @@ mod tests {
     fn entries_round_trip_and_garbage_is_refused() {
         let entry = Entry {
             status: 200,
-            headers: vec![
-                ("content-type".into(), Bytes::from_static(b"application/json")),
-                ("etag".into(), Bytes::from_static(b"\"x\"")),
-            ],
+            headers: [
+                (http::header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+                (http::header::ETAG, HeaderValue::from_static("\"x\"")),
+                (HeaderName::from_static("x-custom"), HeaderValue::from_static("a")),
+            ]
+            .into_iter()
+            .chain([(HeaderName::from_static("x-custom"), HeaderValue::from_static("b"))])
+            .fold(HeaderMap::new(), |mut map, (name, value)| {
+                map.append(name, value);
+                map
+            }),
             body: Bytes::from_static(b"{\"a\":1}"),
             stored_ms: 1,
             fresh_until_ms: 2,
@@ -121,5 +132,8 @@ mod tests {
         let encoded = entry.encode();
         assert_eq!(Entry::decode(encoded.slice(..encoded.len() - entry.body.len() - 5)), None, "truncated");
         assert_eq!(Entry::decode(Bytes::from_static(b"hello world, not an entry at all")), None);
+        let decoded = Entry::decode(encoded).unwrap();
+        let repeated: Vec<_> = decoded.headers.get_all("x-custom").iter().collect();
+        assert_eq!(repeated, ["a", "b"], "a repeated header keeps its values in order");
     }
 }

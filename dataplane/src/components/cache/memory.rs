@@ -183,7 +183,7 @@ mod tests {
         let now = now_ms();
         Entry {
             status: 200,
-            headers: Vec::new(),
+            headers: http::HeaderMap::new(),
             body: bytes::Bytes::new(),
             stored_ms: now,
             fresh_until_ms: now + 60_000,

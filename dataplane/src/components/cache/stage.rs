@@ -98,7 +98,9 @@ pub struct CacheStage {
 }
 
 struct Inner {
-    rules: Vec<Rule>,
+    rules: Vec<Arc<Rule>>,
+    /// The request counters of the route this stage serves, resolved once (see [`CacheStage::for_route`]).
+    counts: Option<Counts>,
     /// Prefix of every key: `umw:<namespace>/<middleware>:`.
     prefix: String,
     flights: Flights,
@@ -110,16 +112,50 @@ struct Inner {
 /// Most responses being stored in the background at once, per configuration.
 pub const MAX_PENDING_STORES: usize = 1024;
 
+/// `umw_cache_requests_total` of one route, by result.
+struct Counts {
+    hit: prometheus::IntCounter,
+    stale: prometheus::IntCounter,
+    miss: prometheus::IntCounter,
+    bypass: prometheus::IntCounter,
+    coalesced: prometheus::IntCounter,
+}
+
+impl Counts {
+    fn of(metrics: &Metrics, route: &str) -> Self {
+        let counter = |result: &str| metrics.cache_requests.with_label_values(&[route, result]);
+        Self {
+            hit: counter("hit"),
+            stale: counter("stale"),
+            miss: counter("miss"),
+            bypass: counter("bypass"),
+            coalesced: counter("coalesced"),
+        }
+    }
+
+    fn get(&self, result: &str) -> Option<&prometheus::IntCounter> {
+        Some(match result {
+            "hit" => &self.hit,
+            "stale" => &self.stale,
+            "miss" => &self.miss,
+            "bypass" => &self.bypass,
+            "coalesced" => &self.coalesced,
+            _ => return None,
+        })
+    }
+}
+
 impl CacheStage {
     pub fn new(rules: Vec<Rule>, prefix: String, flights: Flights, metrics: Metrics) -> Self {
         let stores = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_STORES));
-        Self { inner: Arc::new(Inner { rules, prefix, flights, metrics, stores }) }
+        let rules = rules.into_iter().map(Arc::new).collect();
+        Self { inner: Arc::new(Inner { rules, counts: None, prefix, flights, metrics, stores }) }
     }
 
     /// The stage for one route: only the rules that name it (or every route), or `None` when no rule
     /// does, so that the route's pipeline has no cache stage at all.
     pub fn for_route(&self, route: &str) -> Option<Self> {
-        let rules: Vec<Rule> = self
+        let rules: Vec<Arc<Rule>> = self
             .inner
             .rules
             .iter()
@@ -132,7 +168,8 @@ impl CacheStage {
         let inner = &self.inner;
         let (prefix, flights, metrics, stores) =
             (inner.prefix.clone(), inner.flights.clone(), inner.metrics.clone(), inner.stores.clone());
-        Some(Self { inner: Arc::new(Inner { rules, prefix, flights, metrics, stores }) })
+        let counts = Some(Counts::of(&metrics, route));
+        Some(Self { inner: Arc::new(Inner { rules, counts, prefix, flights, metrics, stores }) })
     }
 }
 
@@ -269,13 +306,21 @@ const POSITIVE: [u16; 6] = [200, 203, 204, 300, 301, 308];
 impl Inner {
     async fn handle(self: Arc<Self>, request: Request<Body>, next: Next) -> Response {
         let Some(info) = request.extensions().get::<RequestInfo>().cloned() else { return next.run(request).await };
-        let Some(route) = info.route.as_ref().map(|r| r.name.clone()) else { return next.run(request).await };
-        let Some(rule) = self.rules.iter().find(|r| r.covers(&route, request.method(), request.uri().path())).cloned()
+        let Some(route) = info.route.clone() else { return next.run(request).await };
+        let route = route.name.as_str();
+        let Some(rule) = self.rules.iter().find(|r| r.covers(route, request.method(), request.uri().path())).cloned()
         else {
             return next.run(request).await;
         };
-        let count = |result: &str| self.metrics.cache_requests.with_label_values(&[&route, result]).inc();
-        let asked = directives(request.headers());
+        let count = |result: &str| match self.counts.as_ref().and_then(|c| c.get(result)) {
+            Some(counter) => counter.inc(),
+            None => self.metrics.cache_requests.with_label_values(&[route, result]).inc(),
+        };
+        let asked = if request.headers().contains_key(header::CACHE_CONTROL) {
+            directives(request.headers())
+        } else {
+            HashMap::new()
+        };
         // A shared cache keeps nothing for a request that asked it not to, or that carries credentials
         // (an Authorization header, or a principal an authentication stage established).
         if asked.contains_key("no-store")
@@ -298,7 +343,7 @@ impl Inner {
             if now < entry.fresh_until_ms {
                 count("hit");
                 let ttl = (entry.fresh_until_ms - now) / 1000;
-                return respond(entry, request.method(), &format!("umw; hit; ttl={ttl}"));
+                return respond(entry, request.method(), dynamic_status(format!("umw; hit; ttl={ttl}")));
             }
             if now < entry.stored_ms.max(entry.fresh_until_ms) + rule.stale_while_revalidate.as_millis() as u64 {
                 count("stale");
@@ -307,7 +352,7 @@ impl Inner {
                 return respond(
                     entry,
                     request.method(),
-                    &format!("umw; hit; ttl=-{age}; detail=stale-while-revalidate"),
+                    dynamic_status(format!("umw; hit; ttl=-{age}; detail=stale-while-revalidate")),
                 );
             }
         }
@@ -330,7 +375,11 @@ impl Inner {
                     match shared {
                         Some(Some(entry)) => {
                             count("coalesced");
-                            return respond(&entry, request.method(), "umw; fwd=miss; collapsed");
+                            return respond(
+                                &entry,
+                                request.method(),
+                                HeaderValue::from_static("umw; fwd=miss; collapsed"),
+                            );
                         }
                         // The leader's response varies with request headers (or was not kept): once its flight
                         // ends, with the entry stored, the cache may hold this request's variant.
@@ -341,7 +390,7 @@ impl Inner {
                                 && now_ms() < entry.fresh_until_ms
                             {
                                 count("hit");
-                                return respond(&entry, request.method(), "umw; hit");
+                                return respond(&entry, request.method(), HeaderValue::from_static("umw; hit"));
                             }
                         }
                         None => {}
@@ -357,7 +406,7 @@ impl Inner {
                         && now_ms() < entry.fresh_until_ms
                     {
                         count("hit");
-                        let response = respond(&entry, request.method(), "umw; hit");
+                        let response = respond(&entry, request.method(), HeaderValue::from_static("umw; hit"));
                         guard.finish(Some(entry));
                         return response;
                     }
@@ -366,7 +415,11 @@ impl Inner {
                             Lock::Taken | Lock::Unavailable => {}
                             Lock::Served(entry) => {
                                 count("coalesced");
-                                let response = respond(&entry, request.method(), "umw; fwd=miss; collapsed");
+                                let response = respond(
+                                    &entry,
+                                    request.method(),
+                                    HeaderValue::from_static("umw; fwd=miss; collapsed"),
+                                );
                                 guard.finish(Some(entry));
                                 return response;
                             }
@@ -507,7 +560,7 @@ impl Inner {
             if let Some(flight) = flight {
                 flight.finish(None);
             }
-            return respond(stale, &method, &format!("umw; hit; ttl=-{age}; detail=stale-if-error"));
+            return respond(stale, &method, dynamic_status(format!("umw; hit; ttl=-{age}; detail=stale-if-error")));
         }
         let Some(keep) = storable(rule, &response) else {
             self.metrics.cache_stores.with_label_values(&[&route, "not_cacheable"]).inc();
@@ -535,7 +588,8 @@ impl Inner {
                 .headers
                 .iter()
                 .filter(|(name, _)| *name != CACHE_STATUS && *name != header::AGE)
-                .map(|(name, value)| (name.as_str().to_string(), Bytes::copy_from_slice(value.as_bytes())))
+                // A copy: the value read from the upstream shares the connection's whole read buffer.
+                .filter_map(|(name, value)| Some((name.clone(), HeaderValue::from_bytes(value.as_bytes()).ok()?)))
                 .collect(),
             body: bytes.clone(),
             stored_ms: now,
@@ -583,7 +637,7 @@ impl Inner {
                 } else {
                     let marker = Entry {
                         status: 0,
-                        headers: Vec::new(),
+                        headers: HeaderMap::new(),
                         body: Bytes::new(),
                         vary: entry.vary.clone(),
                         ..entry.as_ref().clone()
@@ -623,7 +677,7 @@ impl Inner {
     }
 
     /// Refreshes a stale entry in the background, once per key at a time.
-    fn refresh(self: Arc<Self>, rule: Rule, key: String, request: &Request<Body>, next: Next) {
+    fn refresh(self: Arc<Self>, rule: Arc<Rule>, key: String, request: &Request<Body>, next: Next) {
         let Flight::Leader(guard) = self.flights.join(&key) else { return };
         let mut copy = Request::new(Body::empty());
         *copy.method_mut() = request.method().clone();
@@ -738,21 +792,21 @@ fn with_status(mut response: Response, status: &'static str) -> Response {
     response
 }
 
-/// A response from an entry, with its age.
-fn respond(entry: &Entry, method: &Method, cache_status: &str) -> Response {
+/// A `Cache-Status` value made per response (it carries a TTL or an age).
+fn dynamic_status(text: String) -> HeaderValue {
+    HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("umw"))
+}
+
+/// A response from an entry, with its age: the entry's parsed headers copied as they are (their
+/// values are shared, not parsed again).
+fn respond(entry: &Entry, method: &Method, cache_status: HeaderValue) -> Response {
     let body = if *method == Method::HEAD { Body::empty() } else { Body::from(entry.body.clone()) };
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK);
     let headers = response.headers_mut();
-    for (name, value) in &entry.headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_bytes(value)) {
-            headers.append(name, value);
-        }
-    }
+    *headers = entry.headers.clone();
     headers.insert(header::AGE, HeaderValue::from(now_ms().saturating_sub(entry.stored_ms) / 1000));
-    if let Ok(value) = HeaderValue::try_from(cache_status) {
-        headers.insert(CACHE_STATUS, value);
-    }
+    headers.insert(CACHE_STATUS, cache_status);
     response
 }
 
@@ -806,6 +860,7 @@ mod tests {
     fn keys_take_the_selected_query_in_a_stable_order_and_the_key_headers() {
         let inner = Inner {
             rules: vec![],
+            counts: None,
             prefix: "umw:ns/shop:".into(),
             flights: Flights::default(),
             metrics: Metrics::new().unwrap(),
@@ -857,6 +912,35 @@ mod tests {
         ] {
             assert_eq!(storable(&r, &refused), None, "{:?}", refused.headers());
         }
+    }
+
+    #[tokio::test]
+    async fn a_hit_carries_the_stored_headers_its_age_and_its_cache_status() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.append("set-cookie-like", HeaderValue::from_static("a"));
+        headers.append("set-cookie-like", HeaderValue::from_static("b"));
+        let entry = Entry {
+            status: 203,
+            headers,
+            body: Bytes::from_static(b"{}"),
+            stored_ms: now_ms() - 5_000,
+            fresh_until_ms: now_ms() + 60_000,
+            stale_until_ms: now_ms() + 60_000,
+            vary: Vec::new(),
+        };
+        let response = respond(&entry, &Method::GET, HeaderValue::from_static("umw; hit"));
+        assert_eq!(response.status(), StatusCode::NON_AUTHORITATIVE_INFORMATION);
+        let got = response.headers();
+        assert_eq!(got[header::CONTENT_TYPE], "application/json");
+        assert_eq!(got.get_all("set-cookie-like").iter().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(got[CACHE_STATUS], "umw; hit");
+        let age: u64 = got[header::AGE].to_str().unwrap().parse().unwrap();
+        assert!((4..=6).contains(&age), "age {age}");
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "{}");
+        let head = respond(&entry, &Method::HEAD, dynamic_status("umw; hit; ttl=60".into()));
+        assert_eq!(head.headers()[CACHE_STATUS], "umw; hit; ttl=60");
+        assert!(head.into_body().collect().await.unwrap().to_bytes().is_empty());
     }
 
     #[tokio::test]

@@ -240,7 +240,7 @@ mod tests {
         let now = super::super::entry::now_ms();
         Entry {
             status: 200,
-            headers: Vec::new(),
+            headers: http::HeaderMap::new(),
             body: bytes::Bytes::from_static(body.as_bytes()),
             stored_ms: now,
             fresh_until_ms: now + 60_000,
