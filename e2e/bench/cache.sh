@@ -11,7 +11,7 @@
 # Each wrk run also reports the proxy's CPU time per request (from /proc/<pid>/stat) and how busy wrk's
 # core was (1.00: the load generator, not the proxy, was the limit).
 # BEFORE=path/to/an/older/umw-dataplane adds that build, with the in-process cache, in the same rounds.
-# Needs nginx, wrk and redis-server (apt-get install nginx wrk redis-server).
+# Installs Debian's nginx, wrk and redis-server when they are missing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DURATION="${DURATION:-15}"
@@ -19,6 +19,9 @@ ROUNDS="${ROUNDS:-2}"
 CONNECTIONS="${CONNECTIONS:-64}"
 BEFORE="${BEFORE:-}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || ! command -v redis-server >/dev/null; then
+  command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx wrk redis-server >/dev/null
+fi
 for tool in nginx wrk taskset python3 redis-server; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx wrk redis-server util-linux python3" >&2; exit 1; }
 done
