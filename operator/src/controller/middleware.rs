@@ -121,6 +121,15 @@ async fn report(
 fn refused(error: &Error) -> Option<String> {
     let Error::Apply { kind, name, source: kube::Error::Api(status) } = error else { return None };
     match status.code {
+        // A ResourceQuota and an admission webhook also answer 403: neither is a missing permission.
+        403 if status.message.contains("exceeded quota") => Some(format!(
+            "the namespace's ResourceQuota refused {kind} {name}: {}; raise the quota or ask for less in the Middleware",
+            status.message
+        )),
+        403 if status.message.contains("admission webhook") => Some(format!(
+            "an admission webhook refused {kind} {name}, rendered from this Middleware: {}",
+            status.message
+        )),
         403 => Some(format!(
             "the operator may not write {kind} {name}: {}; grant it the permissions of the Helm chart's ClusterRole",
             status.message
@@ -653,6 +662,27 @@ async fn publish_condition(mw: &Middleware, ctx: &Context, event_type: EventType
 mod tests {
     use super::*;
     use crate::render::{Settings, render};
+
+    #[test]
+    fn a_refusal_names_its_cause_rbac_quota_webhook_or_spec() {
+        let refusal = |code: u16, message: &str| {
+            let status = kube::core::Status { code, message: message.into(), ..Default::default() };
+            let error = Error::Apply {
+                kind: "Service".into(),
+                name: "shop".into(),
+                source: kube::Error::Api(Box::new(status)),
+            };
+            refused(&error)
+        };
+        let rbac = refusal(403, "services \"shop\" is forbidden: User \"umw\" cannot patch resource").unwrap();
+        assert!(rbac.contains("ClusterRole"), "{rbac}");
+        let quota = refusal(403, "services \"shop\" is forbidden: exceeded quota: q, requested: services=1").unwrap();
+        assert!(quota.contains("ResourceQuota") && !quota.contains("ClusterRole"), "{quota}");
+        let webhook = refusal(403, "admission webhook \"policy.example\" denied the request: no").unwrap();
+        assert!(webhook.contains("admission webhook") && !webhook.contains("ClusterRole"), "{webhook}");
+        assert!(refusal(422, "spec.ports: Invalid value").unwrap().contains("correct the Middleware spec"));
+        assert_eq!(refusal(500, "etcdserver: request timed out"), None, "a server error is retried");
+    }
     use k8s_openapi::api::apps::v1::DeploymentStatus;
     use umw_crds::MiddlewareSpec;
 
