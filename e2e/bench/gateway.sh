@@ -12,6 +12,9 @@
 # /proc/<pid>/stat) and under wrk, with how busy wrk's own core was (1.00: the load generator was the
 # limit); resident memory idle and after load; and the data plane's start-to-ready time.
 # BEFORE=path/to/an/older/umw-dataplane adds that build as a third proxy, in the same rounds.
+# PROXY_CORES=2 gives each proxy both cores (two nginx workers; two data-plane worker threads), shared
+# with the load and the upstream: requests/s then says little, the CPU per request at a fixed rate says
+# what running on two cores costs per request.
 # Installs Debian's nginx and wrk when they are missing. Everything binds 127.0.0.1.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -20,6 +23,12 @@ ROUNDS="${ROUNDS:-2}"
 CONNECTIONS="${CONNECTIONS:-64}"
 RATE="${RATE:-5000}"
 BEFORE="${BEFORE:-}"
+PROXY_CORES="${PROXY_CORES:-1}"
+case "$PROXY_CORES" in
+  1) PROXY_CPUS=1; PROXY_AFFINITY=10 ;;
+  2) PROXY_CPUS=0,1; PROXY_AFFINITY="01 10" ;;
+  *) echo "PROXY_CORES is 1 or 2 on this layout" >&2; exit 1 ;;
+esac
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
   command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx wrk >/dev/null
@@ -47,7 +56,7 @@ nginx_conf() { # name cpu body
   cat > "$dir/nginx.conf" <<CONF
 daemon off;
 user root;
-worker_processes 1;
+worker_processes $(echo "$2" | wc -w);
 worker_cpu_affinity $2;
 pid $dir/nginx.pid;
 error_log $dir/logs/error.log warn;
@@ -68,11 +77,11 @@ conf=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP; location / { defau
 taskset -c 0 "$NGINX" -c "$conf" -p "$WORK/upstream" & PIDS+=($!)
 
 # nginx as the reverse proxy, one worker on CPU 1, keep-alive to the upstream.
-conf=$(nginx_conf proxy 10 "upstream app { server 127.0.0.1:$UP; keepalive 256; }
+conf=$(nginx_conf proxy "$PROXY_AFFINITY" "upstream app { server 127.0.0.1:$UP; keepalive 256; }
   server { listen 127.0.0.1:$NGX; location / { proxy_pass http://app; proxy_http_version 1.1;
     proxy_set_header Connection \"\"; proxy_set_header Host \$host;
     proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto \$scheme; } }")
-taskset -c 1 "$NGINX" -c "$conf" -p "$WORK/proxy" & NGX_MASTER=$!; PIDS+=($NGX_MASTER)
+taskset -c "$PROXY_CPUS" "$NGINX" -c "$conf" -p "$WORK/proxy" & NGX_MASTER=$!; PIDS+=($NGX_MASTER)
 
 # The data plane, one worker thread on CPU 1, one catch-all route to the same upstream.
 cat > "$WORK/umw.yaml" <<YAML
@@ -86,14 +95,14 @@ spec:
   observability: {logLevel: warn}
 YAML
 start_ns=$(date +%s%N)
-taskset -c 1 "$DP" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$UMW" --admin-address "127.0.0.1:$ADMIN" \
-  --worker-threads 1 2> "$WORK/umw.log" & DP_PID=$!; PIDS+=($DP_PID)
+taskset -c "$PROXY_CPUS" "$DP" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$UMW" --admin-address "127.0.0.1:$ADMIN" \
+  --worker-threads "$PROXY_CORES" 2> "$WORK/umw.log" & DP_PID=$!; PIDS+=($DP_PID)
 until curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1; do sleep 0.002; done
 ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
 if [ -n "$BEFORE" ]; then
   reserve_port OLD; reserve_port OLD_ADMIN
-  taskset -c 1 "$BEFORE" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$OLD" \
-    --admin-address "127.0.0.1:$OLD_ADMIN" --worker-threads 1 2> "$WORK/before.log" & OLD_PID=$!; PIDS+=($OLD_PID)
+  taskset -c "$PROXY_CPUS" "$BEFORE" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$OLD" \
+    --admin-address "127.0.0.1:$OLD_ADMIN" --worker-threads "$PROXY_CORES" 2> "$WORK/before.log" & OLD_PID=$!; PIDS+=($OLD_PID)
   until curl -sf "http://127.0.0.1:$OLD_ADMIN/readyz" >/dev/null 2>&1; do sleep 0.01; done
 fi
 for port in $UP $NGX; do until curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1; do sleep 0.05; done; done
@@ -135,7 +144,7 @@ print("%.0f %.3f %.3f %s %.2f %.2f" % (rps, p50, p99, errors.group(1) if errors 
 }
 NGINX_PIDS=$(nginx_pids "$NGX_MASTER")
 
-echo "== wrk: $ROUNDS round(s) of ${DURATION}s, $CONNECTIONS connections, 1 proxy core" >&2
+echo "== wrk: $ROUNDS round(s) of ${DURATION}s, $CONNECTIONS connections, $PROXY_CORES proxy core(s)" >&2
 declare -a N_RPS U_RPS N_P50 U_P50 N_P99 U_P99 N_CPU U_CPU N_BUSY U_BUSY B_RPS B_CPU B_BUSY
 for round in $(seq 1 "$ROUNDS"); do
   # shellcheck disable=SC2086
