@@ -102,7 +102,16 @@ async fn component_route(State(admin): State<Arc<Admin>>, request: axum::extract
     let snapshot = admin.runtime.snapshot();
     match snapshot.admin_route(request.method(), request.uri().path()) {
         Some(route) => (route.handler)(request).await,
-        None => (StatusCode::NOT_FOUND, "no such admin endpoint\n").into_response(),
+        None => {
+            admin.runtime.metrics.admin_unknown.inc();
+            let message = format!(
+                "no such admin endpoint: {} {}; this listener serves GET /healthz, /readyz, /status and /metrics, \
+                 and the endpoints of the configured components (see docs/dataplane.md)\n",
+                request.method(),
+                request.uri().path()
+            );
+            (StatusCode::NOT_FOUND, message).into_response()
+        }
     }
 }
 

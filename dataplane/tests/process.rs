@@ -244,6 +244,11 @@ async fn sigterm_turns_readiness_off_finishes_requests_in_flight_and_exits() {
     .unwrap();
     let mut dp = Running::start(&config, &["--shutdown-delay", "1s", "--drain-timeout", "10s"]);
     dp.wait_ready().await;
+    let unknown = get(&format!("http://{}/statu", dp.admin)).await;
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.text().contains("GET /statu") && unknown.text().contains("/readyz"), "{}", unknown.text());
+    let metrics = get(&format!("http://{}/metrics", dp.admin)).await.text();
+    assert!(metrics.contains("umw_admin_unknown_requests_total 1"), "{metrics}");
 
     let url = format!("http://{}/slow/2500", dp.http);
     let in_flight = tokio::spawn(async move { get(&url).await.status });

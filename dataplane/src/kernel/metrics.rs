@@ -84,6 +84,8 @@ pub struct Metrics {
     pub outbox_cleaned: IntCounterVec,
     /// Failed PostgreSQL operations, by operation.
     pub postgres_errors: IntCounterVec,
+    /// Requests to the admin listener for a path it does not serve.
+    pub admin_unknown: IntCounter,
     /// Connections accepted on the traffic listener.
     pub connections_accepted: IntCounter,
     /// Open connections on the traffic listener.
@@ -284,6 +286,14 @@ impl Metrics {
                 "Partitions paused because their worker fell behind (resumed when it catches up), by event route",
                 &["event_route"],
             )?,
+            admin_unknown: {
+                let metric = IntCounter::new(
+                    "umw_admin_unknown_requests_total",
+                    "Requests to the admin listener for an endpoint it does not serve",
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
             connections_accepted: {
                 let metric =
                     IntCounter::new("umw_connections_accepted_total", "Connections accepted on the traffic listener")?;
