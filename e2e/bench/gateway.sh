@@ -108,6 +108,8 @@ fi
 for port in $UP $NGX; do until curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1; do sleep 0.05; done; done
 sleep 1
 umw_idle=$(rss_kib $DP_PID); nginx_idle=$(nginx_rss_kib "$NGX_MASTER")
+# The anonymous part (heap and stacks; the rest of the resident set is the mapped binary and libraries).
+umw_anon=$(awk '/^RssAnon/ {print $2}' "/proc/$DP_PID/status")
 
 # Start-to-ready of fresh processes (the first above included), median of 5.
 readies=("$ready_ms")
@@ -202,7 +204,7 @@ field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]
 
 python3 - "$n_rps" "$u_rps" "$n_p50" "$u_p50" "$n_p99" "$u_p99" "$direct" "$via_nginx" "$via_umw" \
   "$umw_idle" "$umw_hwm" "$nginx_idle" "$nginx_after" "$ready_median" "$CONNECTIONS" "$DURATION" "$ROUNDS" \
-  "$n_cpu" "$u_cpu" "$n_busy" "$u_busy" "$n_fixed" "$u_fixed" "$RATE" "$b_rps" "$b_cpu" "$b_busy" "$b_fixed" <<'PY'
+  "$n_cpu" "$u_cpu" "$n_busy" "$u_busy" "$n_fixed" "$u_fixed" "$RATE" "$b_rps" "$b_cpu" "$b_busy" "$b_fixed" "$umw_anon" <<'PY'
 import json, sys
 a = sys.argv[1:]
 n_rps, u_rps, n_p50, u_p50, n_p99, u_p99 = map(float, a[0:6])
@@ -226,7 +228,7 @@ for p in ("p50", "p99"):
     d = direct[p + "_us"]
     print(f"| Added {p} latency at 1000 req/s (direct {d} µs) | {(nginx[p+'_us']-d)/1000:.3f} ms | {(umw[p+'_us']-d)/1000:.3f} ms | |")
 print(f"| Errors at 1000 req/s | {nginx['errors']} | {umw['errors']} | |")
-print(f"| Resident memory, idle | {nginx_idle/1024:.1f} MiB (master + worker) | {umw_idle/1024:.1f} MiB | |")
+print(f"| Resident memory, idle | {nginx_idle/1024:.1f} MiB (master + worker) | {umw_idle/1024:.1f} MiB ({int(sys.argv[-1])/1024:.1f} MiB anonymous) | |")
 print(f"| Resident memory, after the load (umw: peak) | {nginx_after/1024:.1f} MiB | {umw_hwm/1024:.1f} MiB | |")
 print(f"| Start to ready (median of 5) | | {ready} ms | |")
 PY
