@@ -365,3 +365,35 @@ async fn a_rejected_reload_leaves_nothing_behind_and_reverting_it_clears_the_rej
     .await;
     assert_eq!(names(&gw.status().await), before);
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_one_left_mid_body_is_not() {
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&middleware(&route("all", "{}", &up.url(), "      maxBodyBytes: 67108864\n"), "")).await;
+    let opened = || gw.metric("umw_upstream_connections_opened_total", &[]);
+    for i in 0..20 {
+        let method = if i % 2 == 0 { Method::GET } else { Method::HEAD };
+        assert_eq!(send(method, &gw.url("/echo"), &[], Bytes::new()).await.status, 200);
+    }
+    assert_eq!(send(Method::POST, &gw.url("/upload"), &[], Bytes::from(vec![1u8; 100_000])).await.body, "100000");
+    assert_eq!(get(&gw.url("/bytes/3000000")).await.body.len(), 3_000_000);
+    assert_eq!(get(&gw.url("/status/204")).await.status, 204);
+    assert_eq!(opened().await, 1.0, "one connection carried every request, whatever the body");
+
+    // A client that goes away in the middle of a streamed body: the rest of that response is still on the
+    // upstream connection, so it is closed, and the next request opens another.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut client = tokio::net::TcpStream::connect(gw.url("").trim_start_matches("http://")).await.unwrap();
+    client.write_all(b"GET /bytes/20971520 HTTP/1.1\r\nhost: gw\r\n\r\n").await.unwrap();
+    let mut some = vec![0u8; 65536];
+    let n = client.read(&mut some).await.unwrap();
+    assert!(n > 0 && some.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&some[..n]));
+    drop(client);
+    // Time for the gateway to find the client gone and drop the response.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        assert_eq!(get(&gw.url("/echo")).await.status, 200);
+    }
+    assert_eq!(opened().await, 2.0);
+    assert_eq!(up.hits(), 27);
+}

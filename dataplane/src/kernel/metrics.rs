@@ -26,6 +26,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     /// Retries sent, by upstream.
     pub upstream_retries: IntCounterVec,
+    /// Connections opened to plain HTTP/1 upstreams, by upstream: against requests, how well the pool reuses.
+    pub upstream_connections: IntCounterVec,
     /// Retries not sent because the retry budget was spent, by upstream.
     pub retry_budget_exhausted: IntCounterVec,
     /// Circuit-breaker state by upstream: 0 closed, 1 open, 2 half-open.
@@ -148,6 +150,11 @@ impl Metrics {
                 &["upstream"],
             )?,
             upstream_retries: counter_vec("umw_upstream_retries_total", "Retries sent, by upstream", &["upstream"])?,
+            upstream_connections: counter_vec(
+                "umw_upstream_connections_opened_total",
+                "Connections opened to plain HTTP/1 upstreams, by upstream",
+                &["upstream"],
+            )?,
             retry_budget_exhausted: counter_vec(
                 "umw_upstream_retry_budget_exhausted_total",
                 "Retries not sent because the upstream's retry budget was spent",

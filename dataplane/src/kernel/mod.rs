@@ -14,6 +14,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod net;
 pub mod policy;
+pub mod pool;
 pub mod ports;
 pub mod problem;
 pub mod routing;

@@ -13,7 +13,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// The connection pools, one per protocol, shared by every upstream and kept across reloads.
+/// The connection pools, one per protocol, shared by every upstream and kept across reloads: `https://`
+/// upstreams, h2c upstreams and webhooks. Plain `http://` HTTP/1 upstreams use the per-thread pool of
+/// [`super::pool`], which does not spawn a task per connection.
 #[derive(Clone)]
 pub struct Clients {
     pub http1: Client<HttpsConnector, Body>,

@@ -39,7 +39,7 @@ pub enum ProxyError {
     #[error("circuit breaker open for {upstream}")]
     BreakerOpen { upstream: String, retry_after: Duration },
     #[error("cannot reach {upstream}: {source}")]
-    Unreachable { upstream: String, source: hyper_util::client::legacy::Error },
+    Unreachable { upstream: String, source: Box<dyn std::error::Error + Send + Sync> },
     #[error("{upstream} did not answer within the route's timeout")]
     Timeout { upstream: String },
     #[error("the request body is larger than the route allows")]
@@ -187,16 +187,27 @@ pub async fn forward(
         let headers = if max_retries == 0 { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
         let outbound = upstream_request(&parts, headers, info, upstream, span_id, attempt_body)?;
         let started = (Instant::now(), SystemTime::now());
-        let sent = match upstream.target.protocol {
-            Protocol::Http1 => tokio::time::timeout_at(deadline.into(), proxied.clients.http1.request(outbound)).await,
-            Protocol::H2c => tokio::time::timeout_at(deadline.into(), proxied.clients.h2c.request(outbound)).await,
-        };
+        let deadline_at = tokio::time::Instant::from_std(deadline);
+        let sent: Result<Result<Response, Box<dyn std::error::Error + Send + Sync>>, _> =
+            match (&upstream.pool, upstream.target.protocol) {
+                (Some(pool), _) => {
+                    tokio::time::timeout_at(deadline_at, pool.send(outbound)).await.map(|r| r.map_err(Into::into))
+                }
+                (None, Protocol::Http1) => {
+                    tokio::time::timeout_at(deadline_at, proxied.clients.http1.request(outbound))
+                        .await
+                        .map(|r| r.map(|response| response.map(Body::new)).map_err(Into::into))
+                }
+                (None, Protocol::H2c) => tokio::time::timeout_at(deadline_at, proxied.clients.h2c.request(outbound))
+                    .await
+                    .map(|r| r.map(|response| response.map(Body::new)).map_err(Into::into)),
+            };
         let elapsed = started.0.elapsed();
         let metrics = upstream.metrics();
         upstream.counters.duration.observe(elapsed.as_secs_f64());
 
         let outcome: Result<Response, ProxyError> = match sent {
-            Ok(Ok(response)) => Ok(response.map(Body::new)),
+            Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => Err(classify(error, &upstream.label)),
             // The client was still sending its body at the deadline: its wait, not the upstream's.
             Err(_)
@@ -293,15 +304,15 @@ impl From<BodyError> for ProxyError {
     }
 }
 
-fn classify(error: hyper_util::client::legacy::Error, upstream: &str) -> ProxyError {
-    if is_length_limit(&error) {
+fn classify(error: Box<dyn std::error::Error + Send + Sync>, upstream: &str) -> ProxyError {
+    if is_length_limit(error.as_ref()) {
         return ProxyError::BodyTooLarge;
     }
-    if crate::kernel::inbound::is_body_timeout(&error) {
+    if crate::kernel::inbound::is_body_timeout(error.as_ref()) {
         return ProxyError::BodyTimeout;
     }
     // A failure of the client's own body surfaces as a body error inside hyper's error.
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
     while let Some(e) = current {
         if e.is::<axum::Error>() {
             return ProxyError::BodyUnreadable(e.to_string());
@@ -324,12 +335,17 @@ fn upstream_request(
     let mut path = String::with_capacity(upstream.target.base_path.len() + path_and_query.len());
     path.push_str(&upstream.target.base_path);
     path.push_str(path_and_query);
-    let uri = Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    // The pool writes the URI as it is: origin-form. The other clients pick the connection by its authority.
+    let uri = if upstream.pool.is_some() {
+        Uri::try_from(path).map_err(http::Error::from)
+    } else {
+        Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query(path)
+            .build()
+    }
+    .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
@@ -353,7 +369,12 @@ fn upstream_request(
         (None, Some(host)) => {
             headers.insert(header::HOST, host);
         }
-        (None, None) => {}
+        // An HTTP/1.0 client may send no Host; HTTP/1.1 needs one.
+        (None, None) => {
+            if let Ok(host) = HeaderValue::try_from(upstream.authority.as_str()) {
+                headers.insert(header::HOST, host);
+            }
+        }
     }
     if upstream.target.protocol == Protocol::H2c {
         // HTTP/2 carries the authority (the upstream's address) in the request itself; a Host header that

@@ -13,6 +13,7 @@ use crate::kernel::breaker::{Admission, Breaker, BreakerState, Trial};
 use crate::kernel::health::{Health, HealthHandle, State};
 use crate::kernel::metrics::Metrics;
 pub use crate::kernel::net::{Clients, Overrides};
+use crate::kernel::pool::Http1Pool;
 
 /// Default of `circuitBreaker.openFor`.
 pub const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(10);
@@ -104,6 +105,8 @@ pub struct Upstream {
     pub breaker: Breaker,
     pub budget: RetryBudget,
     pub counters: crate::kernel::metrics::UpstreamCounters,
+    /// The per-thread connection pool of a plain `http://` HTTP/1 upstream; the others use [`Clients`].
+    pub pool: Option<Http1Pool>,
     /// Set when a reload drops the upstream: requests still in flight finish, but its state no longer
     /// shows in `/status` or the breaker gauge.
     health: HealthHandle,
@@ -121,6 +124,8 @@ impl Upstream {
         let host = target.host.as_deref().map(HeaderValue::try_from).transpose().map_err(|_| bad())?;
         let breaker = Breaker::new(target.breaker.0, target.breaker.1);
         let counters = crate::kernel::metrics::UpstreamCounters::new(&metrics, &label);
+        let pool = (target.scheme == "http" && target.protocol == Protocol::Http1)
+            .then(|| Http1Pool::new(target.connect.clone(), metrics.upstream_connections.with_label_values(&[&label])));
         Ok(Self {
             target,
             label,
@@ -130,6 +135,7 @@ impl Upstream {
             breaker,
             budget: RetryBudget::default(),
             counters,
+            pool,
             health,
             metrics,
         })
