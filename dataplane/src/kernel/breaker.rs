@@ -1,8 +1,12 @@
 //! A circuit breaker (per upstream, and around the Redis cache): closed → (N failures in a row) → open for
 //! a while → one trial request (half-open) → closed on success, open again on failure. Only the trial
 //! decides: a request admitted before the breaker opened that reports during the trial changes nothing.
+//!
+//! A breaker that is closed with no failure counted (every request, while an upstream is healthy) admits
+//! and takes successes without its lock: one atomic load, read by every thread without contention.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The breaker's state, as the metric reports it.
@@ -64,6 +68,8 @@ pub struct Breaker {
     threshold: u32,
     open_for: Duration,
     phase: Mutex<Phase>,
+    /// Whether the phase is `Closed { failures: 0 }`; written under the lock whenever the phase changes.
+    healthy: AtomicBool,
     /// The id of the next trial.
     trials: std::sync::atomic::AtomicU64,
 }
@@ -74,12 +80,21 @@ impl Breaker {
             threshold: threshold.max(1),
             open_for,
             phase: Mutex::new(Phase::Closed { failures: 0 }),
+            healthy: AtomicBool::new(true),
             trials: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
+    /// Closed with no failure counted: a request is admitted, and a success changes nothing.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
     /// Asks to send a request now. A transition to half-open is returned alongside.
     pub fn admit(&self, now: Instant) -> (Admission, Option<BreakerState>) {
+        if self.is_healthy() {
+            return (Admission::Allowed { trial: None }, None);
+        }
         let Ok(mut phase) = self.phase.lock() else { return (Admission::Allowed { trial: None }, None) };
         let next = || Trial(self.trials.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         match *phase {
@@ -105,7 +120,23 @@ impl Breaker {
     /// Reports the outcome of an allowed request (with the trial its admission carried); returns the state
     /// entered, if it changed.
     pub fn record(&self, trial: Option<Trial>, success: bool, now: Instant) -> Option<BreakerState> {
+        if success && trial.is_none() && self.is_healthy() {
+            return None;
+        }
         let Ok(mut phase) = self.phase.lock() else { return None };
+        let transition = Self::step(&mut phase, self.threshold, self.open_for, trial, success, now);
+        self.healthy.store(matches!(*phase, Phase::Closed { failures: 0 }), Ordering::Release);
+        transition
+    }
+
+    fn step(
+        phase: &mut Phase,
+        threshold: u32,
+        open_for: Duration,
+        trial: Option<Trial>,
+        success: bool,
+        now: Instant,
+    ) -> Option<BreakerState> {
         match (&mut *phase, success) {
             (Phase::Closed { failures }, true) => {
                 *failures = 0;
@@ -113,8 +144,8 @@ impl Breaker {
             }
             (Phase::Closed { failures }, false) => {
                 *failures += 1;
-                if *failures >= self.threshold {
-                    *phase = Phase::Open { until: now + self.open_for };
+                if *failures >= threshold {
+                    *phase = Phase::Open { until: now + open_for };
                     Some(BreakerState::Open)
                 } else {
                     None
@@ -127,7 +158,7 @@ impl Breaker {
                 Some(BreakerState::Closed)
             }
             (Phase::HalfOpen { .. }, false) => {
-                *phase = Phase::Open { until: now + self.open_for };
+                *phase = Phase::Open { until: now + open_for };
                 Some(BreakerState::Open)
             }
             // Requests admitted before the breaker opened report late; they do not change an open breaker.
@@ -168,6 +199,25 @@ mod tests {
         assert!(matches!(b.admit(later).0, Admission::Rejected { .. }), "one trial at a time");
         assert_eq!(b.record(Some(trial), true, later), Some(BreakerState::Closed));
         assert_eq!(b.admit(later).0, Admission::Allowed { trial: None });
+    }
+
+    #[test]
+    fn only_a_closed_breaker_without_failures_takes_the_lock_free_path() {
+        let b = Breaker::new(2, Duration::from_secs(10));
+        let t = Instant::now();
+        assert!(b.is_healthy());
+        assert_eq!(b.record(None, false, t), None);
+        assert!(!b.is_healthy(), "a failure is counted under the lock");
+        assert_eq!(b.record(None, true, t), None);
+        assert!(b.is_healthy(), "a success resets the count");
+        b.record(None, false, t);
+        assert_eq!(b.record(None, false, t), Some(BreakerState::Open));
+        assert!(!b.is_healthy());
+        assert!(matches!(b.admit(t).0, Admission::Rejected { .. }), "an open breaker is asked under the lock");
+        let Admission::Allowed { trial } = b.admit(t + Duration::from_secs(10)).0 else { panic!("a trial") };
+        assert!(!b.is_healthy(), "half-open");
+        assert_eq!(b.record(trial, true, t + Duration::from_secs(10)), Some(BreakerState::Closed));
+        assert!(b.is_healthy());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! failing: retries may add at most `ratio` of the requests of the current window, plus a small floor that
 //! lets a quiet upstream retry at all.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Retries may add this share of the window's requests.
@@ -12,50 +12,51 @@ pub const FLOOR: u64 = 10;
 /// Length of a window.
 pub const WINDOW: Duration = Duration::from_secs(10);
 
+/// Counters in atomics: every request of an upstream counts itself here, from any thread, without a lock.
+/// Windows are consecutive `WINDOW`s from the budget's creation; the first thread to see a new one resets
+/// the counts (a count racing with the reset may land in either window).
 #[derive(Debug)]
 pub struct RetryBudget {
-    window: Mutex<Window>,
-}
-
-#[derive(Debug)]
-struct Window {
-    started: Instant,
-    requests: u64,
-    retries: u64,
+    origin: Instant,
+    window: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
 }
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        Self { window: Mutex::new(Window { started: Instant::now(), requests: 0, retries: 0 }) }
+        Self {
+            origin: Instant::now(),
+            window: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
     }
 }
 
 impl RetryBudget {
-    fn current(&self, now: Instant) -> Option<std::sync::MutexGuard<'_, Window>> {
-        let mut window = self.window.lock().ok()?;
-        if now.duration_since(window.started) >= WINDOW {
-            *window = Window { started: now, requests: 0, retries: 0 };
+    fn roll(&self, now: Instant) {
+        let window = (now.saturating_duration_since(self.origin).as_millis() / WINDOW.as_millis()) as u64;
+        let current = self.window.load(Ordering::Acquire);
+        if window > current
+            && self.window.compare_exchange(current, window, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            self.requests.store(0, Ordering::Relaxed);
+            self.retries.store(0, Ordering::Relaxed);
         }
-        Some(window)
     }
 
     /// Counts a first attempt.
     pub fn record_request(&self, now: Instant) {
-        if let Some(mut window) = self.current(now) {
-            window.requests += 1;
-        }
+        self.roll(now);
+        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn try_retry(&self, now: Instant) -> bool {
-        let Some(mut window) = self.current(now) else { return false };
-        let allowed = FLOOR + (window.requests as f64 * RATIO) as u64;
-        if window.retries < allowed {
-            window.retries += 1;
-            true
-        } else {
-            false
-        }
+        self.roll(now);
+        let allowed = FLOOR + (self.requests.load(Ordering::Relaxed) as f64 * RATIO) as u64;
+        self.retries.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| (r < allowed).then_some(r + 1)).is_ok()
     }
 }
 

@@ -143,6 +143,9 @@ impl Upstream {
 
     /// Asks the breaker; counts refusals.
     pub fn admit(&self) -> Admission {
+        if self.breaker.is_healthy() {
+            return Admission::Allowed { trial: None };
+        }
         let (admission, transition) = self.breaker.admit(Instant::now());
         if let Some(state) = transition {
             self.transition(state);
@@ -155,6 +158,9 @@ impl Upstream {
 
     /// Reports an attempt's outcome to the breaker, with the trial its admission carried.
     pub fn record(&self, trial: Option<Trial>, success: bool) {
+        if success && trial.is_none() && self.breaker.is_healthy() {
+            return;
+        }
         if let Some(state) = self.breaker.record(trial, success, Instant::now()) {
             self.transition(state);
         }
