@@ -20,6 +20,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including every header that `Connection` names. `TE: trailers` is kept
 /// (and only that), since gRPC over HTTP/2 needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names first: most messages carry none of these, and a removal hashes its name.
+    if !headers.keys().any(|name| name == header::TE || HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -127,6 +131,17 @@ mod tests {
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-keep", "te"]);
         assert_eq!(h[header::TE], "trailers");
+
+        // Each alone, without a Connection header to name it, still goes.
+        for (name, value) in
+            [("te", "gzip"), ("proxy-authorization", "Basic eA=="), ("trailer", "x"), ("keep-alive", "1")]
+        {
+            let mut h = HeaderMap::new();
+            h.insert("x-keep", HeaderValue::from_static("yes"));
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static(value));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"], "{name}");
+        }
     }
 
     #[test]
