@@ -166,44 +166,49 @@ thread_local! {
 }
 
 /// An idle connection of this thread that is ready for a request, polled with the caller's context.
+/// Connections are polled and dropped outside the pool's borrow: that runs code that is not the pool's.
 fn checkout(pool: u64, cx: &mut Context<'_>) -> Option<Link> {
-    POOLS
-        .try_with(|pools| {
-            let mut pools = pools.borrow_mut();
-            let now = Instant::now();
-            if pools.swept.is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY) {
-                pools.swept = Some(now);
-                pools.idle.retain(|_, idle| {
-                    idle.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
-                    !idle.is_empty()
-                });
-            }
-            let idle = pools.idle.get_mut(&pool)?;
-            while let Some(Idle { mut link, since }) = idle.pop() {
-                if now.duration_since(since) >= IDLE_TIMEOUT {
-                    continue;
-                }
-                // A finished connection was closed by the upstream (or failed) while idle.
-                if Pin::new(&mut link.conn).poll(cx).is_ready() {
-                    continue;
-                }
-                if let Poll::Ready(Ok(())) = link.sender.poll_ready(cx) {
-                    return Some(link);
-                }
-            }
-            None
-        })
-        .ok()
-        .flatten()
+    loop {
+        let (found, expired) = POOLS.try_with(|pools| pop(&mut pools.borrow_mut(), pool)).ok()?;
+        drop(expired);
+        let Idle { mut link, since } = found?;
+        if since.elapsed() >= IDLE_TIMEOUT {
+            continue;
+        }
+        // A finished connection was closed by the upstream (or failed) while idle.
+        if Pin::new(&mut link.conn).poll(cx).is_ready() {
+            continue;
+        }
+        if let Poll::Ready(Ok(())) = link.sender.poll_ready(cx) {
+            return Some(link);
+        }
+    }
+}
+
+/// The most recently used connection of `pool`, and, now and then, the expired ones of every pool.
+fn pop(pools: &mut Pools, pool: u64) -> (Option<Idle>, Vec<Idle>) {
+    let now = Instant::now();
+    let mut expired = Vec::new();
+    if pools.swept.is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY) {
+        pools.swept = Some(now);
+        for idle in pools.idle.values_mut() {
+            // Oldest first: the expired ones are a prefix.
+            let end = idle.partition_point(|i| now.duration_since(i.since) >= IDLE_TIMEOUT);
+            expired.extend(idle.drain(..end));
+        }
+        pools.idle.retain(|_, idle| !idle.is_empty());
+    }
+    (pools.idle.get_mut(&pool).and_then(Vec::pop), expired)
 }
 
 fn checkin(link: Link) {
     let _ = POOLS.try_with(|pools| {
         let mut pools = pools.borrow_mut();
         let idle = pools.idle.entry(link.pool).or_default();
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle { link, since: Instant::now() });
-        }
+        // Full: the oldest goes (it is the likeliest to be closed by the upstream soon).
+        let oldest = (idle.len() >= MAX_IDLE).then(|| idle.remove(0));
+        idle.push(Idle { link, since: Instant::now() });
+        oldest
     });
 }
 
@@ -229,8 +234,12 @@ impl PooledBody {
         Body::new(body)
     }
 
+    /// Back to the pool if the connection is ready for another request. It is not when the upstream
+    /// answered before reading all of the request's body: that body is still being sent on it.
     fn release(&mut self) {
-        if let Some(link) = self.link.take() {
+        if let Some(link) = self.link.take()
+            && link.sender.is_ready()
+        {
             checkin(link);
         }
     }
@@ -270,6 +279,7 @@ impl http_body::Body for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt as _;
     use http_body_util::BodyExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
@@ -371,6 +381,25 @@ mod tests {
         assert_eq!(&first[..], b"part");
         drop(body);
         assert_eq!(idle_count(&pool), 0, "the rest of the response is still on the connection");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_still_sending_the_request_body_is_not_reused() {
+        // The upstream answers after the head, without reading the body (a 401 or 413 would).
+        let (address, _accepted) = upstream(vec![OK, OK]).await;
+        let pool = pool(address);
+        let first = futures::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from("a")))]);
+        let endless = first.chain(futures::stream::pending());
+        let request = Request::builder()
+            .method("POST")
+            .uri("/upload")
+            .header("host", "upstream")
+            .body(Body::new(http_body_util::StreamBody::new(endless)))
+            .unwrap();
+        assert_eq!(text(pool.send(request).await.unwrap()).await, "ok");
+        assert_eq!(idle_count(&pool), 0, "the request body is still being sent on it");
+        assert_eq!(text(pool.send(get("/b")).await.unwrap()).await, "ok");
+        assert_eq!(pool.opened.get(), 2);
     }
 
     #[tokio::test(flavor = "current_thread")]
