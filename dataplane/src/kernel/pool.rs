@@ -171,10 +171,7 @@ fn checkout(pool: u64, cx: &mut Context<'_>) -> Option<Link> {
     loop {
         let (found, expired) = POOLS.try_with(|pools| pop(&mut pools.borrow_mut(), pool)).ok()?;
         drop(expired);
-        let Idle { mut link, since } = found?;
-        if since.elapsed() >= IDLE_TIMEOUT {
-            continue;
-        }
+        let Idle { mut link, .. } = found?;
         // A finished connection was closed by the upstream (or failed) while idle.
         if Pin::new(&mut link.conn).poll(cx).is_ready() {
             continue;
@@ -198,7 +195,16 @@ fn pop(pools: &mut Pools, pool: u64) -> (Option<Idle>, Vec<Idle>) {
         }
         pools.idle.retain(|_, idle| !idle.is_empty());
     }
-    (pools.idle.get_mut(&pool).and_then(Vec::pop), expired)
+    let Some(idle) = pools.idle.get_mut(&pool) else { return (None, expired) };
+    match idle.pop() {
+        // The most recent has expired, so have all the others.
+        Some(top) if now.duration_since(top.since) >= IDLE_TIMEOUT => {
+            expired.push(top);
+            expired.append(idle);
+            (None, expired)
+        }
+        found => (found, expired),
+    }
 }
 
 fn checkin(link: Link) {
