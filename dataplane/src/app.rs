@@ -59,6 +59,9 @@ pub struct Options {
     pub stop_timeout: Duration,
     /// Where the Secrets named by `listeners.http.tls` are, one directory per Secret.
     pub tls_dir: PathBuf,
+    /// Threads of its own for the traffic listener, each with a current-thread runtime and a socket of the
+    /// port (`SO_REUSEPORT`); 0 serves it as a task of the caller's runtime.
+    pub traffic_threads: usize,
 }
 
 impl Options {
@@ -74,6 +77,7 @@ impl Options {
             drain_timeout: Duration::from_secs(20),
             stop_timeout: Duration::from_secs(10),
             tls_dir: PathBuf::from(crate::tls::DEFAULT_TLS_DIR),
+            traffic_threads: 0,
         }
     }
 }
@@ -89,7 +93,7 @@ pub struct App {
     options: Options,
     accepting: tokio::sync::watch::Sender<bool>,
     stop_admin: tokio::sync::watch::Sender<bool>,
-    traffic: tokio::task::JoinHandle<()>,
+    traffic: Traffic,
     admin_task: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
     tls_watcher: Option<tokio::task::JoinHandle<()>>,
@@ -129,8 +133,16 @@ impl App {
         };
         let http_address = options.http_address.unwrap_or_else(|| admin::default_address(spec.listeners.http.port));
         let admin_address = options.admin_address.unwrap_or_else(|| admin::default_address(spec.listeners.admin_port));
-        let http =
-            tokio::net::TcpListener::bind(http_address).await.with_context(|| format!("binding {http_address}"))?;
+        let http = if options.traffic_threads == 0 {
+            Listeners::One(
+                tokio::net::TcpListener::bind(http_address).await.with_context(|| format!("binding {http_address}"))?,
+            )
+        } else {
+            Listeners::PerThread(
+                server::bind_reuseport(http_address, options.traffic_threads)
+                    .with_context(|| format!("binding {http_address} with SO_REUSEPORT"))?,
+            )
+        };
         let admin_listener =
             tokio::net::TcpListener::bind(admin_address).await.with_context(|| format!("binding {admin_address}"))?;
         let (http_address, admin_address) = (http.local_addr()?, admin_listener.local_addr()?);
@@ -179,8 +191,15 @@ impl App {
         runtime.loopback().set(chain.clone());
         let limits = crate::kernel::inbound::Limits::from_spec(&spec.listeners.http);
         let tls_watcher = tls.clone().map(|tls| tokio::spawn(crate::tls::watch(tls, options.reload_interval)));
-        let traffic =
-            tokio::spawn(server::serve(http, chain, metrics, limits, tls, stop_accepting, options.drain_timeout));
+        let serving = server::Serving::new(chain, metrics, limits, tls);
+        let traffic = match http {
+            Listeners::One(http) => {
+                Traffic::Task(tokio::spawn(server::serve(http, serving, stop_accepting, options.drain_timeout)))
+            }
+            Listeners::PerThread(sockets) => {
+                Traffic::Threads(Threads::start(sockets, serving, stop_accepting, options.drain_timeout)?)
+            }
+        };
         Ok(Self {
             runtime,
             http: http_address,
@@ -206,7 +225,8 @@ impl App {
         self.admin_state.shutting_down.store(true, Ordering::Relaxed);
         tokio::time::sleep(options.shutdown_delay).await;
         let _ = self.accepting.send(false);
-        let _ = self.traffic.await;
+        let mut traffic = self.traffic;
+        traffic.drained().await;
         self.watcher.abort();
         if let Some(tls_watcher) = &self.tls_watcher {
             tls_watcher.abort();
@@ -218,6 +238,7 @@ impl App {
         if let Some(traces) = self.traces {
             tokio::task::spawn_blocking(move || traces.shutdown()).await.ok();
         }
+        traffic.exit().await;
         tracing::info!("stopped");
     }
 
@@ -230,5 +251,113 @@ impl App {
             tls_watcher.abort();
         }
         self.runtime.loopback().clear();
+    }
+}
+
+/// The traffic port's listening sockets, bound before anything is served.
+enum Listeners {
+    One(tokio::net::TcpListener),
+    PerThread(Vec<std::net::TcpListener>),
+}
+
+impl Listeners {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Self::One(listener) => listener.local_addr(),
+            Self::PerThread(sockets) => sockets[0].local_addr(),
+        }
+    }
+}
+
+/// Where the traffic listener runs.
+enum Traffic {
+    Task(tokio::task::JoinHandle<()>),
+    Threads(Threads),
+}
+
+impl Traffic {
+    /// Resolves once every listener has stopped accepting and drained; what is left to do is [`Self::exit`].
+    async fn drained(&mut self) {
+        match self {
+            Self::Task(task) => drop(task.await),
+            Self::Threads(threads) => {
+                for drained in std::mem::take(&mut threads.drained) {
+                    let _ = drained.await;
+                }
+            }
+        }
+    }
+
+    /// Ends the traffic threads, dropping their runtimes.
+    async fn exit(self) {
+        if let Self::Threads(threads) = self {
+            let _ = threads.exit.send(true);
+            let handles = threads.handles;
+            let _ = tokio::task::spawn_blocking(move || handles.into_iter().for_each(|h| drop(h.join()))).await;
+        }
+    }
+
+    fn abort(&self) {
+        match self {
+            Self::Task(task) => task.abort(),
+            Self::Threads(threads) => drop(threads.exit.send(true)),
+        }
+    }
+}
+
+/// Thread-per-core serving: one OS thread per socket of the port, each running its own current-thread
+/// runtime, so that a connection and every request on it stay on one core with that core's upstream
+/// pool, with no work stealing and no wake-ups across threads.
+struct Threads {
+    /// One per thread, resolving when it has drained.
+    drained: Vec<tokio::sync::oneshot::Receiver<()>>,
+    /// A thread keeps its runtime until this turns true (or is dropped): connections that requests opened
+    /// there (Redis, PostgreSQL, TLS and h2c upstreams) are driven by that runtime and may still be in use
+    /// by the components while they stop.
+    exit: tokio::sync::watch::Sender<bool>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Threads {
+    fn start(
+        sockets: Vec<std::net::TcpListener>,
+        serving: server::Serving,
+        stop_accepting: impl std::future::Future<Output = ()> + Send + 'static,
+        drain: Duration,
+    ) -> anyhow::Result<Self> {
+        let (exit, _) = tokio::sync::watch::channel(false);
+        let stop = futures::future::FutureExt::shared(Box::pin(stop_accepting));
+        let mut threads = Self { drained: Vec::new(), exit, handles: Vec::new() };
+        for (index, socket) in sockets.into_iter().enumerate() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a traffic thread's runtime")?;
+            let (drained, drained_rx) = tokio::sync::oneshot::channel();
+            let mut exit = threads.exit.subscribe();
+            let (serving, stop) = (serving.clone(), stop.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("umw-http-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let serve = async move {
+                            match tokio::net::TcpListener::from_std(socket) {
+                                Ok(listener) => server::serve(listener, serving, stop, drain).await,
+                                Err(error) => tracing::error!(%error, "a traffic thread cannot listen"),
+                            }
+                            let _ = drained.send(());
+                            std::future::pending::<()>().await;
+                        };
+                        tokio::select! {
+                            () = serve => {}
+                            _ = exit.wait_for(|exit| *exit) => {}
+                        }
+                    });
+                })
+                .context("starting a traffic thread")?;
+            threads.drained.push(drained_rx);
+            threads.handles.push(handle);
+        }
+        Ok(threads)
     }
 }

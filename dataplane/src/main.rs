@@ -138,15 +138,18 @@ fn main() -> ExitCode {
             return fail(termination_log, &message);
         }
     };
-    // One worker thread is a current-thread runtime: no work-stealing machinery for nothing to steal.
-    let mut builder = match cli.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(threads) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(threads.max(1));
-            builder
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
+    // One thread: one current-thread runtime serves everything, with no work-stealing machinery for
+    // nothing to steal. More: the traffic port gets that many threads of its own, each a current-thread
+    // runtime with its own `SO_REUSEPORT` socket (thread per core), and the rest (consumers, relays,
+    // admin, reloads) a multi-threaded runtime that idles unless events flow.
+    let threads = cli.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = threads.max(1);
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
     };
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
@@ -154,7 +157,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Check) => runtime.block_on(check(&cli, &path, &loaded)),
-        Some(Command::Run) | None => runtime.block_on(run(cli, path, files, loaded)),
+        Some(Command::Run) | None => runtime.block_on(run(cli, path, files, loaded, threads)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -209,7 +212,13 @@ async fn check(cli: &Cli, path: &std::path::Path, loaded: &config::Loaded) -> an
     Ok(())
 }
 
-async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Loaded) -> anyhow::Result<()> {
+async fn run(
+    cli: Cli,
+    path: PathBuf,
+    files: config::Files,
+    loaded: config::Loaded,
+    threads: usize,
+) -> anyhow::Result<()> {
     let spec = &loaded.bundle.middleware.spec;
     let format = cli.log_format.unwrap_or(spec.observability.log_format);
     let log = telemetry::init_logs(format, spec.observability.log_level.as_deref());
@@ -224,6 +233,7 @@ async fn run(cli: Cli, path: PathBuf, files: config::Files, loaded: config::Load
         drain_timeout: cli.drain_timeout,
         stop_timeout: cli.stop_timeout,
         tls_dir: cli.tls_dir.clone(),
+        traffic_threads: if threads == 1 { 0 } else { threads },
     };
     let app = App::start(options, files, loaded, log).await?;
     shutdown_signal().await;

@@ -30,17 +30,51 @@ pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and the connection is closed when one is not answered within this.
 pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `chain` on `listener` until `shutdown` resolves, then drains for at most `drain`. With `tls`,
-/// every connection is a TLS handshake first (within the header timeout).
-pub async fn serve(
-    listener: TcpListener,
-    chain: Chain,
-    metrics: Metrics,
-    limits: Limits,
-    tls: Option<Arc<Tls>>,
-    shutdown: impl Future<Output = ()>,
-    drain: Duration,
-) {
+/// What every listener of the traffic port shares, whether one task serves it or one per thread.
+#[derive(Clone)]
+pub struct Serving {
+    pub chain: Chain,
+    pub metrics: Metrics,
+    pub limits: Limits,
+    pub tls: Option<Arc<Tls>>,
+    /// Open connections over all of them: `maxConnections` is the process's limit, not a thread's.
+    pub connections: Arc<tokio::sync::Semaphore>,
+}
+
+impl Serving {
+    pub fn new(chain: Chain, metrics: Metrics, limits: Limits, tls: Option<Arc<Tls>>) -> Self {
+        let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        Self { chain, metrics, limits, tls, connections }
+    }
+}
+
+/// `count` listening sockets on one address with `SO_REUSEPORT`, for one thread each: the kernel spreads
+/// new connections over them by a hash of the client's address and port. Port 0 binds the first to a free
+/// port and the others to the same one. Only processes of the same user can join the group.
+pub fn bind_reuseport(address: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut bound = address;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(bound), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        let listener = std::net::TcpListener::from(socket);
+        bound = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Connections the kernel queues, per listening socket, before one is accepted (Tokio's default).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Serves on `listener` until `shutdown` resolves, then drains for at most `drain`. With TLS, every
+/// connection is a TLS handshake first (within the header timeout).
+pub async fn serve(listener: TcpListener, serving: Serving, shutdown: impl Future<Output = ()>, drain: Duration) {
+    let Serving { chain, metrics, limits, tls, connections } = serving;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -58,7 +92,6 @@ pub async fn serve(
         .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
         .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     let builder = Arc::new(builder);
-    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

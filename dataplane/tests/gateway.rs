@@ -397,3 +397,18 @@ async fn upstream_connections_are_reused_and_one_left_mid_body_is_not() {
     assert_eq!(opened().await, 2.0);
     assert_eq!(up.hits(), 27);
 }
+
+#[tokio::test]
+async fn traffic_threads_share_the_port_and_each_keeps_its_own_upstream_pool() {
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start_threads(&middleware(&route("all", "{}", &up.url(), ""), ""), 2).await;
+    // One request per client connection, one after the other: the kernel spreads the connections over
+    // the two sockets (the chance that one got all 32 is 2^-31), and each thread's requests take turns on
+    // that thread's one upstream connection.
+    for _ in 0..32 {
+        assert_eq!(get(&gw.url("/echo")).await.status, 200);
+    }
+    assert_eq!(gw.metric("umw_connections_accepted_total", &[]).await, 32.0);
+    assert_eq!(gw.metric("umw_upstream_connections_opened_total", &[]).await, 2.0, "one per thread");
+    assert_eq!(up.hits(), 32);
+}

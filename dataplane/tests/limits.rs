@@ -133,8 +133,18 @@ async fn a_body_that_stops_arriving_is_answered_408_not_504() {
 
 #[tokio::test]
 async fn connections_over_max_connections_are_closed_as_they_are_accepted() {
+    max_connections(0).await;
+}
+
+/// With a socket per thread, the limit is still the process's, wherever the kernel puts each connection.
+#[tokio::test]
+async fn max_connections_holds_across_traffic_threads() {
+    max_connections(2).await;
+}
+
+async fn max_connections(threads: usize) {
     let up = Upstream::start("up").await;
-    let gw = Gateway::start(&config(&up.url(), "maxConnections: 2", "")).await;
+    let gw = Gateway::start_threads(&config(&up.url(), "maxConnections: 2", ""), threads).await;
     // Two idle connections take the two places.
     let first = TcpStream::connect(gw.address).await.unwrap();
     let _second = TcpStream::connect(gw.address).await.unwrap();

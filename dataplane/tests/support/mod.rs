@@ -208,16 +208,22 @@ impl Gateway {
     }
 
     pub async fn start_with(yaml: &str, overrides: Overrides) -> Self {
-        Self::start_inner(yaml, overrides, false).await
+        Self::start_inner(yaml, overrides, false, 0).await
+    }
+
+    /// Serving the traffic port on `threads` threads of its own, as `--worker-threads` does.
+    #[allow(dead_code)]
+    pub async fn start_threads(yaml: &str, threads: usize) -> Self {
+        Self::start_inner(yaml, Overrides::default(), false, threads).await
     }
 
     /// With the in-process backends (memory cache, in-process event bus), as `--in-process-backends`.
     #[allow(dead_code)]
     pub async fn start_in_process(yaml: &str) -> Self {
-        Self::start_inner(yaml, Overrides::default(), true).await
+        Self::start_inner(yaml, Overrides::default(), true, 0).await
     }
 
-    async fn start_inner(yaml: &str, overrides: Overrides, in_process: bool) -> Self {
+    async fn start_inner(yaml: &str, overrides: Overrides, in_process: bool, threads: usize) -> Self {
         let dir = std::env::temp_dir().join(format!("umw-gw-{}-{}", std::process::id(), fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let config_file = dir.join("config.yaml");
@@ -231,6 +237,7 @@ impl Gateway {
             in_process,
             reload_interval: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(5),
+            traffic_threads: threads,
             ..Options::new(config_file.clone())
         };
         let app = App::start(options, files, loaded, LogControl::disabled()).await.unwrap_or_else(|e| panic!("{e:#}"));
