@@ -11,6 +11,10 @@
 #    latency at RATE requests/s with umw-load (open loop, no coordinated omission).
 # 3. Consumer → webhook: CONSUME records already in a topic, delivered by one data plane to an nginx webhook
 #    answering 204; events/s from first to last delivery.
+# Ingest reports the data plane's CPU time per event (its threads and librdkafka's, from /proc/<pid>/stat).
+# BEFORE=path/to/an/older/umw-dataplane runs the two ingest runs against that build too, on the same broker
+# right after each of this build's (DATAPLANE=path measures a given build as this one). LINGER_MS (5) and
+# COMPRESSION (none, gzip, snappy, lz4) set both producers alike.
 # The data plane runs on CPU 1; the broker, the load generators and the webhook share CPU 0 and 1 as the
 # kernel schedules them (a 2-core machine cannot isolate a JVM broker). Needs Java 17 and Maven (Kafka is
 # fetched by e2e/testenv/kafka.sh), nginx and wrk.
@@ -20,6 +24,9 @@ DURATION="${DURATION:-15}"
 RATE="${RATE:-2000}"
 RECORDS="${RECORDS:-300000}"
 CONSUME="${CONSUME:-100000}"
+BEFORE="${BEFORE:-}"
+LINGER_MS="${LINGER_MS:-5}"
+COMPRESSION="${COMPRESSION:-none}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 for tool in nginx wrk taskset python3 java; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx wrk util-linux python3 openjdk-17-jre-headless maven" >&2; exit 1; }
@@ -43,7 +50,7 @@ echo "payload: ${#PAYLOAD} bytes"
 
 echo "== Kafka ProducerPerformance, full speed ($RECORDS records)"
 PERF=$(bash "$KAFKA" perf-producer "$BOOT" --topic perf --num-records "$RECORDS" --record-size ${#PAYLOAD} \
-  --throughput -1 --producer-props acks=all linger.ms=5 enable.idempotence=true | tail -1)
+  --throughput -1 --producer-props acks=all linger.ms=$LINGER_MS compression.type=$COMPRESSION enable.idempotence=true | tail -1)
 echo "$PERF"
 PERF_RPS=$(echo "$PERF" | sed -E 's/.* records sent, ([0-9.]+) records\/sec.*/\1/')
 
@@ -55,7 +62,7 @@ spec:
   connections:
     kafka:
       bootstrapServers: {value: '$BOOT'}
-      producer: {linger: 5ms, maxInFlight: 100000}
+      producer: {linger: ${LINGER_MS}ms, compression: $COMPRESSION, maxInFlight: 100000}
 ---
 apiVersion: umw.dev/v1alpha1
 kind: EventRoute
@@ -65,43 +72,68 @@ spec:
   source: {http: {path: /events/bench}}
   destination: {kafka: {topic: ingest}}
 YAML
-reserve_port IN; reserve_port IN_ADMIN
-taskset -c 1 "$DP" --config "$WORK/ingest.yaml" --http-address "127.0.0.1:$IN" --admin-address "127.0.0.1:$IN_ADMIN" \
-  > "$WORK/ingest.log" 2>&1 & PIDS+=($!)
-wait_http "http://127.0.0.1:$IN_ADMIN/readyz"
-for _ in $(seq 1 100); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'content-type: application/json' -d "$PAYLOAD" "http://127.0.0.1:$IN/events/bench")" = 202 ] && break
-  sleep 0.1
-done
+BATCH=$(python3 -c '
+import json
+data = {"orderId": "o-12345", "customer": "c-987", "status": "paid", "note": "x" * 128}
+print(json.dumps([{"specversion": "1.0", "id": "b-%d" % i, "type": "order.placed", "source": "/bench", "data": data} for i in range(100)], separators=(",", ":")))')
 cat > "$WORK/post.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '$PAYLOAD'
 LUA
-echo "== HTTP ingest through the data plane, wrk ${DURATION}s, 256 connections"
-WRK=$(taskset -c 0 wrk -t2 -c256 -d"${DURATION}s" -s "$WORK/post.lua" "http://127.0.0.1:$IN/events/bench")
-echo "$WRK" | grep -E "Requests/sec|Non-2xx|Latency|errors" || true
-INGEST_RPS=$(echo "$WRK" | awk '/Requests\/sec/ {print $2}')
-NON2XX=$(echo "$WRK" | awk '/Non-2xx/ {print $5}')
-BATCH=$(python3 -c '
-import json
-data = {"orderId": "o-12345", "customer": "c-987", "status": "paid", "note": "x" * 128}
-print(json.dumps([{"specversion": "1.0", "id": "b-%d" % i, "type": "order.placed", "source": "/bench", "data": data} for i in range(100)], separators=(",", ":")))')
 cat > "$WORK/batch.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/cloudevents-batch+json"
 wrk.body = '$BATCH'
 LUA
+start_ingest() { # BINARY NAME: starts it on CPU 1, sets PORT_<NAME> and PID_<NAME>
+  reserve_port "PORT_$2"; reserve_port "ADMIN_$2"
+  local port="PORT_$2" admin="ADMIN_$2"
+  taskset -c 1 "$1" --config "$WORK/ingest.yaml" --http-address "127.0.0.1:${!port}" --admin-address "127.0.0.1:${!admin}" \
+    > "$WORK/ingest-$2.log" 2>&1 & PIDS+=($!)
+  printf -v "PID_$2" %s "$!"
+  wait_http "http://127.0.0.1:${!admin}/readyz"
+  for _ in $(seq 1 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'content-type: application/json' -d "$PAYLOAD" "http://127.0.0.1:${!port}/events/bench")" = 202 ] && break
+    sleep 0.1
+  done
+}
+ingest_run() { # NAME SCRIPT CONNECTIONS EVENTS_PER_REQUEST: prints "events/s non-2xx µs-CPU-per-event"
+  local port="PORT_$1" pid="PID_$1" before after out
+  before=$(ticks "${!pid}")
+  out=$(taskset -c 0 wrk -t2 -c"$3" -d"${DURATION}s" -s "$WORK/$2" "http://127.0.0.1:${!port}/events/bench")
+  after=$(ticks "${!pid}")
+  echo "$out" | grep -E "Requests/sec|Non-2xx|Latency|errors" >&2 || true
+  python3 - "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" "$(echo "$out" | awk '/Non-2xx/ {print $5}')" "$4" "$((after - before))" "$HZ" "$DURATION" <<'PY'
+import sys
+rps, non2xx, per, ticks, hz, duration = float(sys.argv[1]), sys.argv[2] or "0", int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+events = rps * per
+print("%.0f %s %.1f" % (events, non2xx, ticks / hz / (events * duration) * 1e6))
+PY
+}
+start_ingest "$DP" umw
+IN=$PORT_umw
+[ -z "$BEFORE" ] || start_ingest "$BEFORE" before
+echo "== HTTP ingest through the data plane, wrk ${DURATION}s, 256 connections"
+read -r INGEST_RPS NON2XX INGEST_CPU < <(ingest_run umw post.lua 256 1)
+echo "umw: $INGEST_RPS events/s, $INGEST_CPU µs CPU/event"
+if [ -n "$BEFORE" ]; then
+  read -r B_INGEST B_NON2XX B_INGEST_CPU < <(ingest_run before post.lua 256 1)
+  echo "before: $B_INGEST events/s, $B_INGEST_CPU µs CPU/event (non-2xx ${B_NON2XX:-0})"
+fi
 echo "== HTTP ingest, batches of 100 events, wrk ${DURATION}s, 64 connections"
-WRKB=$(taskset -c 0 wrk -t2 -c64 -d"${DURATION}s" -s "$WORK/batch.lua" "http://127.0.0.1:$IN/events/bench")
-echo "$WRKB" | grep -E "Requests/sec|Non-2xx|Latency|errors" || true
-BATCH_EPS=$(echo "$WRKB" | awk '/Requests\/sec/ {print $2 * 100}')
-NON2XXB=$(echo "$WRKB" | awk '/Non-2xx/ {print $5}')
+read -r BATCH_EPS NON2XXB BATCH_CPU < <(ingest_run umw batch.lua 64 100)
+echo "umw: $BATCH_EPS events/s, $BATCH_CPU µs CPU/event"
+if [ -n "$BEFORE" ]; then
+  read -r B_BATCH B_NON2XXB B_BATCH_CPU < <(ingest_run before batch.lua 64 100)
+  echo "before: $B_BATCH events/s, $B_BATCH_CPU µs CPU/event (non-2xx ${B_NON2XXB:-0})"
+  kill "$PID_before" 2>/dev/null || true
+fi
 # Latency at a moderate rate, each after a pause so that the broker has caught up with the runs above.
 sleep 10
 echo "== Kafka ProducerPerformance at $RATE records/s"
 PERF_MOD=$(bash "$KAFKA" perf-producer "$BOOT" --topic perf --num-records $((RATE * 10)) --record-size ${#PAYLOAD} \
-  --throughput "$RATE" --producer-props acks=all linger.ms=5 enable.idempotence=true | tail -1)
+  --throughput "$RATE" --producer-props acks=all linger.ms=$LINGER_MS compression.type=$COMPRESSION enable.idempotence=true | tail -1)
 echo "$PERF_MOD"
 PERF_P99=$(echo "$PERF_MOD" | sed -E 's/.* ([0-9]+) ms 99th.*/\1/')
 sleep 5
@@ -159,5 +191,10 @@ echo "== results ($(nproc) cores, $(date -u +%Y-%m-%d))"
 printf "Kafka ProducerPerformance, full speed:  %s records/s\n" "$PERF_RPS"
 printf "HTTP ingest (wrk, 256 connections):     %s events/s (non-2xx: %s)  ratio %.2f\n" "$INGEST_RPS" "${NON2XX:-0}" "$(python3 -c "print($INGEST_RPS / $PERF_RPS)")"
 printf "HTTP ingest, batches of 100 (wrk, 64):  %s events/s (non-2xx: %s)  ratio %.2f\n" "$BATCH_EPS" "${NON2XXB:-0}" "$(python3 -c "print($BATCH_EPS / $PERF_RPS)")"
+echo "data plane CPU per event: one per request $INGEST_CPU µs, in batches $BATCH_CPU µs (linger ${LINGER_MS} ms, compression $COMPRESSION)"
+if [ -n "$BEFORE" ]; then
+  printf "BEFORE: one per request %s events/s (%s µs CPU/event), batches %s events/s (%s µs CPU/event); now/before %.2f× and %.2f×\n" \
+    "$B_INGEST" "$B_INGEST_CPU" "$B_BATCH" "$B_BATCH_CPU" "$(python3 -c "print($INGEST_RPS / $B_INGEST)")" "$(python3 -c "print($BATCH_EPS / $B_BATCH)")"
+fi
 printf "p99 at %s/s: ProducerPerformance %s ms, HTTP ingest (202 = acknowledged) %s ms\n" "$RATE" "$PERF_P99" "$INGEST_P99"
 printf "consumer → webhook: %s events/s\n" "$CONSUME_RPS"

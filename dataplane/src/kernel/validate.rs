@@ -21,7 +21,7 @@ const MAX_VALIDATED_BODY: usize = 1024 * 1024;
 const MAX_SCHEMA_ERRORS: usize = 50;
 
 /// Bodies larger than this are parsed off the request threads.
-const BLOCKING_ABOVE: usize = 64 * 1024;
+pub(crate) const BLOCKING_ABOVE: usize = 64 * 1024;
 
 /// The stage the runtime puts in the pipeline of a route with a schema.
 pub struct Validate;

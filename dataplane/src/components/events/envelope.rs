@@ -88,13 +88,32 @@ impl StructuredSerializer<Wire> for Collector {
 }
 
 /// The event as a Kafka record's headers and value.
+/// In binary mode the data is the value as it came (an ingested JSON body is published byte for byte); in
+/// structured mode JSON data kept as bytes is written as the envelope's `data`, not as `data_base64`.
 pub fn to_kafka(event: &Event, format: Format) -> Result<Wire, String> {
     let collector = Collector { prefix: "ce_", wire: Wire::default() };
     match format {
         Format::Binary => BinaryDeserializer::deserialize_binary(event.clone(), collector),
-        Format::Structured => StructuredDeserializer::deserialize_structured(event.clone(), collector),
+        Format::Structured => StructuredDeserializer::deserialize_structured(with_json_data(event), collector),
     }
     .map_err(|e| e.to_string())
+}
+
+/// The event with JSON data kept as bytes parsed into JSON, for a structured envelope.
+fn with_json_data(event: &Event) -> Event {
+    let mut event = event.clone();
+    if let Some(Data::Binary(bytes)) = event.data()
+        && is_json_type(event.datacontenttype())
+        && let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes)
+    {
+        event.set_data_unchecked(Data::Json(value));
+    }
+    event
+}
+
+/// Whether a `datacontenttype` says JSON (an absent one does, as CloudEvents 1.0 reads it).
+fn is_json_type(content_type: Option<&str>) -> bool {
+    content_type.is_none_or(|t| t.starts_with("application/json") || t.starts_with("text/json") || t.ends_with("+json"))
 }
 
 /// The event as an HTTP request's `ce-*` headers and body (binary content mode).
@@ -197,14 +216,12 @@ pub fn from_http(headers: &http::HeaderMap, body: Vec<u8>, defaults: &Defaults) 
     if let Some(subject) = header("ce-subject") {
         builder = builder.subject(subject);
     }
-    let data = if content_type.starts_with("application/json") || content_type.ends_with("+json") {
-        let json: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| format!("the body is not JSON ({e})"))?;
-        Data::Json(json)
-    } else {
-        Data::Binary(body)
-    };
-    builder.data(content_type, data).build().map_err(|e| e.to_string())
+    // A JSON body is checked, not kept parsed: it is published as it came, and what needs its fields (a
+    // filter, a key template, a schema) parses it then.
+    if is_json_type(Some(&content_type)) {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| format!("the body is not JSON ({e})"))?;
+    }
+    builder.data(content_type, Data::Binary(body)).build().map_err(|e| e.to_string())
 }
 
 /// Where an event breaks the CloudEvents 1.0 specification, one `(attribute, reason)` per problem: the
@@ -297,9 +314,11 @@ pub fn json_data(event: &Event) -> Option<serde_json::Value> {
         Data::Json(value) => Some(value.clone()),
         Data::String(s) => serde_json::from_str(s).ok(),
         Data::Binary(bytes) => {
-            let json_type =
-                event.datacontenttype().is_none_or(|t| t.starts_with("application/json") || t.ends_with("+json"));
-            if json_type { serde_json::from_slice(bytes).ok() } else { None }
+            if is_json_type(event.datacontenttype()) {
+                serde_json::from_slice(bytes).ok()
+            } else {
+                None
+            }
         }
     }
 }
@@ -377,6 +396,28 @@ mod tests {
         assert_eq!(event.id().len(), 36);
         assert_eq!(json_data(&event).unwrap()["id"], 7);
         assert!(from_http(&headers, b"not json".to_vec(), &defaults).unwrap_err().contains("not JSON"));
+        assert!(from_http(&headers, br#"{"id":7} trailing"#.to_vec(), &defaults).unwrap_err().contains("not JSON"));
+    }
+
+    #[test]
+    fn an_ingested_json_body_is_published_as_it_came_and_as_json_in_an_envelope() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        let defaults = Defaults { ty: "orders".into(), source: "/ns/shop".into() };
+        let body = br#"{ "id": 7,  "note": "spaces kept" }"#;
+        let event = from_http(&headers, body.to_vec(), &defaults).unwrap();
+        assert_eq!(to_kafka(&event, Format::Binary).unwrap().body, body, "byte for byte");
+        assert_eq!(to_http(&event).unwrap().body, body);
+        let envelope: serde_json::Value =
+            serde_json::from_slice(&to_kafka(&event, Format::Structured).unwrap().body).unwrap();
+        assert_eq!(envelope["data"]["id"], 7, "{envelope}");
+        assert!(envelope.get("data_base64").is_none(), "{envelope}");
+        // Data that is not JSON stays base64 in an envelope.
+        headers.insert("content-type", "application/octet-stream".parse().unwrap());
+        let event = from_http(&headers, vec![0, 159, 146, 150], &defaults).unwrap();
+        let envelope: serde_json::Value =
+            serde_json::from_slice(&to_kafka(&event, Format::Structured).unwrap().body).unwrap();
+        assert_eq!(envelope["data_base64"], "AJ+Slg==");
     }
 
     #[test]

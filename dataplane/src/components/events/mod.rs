@@ -417,7 +417,7 @@ impl Ingest {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with(envelope::BATCH));
         if batch {
-            return self.handle_batch(&bytes, trace).await;
+            return self.handle_batch(bytes, trace).await;
         }
         let mut event = match envelope::from_http(&parts.headers, bytes.to_vec(), &route.defaults) {
             Ok(event) => event,
@@ -544,71 +544,22 @@ impl Ingest {
     /// Kafka concurrently, so that they share the producer's batches). `202` with each event's partition
     /// and offset when every one was acknowledged; otherwise a `503` naming the events to send again (the
     /// others are in Kafka).
-    async fn handle_batch(&self, body: &[u8], trace: Option<String>) -> Response {
+    async fn handle_batch(&self, body: bytes::Bytes, trace: Option<String>) -> Response {
         let route = &self.route;
-        let events: Vec<Event> = match serde_json::from_slice::<Vec<serde_json::Value>>(body) {
-            Ok(values) if values.len() > MAX_BATCH => {
+        // A large batch is parsed and checked off the request threads, so that it does not stall the others.
+        let parsed = if body.len() > crate::kernel::validate::BLOCKING_ABOVE {
+            let route = route.clone();
+            tokio::task::spawn_blocking(move || parse_batch(&route, &body, trace.as_deref()))
+                .await
+                .unwrap_or_else(|_| Err(Problem::new(kinds::INVALID_EVENT, "the batch could not be read").into()))
+        } else {
+            parse_batch(route, &body, trace.as_deref())
+        };
+        let events = match parsed {
+            Ok(events) => events,
+            Err(problem) => {
                 route.count("invalid");
-                return Problem::new(
-                    kinds::INVALID_EVENT,
-                    format!("{} events in one batch; at most {MAX_BATCH}", values.len()),
-                )
-                .into_response();
-            }
-            Ok(values) => {
-                let mut events = Vec::with_capacity(values.len());
-                let mut problems = Vec::new();
-                let mut not_events = Vec::new();
-                for (i, value) in values.into_iter().enumerate() {
-                    match serde_json::from_value::<Event>(value) {
-                        Ok(mut event) => {
-                            for (attribute, reason) in envelope::nonconformities(&event) {
-                                not_events.push(attribute_problem(&format!("/{i}"), &attribute, &reason));
-                            }
-                            if event.extension(envelope::TRACEPARENT).is_none()
-                                && let Some(traceparent) = &trace
-                            {
-                                event.set_extension(envelope::TRACEPARENT, traceparent.clone());
-                            }
-                            for mut violation in route.violations(&event) {
-                                violation.pointer = format!("/{i}/data{}", violation.pointer);
-                                problems.push(violation);
-                            }
-                            events.push(event);
-                        }
-                        Err(error) => not_events.push(FieldProblem {
-                            pointer: format!("/{i}"),
-                            detail: format!("not a CloudEvent: {error}"),
-                        }),
-                    }
-                }
-                if !not_events.is_empty() {
-                    route.count("invalid");
-                    return Problem::new(
-                        kinds::INVALID_EVENT,
-                        format!(
-                            "{} problem(s) make elements of the batch invalid CloudEvents 1.0; nothing was published",
-                            not_events.len()
-                        ),
-                    )
-                    .with_errors(not_events)
-                    .into_response();
-                }
-                if !problems.is_empty() {
-                    route.count("invalid");
-                    return Problem::new(
-                        kinds::EVENT_SCHEMA,
-                        format!("{} problem(s) in the batch; nothing was published", problems.len()),
-                    )
-                    .with_errors(problems)
-                    .into_response();
-                }
-                events
-            }
-            Err(error) => {
-                route.count("invalid");
-                return Problem::new(kinds::INVALID_EVENT, format!("a batch is a JSON array of CloudEvents: {error}"))
-                    .into_response();
+                return problem.into_response();
             }
         };
         let results = futures::future::join_all(events.iter().map(|event| async move {
@@ -663,6 +614,72 @@ impl Ingest {
         .retry_after(1)
         .into_response()
     }
+}
+
+/// A batch's events, each a valid CloudEvent 1.0 passing the route's schema and carrying the trace
+/// context, or the problem that refuses the whole batch. The array is split without parsing its elements
+/// into a tree first; each element is read as an event directly.
+fn parse_batch(route: &EventRouteRuntime, body: &[u8], trace: Option<&str>) -> Result<Vec<Event>, Box<Problem>> {
+    let elements = match serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(body) {
+        Ok(elements) if elements.len() > MAX_BATCH => {
+            return Err(Problem::new(
+                kinds::INVALID_EVENT,
+                format!("{} events in one batch; at most {MAX_BATCH}", elements.len()),
+            )
+            .into());
+        }
+        Ok(elements) => elements,
+        Err(error) => {
+            return Err(
+                Problem::new(kinds::INVALID_EVENT, format!("a batch is a JSON array of CloudEvents: {error}")).into()
+            );
+        }
+    };
+    let mut events = Vec::with_capacity(elements.len());
+    let mut problems = Vec::new();
+    let mut not_events = Vec::new();
+    for (i, element) in elements.into_iter().enumerate() {
+        match serde_json::from_str::<Event>(element.get()) {
+            Ok(mut event) => {
+                for (attribute, reason) in envelope::nonconformities(&event) {
+                    not_events.push(attribute_problem(&format!("/{i}"), &attribute, &reason));
+                }
+                if event.extension(envelope::TRACEPARENT).is_none()
+                    && let Some(traceparent) = trace
+                {
+                    event.set_extension(envelope::TRACEPARENT, traceparent.to_string());
+                }
+                for mut violation in route.violations(&event) {
+                    violation.pointer = format!("/{i}/data{}", violation.pointer);
+                    problems.push(violation);
+                }
+                events.push(event);
+            }
+            Err(error) => {
+                not_events.push(FieldProblem { pointer: format!("/{i}"), detail: format!("not a CloudEvent: {error}") })
+            }
+        }
+    }
+    if !not_events.is_empty() {
+        return Err(Problem::new(
+            kinds::INVALID_EVENT,
+            format!(
+                "{} problem(s) make elements of the batch invalid CloudEvents 1.0; nothing was published",
+                not_events.len()
+            ),
+        )
+        .with_errors(not_events)
+        .into());
+    }
+    if !problems.is_empty() {
+        return Err(Problem::new(
+            kinds::EVENT_SCHEMA,
+            format!("{} problem(s) in the batch; nothing was published", problems.len()),
+        )
+        .with_errors(problems)
+        .into());
+    }
+    Ok(events)
 }
 
 /// A problem with one attribute of an event, at `<prefix>/<attribute>`.
