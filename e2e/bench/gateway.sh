@@ -11,7 +11,9 @@
 # as the baseline); the proxy's CPU time per request, at a fixed rate (RATE, default 5000/s, ROUNDS × 10 s in alternating order; from
 # /proc/<pid>/stat) and under wrk, with how busy wrk's own core was (1.00: the load generator was the
 # limit); resident memory idle and after load; and the data plane's start-to-ready time.
-# BEFORE=path/to/an/older/umw-dataplane adds that build as a third proxy, in the same rounds.
+# BEFORE=path/to/an/older/umw-dataplane adds that build as a third proxy, in the same rounds. H2C=1 makes
+# the third proxy this build with `protocol: H2C` to the upstream instead (the upstream nginx then also
+# speaks HTTP/2 with prior knowledge on a second port): HTTP/1.1 against h2c to the upstream, same run.
 # PROXY_CORES=2 gives each proxy both cores (two nginx workers; two data-plane worker threads), shared
 # with the load and the upstream: requests/s then says little, the CPU per request at a fixed rate says
 # what running on two cores costs per request.
@@ -23,6 +25,9 @@ ROUNDS="${ROUNDS:-2}"
 CONNECTIONS="${CONNECTIONS:-64}"
 RATE="${RATE:-5000}"
 BEFORE="${BEFORE:-}"
+H2C="${H2C:-}"
+THIRD=before
+if [ -n "$H2C" ]; then THIRD=h2c; fi
 PROXY_CORES="${PROXY_CORES:-1}"
 case "$PROXY_CORES" in
   1) PROXY_CPUS=1; PROXY_AFFINITY=10 ;;
@@ -48,7 +53,7 @@ rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 nginx_rss_kib() { local total=0; for p in $(nginx_pids "$1"); do total=$((total + $(rss_kib "$p"))); done; echo "$total"; }
 
-reserve_port UP; reserve_port NGX; reserve_port UMW; reserve_port ADMIN
+reserve_port UP; reserve_port UP2; reserve_port NGX; reserve_port UMW; reserve_port ADMIN
 BODY='{"products":[{"id":1,"name":"Kettle","price":29.0},{"id":2,"name":"Teapot","price":19.5},{"id":3,"name":"Mug","price":7.25}]}'
 
 nginx_conf() { # name cpu body
@@ -73,7 +78,8 @@ CONF
 }
 
 # The upstream: nginx answering a fixed body, on CPU 0.
-conf=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 200 '$BODY'; } }")
+conf=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 200 '$BODY'; } }
+  server { listen 127.0.0.1:$UP2 http2; location / { default_type application/json; return 200 '$BODY'; } }")
 taskset -c 0 "$NGINX" -c "$conf" -p "$WORK/upstream" & PIDS+=($!)
 
 # nginx as the reverse proxy, one worker on CPU 1, keep-alive to the upstream.
@@ -94,6 +100,9 @@ spec:
       upstream: {url: 'http://127.0.0.1:$UP'}
   observability: {logLevel: warn}
 YAML
+sed -e "s|url: 'http://127.0.0.1:$UP'}|url: 'http://127.0.0.1:$UP2', protocol: H2C}|" "$WORK/umw.yaml" > "$WORK/umw-h2c.yaml"
+THIRD_CONFIG="$WORK/umw.yaml"
+if [ -n "$H2C" ]; then BEFORE="$DP"; THIRD_CONFIG="$WORK/umw-h2c.yaml"; fi
 start_ns=$(date +%s%N)
 taskset -c "$PROXY_CPUS" "$DP" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$UMW" --admin-address "127.0.0.1:$ADMIN" \
   --worker-threads "$PROXY_CORES" 2> "$WORK/umw.log" & DP_PID=$!; PIDS+=($DP_PID)
@@ -101,7 +110,7 @@ until curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1; do sleep 0.002;
 ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
 if [ -n "$BEFORE" ]; then
   reserve_port OLD; reserve_port OLD_ADMIN
-  taskset -c "$PROXY_CPUS" "$BEFORE" --config "$WORK/umw.yaml" --http-address "127.0.0.1:$OLD" \
+  taskset -c "$PROXY_CPUS" "$BEFORE" --config "$THIRD_CONFIG" --http-address "127.0.0.1:$OLD" \
     --admin-address "127.0.0.1:$OLD_ADMIN" --worker-threads "$PROXY_CORES" 2> "$WORK/before.log" & OLD_PID=$!; PIDS+=($OLD_PID)
   until curl -sf "http://127.0.0.1:$OLD_ADMIN/readyz" >/dev/null 2>&1; do sleep 0.01; done
 fi
@@ -158,7 +167,7 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round umw:   $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err, ${cpu} µs CPU/request, wrk core ${busy}" >&2
   if [ -n "$BEFORE" ]; then
     read -r rps p50 p99 err cpu busy < <(wrk_run $OLD $OLD_PID); B_RPS+=($rps); B_CPU+=($cpu); B_BUSY+=($busy)
-    echo "round $round before: $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err, ${cpu} µs CPU/request, wrk core ${busy}" >&2
+    echo "round $round $THIRD: $rps req/s p50 ${p50}ms p99 ${p99}ms non-2xx $err, ${cpu} µs CPU/request, wrk core ${busy}" >&2
   fi
 done
 umw_hwm=$(hwm_kib $DP_PID); nginx_after=$(nginx_rss_kib "$NGX_MASTER")
@@ -190,12 +199,12 @@ for round in $(seq 1 "$ROUNDS"); do
       b) [ -n "$BEFORE" ] || continue; read -r v _ < <(fixed_cpu $OLD $OLD_PID); b_all+=("$v") ;;
     esac
   done
-  echo "round $round at $RATE req/s: nginx ${n_all[-1]}, umw ${u_all[-1]}${BEFORE:+, before ${b_all[-1]}} µs/request" >&2
+  echo "round $round at $RATE req/s: nginx ${n_all[-1]}, umw ${u_all[-1]}${BEFORE:+, $THIRD ${b_all[-1]}} µs/request" >&2
 done
 mean() { printf '%s\n' "$@" | awk '{ s += $1; n++ } END { printf "%.2f", n ? s / n : 0 }'; }
 n_fixed=$(mean "${n_all[@]}"); u_fixed=$(mean "${u_all[@]}"); b_fixed=0
 if [ -n "$BEFORE" ]; then b_fixed=$(mean "${b_all[@]}"); fi
-echo "nginx ${n_fixed} µs/request ($n_fixed_err errors), umw ${u_fixed} µs/request ($u_fixed_err errors)${BEFORE:+, before $b_fixed µs/request}" >&2
+echo "nginx ${n_fixed} µs/request ($n_fixed_err errors), umw ${u_fixed} µs/request ($u_fixed_err errors)${BEFORE:+, $THIRD $b_fixed µs/request}" >&2
 
 echo "== umw-load: 1000 req/s for 10s, direct and through each proxy" >&2
 load() { taskset -c 0 "$LOAD" --url "http://127.0.0.1:$1/" --rate 1000 --duration 10s --connections 16; }
@@ -204,7 +213,7 @@ field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]
 
 python3 - "$n_rps" "$u_rps" "$n_p50" "$u_p50" "$n_p99" "$u_p99" "$direct" "$via_nginx" "$via_umw" \
   "$umw_idle" "$umw_hwm" "$nginx_idle" "$nginx_after" "$ready_median" "$CONNECTIONS" "$DURATION" "$ROUNDS" \
-  "$n_cpu" "$u_cpu" "$n_busy" "$u_busy" "$n_fixed" "$u_fixed" "$RATE" "$b_rps" "$b_cpu" "$b_busy" "$b_fixed" "$umw_anon" <<'PY'
+  "$n_cpu" "$u_cpu" "$n_busy" "$u_busy" "$n_fixed" "$u_fixed" "$RATE" "$b_rps" "$b_cpu" "$b_busy" "$b_fixed" "$THIRD" "$umw_anon" <<'PY'
 import json, sys
 a = sys.argv[1:]
 n_rps, u_rps, n_p50, u_p50, n_p99, u_p99 = map(float, a[0:6])
@@ -214,6 +223,8 @@ conns, duration, rounds = a[14:17]
 n_cpu, u_cpu, n_busy, u_busy, n_fixed, u_fixed = map(float, a[17:23])
 rate = a[23]
 b_rps, b_cpu, b_busy, b_fixed = map(float, a[24:28])
+third = "The same build, h2c to the upstream" if a[28] == "h2c" else "The build given as BEFORE"
+versus = "HTTP/1.1 upstream / h2c" if a[28] == "h2c" else "now/before"
 print(f"| Figure | nginx | umw-dataplane | ratio (umw/nginx) |")
 print(f"|---|---|---|---|")
 print(f"| Requests/s (wrk, {conns} connections, {rounds}×{duration}s, mean) | {n_rps:,.0f} | {u_rps:,.0f} | **{u_rps/n_rps:.2f}×** |")
@@ -221,7 +232,7 @@ print(f"| Proxy CPU per request, at {rate} req/s (umw-load, {rounds}×10 s, mean
 print(f"| Proxy CPU per request under wrk | {n_cpu:.1f} µs | {u_cpu:.1f} µs | {u_cpu/n_cpu:.2f}× |")
 print(f"| Load generator's core busy under wrk (wrk and the upstream; 1.00: it was the limit) | {n_busy:.2f} | {u_busy:.2f} | |")
 if b_rps:
-    print(f"| The build given as BEFORE: requests/s, CPU/request at {rate} req/s, under wrk, wrk's core | | {b_rps:,.0f}, {b_fixed:.1f} µs, {b_cpu:.1f} µs, {b_busy:.2f} | now/before: {u_rps/b_rps:.2f}× req/s, {u_fixed/b_fixed:.2f}× CPU |")
+    print(f"| {third}: requests/s, CPU/request at {rate} req/s, under wrk, wrk's core | | {b_rps:,.0f}, {b_fixed:.1f} µs, {b_cpu:.1f} µs, {b_busy:.2f} | {versus}: {u_rps/b_rps:.2f}× req/s, {u_fixed/b_fixed:.2f}× CPU |")
 print(f"| p50 latency under that load | {n_p50:.3f} ms | {u_p50:.3f} ms | {u_p50/n_p50:.2f}× |")
 print(f"| p99 latency under that load | {n_p99:.3f} ms | {u_p99:.3f} ms | {u_p99/n_p99:.2f}× |")
 for p in ("p50", "p99"):
