@@ -91,9 +91,17 @@ struct RunArgs {
     /// thousands of Middlewares.
     #[arg(long, default_value_t = 16)]
     max_concurrent_reconciles: u16,
+    /// Triggers of one object that arrive within this of each other (a Deployment's status moving
+    /// through a rollout, the operator's own status write) make one reconcile; 0 reconciles on each.
+    #[arg(long, default_value = "1s", value_parser = parse_duration_or_zero)]
+    reconcile_debounce: Duration,
     /// Log format: json or text.
     #[arg(long, env = "UMW_LOG_FORMAT", default_value = "text")]
     log_format: String,
+}
+
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    if text == "0" { Ok(Duration::ZERO) } else { parse_duration(text) }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -191,6 +199,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             concurrency: args.health_concurrency,
         },
         max_concurrent_reconciles: args.max_concurrent_reconciles,
+        reconcile_debounce: args.reconcile_debounce,
     };
 
     let leader = args.leader_election.then(|| {

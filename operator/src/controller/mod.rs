@@ -53,6 +53,8 @@ pub struct Config {
     pub health: crate::health::PollSettings,
     /// Reconciles running at once, per controller.
     pub max_concurrent_reconciles: u16,
+    /// Triggers of one object that arrive within this of each other make one reconcile (0: none merged).
+    pub reconcile_debounce: Duration,
 }
 
 /// Read-only caches of every kind the controllers read.
@@ -500,7 +502,7 @@ pub async fn run(
         .reconcile_on(futures::stream::unfold(health_triggers, |mut rx| async move {
             rx.recv().await.map(|object| (object, rx))
         }))
-        .with_config(controller_config(ctx.config.max_concurrent_reconciles))
+        .with_config(controller_config(ctx.config.max_concurrent_reconciles, ctx.config.reconcile_debounce))
         .graceful_shutdown_on(shutdown.clone())
         .run(middleware::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -554,8 +556,8 @@ where
 
 /// Reconciles running at once, per controller: bounds the memory of a burst (an operator start over
 /// thousands of objects) without slowing a steady state.
-fn controller_config(concurrency: u16) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(concurrency)
+fn controller_config(concurrency: u16, debounce: Duration) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(concurrency).debounce(debounce)
 }
 
 /// What the stores keep of each kind: what the reconcilers read, and no more. A watch event still carries
@@ -656,7 +658,7 @@ async fn policy_controller<P>(
     P: policy::PolicyKind + DeserializeOwned + Debug,
 {
     let PolicyTriggers { own, peers, targets } = triggers;
-    let concurrency = ctx.config.max_concurrent_reconciles;
+    let (concurrency, debounce) = (ctx.config.max_concurrent_reconciles, ctx.config.reconcile_debounce);
     let by_target = store.clone();
     let by_peer = store.clone();
     let memory = TargetMemory::new(store.clone());
@@ -681,7 +683,7 @@ async fn policy_controller<P>(
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .with_config(controller_config(concurrency))
+        .with_config(controller_config(concurrency, debounce))
         .graceful_shutdown_on(shutdown)
         .run(policy::reconcile::<P>, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
