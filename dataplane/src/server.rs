@@ -93,6 +93,8 @@ pub async fn serve(listener: TcpListener, serving: Serving, shutdown: impl Futur
         .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    // This thread's idle upstream connections are closed when they expire even if no request comes.
+    let sweeper = tokio::spawn(crate::kernel::pool::sweep_now_and_then());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -137,6 +139,7 @@ pub async fn serve(listener: TcpListener, serving: Serving, shutdown: impl Futur
         });
     }
     drop(listener);
+    sweeper.abort();
     tracing::info!(deadline = ?drain, "stopped accepting; draining in-flight requests");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("drained"),

@@ -39,8 +39,10 @@ pub const MAX_IDLE: usize = 512;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// TCP keep-alive probes find pooled connections whose peer vanished without a reset.
 const KEEPALIVE: Duration = Duration::from_secs(30);
-/// How often a thread's pools are swept of expired connections (on a checkout, not by a timer).
+/// How often a busy thread's pools are swept of expired connections, on a checkout.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often [`sweep_now_and_then`] sweeps, so that a thread gone quiet does not keep its idle connections.
+const SWEEP_IDLE_EVERY: Duration = Duration::from_secs(15);
 
 type Conn = Connection<TokioIo<TcpStream>, Body>;
 type Sender = SendRequest<Body>;
@@ -205,6 +207,41 @@ fn pop(pools: &mut Pools, pool: u64) -> (Option<Idle>, Vec<Idle>) {
         }
         found => (found, expired),
     }
+}
+
+/// Closes, every few seconds, this thread's idle connections that expired or that their upstream closed.
+/// Each thread that serves traffic runs it, since a checkout sweeps only the thread it runs on.
+pub async fn sweep_now_and_then() {
+    loop {
+        tokio::time::sleep(SWEEP_IDLE_EVERY).await;
+        sweep_at(Instant::now());
+    }
+}
+
+/// Sweeps this thread's pools as of `now`: connections idle for [`IDLE_TIMEOUT`] are closed, and those the
+/// upstream closed are dropped. The connections are polled and dropped outside the pool's borrow.
+fn sweep_at(now: Instant) {
+    let Ok(mut taken) = POOLS.try_with(|pools| std::mem::take(&mut pools.borrow_mut().idle)) else { return };
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut expired = Vec::new();
+    for idle in taken.values_mut() {
+        // Oldest first: the expired ones are a prefix.
+        let end = idle.partition_point(|i| now.saturating_duration_since(i.since) >= IDLE_TIMEOUT);
+        expired.extend(idle.drain(..end));
+        // Pending while open; ready once the upstream closed it (or it failed).
+        idle.retain_mut(|i| Pin::new(&mut i.link.conn).poll(&mut cx).is_pending());
+    }
+    taken.retain(|_, idle| !idle.is_empty());
+    drop(expired);
+    let _ = POOLS.try_with(|pools| {
+        let mut pools = pools.borrow_mut();
+        // Nothing runs on this thread in between, but keep whatever is there, after the older ones.
+        for (pool, mut idle) in std::mem::replace(&mut pools.idle, taken) {
+            pools.idle.entry(pool).or_default().append(&mut idle);
+        }
+        pools.swept = Some(now);
+    });
 }
 
 fn checkin(link: Link) {
@@ -375,6 +412,23 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(text(pool.send(get("/b")).await.unwrap()).await, "ok");
         assert_eq!(pool.opened.get(), 2);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sweep_closes_expired_connections_and_drops_those_the_upstream_closed() {
+        // Open and idle: kept by a sweep now, closed by one after the idle timeout, with no checkout.
+        let (address, _accepted) = upstream(vec![OK, OK]).await;
+        let open = pool(address);
+        assert_eq!(text(open.send(get("/a")).await.unwrap()).await, "ok");
+        // Closed by its upstream after one answer: dropped by the next sweep.
+        let (address, _accepted) = upstream(vec![OK]).await;
+        let closed = pool(address);
+        assert_eq!(text(closed.send(get("/a")).await.unwrap()).await, "ok");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sweep_at(Instant::now());
+        assert_eq!((idle_count(&open), idle_count(&closed)), (1, 0));
+        sweep_at(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(idle_count(&open), 0);
     }
 
     #[tokio::test(flavor = "current_thread")]
