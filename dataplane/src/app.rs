@@ -197,7 +197,19 @@ impl App {
                 Traffic::Task(tokio::spawn(server::serve(http, serving, stop_accepting, options.drain_timeout)))
             }
             Listeners::PerThread(sockets) => {
-                Traffic::Threads(Threads::start(sockets, serving, stop_accepting, options.drain_timeout)?)
+                match Threads::start(sockets, serving, stop_accepting, options.drain_timeout, health.clone()).await {
+                    Ok(threads) => Traffic::Threads(threads),
+                    Err(error) => {
+                        // Nothing is left running: the threads started so far end with the dropped `exit`.
+                        admin_task.abort();
+                        watcher.abort();
+                        if let Some(tls_watcher) = &tls_watcher {
+                            tls_watcher.abort();
+                        }
+                        runtime.loopback().clear();
+                        return Err(error);
+                    }
+                }
             }
         };
         Ok(Self {
@@ -319,44 +331,67 @@ struct Threads {
 }
 
 impl Threads {
-    fn start(
+    /// Starts one thread per socket; each builds its runtime and starts listening before this returns.
+    /// A thread that stops by a panic (its requests' panics are caught per request) turns the `http`
+    /// component down, so that the pod is taken out of its Service, and is logged and counted.
+    async fn start(
         sockets: Vec<std::net::TcpListener>,
         serving: server::Serving,
         stop_accepting: impl std::future::Future<Output = ()> + Send + 'static,
         drain: Duration,
+        health: Health,
     ) -> anyhow::Result<Self> {
+        use futures::FutureExt as _;
         let (exit, _) = tokio::sync::watch::channel(false);
-        let stop = futures::future::FutureExt::shared(Box::pin(stop_accepting));
+        let stop = Box::pin(stop_accepting).shared();
         let mut threads = Self { drained: Vec::new(), exit, handles: Vec::new() };
         for (index, socket) in sockets.into_iter().enumerate() {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting a traffic thread's runtime")?;
+            let name = format!("umw-http-{index}");
+            let (started, started_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
             let (drained, drained_rx) = tokio::sync::oneshot::channel();
             let mut exit = threads.exit.subscribe();
-            let (serving, stop) = (serving.clone(), stop.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("umw-http-{index}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        let serve = async move {
-                            match tokio::net::TcpListener::from_std(socket) {
-                                Ok(listener) => server::serve(listener, serving, stop, drain).await,
-                                Err(error) => tracing::error!(%error, "a traffic thread cannot listen"),
-                            }
-                            let _ = drained.send(());
-                            std::future::pending::<()>().await;
-                        };
-                        tokio::select! {
-                            () = serve => {}
-                            _ = exit.wait_for(|exit| *exit) => {}
+            let (serving, stop, health) = (serving.clone(), stop.clone(), health.clone());
+            let thread = name.clone();
+            // The runtime is built in the thread: a spawn that fails then drops nothing that needs a runtime.
+            let spawned = std::thread::Builder::new().name(name.clone()).spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => return drop(started.send(Err(format!("building its runtime: {error}")))),
+                };
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(socket) {
+                        Ok(listener) => listener,
+                        Err(error) => return drop(started.send(Err(format!("listening: {error}")))),
+                    };
+                    let _ = started.send(Ok(()));
+                    let serve = async move {
+                        let served = std::panic::AssertUnwindSafe(server::serve(listener, serving, stop, drain));
+                        if let Err(panic) = served.catch_unwind().await {
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "(no message)".into());
+                            tracing::error!(thread = %thread, panic = %what, "a traffic thread stopped");
+                            crate::kernel::metrics::PANICS.inc();
+                            health.set("http", State::Down, format!("traffic thread {thread} stopped: {what}"), true);
                         }
-                    });
-                })
-                .context("starting a traffic thread")?;
-            threads.drained.push(drained_rx);
+                        let _ = drained.send(());
+                        std::future::pending::<()>().await;
+                    };
+                    tokio::select! {
+                        () = serve => {}
+                        _ = exit.wait_for(|exit| *exit) => {}
+                    }
+                });
+            });
+            let handle = spawned.with_context(|| format!("starting traffic thread {name}"))?;
             threads.handles.push(handle);
+            match started_rx.await {
+                Ok(Ok(())) => threads.drained.push(drained_rx),
+                Ok(Err(error)) => anyhow::bail!("traffic thread {name}: {error}"),
+                Err(_) => anyhow::bail!("traffic thread {name} stopped while starting"),
+            }
         }
         Ok(threads)
     }

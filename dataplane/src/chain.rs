@@ -128,7 +128,6 @@ async fn serve(runtime: Arc<Runtime>, mut request: Request<Body>) -> Response {
         trace,
         route: route.cloned(),
         deadline,
-        answer_at_deadline: false,
         principal: None,
     });
     // Counts the request as in flight until the future ends, however it ends: a client that goes away

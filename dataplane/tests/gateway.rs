@@ -123,7 +123,7 @@ async fn a_slow_upstream_gets_a_504_at_the_route_timeout() {
     assert_eq!(r.json()["type"], "https://umw.dev/problems/upstream-timeout");
     assert!(elapsed < Duration::from_secs(4), "answered at the deadline, not when the upstream finished: {elapsed:?}");
     assert_eq!(gw.metric("umw_upstream_requests_total", &["outcome=\"timeout\""]).await, 1.0);
-    assert_eq!(gw.metric("umw_gateway_errors_total", &["route=\"slow\"", "kind=\"timeout\""]).await, 1.0);
+    assert_eq!(gw.metric("umw_gateway_errors_total", &["route=\"slow\"", "kind=\"upstream_timeout\""]).await, 1.0);
     // A client that gives up before the deadline is not the upstream's timeout.
     let gave_up = tokio::time::timeout(Duration::from_millis(100), get(&gw.url("/slow/5000"))).await;
     assert!(gave_up.is_err());

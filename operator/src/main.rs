@@ -101,7 +101,9 @@ struct RunArgs {
 }
 
 fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
-    if text == "0" { Ok(Duration::ZERO) } else { parse_duration(text) }
+    // `0`, `0s`, `0ms`...: zero in any unit.
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    if !digits.is_empty() && digits.bytes().all(|b| b == b'0') { Ok(Duration::ZERO) } else { parse_duration(text) }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -270,4 +272,19 @@ fn identity() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let random = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
     format!("{base}_{:08x}", random & 0xffff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_debounce_of_zero_is_accepted_in_any_unit() {
+        for zero in ["0", "0s", "0ms", "00s"] {
+            assert_eq!(parse_duration_or_zero(zero), Ok(Duration::ZERO), "{zero}");
+        }
+        assert_eq!(parse_duration_or_zero("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_duration_or_zero("s").is_err());
+        assert!(parse_duration_or_zero("soon").is_err());
+    }
 }

@@ -34,12 +34,8 @@ pub struct RequestInfo {
     pub trace: TraceContext,
     /// The route that takes the request; `None` when no route does.
     pub route: Option<Arc<Route>>,
-    /// When the route's timeout expires: the chain then drops the request's future and answers 504 (one
-    /// timer per request; what runs under it need not keep one of its own).
+    /// When the route's timeout expires.
     pub deadline: Option<Instant>,
-    /// Set by a caller that must have an answer at the deadline instead of being dropped with what it
-    /// called (the commands component records a handler's 504): the proxy then times the exchange itself.
-    pub answer_at_deadline: bool,
     /// Set by an authentication stage.
     pub principal: Option<Arc<Principal>>,
 }

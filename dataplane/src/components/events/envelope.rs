@@ -217,9 +217,10 @@ pub fn from_http(headers: &http::HeaderMap, body: Vec<u8>, defaults: &Defaults) 
         builder = builder.subject(subject);
     }
     // A JSON body is checked, not kept parsed: it is published as it came, and what needs its fields (a
-    // filter, a key template, a schema) parses it then.
+    // filter, a key template, a schema) parses it then. Checked by parsing it whole, as those will: a
+    // lighter check (serde's `IgnoredAny`) lets through invalid UTF-8, lone surrogates and any nesting depth.
     if is_json_type(Some(&content_type)) {
-        serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| format!("the body is not JSON ({e})"))?;
+        serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| format!("the body is not JSON ({e})"))?;
     }
     builder.data(content_type, Data::Binary(body)).build().map_err(|e| e.to_string())
 }
@@ -396,7 +397,12 @@ mod tests {
         assert_eq!(event.id().len(), 36);
         assert_eq!(json_data(&event).unwrap()["id"], 7);
         assert!(from_http(&headers, b"not json".to_vec(), &defaults).unwrap_err().contains("not JSON"));
-        assert!(from_http(&headers, br#"{"id":7} trailing"#.to_vec(), &defaults).unwrap_err().contains("not JSON"));
+        // Nested deeper than the gateway reads (serde_json's limit of 128), though well-formed.
+        let deep = [vec![b'['; 200], vec![b']'; 200]].concat();
+        for bad in [&br#"{"id":7} trailing"#[..], b"{\"sku\":\"\xff\"}", br#"{"a":"\udc00"}"#, &deep] {
+            let error = from_http(&headers, bad.to_vec(), &defaults).unwrap_err();
+            assert!(error.contains("not JSON"), "{}: {error}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -549,9 +549,19 @@ impl Ingest {
         // A large batch is parsed and checked off the request threads, so that it does not stall the others.
         let parsed = if body.len() > crate::kernel::validate::BLOCKING_ABOVE {
             let route = route.clone();
-            tokio::task::spawn_blocking(move || parse_batch(&route, &body, trace.as_deref()))
-                .await
-                .unwrap_or_else(|_| Err(Problem::new(kinds::INVALID_EVENT, "the batch could not be read").into()))
+            match tokio::task::spawn_blocking(move || parse_batch(&route, &body, trace.as_deref())).await {
+                Ok(parsed) => parsed,
+                // A panic while reading it (or a runtime shutting down): the gateway's failure, not the client's.
+                Err(error) => {
+                    tracing::error!(%error, route = %self.route.name, "reading a batch failed");
+                    crate::kernel::metrics::PANICS.inc();
+                    return Problem::new(
+                        crate::kernel::problem::kinds::INTERNAL,
+                        "the gateway failed to read this batch",
+                    )
+                    .into_response();
+                }
+            }
         } else {
             parse_batch(route, &body, trace.as_deref())
         };

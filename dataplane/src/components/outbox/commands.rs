@@ -181,11 +181,9 @@ impl Command {
                 return Problem::new(kinds::INVALID_COMMAND, "the request cannot be sent to the handler")
                     .into_response();
             };
-            // The handler's route, with the command's deadline: its endpoint forwards to the upstream, and
-            // answers 504 at the deadline rather than being dropped, so that the command's outcome is known.
+            // The handler's route, with the command's deadline: its endpoint forwards to the upstream.
             let mut through = info.clone();
             through.route = Some(handler.clone());
-            through.answer_at_deadline = true;
             let response = handler.endpoint.call(forward, through).await;
             let status = response.status();
             let retry_after = response

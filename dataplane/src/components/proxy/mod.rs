@@ -187,40 +187,21 @@ pub async fn forward(
         let headers = if max_retries == 0 { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
         let outbound = upstream_request(&parts, headers, info, upstream, span_id, attempt_body)?;
         let started = (Instant::now(), SystemTime::now());
-        let mut attempt_record = Attempt {
-            upstream,
-            route,
-            info,
-            parts: &parts,
-            trial,
-            deadline,
-            started,
-            span_id,
-            resend: attempt,
-            armed: true,
-        };
-        let exchange = async {
-            let sent: Result<Response, Box<dyn std::error::Error + Send + Sync>> =
-                match (&upstream.pool, upstream.target.protocol) {
-                    (Some(pool), _) => pool.send(outbound).await.map_err(Into::into),
-                    (None, Protocol::Http1) => {
-                        proxied.clients.http1.request(outbound).await.map(|r| r.map(Body::new)).map_err(Into::into)
-                    }
-                    (None, Protocol::H2c) => {
-                        proxied.clients.h2c.request(outbound).await.map(|r| r.map(Body::new)).map_err(Into::into)
-                    }
-                };
-            sent
-        };
-        // One timer per request: the chain's bounds the exchange and answers 504 by dropping it at the
-        // deadline (`Attempt`'s drop counts that). A caller that needs the answer itself has it timed here.
-        let sent = if info.deadline.is_some() && !info.answer_at_deadline {
-            Ok(exchange.await)
-        } else {
-            tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), exchange).await
-        };
-        attempt_record.armed = false;
-        drop(attempt_record);
+        let deadline_at = tokio::time::Instant::from_std(deadline);
+        let sent: Result<Result<Response, Box<dyn std::error::Error + Send + Sync>>, _> =
+            match (&upstream.pool, upstream.target.protocol) {
+                (Some(pool), _) => {
+                    tokio::time::timeout_at(deadline_at, pool.send(outbound)).await.map(|r| r.map_err(Into::into))
+                }
+                (None, Protocol::Http1) => {
+                    tokio::time::timeout_at(deadline_at, proxied.clients.http1.request(outbound))
+                        .await
+                        .map(|r| r.map(|response| response.map(Body::new)).map_err(Into::into))
+                }
+                (None, Protocol::H2c) => tokio::time::timeout_at(deadline_at, proxied.clients.h2c.request(outbound))
+                    .await
+                    .map(|r| r.map(|response| response.map(Body::new)).map_err(Into::into)),
+            };
         let elapsed = started.0.elapsed();
         let metrics = upstream.metrics();
         upstream.counters.duration.observe(elapsed.as_secs_f64());
@@ -229,7 +210,12 @@ pub async fn forward(
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => Err(classify(error, &upstream.label)),
             // The client was still sending its body at the deadline: its wait, not the upstream's.
-            Err(_) if waiting_on_client(&parts) => {
+            Err(_)
+                if parts
+                    .extensions
+                    .get::<crate::kernel::inbound::BodyProgress>()
+                    .is_some_and(|b| b.waiting_on_client()) =>
+            {
                 route.metrics.http_refused.with_label_values(&[crate::kernel::inbound::reasons::BODY_TIMEOUT]).inc();
                 Err(ProxyError::BodyTimeout)
             }
@@ -250,8 +236,25 @@ pub async fn forward(
             upstream.record(trial, !failed);
         }
         if let Some(traces) = &route.traces {
-            let status = outcome.as_ref().ok().map(|response| response.status().as_u16());
-            attempt_span(traces, info, route, upstream, &parts, span_id, started.1, attempt, status, failed);
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", parts.method.to_string()),
+                KeyValue::new("server.address", upstream.target.connect.clone()),
+                KeyValue::new("url.path", parts.uri.path().to_string()),
+            ];
+            if let Ok(response) = &outcome {
+                attributes.push(KeyValue::new("http.response.status_code", i64::from(response.status().as_u16())));
+            }
+            if attempt > 0 {
+                attributes.push(KeyValue::new("http.request.resend_count", i64::from(attempt)));
+            }
+            traces.client_span(
+                &info.trace,
+                span_id,
+                format!("{} {}", parts.method, route.name),
+                started.1,
+                attributes,
+                failed,
+            );
         }
 
         let retryable = match (&outcome, retry) {
@@ -284,86 +287,6 @@ pub async fn forward(
         metrics.upstream_retries.with_label_values(&[&upstream.label]).inc();
         attempt += 1;
     }
-}
-
-/// An attempt in flight. The chain answers a passed deadline by dropping the exchange: an attempt dropped at
-/// or after its deadline is counted here as the upstream's timeout (or the client's, when the client was
-/// still sending its body), with its breaker report and span; one dropped before it (the client went away)
-/// is not counted.
-struct Attempt<'a> {
-    upstream: &'a Upstream,
-    route: &'a Route,
-    info: &'a RequestInfo,
-    parts: &'a Parts,
-    trial: Option<crate::kernel::breaker::Trial>,
-    deadline: Instant,
-    started: (Instant, SystemTime),
-    span_id: [u8; 8],
-    resend: u32,
-    armed: bool,
-}
-
-impl Drop for Attempt<'_> {
-    fn drop(&mut self) {
-        if !self.armed || Instant::now() < self.deadline {
-            return;
-        }
-        let upstream = self.upstream;
-        upstream.counters.duration.observe(self.started.0.elapsed().as_secs_f64());
-        if waiting_on_client(self.parts) {
-            upstream.counters.outcome(upstream.metrics(), "client_error");
-        } else {
-            upstream.counters.outcome(upstream.metrics(), "timeout");
-            upstream.record(self.trial, false);
-        }
-        if let Some(traces) = &self.route.traces {
-            attempt_span(
-                traces,
-                self.info,
-                self.route,
-                upstream,
-                self.parts,
-                self.span_id,
-                self.started.1,
-                self.resend,
-                None,
-                true,
-            );
-        }
-    }
-}
-
-/// Whether the request's body reader is waiting for the client.
-fn waiting_on_client(parts: &Parts) -> bool {
-    parts.extensions.get::<crate::kernel::inbound::BodyProgress>().is_some_and(|b| b.waiting_on_client())
-}
-
-/// The client span of one attempt.
-#[allow(clippy::too_many_arguments)]
-fn attempt_span(
-    traces: &crate::kernel::telemetry::Traces,
-    info: &RequestInfo,
-    route: &Route,
-    upstream: &Upstream,
-    parts: &Parts,
-    span_id: [u8; 8],
-    started: SystemTime,
-    resend: u32,
-    status: Option<u16>,
-    failed: bool,
-) {
-    let mut attributes = vec![
-        KeyValue::new("http.request.method", parts.method.to_string()),
-        KeyValue::new("server.address", upstream.target.connect.clone()),
-        KeyValue::new("url.path", parts.uri.path().to_string()),
-    ];
-    if let Some(status) = status {
-        attributes.push(KeyValue::new("http.response.status_code", i64::from(status)));
-    }
-    if resend > 0 {
-        attributes.push(KeyValue::new("http.request.resend_count", i64::from(resend)));
-    }
-    traces.client_span(&info.trace, span_id, format!("{} {}", parts.method, route.name), started, attributes, failed);
 }
 
 /// The error for a request body that could not be read.
