@@ -98,37 +98,34 @@ start_ingest() { # BINARY NAME: starts it on CPU 1, sets PORT_<NAME> and PID_<NA
     sleep 0.1
   done
 }
-ingest_run() { # NAME SCRIPT CONNECTIONS EVENTS_PER_REQUEST: prints "events/s non-2xx µs-CPU-per-event"
+ingest_run() { # NAME SCRIPT CONNECTIONS EVENTS_PER_REQUEST: prints "events/s non-2xx µs-CPU-per-event" (and, on stderr, a line saying so)
   local port="PORT_$1" pid="PID_$1" before after out
   before=$(ticks "${!pid}")
   out=$(taskset -c 0 wrk -t2 -c"$3" -d"${DURATION}s" -s "$WORK/$2" "http://127.0.0.1:${!port}/events/bench")
   after=$(ticks "${!pid}")
   echo "$out" | grep -E "Requests/sec|Non-2xx|Latency|errors" >&2 || true
-  python3 - "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" "$(echo "$out" | awk '/Non-2xx/ {print $5}')" "$4" "$((after - before))" "$HZ" "$DURATION" <<'PY'
+  local result events non2xx cpu
+  result=$(python3 - "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" "$(echo "$out" | awk '/Non-2xx/ {print $5}')" "$4" "$((after - before))" "$HZ" "$DURATION" <<'PY'
 import sys
 rps, non2xx, per, ticks, hz, duration = float(sys.argv[1]), sys.argv[2] or "0", int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
 events = rps * per
 print("%.0f %s %.1f" % (events, non2xx, ticks / hz / (events * duration) * 1e6))
 PY
+)
+  read -r events non2xx cpu <<<"$result"
+  echo "$1: $events events/s, $cpu µs CPU/event (non-2xx ${non2xx:-0})" >&2
+  echo "$result"
 }
 start_ingest "$DP" umw
 IN=$PORT_umw
 [ -z "$BEFORE" ] || start_ingest "$BEFORE" before
 echo "== HTTP ingest through the data plane, wrk ${DURATION}s, 256 connections"
 read -r INGEST_RPS NON2XX INGEST_CPU < <(ingest_run umw post.lua 256 1)
-echo "umw: $INGEST_RPS events/s, $INGEST_CPU µs CPU/event"
-if [ -n "$BEFORE" ]; then
-  read -r B_INGEST B_NON2XX B_INGEST_CPU < <(ingest_run before post.lua 256 1)
-  echo "before: $B_INGEST events/s, $B_INGEST_CPU µs CPU/event (non-2xx ${B_NON2XX:-0})"
-fi
+[ -z "$BEFORE" ] || read -r B_INGEST B_NON2XX B_INGEST_CPU < <(ingest_run before post.lua 256 1)
 echo "== HTTP ingest, batches of 100 events, wrk ${DURATION}s, 64 connections"
 read -r BATCH_EPS NON2XXB BATCH_CPU < <(ingest_run umw batch.lua 64 100)
-echo "umw: $BATCH_EPS events/s, $BATCH_CPU µs CPU/event"
-if [ -n "$BEFORE" ]; then
-  read -r B_BATCH B_NON2XXB B_BATCH_CPU < <(ingest_run before batch.lua 64 100)
-  echo "before: $B_BATCH events/s, $B_BATCH_CPU µs CPU/event (non-2xx ${B_NON2XXB:-0})"
-  kill "$PID_before" 2>/dev/null || true
-fi
+[ -z "$BEFORE" ] || read -r B_BATCH B_NON2XXB B_BATCH_CPU < <(ingest_run before batch.lua 64 100)
+[ -z "$BEFORE" ] || kill "$PID_before" 2>/dev/null || true
 # Latency at a moderate rate, each after a pause so that the broker has caught up with the runs above.
 sleep 10
 echo "== Kafka ProducerPerformance at $RATE records/s"
