@@ -22,7 +22,7 @@ use crate::policy::{Policy, PolicyStatus, section_key};
     status = "PolicyStatus",
     derive = "PartialEq",
     derive = "Default",
-    doc = "Authentication (JWT/JWKS, OIDC login with sessions, API keys), rate limits and authorization (OPA policies compiled to Wasm, role rules) for routes of a Middleware. Not enforced yet: accepted and rendered into the data-plane configuration; the data plane acts on it from the auth release on, and the Enforced condition says so.",
+    doc = "Authentication (JWT/JWKS, OIDC login with sessions, API keys), rate limits and authorization (OPA policies compiled to Wasm, role rules) for routes of a Middleware. The Enforced condition says which fields this data-plane version acts on.",
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Enforced", type_ = "string", json_path = ".status.conditions[?(@.type==\"Enforced\")].status"),
     printcolumn(
@@ -77,8 +77,10 @@ pub struct Jwt {
     /// refused. Defaults to false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub optional: bool,
-    /// Claims copied to upstream request headers, e.g. `sub: X-User-Id`.
+    /// Claims copied to upstream request headers, e.g. `sub: X-User-Id`. The client's own copies of these
+    /// headers are always removed, with or without a token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub claims_to_headers: Vec<ClaimToHeader>,
 }
 
@@ -93,21 +95,49 @@ pub struct JwtIssuer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("pattern" = "^https?://"))]
     pub jwks_uri: Option<String>,
-    /// Accepted `aud` values; at least one must be present in the token. Empty means any.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Accepted `aud` values: the token's `aud` must name at least one. A token without `aud` is refused.
+    #[schemars(length(min = 1, max = 16))]
     pub audiences: Vec<String>,
-    /// Allowed clock skew. Defaults to 30s.
+    /// Allowed clock skew for `exp` and `nbf`. Defaults to 30s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leeway: Option<Duration>,
+    /// Signature algorithms accepted from this issuer. Defaults to `RS256`, `PS256` and `ES256`. Symmetric
+    /// algorithms and `none` are never accepted; a key whose JWK names an `alg` is used with that one only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// Accepted values of the token's `typ` header (compared without case and without an `application/`
+    /// prefix; a token without `typ` counts as `JWT`). Defaults to `at+jwt` (RFC 9068 access tokens), which
+    /// keeps ID tokens and logout tokens out; add `JWT` for an issuer that does not type its access tokens.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub token_types: Vec<String>,
+}
+
+/// A JWS algorithm with a public key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum JwtAlgorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
 }
 
 /// A claim copied to a request header.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimToHeader {
-    /// Claim name.
+    /// Claim name. A string is copied as it is, a number or boolean as its JSON text, an array or object as
+    /// its JSON.
+    #[schemars(length(min = 1, max = 256))]
     pub claim: String,
     /// Header name.
+    #[schemars(length(min = 1, max = 256), extend("pattern" = crate::common::HEADER_NAME_PATTERN))]
     pub header: String,
 }
 
@@ -288,11 +318,20 @@ impl Policy for AuthPolicy {
     }
 
     fn rule_violations(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
         let secret = self.spec.oidc.as_ref().map(|o| &o.client_secret);
-        match secret.map(crate::validate::value_source) {
-            Some(Err(message)) => vec![("spec.oidc.clientSecret".to_string(), message)],
-            _ => Vec::new(),
+        if let Some(Err(message)) = secret.map(crate::validate::value_source) {
+            out.push(("spec.oidc.clientSecret".to_string(), message));
         }
+        for (i, issuer) in self.spec.jwt.iter().flat_map(|j| j.issuers.iter()).enumerate() {
+            let urls = [("issuer", Some(&issuer.issuer)), ("jwksUri", issuer.jwks_uri.as_ref())];
+            for (field, url) in urls {
+                if let Some(Err(message)) = url.map(|u| crate::validate::HttpUrl::parse(u)) {
+                    out.push((format!("spec.jwt.issuers[{i}].{field}"), message));
+                }
+            }
+        }
+        out
     }
 
     fn policy_status(&self) -> Option<&PolicyStatus> {
@@ -304,12 +343,9 @@ impl Policy for AuthPolicy {
     }
 
     fn not_enforced_fields(&self) -> Vec<&'static str> {
-        // Authentication and authorization land with the auth issue.
+        // JWT is enforced; the other kinds land one by one.
         let mut fields = Vec::new();
         let spec = &self.spec;
-        if spec.jwt.is_some() {
-            fields.push("spec.jwt");
-        }
         if spec.oidc.is_some() {
             fields.push("spec.oidc");
         }

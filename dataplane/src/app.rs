@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::admin::{self, Admin};
+use crate::components::auth::component::Auth;
 use crate::components::cache::component::CacheComponent;
 use crate::components::events::component::Events;
 use crate::components::outbox::component::Outbox;
@@ -29,6 +30,7 @@ pub fn components() -> Vec<Arc<dyn Component>> {
     vec![
         Arc::new(Proxy::default()),
         Arc::new(Events::default()),
+        Arc::new(Auth::default()),
         Arc::new(CacheComponent::default()),
         Arc::new(Outbox::default()),
     ]

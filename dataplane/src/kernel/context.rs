@@ -24,6 +24,8 @@ pub struct Principal {
     pub subject: String,
     /// How it was established (`jwt`, `session`, `api-key`).
     pub scheme: &'static str,
+    /// The verified claims of its token (empty without one).
+    pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The request's context.

@@ -96,6 +96,13 @@ pub struct Metrics {
     pub http_refused: IntCounterVec,
     /// Background tasks started, stopped, replaced or failed to start, by component, kind and event.
     pub tasks: IntCounterVec,
+    /// Authentication decisions, by policy, kind (`jwt`) and outcome (`allowed`, `anonymous`, `missing`,
+    /// `invalid`).
+    pub auth_decisions: IntCounterVec,
+    /// Tokens refused, by policy and reason (see [`crate::components::auth::jwt::Reject`]).
+    pub auth_jwt_rejections: IntCounterVec,
+    /// JWKS and discovery fetches, by issuer and outcome (`ok`, `error`).
+    pub auth_jwks_fetches: IntCounterVec,
     /// TLS handshakes on the traffic listener, by outcome (see [`tls_outcomes`]).
     pub tls_handshakes: IntCounterVec,
     /// Rotations of the listener's certificates, by outcome (`applied`, `rejected`).
@@ -212,6 +219,21 @@ impl Metrics {
                 "umw_cache_warmups_total",
                 "Warm-up fetches by outcome (ok, error)",
                 &["outcome"],
+            )?,
+            auth_decisions: counter_vec(
+                "umw_auth_decisions_total",
+                "Authentication decisions, by policy, kind and outcome (allowed, anonymous, missing, invalid)",
+                &["policy", "kind", "outcome"],
+            )?,
+            auth_jwt_rejections: counter_vec(
+                "umw_auth_jwt_rejections_total",
+                "Bearer tokens refused, by policy and reason",
+                &["policy", "reason"],
+            )?,
+            auth_jwks_fetches: counter_vec(
+                "umw_auth_jwks_fetches_total",
+                "Fetches of an issuer's keys (discovery and JWKS), by issuer and outcome (ok, error)",
+                &["issuer", "outcome"],
             )?,
             commands: counter_vec("umw_commands_total", "Commands by command and outcome", &["command", "outcome"])?,
             outbox_published: counter_vec("umw_outbox_published_total", "Outbox rows published, by table", &["table"])?,
