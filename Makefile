@@ -20,10 +20,11 @@ dev: build $(if $(filter real,$(NODE)),images) ## Local control plane, operator,
 test: testenv lint build images ## Everything: formatting, lints, unit tests, CRD drift, e2e against a real control plane and a real node
 	bash e2e/testenv/cargo-test.sh
 
-testenv: ## Build (once, cached) the control plane, kubelet, CoreDNS, kubectl and helm; fetch Apache Kafka from Maven Central; install the Debian packages the tests use
+testenv: ## Build (once, cached) the control plane, kubelet, CoreDNS, kubectl and helm; fetch Apache Kafka from Maven Central; install the Debian packages the tests use and the test OpenID provider (npm ci)
 	bash e2e/testenv/packages.sh
 	bash e2e/testenv/build-tools.sh
 	bash e2e/testenv/kafka.sh fetch
+	bash e2e/testenv/idp.sh
 
 images: ## Build both images from their Dockerfiles with buildah (base images made from Debian packages; cached)
 	bash e2e/testenv/packages.sh

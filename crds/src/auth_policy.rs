@@ -98,6 +98,11 @@ pub struct JwtIssuer {
     /// Accepted `aud` values: the token's `aud` must name at least one. A token without `aud` is refused.
     #[schemars(length(min = 1, max = 16))]
     pub audiences: Vec<String>,
+    /// How long a fetched key set is used before it is fetched again (in the background, while the old set
+    /// keeps serving). A token naming a key not in the set triggers a fetch at once, at most one per 5s.
+    /// Defaults to 5m; values under 5s count as 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_refresh_interval: Option<Duration>,
     /// Allowed clock skew for `exp` and `nbf`. Defaults to 30s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leeway: Option<Duration>,

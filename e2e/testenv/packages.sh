@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real, when they are missing: redis-server and openssl (the
 # cache's integration tests start private instances of it), Java and Maven (the Kafka broker of the event
-# tests), PostgreSQL (commands and the outbox; the tests start private clusters with initdb), and what
-# builds and runs the images on a real node (buildah, debootstrap, containerd, runc, the CNI plugins). Run as root (or with passwordless sudo); otherwise it names the command to run and fails.
+# tests), PostgreSQL (commands and the outbox; the tests start private clusters with initdb), Node.js and
+# npm (the auth tests' OpenID provider), and what builds and runs the images on a real node (buildah,
+# debootstrap, containerd, runc, the CNI plugins). Run as root (or with passwordless sudo); otherwise it
+# names the command to run and fails.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
@@ -16,6 +18,9 @@ command -v mvn >/dev/null || missing+=(maven)
 # PostgreSQL server binaries live under /usr/lib/postgresql/<version>/bin; psql is the client.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)
+# The auth tests' OpenID provider (oidc-provider from npm, e2e/testenv/idp.sh) runs on Node.js.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 # The images and the real node (images.sh, node.sh): buildah and debootstrap build the images, containerd
 # and runc run them, the CNI plugins give pods their network, nftables holds kube-proxy's rules.
 command -v buildah >/dev/null || missing+=(buildah)

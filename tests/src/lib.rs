@@ -7,9 +7,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod idp;
 pub mod kafka;
 pub mod ports;
 pub mod postgres;
+pub use idp::IdentityProvider;
 pub use kafka::KafkaBroker;
 pub use postgres::PostgresServer;
 

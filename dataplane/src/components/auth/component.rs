@@ -12,7 +12,7 @@ use kube::ResourceExt as _;
 use umw_crds::auth_policy::JwtAlgorithm;
 use umw_crds::validate::{HttpUrl, duration_or};
 
-use super::jwks::{Issuer, Source};
+use super::jwks::{Issuer, REFRESH, Source};
 use super::jwt::{Trusted, normalise_type};
 use super::stage::{AuthStage, JwtAuth};
 use crate::kernel::component::{BuildCx, Built, Component, StageEntry};
@@ -67,7 +67,11 @@ impl Component for Auth {
                         problems.push(format!("{field}.{what}: {why}"));
                     }
                 }
-                let source = Source { issuer: issuer.issuer.clone(), jwks_uri: issuer.jwks_uri.clone() };
+                let source = Source {
+                    issuer: issuer.issuer.clone(),
+                    jwks_uri: issuer.jwks_uri.clone(),
+                    refresh: duration_or(issuer.jwks_refresh_interval.as_ref(), REFRESH),
+                };
                 let shared = used.get(&source).or_else(|| pool.get(&source)).cloned().unwrap_or_else(|| {
                     Issuer::new(source.clone(), env.clients.clone(), env.metrics.auth_jwks_fetches.clone())
                 });

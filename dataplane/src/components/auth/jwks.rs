@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::kernel::net::Clients;
 
-/// How long a key set is used before it is fetched again in the background.
+/// How long a key set is used before it is fetched again in the background, unless configured.
 pub const REFRESH: Duration = Duration::from_secs(300);
 /// The shortest time between two fetches of one issuer's keys.
 pub const COOLDOWN: Duration = Duration::from_secs(5);
@@ -195,6 +195,8 @@ pub struct Source {
     pub issuer: String,
     /// The configured `jwksUri`; without one, discovery finds it.
     pub jwks_uri: Option<String>,
+    /// How long a fetched set is used before it is fetched again (at least [`COOLDOWN`]).
+    pub refresh: Duration,
 }
 
 /// One issuer's keys, shared by every policy and snapshot that trusts it.
@@ -235,9 +237,7 @@ impl Issuer {
             }
             return found;
         }
-        if !self.may_fetch() {
-            return found;
-        }
+        // Waits for a fetch under way (the first one, started with the configuration, included).
         let _flight = self.flight.lock().await;
         // Another request may have fetched while this one waited.
         let found = self.keys.load().candidates(kid, algorithm);
@@ -256,7 +256,11 @@ impl Issuer {
     }
 
     fn stale(&self) -> bool {
-        self.fetched.lock().map(|f| f.is_none_or(|at| at.elapsed() >= REFRESH)).unwrap_or(false) && self.may_fetch()
+        self.fetched
+            .lock()
+            .map(|f| f.is_none_or(|at| at.elapsed() >= self.source.refresh.max(COOLDOWN)))
+            .unwrap_or(false)
+            && self.may_fetch()
     }
 
     fn may_fetch(&self) -> bool {

@@ -1,12 +1,14 @@
 //! Checking a bearer token (RFC 7519, with the practices of RFC 8725): the application, not the token,
 //! picks the algorithm; each key checks one algorithm family (or the one its JWK names); `exp`, `iss` and
 //! `aud` are required, `nbf` is honoured, all with the issuer's leeway; the `typ` header keeps ID and
-//! logout tokens out; header parameters that point at other keys (`jku`, `x5u`, `jwk`) are refused, never
-//! followed. Why a token was refused goes to the log and a metric, never to the client.
+//! logout tokens out; header parameters that point at other keys (`jku`, `x5u`, `jwk`, `x5c`) are refused,
+//! never followed, and so is any `crit` (no extension is understood). Why a token was refused goes to the
+//! log and a metric, never to the client.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
@@ -90,8 +92,12 @@ pub async fn verify(trusted: &[Trusted], token: &str) -> Result<Claims, Reject> 
     if token.bytes().filter(|b| *b == b'.').count() != 2 {
         return Err(Reject::Malformed);
     }
-    let header = jsonwebtoken::decode_header(token).map_err(|_| Reject::Malformed)?;
-    if header.jku.is_some() || header.x5u.is_some() || header.jwk.is_some() {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| unparsed_header(token))?;
+    if header.jku.is_some() || header.x5u.is_some() || header.jwk.is_some() || header.x5c.is_some() {
+        return Err(Reject::Header);
+    }
+    // No extension is understood, so none may be critical (RFC 7515 §4.1.11).
+    if header.crit.is_some() {
         return Err(Reject::Header);
     }
     if header.kid.as_ref().is_some_and(|k| k.len() > MAX_KID) {
@@ -141,6 +147,17 @@ pub async fn verify(trusted: &[Trusted], token: &str) -> Result<Claims, Reject> 
         }
     }
     Err(last)
+}
+
+/// Why a header that does not parse was refused: an `alg` that names no algorithm (`none` in any casing,
+/// or a made-up one) is told apart from a header that is not JSON.
+fn unparsed_header(token: &str) -> Reject {
+    let segment = token.split('.').next().unwrap_or_default();
+    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(segment) else { return Reject::Malformed };
+    match serde_json::from_slice::<Value>(&json) {
+        Ok(Value::Object(header)) if header.get("alg").is_some_and(Value::is_string) => Reject::Algorithm,
+        _ => Reject::Malformed,
+    }
 }
 
 /// A `typ` value as compared: lower case, without the `application/` prefix (RFC 7515 §4.1.9).
