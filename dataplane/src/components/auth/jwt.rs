@@ -104,10 +104,17 @@ pub async fn verify(trusted: &[Trusted], token: &str) -> Result<Claims, Reject> 
         return Err(Reject::Header);
     }
     let typ = normalise_type(header.typ.as_deref().unwrap_or("JWT"));
-    // Which issuer is only a hint until the signature and `iss` are checked against that issuer.
-    let named: Claims = jsonwebtoken::dangerous::insecure_decode_claims(token).map_err(|_| Reject::Malformed)?;
-    let Some(iss) = named.get("iss").and_then(Value::as_str) else { return Err(Reject::Claims) };
-    let Some(trusted) = trusted.iter().find(|t| t.issuer.source.issuer == iss) else { return Err(Reject::Issuer) };
+    // With one issuer, `decode` checks `iss`; with several, the unverified `iss` picks which one to check
+    // against (only a hint until the signature and `iss` are checked), at the cost of a second parse.
+    let trusted = match trusted {
+        [one] => one,
+        _ => {
+            let named: Claims =
+                jsonwebtoken::dangerous::insecure_decode_claims(token).map_err(|_| Reject::Malformed)?;
+            let Some(iss) = named.get("iss").and_then(Value::as_str) else { return Err(Reject::Claims) };
+            trusted.iter().find(|t| t.issuer.source.issuer == iss).ok_or(Reject::Issuer)?
+        }
+    };
     if !trusted.algorithms.contains(&header.alg) {
         return Err(Reject::Algorithm);
     }
@@ -121,7 +128,7 @@ pub async fn verify(trusted: &[Trusted], token: &str) -> Result<Claims, Reject> 
     let mut validation = Validation::new(header.alg);
     validation.leeway = trusted.leeway.as_secs();
     validation.validate_nbf = true;
-    validation.set_issuer(&[iss]);
+    validation.set_issuer(&[trusted.issuer.source.issuer.as_str()]);
     validation.set_audience(&trusted.audiences);
     validation.set_required_spec_claims(&["exp", "iss", "aud"]);
     let mut last = Reject::Signature;
