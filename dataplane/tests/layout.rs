@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-const COMPONENTS: &[&str] = &["proxy", "cache", "events", "outbox"];
+const COMPONENTS: &[&str] = &["proxy", "cache", "events", "outbox", "auth"];
 /// Modules that assemble components or serve them.
 const ASSEMBLY: &[&str] = &["runtime", "chain", "server", "admin", "app", "reload"];
 

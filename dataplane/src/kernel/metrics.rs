@@ -99,7 +99,7 @@ pub struct Metrics {
     /// Authentication decisions, by policy, kind (`jwt`) and outcome (`allowed`, `anonymous`, `missing`,
     /// `invalid`).
     pub auth_decisions: IntCounterVec,
-    /// Tokens refused, by policy and reason (see [`crate::components::auth::jwt::Reject`]).
+    /// Tokens refused, by policy and reason (the auth component's `jwt::Reject`).
     pub auth_jwt_rejections: IntCounterVec,
     /// JWKS and discovery fetches, by issuer and outcome (`ok`, `error`).
     pub auth_jwks_fetches: IntCounterVec,
